@@ -1,0 +1,47 @@
+"""hotpatch: zero-downtime code changes for Python.
+
+Swap a module inside a running process behind a verification guard, or roll gunicorn workers one at
+a time; either way a broken change is refused or rolled back before it can hurt.
+"""
+
+from hotpatch._version import __version__
+from hotpatch.engine import (
+    Engine,
+    PatchResult,
+    Version,
+    default_engine,
+    health_check,
+    history,
+    patch,
+    patch_many,
+    rollback,
+    track,
+    verifier,
+)
+from hotpatch.errors import (
+    ConfigError,
+    HealthCheckTimeout,
+    HotpatchError,
+    PatchRejected,
+    RolloutFailed,
+)
+
+__all__ = [
+    "ConfigError",
+    "Engine",
+    "HealthCheckTimeout",
+    "HotpatchError",
+    "PatchRejected",
+    "PatchResult",
+    "RolloutFailed",
+    "Version",
+    "__version__",
+    "default_engine",
+    "health_check",
+    "history",
+    "patch",
+    "patch_many",
+    "rollback",
+    "track",
+    "verifier",
+]

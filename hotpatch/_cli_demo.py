@@ -1,0 +1,18 @@
+"""``hotpatch demo``: a live demonstration on an embedded app (filled in below)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "demo"
+HELP = "run a live demonstration: patches applied, refused and rolled back under load"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hotpatch.demo import run_demo
+
+    return run_demo(clients=args.clients)

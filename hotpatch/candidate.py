@@ -1,0 +1,228 @@
+"""Source -> compiled, executed, isolated module object (the *candidate*).
+
+A candidate is built apart from the live module: its source is decoded, parsed, compiled and executed
+into a fresh module object that is never put in ``sys.modules``, so nothing live can see it. Every
+failure becomes a ``PatchRejected`` naming the file, the line where there is one, and the stage.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import sys
+import traceback
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hotpatch.errors import PatchRejected
+from hotpatch.statements import StatementIndex
+
+DEFAULT_MAX_SOURCE_BYTES = 4 * 1024 * 1024
+
+# Attributes of the live module object that the candidate inherits, so that relative imports,
+# ``__file__``-relative paths and pickling by qualified name behave as in the live module.
+_INHERITED_DUNDERS = ("__file__", "__cached__", "__path__", "__package__", "__loader__", "__spec__")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A module's source text, its file name and its content hash."""
+
+    text: str
+    filename: str
+    sha256: str
+    index: StatementIndex = field(repr=False, compare=False)
+    tree: ast.Module | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class Candidate:
+    """A new version of a module, executed apart from the live one."""
+
+    name: str
+    source: Source
+    module: types.ModuleType
+    namespace: dict[str, object]
+
+
+def live_module(name: str) -> types.ModuleType:
+    """Return the live module ``name`` if it can be patched from Python source.
+
+    Raises:
+        PatchRejected: stage ``load``: not imported, not a module, or not Python source.
+    """
+    if not isinstance(name, str) or not name:
+        raise PatchRejected(str(name), "load", "a module name must be a non-empty string")
+    module = sys.modules.get(name)
+    if module is None:
+        hint = ""
+        if "." in name and isinstance(sys.modules.get(name.rpartition(".")[0]), types.ModuleType):
+            hint = f" ({name.rpartition('.')[2]!r} may be an attribute, not a module)"
+        raise PatchRejected(
+            name, "load", f"module {name!r} is not imported{hint}; hotpatch changes live modules"
+        )
+    if not isinstance(module, types.ModuleType):
+        raise PatchRejected(name, "load", f"sys.modules[{name!r}] is not a module object")
+    filename = getattr(module, "__file__", None)
+    if not filename:
+        raise PatchRejected(
+            name, "load", f"{name!r} is a built-in module with no Python source to patch"
+        )
+    if not str(filename).endswith(".py"):
+        raise PatchRejected(
+            name,
+            "load",
+            f"{name!r} is loaded from {filename}, not from Python source "
+            "(extension modules need a restart or a rolling reload)",
+            filename=str(filename),
+        )
+    return module
+
+
+def read_source_file(name: str, filename: str, *, max_bytes: int) -> bytes:
+    """Read a module's file, refusing at ``load`` when it is missing, unreadable or too large."""
+    path = Path(filename)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise PatchRejected(
+                name,
+                "load",
+                f"file is {size:,} bytes, over the {max_bytes:,}-byte limit (max_source_bytes)",
+                filename=filename,
+            )
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise PatchRejected(
+            name, "load", "the module's file no longer exists", filename=filename
+        ) from None
+    except IsADirectoryError:
+        raise PatchRejected(name, "load", "the module's file is a directory", filename=filename) from None
+    except OSError as exc:
+        raise PatchRejected(
+            name, "load", f"cannot read the file: {exc.strerror or exc}", filename=filename
+        ) from None
+
+
+def decode_source(name: str, data: str | bytes, filename: str, *, max_bytes: int) -> str:
+    """Decode source bytes as Python does (PEP 263 cookie, UTF-8 default), refusing at ``load``."""
+    if isinstance(data, str):
+        if len(data) > max_bytes:
+            raise PatchRejected(
+                name,
+                "load",
+                f"source is {len(data):,} characters, over the {max_bytes:,} limit "
+                "(max_source_bytes)",
+                filename=filename,
+            )
+        return data
+    if not isinstance(data, bytes | bytearray):
+        raise PatchRejected(
+            name, "load", f"source must be str or bytes, not {type(data).__name__}", filename=filename
+        )
+    if len(data) > max_bytes:
+        raise PatchRejected(
+            name,
+            "load",
+            f"source is {len(data):,} bytes, over the {max_bytes:,}-byte limit (max_source_bytes)",
+            filename=filename,
+        )
+    if b"\0" in data:
+        line = data.count(b"\n", 0, data.index(b"\0")) + 1
+        raise PatchRejected(
+            name, "load", "source contains a NUL byte: not a Python file", filename=filename, lineno=line
+        )
+    try:
+        return importlib.util.decode_source(bytes(data))
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise PatchRejected(
+            name,
+            "load",
+            f"source is not valid {exc.encoding} (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+            filename=filename,
+            lineno=line,
+        ) from None
+    except (SyntaxError, LookupError) as exc:  # a bad coding cookie
+        raise PatchRejected(
+            name, "load", f"cannot decode the source: {exc}", filename=filename
+        ) from None
+
+
+def parse_source(name: str, text: str, filename: str) -> Source:
+    """Parse ``text`` once; the tree feeds both compile and the statement index."""
+    try:
+        tree = ast.parse(text, filename=filename)
+    except SyntaxError as exc:
+        raise _syntax_rejection(name, exc, filename, text) from None
+    except (ValueError, RecursionError, MemoryError) as exc:
+        raise PatchRejected(name, "compile", f"cannot parse: {exc}", filename=filename) from None
+    sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return Source(text, filename, sha, StatementIndex.build(tree, text), tree)
+
+
+def source_from_text(text: str, filename: str) -> Source | None:
+    """A ``Source`` for a baseline: ``None`` when it does not parse (the index is then unknown)."""
+    try:
+        tree = ast.parse(text, filename=filename)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return Source(text, filename, sha, StatementIndex.build(tree, text), None)
+
+
+def _syntax_rejection(
+    name: str, exc: SyntaxError, filename: str, text: str | None = None
+) -> PatchRejected:
+    detail = exc.msg
+    line = exc.text
+    if text is not None and exc.lineno:  # the parser may quote the file on disk, not our text
+        lines = text.splitlines()
+        line = lines[exc.lineno - 1] if 0 < exc.lineno <= len(lines) else None
+    if line and line.strip():
+        detail += f": {line.strip()!r}"
+    return PatchRejected(name, "compile", detail, filename=exc.filename or filename, lineno=exc.lineno)
+
+
+def build_candidate(live: types.ModuleType, source: Source) -> Candidate:
+    """Compile and execute ``source`` into a fresh module object shaped like ``live``.
+
+    Raises:
+        PatchRejected: stage ``compile`` or ``execute``; nothing of the candidate is visible.
+    """
+    name = live.__name__
+    tree = source.tree if source.tree is not None else ast.parse(source.text, source.filename)
+    try:
+        code = compile(tree, source.filename, "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        raise _syntax_rejection(name, exc, source.filename, source.text) from None
+    except (ValueError, RecursionError, MemoryError) as exc:
+        raise PatchRejected(name, "compile", f"cannot compile: {exc}", filename=source.filename) from None
+
+    module = types.ModuleType(name, None)
+    namespace: dict[str, object] = module.__dict__
+    for attr in _INHERITED_DUNDERS:
+        if hasattr(live, attr):
+            namespace[attr] = getattr(live, attr)
+    namespace["__builtins__"] = live.__dict__.get("__builtins__", __builtins__)
+    try:
+        exec(code, namespace)  # the candidate's own import-time code, isolated in its namespace
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt refuse too  # noqa: BLE001
+        raise _execute_rejection(name, exc, source.filename) from None
+    return Candidate(name, source, module, namespace)
+
+
+def _execute_rejection(name: str, exc: BaseException, filename: str) -> PatchRejected:
+    lineno = None
+    for frame, line in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_filename == filename:
+            lineno = line  # the innermost line of the module's own code
+    if isinstance(exc, SystemExit):
+        reason = f"the module called sys.exit({exc.code!r}) at import"
+    elif isinstance(exc, KeyboardInterrupt):
+        reason = "KeyboardInterrupt raised at import"
+    else:
+        reason = f"{type(exc).__name__} at import: {exc}"
+    return PatchRejected(name, "execute", reason, filename=filename, lineno=lineno)

@@ -1,0 +1,154 @@
+"""A change set: the assignments a commit makes, applied together and undone exactly.
+
+Three kinds of assignment cover every in-place change: a function's code-carrying attributes, an entry
+of a module namespace, and an attribute of a class. ``capture_inverse`` reads the current value of
+everything a change set is about to touch, so applying the inverse restores the very same objects
+(the same code objects, the same namespace values). Rollback is just "apply the inverse".
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Final = _Missing()
+
+
+class FunctionState(NamedTuple):
+    """The attributes of a function that carry its behaviour."""
+
+    code: types.CodeType
+    defaults: tuple[object, ...] | None
+    kwdefaults: dict[str, object] | None
+    annotations: dict[str, object]
+    doc: str | None
+    qualname: str
+
+    @classmethod
+    def capture(cls, func: types.FunctionType) -> FunctionState:
+        return cls(
+            func.__code__,
+            func.__defaults__,
+            func.__kwdefaults__,
+            func.__annotations__,
+            func.__doc__,
+            func.__qualname__,
+        )
+
+    def apply_to(self, func: types.FunctionType) -> None:
+        func.__code__ = self.code
+        func.__defaults__ = self.defaults
+        func.__kwdefaults__ = self.kwdefaults
+        func.__annotations__ = self.annotations
+        func.__doc__ = self.doc
+        func.__qualname__ = self.qualname
+
+
+@dataclass(frozen=True)
+class SetFunction:
+    func: types.FunctionType
+    state: FunctionState
+
+    def apply(self) -> None:
+        self.state.apply_to(self.func)
+
+    def inverse(self) -> SetFunction:
+        return SetFunction(self.func, FunctionState.capture(self.func))
+
+
+@dataclass(frozen=True)
+class SetName:
+    """``namespace[name] = value``, or deletion when ``value`` is MISSING."""
+
+    namespace: dict[str, object]
+    name: str
+    value: object
+
+    def apply(self) -> None:
+        if self.value is MISSING:
+            self.namespace.pop(self.name, None)
+        else:
+            self.namespace[self.name] = self.value
+
+    def inverse(self) -> SetName:
+        return SetName(self.namespace, self.name, self.namespace.get(self.name, MISSING))
+
+
+@dataclass(frozen=True)
+class SetAttr:
+    """``setattr(cls, name, value)``, or ``delattr`` when ``value`` is MISSING."""
+
+    cls: type
+    name: str
+    value: object
+
+    def apply(self) -> None:
+        if self.value is MISSING:
+            if self.name in self.cls.__dict__:
+                delattr(self.cls, self.name)
+        else:
+            setattr(self.cls, self.name, self.value)
+
+    def inverse(self) -> SetAttr:
+        return SetAttr(self.cls, self.name, self.cls.__dict__.get(self.name, MISSING))
+
+
+Assignment = SetFunction | SetName | SetAttr
+
+
+@dataclass(frozen=True)
+class ChangeSet:
+    assignments: tuple[Assignment, ...]
+
+    def capture_inverse(self) -> ChangeSet:
+        """The change set that restores what ``self`` overwrites; read it just before applying."""
+        return ChangeSet(tuple(a.inverse() for a in reversed(self.assignments)))
+
+    def apply(self) -> None:
+        for assignment in self.assignments:
+            assignment.apply()
+
+    def replaced_codes(self) -> set[types.CodeType]:
+        """Code objects that applying ``self`` now would take out of service (read live state)."""
+        found: set[types.CodeType] = set()
+        for a in self.assignments:
+            if isinstance(a, SetFunction):
+                if a.func.__code__ is not a.state.code:
+                    found.add(a.func.__code__)
+                continue
+            current = a.namespace.get(a.name) if isinstance(a, SetName) else a.cls.__dict__.get(a.name)
+            if current is not a.value:
+                found.update(codes_of(current))
+        return found
+
+    def __len__(self) -> int:
+        return len(self.assignments)
+
+
+def functions_of(value: object) -> list[types.FunctionType]:
+    """The functions inside a function or a known descriptor type (never runs user code)."""
+    if isinstance(value, types.FunctionType):
+        return [value]
+    if isinstance(value, staticmethod | classmethod):
+        inner = value.__func__
+        return [inner] if isinstance(inner, types.FunctionType) else []
+    if isinstance(value, property):
+        return [f for f in (value.fget, value.fset, value.fdel) if isinstance(f, types.FunctionType)]
+    if isinstance(value, functools.cached_property):
+        return [value.func] if isinstance(value.func, types.FunctionType) else []
+    return []
+
+
+def codes_of(value: object) -> list[types.CodeType]:
+    """The code objects behind ``value`` (see ``functions_of``)."""
+    return [f.__code__ for f in functions_of(value)]

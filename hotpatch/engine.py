@@ -1,0 +1,655 @@
+"""The in-process pipeline: source -> candidate -> guard -> commit at a safe point -> health -> history.
+
+``Engine`` holds the history, the registered verifiers and health checks, and the settings. The
+module-level functions (``hotpatch.patch`` and friends) use a default engine. Patches are serialized
+by the engine's lock; each one either commits whole (every module of a change set) or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import linecache
+import threading
+import time
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import structlog
+
+from hotpatch.candidate import (
+    DEFAULT_MAX_SOURCE_BYTES,
+    Candidate,
+    Source,
+    build_candidate,
+    decode_source,
+    live_module,
+    parse_source,
+    read_source_file,
+    source_from_text,
+)
+from hotpatch.changeset import ChangeSet
+from hotpatch.errors import HotpatchError, PatchRejected
+from hotpatch.guard import DeadlineExceeded, run_with_deadline
+from hotpatch.safepoint import SafePointTimeout, at_safe_point
+from hotpatch.swap import Plan, plan_update
+
+log = structlog.get_logger(__name__)
+
+Outcome = Literal["baseline", "applied", "rejected", "rolled_back"]
+SourceInput = str | bytes | None
+Verifier = Callable[[types.ModuleType], object]
+HealthCheck = Callable[[], object]
+F = TypeVar("F", bound=Callable[..., object])
+
+
+@dataclass(frozen=True)
+class Version:
+    """One entry of a module's history.
+
+    Attributes:
+        id: the first 12 hex digits of ``sha256`` ("baseline" when the first source is unknown).
+        module: the module's name.
+        sha256: the content hash of the source, when known.
+        time: when it was recorded (seconds since the epoch).
+        outcome: ``baseline`` (as first imported), ``applied``, ``rejected`` or ``rolled_back``.
+        is_live: whether the live module runs this version now.
+        stage: for a rejected version, the stage that refused it.
+        reason: for a rejected or rolled-back version, why.
+    """
+
+    id: str
+    module: str
+    sha256: str | None
+    time: float
+    outcome: Outcome
+    is_live: bool = False
+    stage: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """What ``patch`` did to one module."""
+
+    module: str
+    version: str
+    previous: str
+    changed: tuple[str, ...]
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    duration_s: float
+
+    @property
+    def is_noop(self) -> bool:
+        return self.version == self.previous
+
+
+@dataclass
+class _Entry:
+    version: Version
+    source: Source | None = None
+    undo: ChangeSet | None = None  # restores the state below this entry; None once unrestorable
+
+
+@dataclass
+class _ModuleHistory:
+    name: str
+    entries: list[_Entry] = field(default_factory=list)  # oldest first
+
+    def live(self) -> _Entry:
+        return next(e for e in reversed(self.entries) if e.version.is_live)
+
+    def stack(self) -> list[_Entry]:
+        """Versions that rollback can reach, oldest first, ending with the live one.
+
+        Each applied version holds the change set that restores the one below it; the chain ends
+        where a version's undo was freed (history_limit) or at the baseline.
+        """
+        chain = [e for e in self.entries if e.version.outcome in ("baseline", "applied")]
+        reachable = [chain[-1]]
+        for below, above in zip(reversed(chain[:-1]), reversed(chain[1:])):
+            if above.undo is None:
+                break
+            reachable.insert(0, below)
+        return reachable
+
+
+def _version_id(sha: str | None) -> str:
+    return sha[:12] if sha else "baseline"
+
+
+class Engine:
+    """The in-process hot-patch engine: history, verifiers, health checks and settings.
+
+    Args:
+        history_limit: applied versions kept restorable per module; older ones are freed.
+        safepoint_timeout_s: default deadline for threads to leave replaced code.
+        verify_timeout_s: deadline for each verifier.
+        health_timeout_s: deadline for each health check.
+        max_source_bytes: larger sources are refused at ``load``.
+    """
+
+    def __init__(
+        self,
+        *,
+        history_limit: int = 10,
+        safepoint_timeout_s: float = 5.0,
+        verify_timeout_s: float = 10.0,
+        health_timeout_s: float = 10.0,
+        max_source_bytes: int = DEFAULT_MAX_SOURCE_BYTES,
+    ) -> None:
+        if history_limit < 1:
+            raise ValueError("history_limit must be at least 1")
+        self.history_limit = history_limit
+        self.safepoint_timeout_s = safepoint_timeout_s
+        self.verify_timeout_s = verify_timeout_s
+        self.health_timeout_s = health_timeout_s
+        self.max_source_bytes = max_source_bytes
+        self._lock = threading.RLock()
+        self._histories: dict[str, _ModuleHistory] = {}
+        self._verifiers: dict[str | None, list[Verifier]] = {}
+        self._health_checks: dict[str | None, list[HealthCheck]] = {}
+        self._attempted: dict[str, str] = {}  # module -> sha256 of the source being tried
+
+    # -- registration ----------------------------------------------------------------------------
+    def verifier(self, module: str | None = None) -> Callable[[F], F]:
+        """Register ``fn(candidate_module)``, run before commit; raising refuses the patch.
+
+        Args:
+            module: the module it guards; ``None`` for every module.
+        """
+
+        def register(fn: F) -> F:
+            with self._lock:
+                self._verifiers.setdefault(module, []).append(fn)
+                if module is not None:
+                    self._ensure_history(module)
+            return fn
+
+        return register
+
+    def health_check(self, module: str | None = None) -> Callable[[F], F]:
+        """Register ``fn()``, run after commit; raising (or hanging) rolls the patch back.
+
+        Args:
+            module: the module whose patches it checks; ``None`` for every module.
+        """
+
+        def register(fn: F) -> F:
+            with self._lock:
+                self._health_checks.setdefault(module, []).append(fn)
+                if module is not None:
+                    self._ensure_history(module)
+            return fn
+
+        return register
+
+    def track(self, *modules: str) -> None:
+        """Record the current source of ``modules`` as their baseline, before any file is edited.
+
+        With a baseline, a patch can tell which statements changed, so module-level values whose
+        statement did not change keep their live objects and edited ones take new values.
+        ``watch`` does this for every module it watches; ``verifier`` and ``health_check`` for
+        the module they name.
+        """
+        with self._lock:
+            for name in modules:
+                self._ensure_history(name)
+
+    # -- queries ---------------------------------------------------------------------------------
+    def history(self, module: str) -> list[Version]:
+        """The versions of ``module``, newest first (empty when it was never patched)."""
+        with self._lock:
+            record = self._histories.get(module)
+            return [e.version for e in reversed(record.entries)] if record else []
+
+    # -- patch -----------------------------------------------------------------------------------
+    def patch(
+        self,
+        module: str,
+        *,
+        source: SourceInput = None,
+        allow_removals: bool = False,
+        safepoint_timeout_s: float | None = None,
+    ) -> PatchResult:
+        """Verify and apply a new version of ``module`` in place; see ``patch_many``."""
+        return self.patch_many(
+            {module: source}, allow_removals=allow_removals, safepoint_timeout_s=safepoint_timeout_s
+        )[0]
+
+    def patch_many(
+        self,
+        changes: Mapping[str, SourceInput] | Iterable[str],
+        *,
+        allow_removals: bool = False,
+        safepoint_timeout_s: float | None = None,
+    ) -> list[PatchResult]:
+        """Apply new versions of several modules as one change: all of them or none.
+
+        Args:
+            changes: module name -> new source (``None`` reads the module's file again); or an
+                iterable of module names, each read from its file.
+            allow_removals: let public names disappear instead of refusing at ``compatibility``.
+            safepoint_timeout_s: how long to wait for threads to leave the replaced code.
+
+        Returns:
+            One ``PatchResult`` per module, in the order given.
+
+        Raises:
+            PatchRejected: the change was refused or rolled back; ``.stage`` says where. The live
+                modules are exactly as before the call.
+        """
+        if not isinstance(changes, Mapping):
+            changes = dict.fromkeys(changes)
+        timeout_s = self.safepoint_timeout_s if safepoint_timeout_s is None else safepoint_timeout_s
+        started = time.perf_counter()
+        with self._lock:
+            prepared: list[_Prepared] = []
+            try:
+                for name, given in changes.items():
+                    log.debug("patch.started", module=name)
+                    prepared.append(self._prepare(name, given, allow_removals=allow_removals))
+                todo = [p for p in prepared if p.plan is not None]
+                if todo:
+                    self._commit(todo, timeout_s=timeout_s)
+                    self._check_health(todo)
+            except PatchRejected as exc:
+                self._record_rejection(exc)
+                raise
+            duration = time.perf_counter() - started
+            results = []
+            for p in prepared:
+                result = self._record_applied(p, duration) if p.plan else p.noop_result(duration)
+                results.append(result)
+            return results
+
+    def _prepare(self, name: str, given: SourceInput, *, allow_removals: bool) -> _Prepared:
+        module = live_module(name)
+        filename = str(module.__file__)
+        if given is None:
+            given = read_source_file(name, filename, max_bytes=self.max_source_bytes)
+        text = decode_source(name, given, filename, max_bytes=self.max_source_bytes)
+        self._attempted[name] = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        source = parse_source(name, text, filename)
+        record = self._ensure_history(name, unless_sha=source.sha256)
+        live_entry = record.live()
+        old_source = live_entry.source
+        if not text.strip() and (old_source is None or old_source.text.strip()):
+            raise PatchRejected(
+                name,
+                "load",
+                "the new source is empty (a save in progress?); refusing to replace a module "
+                "that has code with nothing",
+                filename=filename,
+            )
+        if live_entry.version.sha256 == source.sha256:
+            return _Prepared(module, source, None, live_entry, None)
+        candidate = build_candidate(module, source)
+        forced = self._migrate(candidate, module)
+        plan = plan_update(
+            name,
+            module.__dict__,
+            candidate.namespace,
+            old_index=old_source.index if old_source else None,
+            new_index=source.index,
+            allow_removals=allow_removals,
+            forced=forced,
+        )
+        if plan.problems:
+            first = plan.problems[0]
+            more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
+            raise PatchRejected(
+                name, "compatibility", first.message + more, filename=filename, lineno=first.lineno
+            )
+        self._verify(candidate)
+        return _Prepared(module, source, plan, live_entry, candidate)
+
+    def _migrate(self, candidate: Candidate, live: types.ModuleType) -> frozenset[str]:
+        """Run the candidate's ``__hotpatch_migrate__(old_namespace)``; names it sets are taken."""
+        migrate = candidate.namespace.get("__hotpatch_migrate__")
+        if not callable(migrate):
+            return frozenset()
+        before = {k: id(v) for k, v in candidate.namespace.items()}
+        try:
+            run_with_deadline(
+                lambda: migrate(dict(live.__dict__)),
+                timeout_s=self.verify_timeout_s,
+                name=f"{candidate.name}.__hotpatch_migrate__",
+            )
+        except BaseException as exc:  # noqa: BLE001
+            raise _rejection(candidate, "execute", "__hotpatch_migrate__", exc) from None
+        return frozenset(k for k, v in candidate.namespace.items() if before.get(k) != id(v))
+
+    def _verify(self, candidate: Candidate) -> None:
+        checks: list[tuple[str, Verifier]] = []
+        own = candidate.namespace.get("__hotpatch_verify__")
+        if callable(own):
+            checks.append(("__hotpatch_verify__", own))
+        for fn in (*self._verifiers.get(candidate.name, ()), *self._verifiers.get(None, ())):
+            checks.append((getattr(fn, "__qualname__", repr(fn)), fn))
+        for label, fn in checks:
+            try:
+                run_with_deadline(
+                    lambda fn=fn: fn(candidate.module),  # type: ignore[misc]
+                    timeout_s=self.verify_timeout_s,
+                    name=f"verifier {label}",
+                )
+            except BaseException as exc:  # noqa: BLE001
+                raise _rejection(candidate, "verify", f"verifier {label}", exc) from None
+
+    def _commit(self, todo: list[_Prepared], *, timeout_s: float) -> None:
+        codes = frozenset().union(*(p.plan.replaced_codes for p in todo if p.plan))
+        changesets = [p.plan.changeset for p in todo if p.plan]
+
+        def apply() -> list[ChangeSet]:
+            undos = [cs.capture_inverse() for cs in changesets]
+            for cs in changesets:
+                cs.apply()
+            return undos
+
+        try:
+            undos = at_safe_point(codes, apply, timeout_s=timeout_s)
+        except SafePointTimeout as exc:
+            p = todo[0]
+            raise PatchRejected(
+                p.name, "safepoint", str(exc), filename=exc.busy.filename, lineno=exc.busy.lineno
+            ) from None
+        for p, undo in zip(todo, undos):
+            p.undo = undo
+            _cache_lines(p.source)
+            for action in p.plan.after_commit if p.plan else ():
+                action()
+
+    def _check_health(self, todo: list[_Prepared]) -> None:
+        for p in todo:
+            checks: list[tuple[str, HealthCheck]] = []
+            own = p.module.__dict__.get("__hotpatch_health__")
+            if callable(own):
+                checks.append(("__hotpatch_health__", own))
+            for fn in (*self._health_checks.get(p.name, ()), *self._health_checks.get(None, ())):
+                checks.append((getattr(fn, "__qualname__", repr(fn)), fn))
+            for label, fn in checks:
+                try:
+                    run_with_deadline(fn, timeout_s=self.health_timeout_s, name=f"health check {label}")
+                except BaseException as exc:  # noqa: BLE001
+                    self._undo(todo, reason=f"health check {label} failed")
+                    raise _rejection(p.candidate, "health", f"health check {label}", exc) from None
+
+    def _undo(self, todo: list[_Prepared], *, reason: str) -> None:
+        """Restore the versions live before ``todo`` was committed, whatever threads are doing."""
+        undos = [p.undo for p in reversed(todo) if p.undo is not None]
+        codes = frozenset().union(*(u.replaced_codes() for u in undos))
+        at_safe_point(codes, lambda: [u.apply() for u in undos], timeout_s=self.safepoint_timeout_s,
+                      force_at_deadline=True)
+        for p in todo:
+            _cache_lines(p.live_entry.source)
+            log.warning(
+                "patch.rolled_back", module=p.name, version=_version_id(p.source.sha256),
+                restored=p.live_entry.version.id, reason=reason,
+            )
+
+    # -- rollback --------------------------------------------------------------------------------
+    def rollback(
+        self, module: str, *, to: str | None = None, safepoint_timeout_s: float | None = None
+    ) -> Version:
+        """Restore the previous applied version of ``module``, or the version ``to`` from history.
+
+        The restored version's own objects come back: the same code objects, the same namespace.
+
+        Returns:
+            The version now live.
+
+        Raises:
+            HotpatchError: nothing to roll back to, or ``to`` is not a restorable version.
+            PatchRejected: stage ``safepoint``: threads stayed inside the code being replaced.
+        """
+        timeout_s = self.safepoint_timeout_s if safepoint_timeout_s is None else safepoint_timeout_s
+        with self._lock:
+            record = self._histories.get(module)
+            stack = record.stack() if record else []
+            if len(stack) < 2 or record is None:
+                raise HotpatchError(f"{module!r} has no earlier version to roll back to")
+            if to is None:
+                target_index = len(stack) - 2
+            else:
+                matches = [i for i, e in enumerate(stack[:-1]) if _matches(e.version, to)]
+                if not matches:
+                    known = ", ".join(e.version.id for e in stack[:-1])
+                    raise HotpatchError(
+                        f"{module!r} has no restorable version {to!r} below the live one "
+                        f"(restorable: {known})"
+                    )
+                target_index = matches[-1]
+            undone = stack[target_index + 1 :]
+            undos = [e.undo for e in reversed(undone) if e.undo is not None]
+            codes = frozenset().union(*(u.replaced_codes() for u in undos))
+            try:
+                at_safe_point(codes, lambda: [u.apply() for u in undos], timeout_s=timeout_s)
+            except SafePointTimeout as exc:
+                raise PatchRejected(
+                    module, "safepoint", str(exc), filename=exc.busy.filename, lineno=exc.busy.lineno
+                ) from None
+            for entry in undone:
+                entry.undo = None
+                entry.version = _replace(entry.version, outcome="rolled_back", is_live=False,
+                                         reason="rolled back by request")
+            target = stack[target_index]
+            target.version = _replace(target.version, is_live=True)
+            _cache_lines(target.source)
+            log.info("patch.rolled_back", module=module, restored=target.version.id,
+                     undone=[e.version.id for e in undone], reason="requested")
+            return target.version
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def _ensure_history(self, name: str, *, unless_sha: str | None = None) -> _ModuleHistory:
+        """The module's history, made on first contact with its file as the baseline.
+
+        ``unless_sha``: the new source about to be applied. When the file on disk already holds
+        it, the file was edited before hotpatch saw the module, so the baseline is unknown.
+        """
+        record = self._histories.get(name)
+        if record is not None:
+            return record
+        module = live_module(name)
+        baseline = _baseline_source(module, self.max_source_bytes)
+        if baseline is not None and baseline.sha256 == unless_sha:
+            baseline = None
+        sha = baseline.sha256 if baseline else None
+        entry = _Entry(Version(_version_id(sha), name, sha, time.time(), "baseline", is_live=True),
+                       baseline)
+        record = _ModuleHistory(name, [entry])
+        self._histories[name] = record
+        return record
+
+    def _record_applied(self, p: _Prepared, duration_s: float) -> PatchResult:
+        assert p.plan is not None
+        record = self._histories[p.name]
+        previous = record.live()
+        previous.version = _replace(previous.version, is_live=False)
+        version = Version(_version_id(p.source.sha256), p.name, p.source.sha256, time.time(),
+                          "applied", is_live=True)
+        record.entries.append(_Entry(version, p.source, p.undo))
+        self._trim(record)
+        log.info(
+            "patch.applied", module=p.name, version=version.id, previous=previous.version.id,
+            changed=list(p.plan.changed), added=list(p.plan.added), removed=list(p.plan.removed),
+            duration_s=round(duration_s, 6),
+        )
+        return PatchResult(p.name, version.id, previous.version.id, p.plan.changed, p.plan.added,
+                           p.plan.removed, duration_s)
+
+    def _record_rejection(self, exc: PatchRejected) -> None:
+        record = self._histories.get(exc.module)
+        log.warning("patch.rejected", module=exc.module, stage=exc.stage, reason=exc.reason,
+                    filename=exc.filename, lineno=exc.lineno)
+        if record is None:
+            return
+        sha = self._attempted.pop(exc.module, None)
+        record.entries.append(_Entry(Version(_version_id(sha), exc.module, sha, time.time(),
+                                             "rejected", stage=exc.stage, reason=str(exc))))
+        self._trim(record)
+
+    def _trim(self, record: _ModuleHistory) -> None:
+        stack = record.stack()
+        if len(stack) > self.history_limit:
+            oldest_kept = stack[-self.history_limit]
+            oldest_kept.undo = None  # frees the old code objects and values it held
+        reachable = {id(e) for e in record.stack()}
+        for entry in record.entries:
+            if id(entry) not in reachable:
+                entry.undo = None
+                entry.source = None
+        while len(record.entries) > 2 * self.history_limit:
+            oldest = next(e for e in record.entries if id(e) not in reachable)
+            record.entries.remove(oldest)
+
+
+@dataclass
+class _Prepared:
+    module: types.ModuleType
+    source: Source
+    plan: Plan | None
+    live_entry: _Entry
+    candidate: Candidate | None
+    undo: ChangeSet | None = None
+
+    @property
+    def name(self) -> str:
+        return self.module.__name__
+
+    def noop_result(self, duration_s: float) -> PatchResult:
+        vid = self.live_entry.version.id
+        return PatchResult(self.name, vid, vid, (), (), (), duration_s)
+
+
+def _rejection(
+    candidate: Candidate | None, stage: Literal["execute", "verify", "health"], label: str,
+    exc: BaseException,
+) -> PatchRejected:
+    assert candidate is not None
+    if isinstance(exc, DeadlineExceeded):
+        reason = str(exc)
+    else:
+        reason = f"{label} raised {type(exc).__name__}: {exc}"
+    lineno = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == candidate.source.filename:
+            lineno = tb.tb_lineno
+        tb = tb.tb_next
+    return PatchRejected(candidate.name, stage, reason, filename=candidate.source.filename,
+                         lineno=lineno)
+
+
+def _matches(version: Version, wanted: str) -> bool:
+    return version.id == wanted or (
+        version.sha256 is not None and len(wanted) >= 7 and version.sha256.startswith(wanted)
+    )
+
+
+def _replace(version: Version, **changes: object) -> Version:
+    import dataclasses
+
+    return dataclasses.replace(version, **changes)  # type: ignore[arg-type]
+
+
+def _baseline_source(module: types.ModuleType, max_bytes: int) -> Source | None:
+    """The module's file as it is now, taken as the version that was imported."""
+    filename = getattr(module, "__file__", None)
+    if not filename:
+        return None
+    try:
+        data = Path(filename).read_bytes()
+        if len(data) > max_bytes:
+            return None
+        text = decode_source(module.__name__, data, filename, max_bytes=max_bytes)
+    except (OSError, HotpatchError):
+        return None
+    return source_from_text(text, filename)
+
+
+def _cache_lines(source: Source | None) -> None:
+    """Tracebacks through the live code show the live version's lines, saved to disk or not."""
+    if source is None:
+        return
+    lines = source.text.splitlines(keepends=True)
+    linecache.cache[source.filename] = (len(source.text), None, lines, source.filename)
+
+
+_default_engine: Engine | None = None
+_default_lock = threading.Lock()
+
+
+def default_engine() -> Engine:
+    """The engine the module-level functions use, made on first use."""
+    global _default_engine
+    with _default_lock:
+        if _default_engine is None:
+            _default_engine = Engine()
+        return _default_engine
+
+
+def patch(
+    module: str,
+    *,
+    source: SourceInput = None,
+    allow_removals: bool = False,
+    safepoint_timeout_s: float | None = None,
+) -> PatchResult:
+    """Verify and apply a new version of ``module`` in place (see ``Engine.patch_many``).
+
+    Args:
+        module: the name of an imported module, e.g. ``"pkg.mod"``.
+        source: the new source text or bytes; ``None`` reads the module's file again.
+        allow_removals: let public names disappear instead of refusing at ``compatibility``.
+        safepoint_timeout_s: how long to wait for threads to leave the replaced code.
+
+    Returns:
+        What changed: ``PatchResult``.
+
+    Raises:
+        PatchRejected: refused or rolled back; the live module is exactly as before.
+    """
+    return default_engine().patch(
+        module, source=source, allow_removals=allow_removals, safepoint_timeout_s=safepoint_timeout_s
+    )
+
+
+def patch_many(
+    changes: Mapping[str, SourceInput] | Iterable[str],
+    *,
+    allow_removals: bool = False,
+    safepoint_timeout_s: float | None = None,
+) -> list[PatchResult]:
+    """Apply several modules' new versions as one change: all or none (``Engine.patch_many``)."""
+    return default_engine().patch_many(
+        changes, allow_removals=allow_removals, safepoint_timeout_s=safepoint_timeout_s
+    )
+
+
+def rollback(module: str, *, to: str | None = None) -> Version:
+    """Restore the previous version of ``module``, or version ``to`` (``Engine.rollback``)."""
+    return default_engine().rollback(module, to=to)
+
+
+def history(module: str) -> list[Version]:
+    """The versions of ``module``, newest first (``Engine.history``)."""
+    return default_engine().history(module)
+
+
+def verifier(module: str | None = None) -> Callable[[F], F]:
+    """Decorator: ``fn(candidate_module)`` must not raise for a patch to go ahead."""
+    return default_engine().verifier(module)
+
+
+def health_check(module: str | None = None) -> Callable[[F], F]:
+    """Decorator: ``fn()`` runs after each commit; raising rolls the patch back."""
+    return default_engine().health_check(module)
+
+
+def track(*modules: str) -> None:
+    """Record the current source of ``modules`` as their baseline (``Engine.track``)."""
+    default_engine().track(*modules)

@@ -1,0 +1,601 @@
+"""Plan the in-place update of a live module from its candidate.
+
+The plan pairs every live object with its twin in the candidate and turns the differences into a
+``ChangeSet``:
+
+- a live function gets the new code, defaults, annotations and doc *in place*, so every reference to
+  it (a ``from m import f`` binding, a callback in a dict, a ``functools.wraps`` wrapper, a closure made
+  by a factory) runs the new code;
+- a live class keeps its identity (instances stay ``isinstance`` of it) and gets its members updated
+  the same way;
+- a plain value keeps its live object unless the statement that assigns it changed
+  (``statements.StatementIndex``);
+- new objects are re-bound to the live module namespace, so that nothing live points into the
+  candidate.
+
+Planning reads live objects but changes none: the commit applies the change set later, at a safe
+point. Changes that cannot be made in place are reported as compatibility problems.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import gc
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from hotpatch.changeset import (
+    MISSING,
+    Assignment,
+    ChangeSet,
+    FunctionState,
+    SetAttr,
+    SetFunction,
+    SetName,
+    codes_of,
+    functions_of,
+)
+from hotpatch.guard import class_incompatibility, is_public, signature_incompatibility
+from hotpatch.statements import StatementIndex
+
+MODULE_SKIP = frozenset(
+    {"__builtins__", "__name__", "__file__", "__cached__", "__path__", "__package__", "__loader__",
+     "__spec__"}
+)
+_CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__"})
+_CLASS_TAKE_NEW = frozenset(
+    {"__doc__", "__dataclass_fields__", "__dataclass_params__", "__match_args__",
+     "__abstractmethods__", "__annotations__", "__firstlineno__", "__static_attributes__",
+     "__orig_bases__", "__parameters__", "__type_params__"}
+)
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset, range,
+              type(Ellipsis), types.ModuleType)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why part of a change cannot be made in place."""
+
+    message: str
+    lineno: int | None = None
+
+
+@dataclass
+class Plan:
+    """What a commit of one module will do."""
+
+    module: str
+    changeset: ChangeSet
+    changed: tuple[str, ...]
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    replaced_codes: frozenset[types.CodeType]
+    problems: tuple[Problem, ...]
+    after_commit: tuple[Callable[[], object], ...] = ()
+
+
+def same_behavior(a: types.CodeType, b: types.CodeType) -> bool:
+    """Whether two code objects do the same thing, ignoring line numbers (recursively)."""
+    if a is b:
+        return True
+    if (
+        a.co_code != b.co_code
+        or a.co_names != b.co_names
+        or a.co_varnames != b.co_varnames
+        or a.co_freevars != b.co_freevars
+        or a.co_cellvars != b.co_cellvars
+        or a.co_argcount != b.co_argcount
+        or a.co_posonlyargcount != b.co_posonlyargcount
+        or a.co_kwonlyargcount != b.co_kwonlyargcount
+        or a.co_flags != b.co_flags
+        or getattr(a, "co_exceptiontable", None) != getattr(b, "co_exceptiontable", None)
+        or len(a.co_consts) != len(b.co_consts)
+    ):
+        return False
+    for x, y in zip(a.co_consts, b.co_consts):
+        if isinstance(x, types.CodeType) and isinstance(y, types.CodeType):
+            if not same_behavior(x, y):
+                return False
+        elif x is not y and (type(x) is not type(y) or not _safe_equal(x, y)):
+            return False
+    return True
+
+
+def nested_codes(code: types.CodeType) -> Iterator[types.CodeType]:
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield const
+            yield from nested_codes(const)
+
+
+def _safe_equal(x: object, y: object) -> bool:
+    try:
+        return bool(x == y)
+    except Exception:  # noqa: BLE001  an __eq__ that raises means "not known equal"
+        return False
+
+
+def _own_function(value: object, namespace: dict[str, object]) -> bool:
+    return isinstance(value, types.FunctionType) and value.__globals__ is namespace
+
+
+def _own_class(value: object, module: str) -> bool:
+    return isinstance(value, type) and value.__dict__.get("__module__") == module
+
+
+def _instance_dict(value: object) -> dict[str, object] | None:
+    try:
+        d = object.__getattribute__(value, "__dict__")
+    except Exception:  # noqa: BLE001  proxies and objects without __dict__
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _innermost_own(value: object, namespace: dict[str, object]) -> types.FunctionType | None:
+    """Follow ``__wrapped__`` (functools.wraps, lru_cache) to a function of this module."""
+    for _ in range(16):
+        if _own_function(value, namespace):
+            assert isinstance(value, types.FunctionType)
+            return value
+        d = _instance_dict(value)
+        if d is None or "__wrapped__" not in d:
+            return None
+        value = d["__wrapped__"]
+    return None
+
+
+@dataclass
+class _Planner:
+    module: str
+    live: dict[str, object]
+    cand: dict[str, object]
+    old_index: StatementIndex | None
+    new_index: StatementIndex
+    allow_removals: bool
+    forced: frozenset[str]
+    remap: dict[int, object] = field(default_factory=dict)
+    ops: list[Assignment] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    replaced: set[types.CodeType] = field(default_factory=set)
+    problems: list[Problem] = field(default_factory=list)
+    after_commit: list[Callable[[], object]] = field(default_factory=list)
+    _funcs_done: set[int] = field(default_factory=set)
+    _classes_done: set[int] = field(default_factory=set)
+    _cells: dict[int, types.CellType] = field(default_factory=dict)
+    _nested: dict[types.CodeType, types.CodeType] = field(default_factory=dict)
+
+    # -- pairing ---------------------------------------------------------------------------------
+    def kind(self, old: object, new: object) -> str:
+        if _own_function(old, self.live) and _own_function(new, self.cand):
+            return "function"
+        if _own_class(old, self.module) and _own_class(new, self.module) and old is not new:
+            return "class"
+        if old is not new and type(old) is type(new):
+            inner_old = _innermost_own(old, self.live)
+            if inner_old is not None and _innermost_own(new, self.cand) is not None:
+                return "wrapped"
+        return "plain"
+
+    def take_new(self, scope: str, name: str, old: object, new: object) -> bool:
+        """Whether a plain name takes its new value (else the live object is kept)."""
+        if not scope and name in self.forced:
+            return True
+        if self.old_index is not None and (
+            self.old_index.binds(scope, name) or self.new_index.binds(scope, name)
+        ):
+            return self.old_index.statement_changed(self.new_index, scope, name)
+        # No statement to go by: the baseline source is unknown, or the name was set by a
+        # decorator or a metaclass. Immutable values take the new value, live state is kept.
+        return type(old) is not type(new) or isinstance(new, _IMMUTABLE)
+
+    def pair_names(self) -> None:
+        """First pass: map candidate objects to the live objects they will become."""
+        for name, new in self.cand.items():
+            if name in MODULE_SKIP:
+                continue
+            old = self.live.get(name, MISSING)
+            if old is MISSING:
+                continue
+            kind = self.kind(old, new)
+            if kind in ("function", "wrapped"):
+                self.remap[id(new)] = old
+            elif kind == "class":
+                self._pair_class(old, new)  # type: ignore[arg-type]
+            elif not isinstance(new, _IMMUTABLE) and not self.take_new("", name, old, new):
+                self.remap[id(new)] = old
+
+    def _pair_class(self, old: type, new: type) -> None:
+        self.remap[id(new)] = old
+        for name, nv in new.__dict__.items():
+            ov = old.__dict__.get(name, MISSING)
+            if _own_class(ov, self.module) and _own_class(nv, self.module) and ov is not nv:
+                self._pair_class(ov, nv)  # type: ignore[arg-type]
+            elif _own_function(ov, self.live) and _own_function(nv, self.cand):
+                self.remap[id(nv)] = ov
+
+    def remap_value(self, value: object) -> object:
+        return self.remap.get(id(value), value)
+
+    # -- module level ----------------------------------------------------------------------------
+    def plan_module(self) -> None:
+        self.pair_names()
+        all_names = self.live.get("__all__")
+        exported = set(all_names) if isinstance(all_names, list | tuple) else None
+
+        def public(name: str) -> bool:
+            return name in exported if exported is not None else is_public(name)
+
+        for name, new in self.cand.items():
+            if name in MODULE_SKIP:
+                continue
+            old = self.live.get(name, MISSING)
+            if old is MISSING:
+                self.ops.append(SetName(self.live, name, self.rebind(new)))
+                self.added.append(name)
+                continue
+            kind = self.kind(old, new)
+            if kind == "function":
+                assert isinstance(old, types.FunctionType) and isinstance(new, types.FunctionType)
+                if public(name):
+                    self.check_signature(old, new, name)
+                if not self.update_function(old, new, name):
+                    self.replace_name(name, old, new)
+            elif kind == "class":
+                assert isinstance(old, type) and isinstance(new, type)
+                self.update_class(old, new, name, public=public(name))
+            elif kind == "wrapped":
+                old_inner = _innermost_own(old, self.live)
+                new_inner = _innermost_own(new, self.cand)
+                assert old_inner is not None and new_inner is not None
+                if public(name):
+                    self.check_signature(old_inner, new_inner, name)
+                if self.update_function(old_inner, new_inner, name):
+                    clear = getattr(type(old), "cache_clear", None)
+                    if callable(clear) and name in self.changed:
+                        self.after_commit.append(functools.partial(clear, old))
+                else:
+                    self.replace_name(name, old, new)
+            else:
+                if self._is_definition(old) and public(name):
+                    what = "function" if isinstance(old, types.FunctionType) else "class"
+                    self.problems.append(
+                        Problem(
+                            f"{name!r} changed from a {what} to {type(new).__name__}: references "
+                            "to the old one cannot follow; a restart or rolling reload is needed",
+                        )
+                    )
+                    continue
+                if self.take_new("", name, old, new) and not _same_value(old, new):
+                    self.replace_name(name, old, new)
+
+        for name, old in self.live.items():
+            if name in MODULE_SKIP or name in self.cand:
+                continue
+            if self.old_index is not None:
+                if not self.old_index.binds("", name):
+                    continue  # set at run time, not by the source: live state, kept
+            elif not self._is_definition(old):
+                continue  # no baseline source: only definitions are known to come from it
+            if public(name) and self._is_api(old) and not self.allow_removals:
+                self.problems.append(
+                    Problem(f"public name {name!r} was removed (pass allow_removals=True)")
+                )
+                continue
+            self.ops.append(SetName(self.live, name, MISSING))
+            self.replaced.update(codes_of(old))
+            self.removed.append(name)
+
+    def _is_definition(self, value: object) -> bool:
+        return _own_function(value, self.live) or _own_class(value, self.module)
+
+    def _is_api(self, value: object) -> bool:
+        """Definitions and data of this module are API; imported modules and objects are not."""
+        if isinstance(value, types.ModuleType):
+            return False
+        if isinstance(value, type | types.FunctionType | types.BuiltinFunctionType):
+            return getattr(value, "__module__", None) == self.module
+        return True
+
+    def replace_name(self, name: str, old: object, new: object) -> None:
+        self.ops.append(SetName(self.live, name, self.rebind(new)))
+        self.replaced.update(codes_of(old))
+        self.changed.append(name)
+
+    def check_signature(
+        self, old: types.FunctionType, new: types.FunctionType, path: str
+    ) -> None:
+        reason = signature_incompatibility(old, new)
+        if reason:
+            self.problems.append(
+                Problem(
+                    f"{path}(): {reason}, so existing callers could break",
+                    new.__code__.co_firstlineno,
+                )
+            )
+
+    # -- functions -------------------------------------------------------------------------------
+    def update_function(self, old: types.FunctionType, new: types.FunctionType, path: str) -> bool:
+        """Plan ``old`` to take ``new``'s code in place; ``False`` when that cannot be done."""
+        if id(old) in self._funcs_done:
+            return True
+        if not (_own_function(old, self.live) and _own_function(new, self.cand)):
+            return False
+        if old.__code__.co_freevars != new.__code__.co_freevars:
+            return False
+        self._funcs_done.add(id(old))
+        self.remap[id(new)] = old
+        state = FunctionState(
+            new.__code__,
+            self.rebind_tuple(new.__defaults__),
+            self.rebind_kwdefaults(new.__kwdefaults__),
+            new.__annotations__,
+            new.__doc__,
+            new.__qualname__,
+        )
+        if not (
+            old.__code__ == new.__code__
+            and _same_value(old.__defaults__, state.defaults)
+            and _same_value(old.__kwdefaults__, state.kwdefaults)
+            and old.__doc__ == new.__doc__
+        ):
+            self.ops.append(SetFunction(old, state))
+        behaves_alike = same_behavior(old.__code__, new.__code__)
+        if not behaves_alike:
+            self.replaced.add(old.__code__)
+            self.replaced.update(nested_codes(old.__code__))
+            self._pair_nested(old.__code__, new.__code__)
+        if not behaves_alike or not _same_value(old.__defaults__, state.defaults) or not _same_value(
+            old.__kwdefaults__, state.kwdefaults
+        ):
+            self.changed.append(path)
+        # Decorators that close over the function they wrap (with or without functools.wraps).
+        for old_cell, new_cell in zip(old.__closure__ or (), new.__closure__ or ()):
+            old_inner, new_inner = _cell_value(old_cell), _cell_value(new_cell)
+            if isinstance(old_inner, types.FunctionType) and isinstance(new_inner, types.FunctionType):
+                self.update_function(old_inner, new_inner, path)
+        old_wrapped = old.__dict__.get("__wrapped__")
+        new_wrapped = new.__dict__.get("__wrapped__")
+        if isinstance(old_wrapped, types.FunctionType) and isinstance(new_wrapped, types.FunctionType):
+            self.update_function(old_wrapped, new_wrapped, path)
+        return True
+
+    def _pair_nested(self, old: types.CodeType, new: types.CodeType) -> None:
+        """Pair inner functions' code (closures a factory made) by name and order."""
+        def named(code: types.CodeType) -> dict[tuple[str, int], types.CodeType]:
+            seen: dict[str, int] = {}
+            out: dict[tuple[str, int], types.CodeType] = {}
+            for const in code.co_consts:
+                if isinstance(const, types.CodeType):
+                    n = seen.get(const.co_name, 0)
+                    seen[const.co_name] = n + 1
+                    out[(const.co_name, n)] = const
+            return out
+
+        new_named = named(new)
+        for key, old_inner in named(old).items():
+            new_inner = new_named.get(key)
+            if new_inner is None or old_inner.co_freevars != new_inner.co_freevars:
+                continue
+            if not same_behavior(old_inner, new_inner):
+                self._nested[old_inner] = new_inner
+                self._pair_nested(old_inner, new_inner)
+
+    def plan_closures(self) -> None:
+        """Closures made before the patch run the new inner code (free variables unchanged)."""
+        if not self._nested:
+            return
+        by_id = {id(old): new for old, new in self._nested.items()}
+        for obj in gc.get_referrers(*self._nested):
+            if (
+                isinstance(obj, types.FunctionType)
+                and obj.__globals__ is self.live
+                and id(obj.__code__) in by_id
+                and id(obj) not in self._funcs_done
+            ):
+                self._funcs_done.add(id(obj))
+                new_code = by_id[id(obj.__code__)]
+                self.ops.append(SetFunction(obj, FunctionState.capture(obj)._replace(code=new_code)))
+
+    # -- classes ---------------------------------------------------------------------------------
+    def update_class(self, old: type, new: type, path: str, *, public: bool) -> None:
+        if id(old) in self._classes_done:
+            return
+        self._classes_done.add(id(old))
+        reason = class_incompatibility(old, new, self.remap_value)
+        if reason:
+            self.problems.append(
+                Problem(f"class {path}: {reason}; a restart or rolling reload is needed")
+            )
+            return
+        is_enum = isinstance(old, enum.EnumMeta)
+        for name, nv in new.__dict__.items():
+            if name in _CLASS_SKIP or (is_enum and _enum_internal(old, name)):
+                continue
+            member = f"{path}.{name}"
+            ov = old.__dict__.get(name, MISSING)
+            if ov is MISSING:
+                self.ops.append(SetAttr(old, name, self.rebind(nv)))
+                self.added.append(member)
+            else:
+                self.update_member(old, name, ov, nv, path, public=public and is_public(name))
+        for name, ov in old.__dict__.items():
+            if name in new.__dict__ or name in _CLASS_SKIP or (is_enum and _enum_internal(old, name)):
+                continue
+            is_code = bool(functions_of(ov)) or _own_class(ov, self.module)
+            if not is_code and (self.old_index is None or not self.old_index.binds(path, name)):
+                continue  # set at run time or by a decorator: live state, kept
+            if public and is_public(name) and not self.allow_removals:
+                self.problems.append(
+                    Problem(f"public member {path}.{name} was removed (pass allow_removals=True)")
+                )
+                continue
+            self.ops.append(SetAttr(old, name, MISSING))
+            self.replaced.update(codes_of(ov))
+            self.removed.append(f"{path}.{name}")
+
+    def update_member(
+        self, cls: type, name: str, ov: object, nv: object, scope: str, *, public: bool
+    ) -> None:
+        member = f"{scope}.{name}"
+        old_funcs, new_funcs = functions_of(ov), functions_of(nv)
+        if _own_class(ov, self.module) and _own_class(nv, self.module) and ov is not nv:
+            assert isinstance(ov, type) and isinstance(nv, type)
+            self.update_class(ov, nv, member, public=public)
+            return
+        if not old_funcs and not new_funcs:
+            if name in _CLASS_TAKE_NEW or self.take_new(scope, name, ov, nv):
+                if not _same_value(ov, nv):
+                    self.ops.append(SetAttr(cls, name, self.rebind(nv)))
+                    self.changed.append(member)
+            return
+        same_shape = type(ov) is type(nv) and (
+            not isinstance(ov, property)
+            or [f is None for f in (ov.fget, ov.fset, ov.fdel)]  # type: ignore[union-attr]
+            == [f is None for f in (nv.fget, nv.fset, nv.fdel)]  # type: ignore[attr-defined]
+        )
+        if same_shape and len(old_funcs) == len(new_funcs):
+            if public:
+                self.check_signature(old_funcs[0], new_funcs[0], member)
+            if all(self.update_function(o, n, member) for o, n in zip(old_funcs, new_funcs)):
+                return
+        elif public and isinstance(ov, types.FunctionType) != isinstance(nv, types.FunctionType):
+            self.problems.append(
+                Problem(
+                    f"{member} changed from {type(ov).__name__} to {type(nv).__name__}; "
+                    "a restart or rolling reload is needed"
+                )
+            )
+            return
+        self.ops.append(SetAttr(cls, name, self.rebind(nv)))
+        self.replaced.update(codes_of(ov))
+        self.changed.append(member)
+
+    # -- re-binding new objects to the live namespace ---------------------------------------------
+    def rebind(self, value: object) -> object:
+        """The object to make live for a candidate value: nothing live may point into the candidate."""
+        mapped = self.remap.get(id(value), MISSING)
+        if mapped is not MISSING:
+            return mapped
+        if isinstance(value, types.FunctionType):
+            return self._rebind_function(value) if value.__globals__ is self.cand else value
+        if isinstance(value, staticmethod | classmethod):
+            inner = self.rebind(value.__func__)
+            return value if inner is value.__func__ else type(value)(inner)  # type: ignore[arg-type]
+        if isinstance(value, property):
+            parts = [self.rebind(f) if f is not None else None for f in (value.fget, value.fset, value.fdel)]
+            if all(p is f for p, f in zip(parts, (value.fget, value.fset, value.fdel))):
+                return value
+            return type(value)(*parts, value.__doc__)  # type: ignore[arg-type]
+        if isinstance(value, functools.cached_property):
+            inner = self.rebind(value.func)
+            if inner is value.func:
+                return value
+            rebuilt: functools.cached_property[object] = functools.cached_property(inner)  # type: ignore[arg-type]
+            rebuilt.attrname = value.attrname
+            return rebuilt
+        if isinstance(value, type) and _own_class(value, self.module):
+            self._adopt_class(value)
+            return value
+        live_type = self.remap.get(id(type(value)))
+        if isinstance(live_type, type) and not isinstance(value, type):
+            try:
+                value.__class__ = live_type  # an instance the candidate made of a class kept live
+            except TypeError:
+                pass
+        return value
+
+    def rebind_tuple(self, values: tuple[object, ...] | None) -> tuple[object, ...] | None:
+        return None if values is None else tuple(self.rebind(v) for v in values)
+
+    def rebind_kwdefaults(self, values: dict[str, object] | None) -> dict[str, object] | None:
+        return None if values is None else {k: self.rebind(v) for k, v in values.items()}
+
+    def _rebind_function(self, func: types.FunctionType) -> types.FunctionType:
+        closure = None
+        if func.__closure__:
+            closure = tuple(self._cells.setdefault(id(c), types.CellType()) for c in func.__closure__)
+        rebound = types.FunctionType(func.__code__, self.live, func.__name__, None, closure)
+        self.remap[id(func)] = rebound
+        rebound.__defaults__ = self.rebind_tuple(func.__defaults__)
+        rebound.__kwdefaults__ = self.rebind_kwdefaults(func.__kwdefaults__)
+        rebound.__annotations__ = func.__annotations__
+        rebound.__doc__ = func.__doc__
+        rebound.__qualname__ = func.__qualname__
+        rebound.__module__ = func.__module__
+        if hasattr(func, "__type_params__"):
+            rebound.__type_params__ = func.__type_params__
+        rebound.__dict__.update({k: self.rebind(v) for k, v in func.__dict__.items()})
+        for old_cell, new_cell in zip(func.__closure__ or (), closure or ()):
+            content = _cell_value(old_cell)
+            if content is not MISSING:
+                new_cell.cell_contents = self.rebind(content)
+        return rebound
+
+    def _adopt_class(self, cls: type) -> None:
+        """A class new in this version: its functions move to the live namespace."""
+        if id(cls) in self._classes_done:
+            return
+        self._classes_done.add(id(cls))
+        self.remap[id(cls)] = cls
+        bases = tuple(self.remap_value(b) for b in cls.__bases__)
+        if bases != cls.__bases__:
+            try:
+                cls.__bases__ = bases  # type: ignore[assignment]
+            except TypeError as exc:
+                self.problems.append(Problem(f"new class {cls.__qualname__}: cannot re-base it: {exc}"))
+        for name, value in list(cls.__dict__.items()):
+            if name in _CLASS_SKIP:
+                continue
+            rebound = self.rebind(value)
+            if rebound is not value:
+                setattr(cls, name, rebound)
+
+
+def _cell_value(cell: types.CellType) -> object:
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return MISSING
+
+
+def _same_value(a: object, b: object) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b) or not isinstance(a, _IMMUTABLE + (dict,)):
+        return False
+    return _safe_equal(a, b)
+
+
+def _enum_internal(cls: enum.EnumMeta, name: str) -> bool:
+    return name in cls.__members__ or (name.startswith("_") and name.endswith("_") and not name.startswith("__"))
+
+
+def plan_update(
+    module: str,
+    live: dict[str, object],
+    candidate: dict[str, object],
+    *,
+    old_index: StatementIndex | None,
+    new_index: StatementIndex,
+    allow_removals: bool,
+    forced: frozenset[str] = frozenset(),
+) -> Plan:
+    """Pair ``live`` with ``candidate`` and return what a commit must do (changes nothing)."""
+    planner = _Planner(module, live, candidate, old_index, new_index, allow_removals, forced)
+    planner.plan_module()
+    if not planner.problems:
+        planner.plan_closures()
+    return Plan(
+        module=module,
+        changeset=ChangeSet(tuple(planner.ops)),
+        changed=tuple(dict.fromkeys(planner.changed)),
+        added=tuple(planner.added),
+        removed=tuple(planner.removed),
+        replaced_codes=frozenset(planner.replaced),
+        problems=tuple(planner.problems),
+        after_commit=tuple(planner.after_commit),
+    )
