@@ -1,0 +1,577 @@
+"""Watch mode: save a file, and the running program has the new code in milliseconds.
+
+``watch(paths)`` starts a watchdog ``Observer`` on directories, recursively. Each event on a Python
+source goes into a ``Debouncer``; once the burst is over (a short quiet period, with a ceiling),
+a worker thread reads every changed file once, drops those whose content hash is the one it last
+saw (a touch, or a save of identical text), maps the rest to imported modules and hands them to
+the engine as one change set, in dependency order: all of them go live, or none does. Every
+editor's way of saving looks the same from there: an in-place write (modified, closed), a write to
+a temporary file renamed over the original (only a moved event, whose destination counts), and
+delete-then-recreate (vim) all end with the new content on disk when the batch is read.
+
+Threads: the observer's threads only filter paths and add them to the debouncer; the worker does
+all reading and patching, so a slow patch never blocks event delivery.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+import structlog
+from watchdog.events import (
+    EVENT_TYPE_CLOSED,
+    EVENT_TYPE_CREATED,
+    EVENT_TYPE_DELETED,
+    EVENT_TYPE_MODIFIED,
+    EVENT_TYPE_MOVED,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+from hotpatch._debounce import Batch, Debouncer
+from hotpatch._modulemap import (
+    ModuleIndex,
+    dependency_order,
+    imported_modules,
+    is_under,
+    normalize,
+)
+from hotpatch._pathfilter import is_ignored
+from hotpatch.engine import Engine, PatchResult, default_engine
+from hotpatch.errors import ConfigError, HotpatchError, PatchRejected
+
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
+
+EventKind = Literal["applied", "refused", "deleted", "ignored"]
+
+# How often an idle watcher looks for newly imported modules, to record their baseline before
+# they are edited (a module first seen in a batch is patched without one: see Engine.track).
+_REFRESH_INTERVAL_S = 0.5
+
+# Engine issue (reported): a candidate for ``__main__`` executes with ``__name__ == "__main__"``,
+# so the script's main guard (the program itself) would run again inside the watcher thread.
+# Until the engine runs it under another name, a ``__main__`` whose new source has a main guard
+# is refused here, visibly, instead of hanging the watcher.
+_ENGINE_RERUNS_MAIN_GUARD = True
+
+_CHANGE_EVENTS = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED})
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """What watch mode did about a batch of saved files; passed to ``on_event``.
+
+    Attributes:
+        kind: ``applied`` (the new code is live), ``refused`` (nothing changed: the program runs
+            the previous version), ``deleted`` (a module's file is gone; the module is left as
+            it is), or ``ignored`` (a source of no imported module; only with
+            ``report_unimported``).
+        files: the files concerned.
+        modules: the modules concerned.
+        results: for ``applied``, what the engine did to each module.
+        error: for ``refused``, the engine's ``PatchRejected`` (``.stage``, ``.reason``,
+            ``.filename``, ``.lineno``).
+        latency_s: from the first file event of the batch to this outcome.
+    """
+
+    kind: EventKind
+    files: tuple[str, ...]
+    modules: tuple[str, ...]
+    results: tuple[PatchResult, ...] = ()
+    error: PatchRejected | None = None
+    latency_s: float = 0.0
+
+    def describe(self) -> str:
+        """A plain, human-readable account, as ``hotpatch run`` prints it."""
+        files = ", ".join(_short(f) for f in self.files)
+        if self.kind == "applied":
+            parts = []
+            for r in self.results:
+                what = [
+                    f"{label} {', '.join(names)}"
+                    for label, names in (
+                        ("changed", r.changed),
+                        ("added", r.added),
+                        ("removed", r.removed),
+                    )
+                    if names
+                ]
+                parts.append(f"{r.module}: {'; '.join(what) or 'no change'}")
+            return f"applied {files} in {self.latency_s * 1000:.0f} ms ({' | '.join(parts)})"
+        if self.kind == "refused" and self.error is not None:
+            err = self.error
+            where = _short(err.filename or files)
+            if err.lineno:
+                where += f":{err.lineno}"
+            return (
+                f"{where}: change refused at {err.stage}: {err.reason}\n"
+                f"  the program is still running the previous version of "
+                f"{', '.join(self.modules)}; fix the file and save again"
+            )
+        if self.kind == "deleted":
+            return f"{files} was deleted; {', '.join(self.modules)} keeps running the code it has"
+        return f"{files} belongs to no imported module: ignored"
+
+
+class Watcher:
+    """A running watch: stop it with ``stop()``, or use it as a context manager.
+
+    Made by ``watch()``; not meant to be built directly.
+    """
+
+    def __init__(
+        self,
+        roots: tuple[str, ...],
+        *,
+        engine: Engine,
+        quiet_period_s: float,
+        max_delay_s: float,
+        on_event: Callable[[WatchEvent], object] | None,
+        allow_removals: bool,
+        safepoint_timeout_s: float | None,
+        report_unimported: bool,
+    ) -> None:
+        self.roots = roots
+        self._engine = engine
+        self._on_event = on_event
+        self._allow_removals = allow_removals
+        self._safepoint_timeout_s = safepoint_timeout_s
+        self._report_unimported = report_unimported
+        self._cond = threading.Condition()
+        self._debouncer: Debouncer[str] = Debouncer(
+            quiet_period_s=quiet_period_s, max_delay_s=max_delay_s
+        )
+        self._is_stopping = False
+        self._is_stopped = False
+        self._venv_dirs: dict[str, bool] = {}
+        # Worker-thread state.
+        self._index = ModuleIndex(roots)
+        self._seen: dict[str, str] = {}  # path -> sha256 of the content last read
+        self._refused: set[str] = set()  # paths whose content on disk was refused: not live
+        self._observer = Observer()
+        self._observer.name = "hotpatch-watch-observer"
+        self._worker = threading.Thread(target=self._run, name="hotpatch-watch", daemon=True)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Record every watched module's baseline, then start the observer and the worker."""
+        self._refresh_index(changing=frozenset())
+        handler = _EventHandler(self._notice)
+        for root in self.roots:
+            directory = root if os.path.isdir(root) else os.path.dirname(root)
+            self._observer.schedule(handler, directory, recursive=True)
+        self._observer.daemon = True
+        self._observer.start()
+        self._worker.start()
+        log.info(
+            "watch.started",
+            roots=list(self.roots),
+            modules=self._index.names(),
+            quiet_period_s=self._debouncer.quiet_period_s,
+            max_delay_s=self._debouncer.max_delay_s,
+        )
+
+    @property
+    def is_running(self) -> bool:
+        return self._worker.is_alive() and not self._is_stopping
+
+    def stop(self, *, timeout_s: float = 5.0) -> None:
+        """Stop watching; changes still being debounced are dropped.
+
+        Args:
+            timeout_s: how long to wait for the observer and worker threads to end (a patch in
+                progress finishes first); a thread still alive then is logged and left behind
+                (it is a daemon thread).
+        """
+        with self._cond:
+            if self._is_stopped:
+                return
+            self._is_stopping = self._is_stopped = True
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout_s
+        self._observer.stop()
+        for thread in (self._observer, self._worker):
+            if thread is threading.current_thread() or thread.ident is None:
+                continue  # stop() called from on_event, or the thread never started
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [
+            t.name
+            for t in (self._observer, self._worker)
+            if t.is_alive() and t is not threading.current_thread()
+        ]
+        if alive:
+            log.warning("watch.stop_timed_out", threads=alive, timeout_s=timeout_s)
+        log.info("watch.stopped", roots=list(self.roots))
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- observer threads ------------------------------------------------------------------------
+    def _notice(self, path: str) -> None:
+        """A file event: keep it if it may concern a module, and restart the quiet period."""
+        path = os.path.abspath(path)
+        if not any(self._may_trigger(path, root) for root in self.roots):
+            return
+        with self._cond:
+            self._debouncer.add(path, now=time.monotonic())
+            self._cond.notify()
+
+    def _may_trigger(self, path: str, root: str) -> bool:
+        if os.path.isdir(root):
+            return is_under(path, (root,)) and not is_ignored(path, root, is_venv=self._is_venv)
+        return path == root  # a single watched file
+
+    def _is_venv(self, directory: str) -> bool:
+        known = self._venv_dirs.get(directory)
+        if known is None:
+            known = os.path.isfile(os.path.join(directory, "pyvenv.cfg"))
+            self._venv_dirs[directory] = known
+        return known
+
+    # -- worker thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        next_refresh = time.monotonic() + _REFRESH_INTERVAL_S
+        while True:
+            with self._cond:
+                if self._is_stopping:
+                    return
+                now = time.monotonic()
+                batch = self._debouncer.take_due(now=now)
+                if batch is None:
+                    wait = self._debouncer.time_until_due(now=now)
+                    if wait is not None or now < next_refresh:
+                        self._cond.wait(wait if wait is not None else next_refresh - now)
+                        continue
+            try:
+                if batch is None:
+                    self._refresh_index(changing=frozenset())
+                    next_refresh = time.monotonic() + _REFRESH_INTERVAL_S
+                else:
+                    self._process(batch)
+            except Exception:  # a bug must not end watch mode
+                log.exception("watch.change_failed")
+
+    def _refresh_index(self, *, changing: frozenset[str]) -> None:
+        """Index newly imported modules; record the baseline of those not being changed now."""
+        for name in self._index.refresh(sys.modules.copy()):
+            path = self._index.path_of(name)
+            if path is None or path in changing:
+                continue  # its file already holds the edit: the engine patches it without baseline
+            try:
+                self._engine.track(name)
+            except HotpatchError as exc:
+                log.debug("watch.track_failed", module=name, reason=str(exc))
+            digest = _hash_file(path)
+            if digest is not None:
+                self._seen[path] = digest
+
+    def _process(self, batch: Batch[str]) -> None:
+        paths = frozenset(normalize(p) for p in batch.items)
+        self._refresh_index(changing=paths)
+        log.debug("watch.change_detected", files=sorted(paths))
+        changed: dict[str, bytes] = {}
+        for path in sorted(paths):
+            modules = self._index.modules_for(path)
+            try:
+                data = Path(path).read_bytes()
+            except FileNotFoundError:
+                if modules:
+                    self._refused.discard(path)
+                    log.warning("watch.file_deleted", file=path, modules=list(modules))
+                    self._emit(WatchEvent("deleted", (path,), modules, latency_s=_since(batch)))
+                continue
+            except OSError as exc:
+                log.warning("watch.file_unreadable", file=path, reason=str(exc))
+                continue
+            if not modules:
+                if self._report_unimported:
+                    log.info("watch.file_ignored", file=path, reason="not imported")
+                    self._emit(WatchEvent("ignored", (path,), (), latency_s=_since(batch)))
+                else:
+                    log.debug("watch.file_ignored", file=path, reason="not imported")
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            if self._seen.get(path) == digest:
+                log.debug("watch.change_skipped", file=path, reason="content unchanged")
+                continue
+            self._seen[path] = digest
+            changed[path] = data
+        if changed:
+            log.info("watch.change_detected", files=sorted(changed))
+            self._apply(changed, batch)
+
+    def _apply(self, changed: dict[str, bytes], batch: Batch[str]) -> None:
+        """Patch ``changed`` plus earlier refused files as one change set (see ``_attempt``)."""
+        retry: dict[str, bytes] = {}
+        for path in sorted(self._refused - changed.keys()):
+            try:
+                retry[path] = Path(path).read_bytes()
+            except OSError:
+                self._refused.discard(path)
+        attempt = {**retry, **changed}
+        while True:
+            try:
+                results = self._attempt(attempt)
+            except PatchRejected as exc:
+                blamed = self._index.path_of(exc.module)
+                if blamed in retry and blamed in attempt and len(attempt) > 1:
+                    # An earlier refused file still fails: leave it out, try the new saves alone.
+                    log.debug("watch.retry_dropped", file=blamed, reason=exc.reason)
+                    del attempt[blamed]
+                    continue
+                self._refused.update(attempt)
+                self._report_refused(exc, attempt, batch)
+                return
+            self._refused.difference_update(attempt)
+            self._report_applied(results, attempt, batch)
+            return
+
+    def _attempt(self, files: dict[str, bytes]) -> list[PatchResult]:
+        sources: dict[str, bytes] = {}
+        for path, data in files.items():
+            for name in self._index.modules_for(path):
+                sources[name] = data
+        imports = {
+            name: imported_modules(_decode(data), package=_package_of(name))
+            for name, data in sources.items()
+        }
+        order = dependency_order(imports)
+        main = sources.get("__main__")
+        if main is not None and _ENGINE_RERUNS_MAIN_GUARD:
+            _refuse_main_guard(main, self._index.path_of("__main__"))
+        return self._engine.patch_many(
+            {name: sources[name] for name in order},
+            allow_removals=self._allow_removals,
+            safepoint_timeout_s=self._safepoint_timeout_s,
+        )
+
+    # -- reporting -------------------------------------------------------------------------------
+    def _report_applied(
+        self, results: list[PatchResult], files: dict[str, bytes], batch: Batch[str]
+    ) -> None:
+        latency = _since(batch)
+        log.info(
+            "watch.change_applied",
+            files=sorted(files),
+            modules=[r.module for r in results],
+            changed={r.module: list(r.changed) for r in results if r.changed},
+            added={r.module: list(r.added) for r in results if r.added},
+            duration_s=round(max((r.duration_s for r in results), default=0.0), 6),
+            latency_s=round(latency, 6),
+        )
+        for result in results:
+            if result.removed:
+                log.warning(
+                    "watch.names_removed", module=result.module, removed=list(result.removed)
+                )
+        self._emit(
+            WatchEvent(
+                "applied",
+                tuple(sorted(files)),
+                tuple(r.module for r in results),
+                results=tuple(results),
+                latency_s=latency,
+            )
+        )
+
+    def _report_refused(
+        self, exc: PatchRejected, files: dict[str, bytes], batch: Batch[str]
+    ) -> None:
+        modules = tuple(sorted({n for p in files for n in self._index.modules_for(p)}))
+        log.warning(
+            "watch.change_refused",
+            module=exc.module,
+            file=exc.filename,
+            lineno=exc.lineno,
+            stage=exc.stage,
+            reason=exc.reason,
+            files=sorted(files),
+            modules=list(modules),
+            running="previous version",
+        )
+        self._emit(
+            WatchEvent("refused", tuple(sorted(files)), modules, error=exc, latency_s=_since(batch))
+        )
+
+    def _emit(self, event: WatchEvent) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(event)
+        except Exception:  # the callback is the user's: its failure must not end watch mode
+            log.exception("watch.callback_failed", kind=event.kind)
+
+
+class _EventHandler(FileSystemEventHandler):
+    """Passes the paths of file events that may change a source to ``notice``.
+
+    Paths are matched by the watcher itself on the file name, not with watchdog patterns, whose
+    meaning changed in watchdog 7 (``"*.py"`` matches the full path there and so nothing).
+    """
+
+    def __init__(self, notice: Callable[[str], None]) -> None:
+        super().__init__()
+        self._notice = notice
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        if event.event_type == EVENT_TYPE_MOVED:
+            # An atomic save is only this event; its destination holds the new content. The
+            # source may have been a module's file (renamed away: reported as deleted).
+            self._notice(os.fsdecode(event.dest_path))
+            self._notice(os.fsdecode(event.src_path))
+        elif event.event_type in _CHANGE_EVENTS or event.event_type == EVENT_TYPE_DELETED:
+            self._notice(os.fsdecode(event.src_path))
+
+
+def watch(
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    *,
+    engine: Engine | None = None,
+    quiet_period_s: float = 0.02,
+    max_delay_s: float = 0.5,
+    on_event: Callable[[WatchEvent], object] | None = None,
+    allow_removals: bool = True,
+    safepoint_timeout_s: float | None = None,
+    report_unimported: bool = False,
+) -> Watcher:
+    """Watch ``paths`` and patch each saved module into the running program.
+
+    Every imported module whose file is under ``paths`` gets its baseline recorded now
+    (``Engine.track``). From then on, each save goes through the engine (candidate, guard, safe
+    point, health check, rollback) as one change set per burst of saves; a refused change leaves
+    the program running the previous version and is logged as ``watch.change_refused``.
+
+    Args:
+        paths: directories (watched recursively) or single files.
+        engine: the engine to patch with; ``hotpatch.default_engine()`` by default.
+        quiet_period_s: how long after the last file event a burst counts as over.
+        max_delay_s: the longest a change waits while events keep coming.
+        on_event: called with a ``WatchEvent`` after each outcome, in the watcher's thread.
+        allow_removals: let public names disappear (development policy: on, with a
+            ``watch.names_removed`` warning).
+        safepoint_timeout_s: how long to wait for threads to leave replaced code (engine
+            default when ``None``).
+        report_unimported: log ``watch.file_ignored`` at info level (and call ``on_event``) for
+            saved sources that belong to no imported module, instead of at debug level.
+
+    Returns:
+        The running ``Watcher``; call ``.stop()`` or use it in a ``with`` block.
+
+    Raises:
+        ConfigError: a path does not exist, or the timing options are invalid.
+    """
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    roots: list[str] = []
+    for given in paths:
+        path = normalize(os.fspath(given))
+        if not os.path.exists(path):
+            raise ConfigError(f"cannot watch {os.fspath(given)!r}: no such file or directory")
+        roots.append(path)
+    if not roots:
+        raise ConfigError("watch needs at least one path")
+    # Drop roots inside other roots: one recursive watch covers them.
+    roots = [
+        r
+        for r in dict.fromkeys(roots)
+        if not any(o != r and os.path.isdir(o) and is_under(r, (o,)) for o in roots)
+    ]
+    if quiet_period_s < 0 or max_delay_s < quiet_period_s:
+        raise ConfigError(
+            f"need 0 <= quiet_period_s <= max_delay_s, got {quiet_period_s!r} and {max_delay_s!r}"
+        )
+    watcher = Watcher(
+        tuple(roots),
+        engine=engine if engine is not None else default_engine(),
+        quiet_period_s=quiet_period_s,
+        max_delay_s=max_delay_s,
+        on_event=on_event,
+        allow_removals=allow_removals,
+        safepoint_timeout_s=safepoint_timeout_s,
+        report_unimported=report_unimported,
+    )
+    watcher.start()
+    return watcher
+
+
+def _refuse_main_guard(data: bytes, filename: str | None) -> None:
+    try:
+        tree = ast.parse(_decode(data))
+    except (SyntaxError, ValueError):
+        return  # the engine refuses it with the details
+    for stmt in tree.body:
+        if isinstance(stmt, ast.If) and _is_main_test(stmt.test):
+            raise PatchRejected(
+                "__main__",
+                "execute",
+                "patching the script run as __main__ would run its `if __name__ == "
+                '"__main__":` block again inside the watcher (a known engine limitation); '
+                "move the code you edit into a module the script imports",
+                filename=filename,
+                lineno=stmt.lineno,
+            )
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    if not (
+        isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)
+    ):
+        return False
+    sides = [test.left, test.comparators[0]]
+    has_name = any(isinstance(s, ast.Name) and s.id == "__name__" for s in sides)
+    has_main = any(isinstance(s, ast.Constant) and s.value == "__main__" for s in sides)
+    return has_name and has_main
+
+
+def _decode(data: bytes) -> str:
+    try:
+        return importlib.util.decode_source(data)
+    except (UnicodeDecodeError, SyntaxError, LookupError):
+        return ""
+
+
+def _package_of(name: str) -> str:
+    module = sys.modules.get(name)
+    package = getattr(module, "__package__", None)
+    return package if isinstance(package, str) else name.rpartition(".")[0]
+
+
+def _hash_file(path: str) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _since(batch: Batch[str]) -> float:
+    return time.monotonic() - batch.first_added
+
+
+def _short(path: str) -> str:
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if relative.startswith(os.pardir) else relative
