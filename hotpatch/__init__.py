@@ -25,6 +25,7 @@ from hotpatch.errors import (
     PatchRejected,
     RolloutFailed,
 )
+from hotpatch.watch import watch
 
 __all__ = [
     "ConfigError",
@@ -44,4 +45,5 @@ __all__ = [
     "rollback",
     "track",
     "verifier",
+    "watch",
 ]

@@ -16,7 +16,7 @@ import structlog
 
 from hotpatch._version import __version__
 
-COMMANDS: tuple[str, ...] = ("hotpatch._cli_demo",)
+COMMANDS: tuple[str, ...] = ("hotpatch._cli_demo", "hotpatch._cli_run")
 
 
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
