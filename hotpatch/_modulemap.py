@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import ast
 import os
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -35,7 +36,7 @@ class ModuleIndex:
 
     roots: tuple[str, ...]
     _by_path: dict[str, set[str]] = field(default_factory=dict)
-    _seen: dict[str, tuple[int, str | None]] = field(default_factory=dict)  # name -> (id, path)
+    _seen: dict[str, tuple[Callable[[], object], str | None]] = field(default_factory=dict)
 
     def refresh(self, modules: Mapping[str, object]) -> list[str]:
         """Bring the index up to date with ``modules`` (a copy of ``sys.modules``).
@@ -49,12 +50,12 @@ class ModuleIndex:
             self._forget(name)
         for name, module in modules.items():
             known = self._seen.get(name)
-            if known is not None and known[0] == id(module):
+            if known is not None and known[0]() is module:
                 continue
             if known is not None:
                 self._forget(name)
             path = self._source_path(module)
-            self._seen[name] = (id(module), path)
+            self._seen[name] = (_reference(module), path)
             if path is not None:
                 self._by_path.setdefault(path, set()).add(name)
                 fresh.append(name)
@@ -86,6 +87,14 @@ class ModuleIndex:
             return None
         path = normalize(filename)
         return path if is_under(path, self.roots) else None
+
+
+def _reference(value: object) -> Callable[[], object]:
+    """A weak reference when possible, so a re-imported module is never taken for the old one."""
+    try:
+        return weakref.ref(value)
+    except TypeError:  # not weak-referenceable: any object may sit in sys.modules
+        return lambda: value
 
 
 def imported_modules(text: str, *, package: str) -> set[str]:
