@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import types
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Final, NamedTuple
 
 
@@ -62,8 +63,9 @@ class SetFunction:
     def apply(self) -> None:
         self.state.apply_to(self.func)
 
-    def inverse(self) -> SetFunction:
-        return SetFunction(self.func, FunctionState.capture(self.func))
+    def inverse(self, saved: Mapping[int, FunctionState] | None = None) -> SetFunction:
+        state = saved.get(id(self.func)) if saved else None
+        return SetFunction(self.func, state or FunctionState.capture(self.func))
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class SetName:
         else:
             self.namespace[self.name] = self.value
 
-    def inverse(self) -> SetName:
+    def inverse(self, saved: Mapping[int, FunctionState] | None = None) -> SetName:
         return SetName(self.namespace, self.name, self.namespace.get(self.name, MISSING))
 
 
@@ -99,7 +101,7 @@ class SetAttr:
         else:
             setattr(self.cls, self.name, self.value)
 
-    def inverse(self) -> SetAttr:
+    def inverse(self, saved: Mapping[int, FunctionState] | None = None) -> SetAttr:
         return SetAttr(self.cls, self.name, self.cls.__dict__.get(self.name, MISSING))
 
 
@@ -110,9 +112,18 @@ Assignment = SetFunction | SetName | SetAttr
 class ChangeSet:
     assignments: tuple[Assignment, ...]
 
-    def capture_inverse(self) -> ChangeSet:
-        """The change set that restores what ``self`` overwrites; read it just before applying."""
-        return ChangeSet(tuple(a.inverse() for a in reversed(self.assignments)))
+    def capture_inverse(self, saved: Mapping[int, FunctionState] | None = None) -> ChangeSet:
+        """The change set that restores what ``self`` overwrites; read it just before applying.
+
+        Args:
+            saved: function states to use instead of the live ones, by ``id(function)``: the
+                originals of functions whose code is temporarily a safe-point gate.
+        """
+        return ChangeSet(tuple(a.inverse(saved) for a in reversed(self.assignments)))
+
+    def functions(self) -> list[types.FunctionType]:
+        """The functions this change set updates in place."""
+        return [a.func for a in self.assignments if isinstance(a, SetFunction)]
 
     def apply(self) -> None:
         for assignment in self.assignments:

@@ -33,7 +33,7 @@ from hotpatch.candidate import (
 from hotpatch.changeset import ChangeSet
 from hotpatch.errors import HotpatchError, PatchRejected
 from hotpatch.guard import DeadlineExceeded, run_with_deadline
-from hotpatch.safepoint import SafePointTimeout, at_safe_point
+from hotpatch.safepoint import SafePointTimeout, commit_at_safe_point
 from hotpatch.swap import Plan, plan_update
 
 log = structlog.get_logger(__name__)
@@ -220,6 +220,27 @@ class Engine:
             {module: source}, allow_removals=allow_removals, safepoint_timeout_s=safepoint_timeout_s
         )[0]
 
+    def check(
+        self, module: str, *, source: SourceInput = None, allow_removals: bool = False
+    ) -> PatchResult:
+        """Run the guard on a new version of ``module`` without committing it (a dry run).
+
+        Load, compile, execute (in isolation), compatibility and verifiers run as for ``patch``;
+        nothing live changes and nothing is added to the history.
+
+        Raises:
+            PatchRejected: the version would be refused; ``.stage`` says where.
+        """
+        started = time.perf_counter()
+        with self._lock:
+            p = self._prepare(module, source, allow_removals=allow_removals)
+            self._attempted.pop(module, None)
+        duration = time.perf_counter() - started
+        if p.plan is None:
+            return p.noop_result(duration)
+        return PatchResult(module, _version_id(p.source.sha256), p.live_entry.version.id,
+                           p.plan.changed, p.plan.added, p.plan.removed, duration)
+
     def patch_many(
         self,
         changes: Mapping[str, SourceInput] | Iterable[str],
@@ -304,6 +325,15 @@ class Engine:
             raise PatchRejected(
                 name, "compatibility", first.message + more, filename=filename, lineno=first.lineno
             )
+        if not plan.changeset:
+            # Identical down to line numbers: nothing to commit. A baseline that was unknown
+            # (first contact after the file changed) is now known to be this source.
+            if live_entry.source is None:
+                live_entry.source = source
+                live_entry.version = _replace(
+                    live_entry.version, id=_version_id(source.sha256), sha256=source.sha256
+                )
+            return _Prepared(module, source, None, live_entry, None)
         self._verify(candidate)
         return _Prepared(module, source, plan, live_entry, candidate)
 
@@ -341,21 +371,16 @@ class Engine:
                 raise _rejection(candidate, "verify", f"verifier {label}", exc) from None
 
     def _commit(self, todo: list[_Prepared], *, timeout_s: float) -> None:
-        codes = frozenset().union(*(p.plan.replaced_codes for p in todo if p.plan))
-        changesets = [p.plan.changeset for p in todo if p.plan]
-
-        def apply() -> list[ChangeSet]:
-            undos = [cs.capture_inverse() for cs in changesets]
-            for cs in changesets:
-                cs.apply()
-            return undos
-
+        plans = [p.plan for p in todo if p.plan is not None]
+        codes = frozenset().union(*(plan.replaced_codes for plan in plans))
         try:
-            undos = at_safe_point(codes, apply, timeout_s=timeout_s)
+            undos = commit_at_safe_point(
+                [plan.changeset for plan in plans], codes=codes, timeout_s=timeout_s
+            )
         except SafePointTimeout as exc:
-            p = todo[0]
             raise PatchRejected(
-                p.name, "safepoint", str(exc), filename=exc.busy.filename, lineno=exc.busy.lineno
+                todo[0].name, "safepoint", str(exc), filename=exc.busy.filename,
+                lineno=exc.busy.lineno,
             ) from None
         for p, undo in zip(todo, undos):
             p.undo = undo
@@ -382,8 +407,8 @@ class Engine:
         """Restore the versions live before ``todo`` was committed, whatever threads are doing."""
         undos = [p.undo for p in reversed(todo) if p.undo is not None]
         codes = frozenset().union(*(u.replaced_codes() for u in undos))
-        at_safe_point(codes, lambda: [u.apply() for u in undos], timeout_s=self.safepoint_timeout_s,
-                      force_at_deadline=True)
+        commit_at_safe_point(undos, codes=codes, timeout_s=self.safepoint_timeout_s,
+                             force_at_deadline=True)
         for p in todo:
             _cache_lines(p.live_entry.source)
             log.warning(
@@ -410,14 +435,14 @@ class Engine:
         with self._lock:
             record = self._histories.get(module)
             stack = record.stack() if record else []
-            if len(stack) < 2 or record is None:
-                raise HotpatchError(f"{module!r} has no earlier version to roll back to")
             if to is None:
+                if len(stack) < 2:
+                    raise HotpatchError(f"{module!r} has no earlier version to roll back to")
                 target_index = len(stack) - 2
             else:
                 matches = [i for i, e in enumerate(stack[:-1]) if _matches(e.version, to)]
                 if not matches:
-                    known = ", ".join(e.version.id for e in stack[:-1])
+                    known = ", ".join(e.version.id for e in stack[:-1]) or "none"
                     raise HotpatchError(
                         f"{module!r} has no restorable version {to!r} below the live one "
                         f"(restorable: {known})"
@@ -427,7 +452,7 @@ class Engine:
             undos = [e.undo for e in reversed(undone) if e.undo is not None]
             codes = frozenset().union(*(u.replaced_codes() for u in undos))
             try:
-                at_safe_point(codes, lambda: [u.apply() for u in undos], timeout_s=timeout_s)
+                commit_at_safe_point(undos, codes=codes, timeout_s=timeout_s)
             except SafePointTimeout as exc:
                 raise PatchRejected(
                     module, "safepoint", str(exc), filename=exc.busy.filename, lineno=exc.busy.lineno

@@ -1,11 +1,16 @@
 """The safe point: apply a change when no thread is executing inside the code it replaces.
 
-As Linux livepatch checks each task's stack before switching it, ``at_safe_point`` inspects every
-thread's Python stack. When none is inside a replaced function it applies the change at once, in a
-window where no other thread can run: the switch interval is raised and the GIL freshly taken, the
-cyclic garbage collector (which could run finalizers that release the GIL) is paused, and nothing in
-the window does I/O. So a call chain never mixes old and new code of one change: a thread inside
-the old ``f`` finishes on the old ``f`` and the old ``g`` before the new code goes live.
+As Linux livepatch checks each task's stack before switching it, ``commit_at_safe_point`` inspects
+every thread's Python stack and applies a change only when none is inside a function it replaces.
+So a call chain never mixes old and new code of one change: a thread inside the old ``f`` finishes
+on the old ``f`` and the old ``g`` before the new code goes live.
+
+Under steady load a busy function may never be idle in all threads at once, so the replaced
+functions are first *gated*: their code is swapped for a small trampoline. A thread already inside
+the old code (the "old world") that calls a gated function runs the old code, so it finishes as it
+started; any other caller waits at the gate until the change is applied (or abandoned at the
+deadline) and then calls the function, which by then runs the new code. In-flight calls drain, new
+ones wait briefly, and the safe point arrives within one call's duration.
 """
 
 from __future__ import annotations
@@ -15,15 +20,20 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Collection
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
+
+from hotpatch.changeset import ChangeSet, FunctionState
 
 T = TypeVar("T")
 
 # Long enough for any commit (a 3,000-line module applies in about a millisecond), short enough that
 # a CPU-bound thread holding the GIL when we ask for it delays us by at most this much.
-_WINDOW_S = 0.02
+_WINDOW_S = 0.01
+_GATE_NAME = "__hotpatch_gate__"
+_KEY_PLACEHOLDER = 0x7E57_6A7E
 
 
 @dataclass(frozen=True)
@@ -54,15 +64,17 @@ def threads_inside(codes: Collection[types.CodeType]) -> list[BusyThread]:
     me = threading.get_ident()
     busy = []
     for ident, frame in sys._current_frames().items():
-        if ident == me:
-            continue  # the caller's own stack: it is patching, not running the old code
-        f: types.FrameType | None = frame
-        while f is not None:
-            if id(f.f_code) in wanted:
-                busy.append(_describe(ident, f))
-                break
-            f = f.f_back
+        if ident != me and _stack_runs(frame, wanted):
+            busy.append(_describe(ident, _stack_runs(frame, wanted)))  # type: ignore[arg-type]
     return busy
+
+
+def _stack_runs(frame: types.FrameType | None, wanted: set[int]) -> types.FrameType | None:
+    while frame is not None:
+        if id(frame.f_code) in wanted:
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def _describe(ident: int, frame: types.FrameType) -> BusyThread:
@@ -74,44 +86,138 @@ def _describe(ident: int, frame: types.FrameType) -> BusyThread:
     )
 
 
-def at_safe_point(
-    codes: Collection[types.CodeType],
-    apply: Callable[[], T],
+@contextmanager
+def _exclusive() -> Iterator[None]:
+    """A stretch in which other Python threads are unlikely to run: a longer switch interval and
+    no cyclic garbage collection (whose finalizers could run arbitrary code). Correctness does not
+    rest on it: gating does. It only keeps functions that cannot be gated (replaced, not updated in
+    place) from being entered between the last look at the stacks and the commit."""
+    saved_interval = sys.getswitchinterval()
+    gc_was_enabled = gc.isenabled()
+    sys.setswitchinterval(max(saved_interval, _WINDOW_S))
+    gc.disable()
+    try:
+        yield
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+        sys.setswitchinterval(saved_interval)
+
+
+class _Gate:
+    """The trampoline's target while the replaced functions are gated."""
+
+    def __init__(self, funcs: Sequence[types.FunctionType], old_codes: Collection[types.CodeType]):
+        self.entries = {key: (f, FunctionState.capture(f)) for key, f in enumerate(funcs)}
+        self.old_code_ids = {id(c) for c in old_codes}
+        self.opened = threading.Event()
+        self.owner = threading.get_ident()
+        self.codes = {key: _gate_code(f.__code__.co_freevars, key) for key, (f, _) in self.entries.items()}
+
+    def __call__(self, key: int, args: tuple[object, ...], kwargs: dict[str, object]) -> object:
+        func, old = self.entries[key]
+        if not self.opened.is_set() and (
+            threading.get_ident() == self.owner
+            or _stack_runs(sys._getframe(2), self.old_code_ids) is not None
+        ):
+            # An old-world caller: it started on the old code and finishes on it.
+            twin = types.FunctionType(old.code, func.__globals__, func.__name__, old.defaults,
+                                      func.__closure__)
+            twin.__kwdefaults__ = old.kwdefaults
+            return twin(*args, **kwargs)
+        self.opened.wait()
+        return func(*args, **kwargs)
+
+    def close(self) -> None:
+        """Install the trampolines (call inside an exclusive window)."""
+        for key, (func, _) in self.entries.items():
+            func.__globals__.setdefault(_GATE_NAME, self)
+            func.__code__ = self.codes[key]
+
+    def restore(self) -> None:
+        """Put back the old code wherever a trampoline still sits (inside an exclusive window)."""
+        for key, (func, old) in self.entries.items():
+            if func.__code__ is self.codes[key]:
+                func.__code__ = old.code
+            if func.__globals__.get(_GATE_NAME) is self:
+                del func.__globals__[_GATE_NAME]
+
+
+_gate_templates: dict[tuple[str, ...], types.CodeType] = {}
+
+
+def _gate_code(freevars: tuple[str, ...], key: int) -> types.CodeType:
+    """A trampoline with the same free variables as the function it stands in for."""
+    template = _gate_templates.get(freevars)
+    if template is None:
+        lines = ["def _outer():"]
+        lines += [f"    {name} = None" for name in freevars]
+        lines.append("    def _hotpatch_gate(*args, **kwargs):")
+        if freevars:
+            lines.append("        " + ", ".join(freevars))
+        lines.append(f"        return {_GATE_NAME}({_KEY_PLACEHOLDER}, args, kwargs)")
+        namespace: dict[str, object] = {}
+        exec(compile("\n".join(lines), "<hotpatch gate>", "exec"), namespace)
+        outer = namespace["_outer"]
+        assert isinstance(outer, types.FunctionType)
+        template = next(c for c in outer.__code__.co_consts if isinstance(c, types.CodeType))
+        _gate_templates[freevars] = template
+    consts = tuple(key if c == _KEY_PLACEHOLDER and type(c) is int else c for c in template.co_consts)
+    return template.replace(co_consts=consts)
+
+
+def commit_at_safe_point(
+    changesets: Sequence[ChangeSet],
     *,
+    codes: Collection[types.CodeType],
     timeout_s: float,
     force_at_deadline: bool = False,
-) -> T:
-    """Call ``apply`` when no other thread is inside ``codes``; all of it before any thread runs.
+) -> list[ChangeSet]:
+    """Apply ``changesets`` when no other thread is inside ``codes``, and return their inverses.
+
+    The functions the change sets update in place are gated first, so that callers that are not
+    already inside the old code wait for the commit instead of entering the old code, and the
+    commit itself cannot expose a half-applied change: each gated function goes straight from
+    its gate to its new code.
 
     Args:
+        changesets: what to apply, in order.
         codes: the code objects the change takes out of service.
-        apply: the change itself; it must not block, do I/O or log.
         timeout_s: how long to wait for the threads inside ``codes`` to leave.
         force_at_deadline: apply anyway at the deadline (used to restore a known-good version).
+
+    Returns:
+        One inverse per change set (applying them in reverse order undoes the commit exactly).
 
     Raises:
         SafePointTimeout: a thread stayed inside ``codes`` until the deadline.
     """
     deadline = time.monotonic() + timeout_s
-    pause_s = 0.0001
-    while True:
-        forced = force_at_deadline and time.monotonic() >= deadline
-        saved_interval = sys.getswitchinterval()
-        gc_was_enabled = gc.isenabled()
-        sys.setswitchinterval(max(saved_interval, _WINDOW_S))
-        gc.disable()
-        try:
-            # Give the GIL up and take it back: threads already waiting for it restart their wait
-            # with the longer interval, so none can force a switch inside the window.
-            time.sleep(0)
-            busy = threads_inside(codes)
-            if not busy or forced:
-                return apply()
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-            sys.setswitchinterval(saved_interval)
-        if time.monotonic() >= deadline and not force_at_deadline:
-            raise SafePointTimeout(busy[0], timeout_s)
-        time.sleep(pause_s)
-        pause_s = min(pause_s * 2, 0.005)
+    code_ids = {id(c) for c in codes}
+    gate = _Gate(
+        [f for cs in changesets for f in cs.functions() if id(f.__code__) in code_ids], codes
+    )
+    # Partial gating is consistent too: a thread that enters a not-yet-gated function runs old
+    # code and so belongs to the old world, which gated functions let through on the old code.
+    gate.close()
+    saved = {id(func): state for func, state in gate.entries.values()}
+    pause_s = 0.00005
+    try:
+        while True:
+            forced = force_at_deadline and time.monotonic() >= deadline
+            if forced or not threads_inside(codes):
+                with _exclusive():
+                    if forced or not threads_inside(codes):
+                        undos = [cs.capture_inverse(saved) for cs in changesets]
+                        for cs in changesets:
+                            cs.apply()
+                        return undos
+            if time.monotonic() >= deadline and not force_at_deadline:
+                busy = threads_inside(codes)
+                if busy:
+                    raise SafePointTimeout(busy[0], timeout_s)
+            time.sleep(pause_s)
+            pause_s = min(pause_s * 2, 0.002)
+    finally:
+        gate.restore()
+        gate.opened.set()

@@ -1,0 +1,45 @@
+"""Fixtures shared by every test: global state restored, modules made from source in tmp_path."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import textwrap
+import types
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+MakeModule = Callable[..., types.ModuleType]
+
+
+@pytest.fixture(name="make_module")
+def _make_module(tmp_path: Path) -> Iterator[MakeModule]:
+    """Write ``source`` to a file in tmp_path and import it under a unique name."""
+    created: list[str] = []
+
+    def make(source: str, *, name: str | None = None) -> types.ModuleType:
+        name = name or f"hp_mod_{uuid.uuid4().hex[:10]}"
+        path = tmp_path / f"{name}.py"
+        path.write_text(textwrap.dedent(source), encoding="utf-8")
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        created.append(name)
+        spec.loader.exec_module(module)
+        return module
+
+    yield make
+    for name in created:
+        sys.modules.pop(name, None)

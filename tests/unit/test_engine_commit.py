@@ -1,0 +1,341 @@
+"""What a commit does: in place, state kept, new and removed names (issue 2, points 1, 2 and 4)."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import hotpatch
+from hotpatch import Engine, PatchRejected
+
+BASE = """
+    import functools
+
+    CACHE = {}
+    LIMIT = 3
+    SENTINEL = object()
+
+    def helper():
+        return "old"
+
+    def call_helper(x=1):
+        return helper() + str(x)
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+        return wrapper
+
+    @deco
+    def wrapped():
+        return "old-wrapped"
+
+    def make_greeter(name):
+        def greet():
+            return "old hello " + name
+        return greet
+
+    def uses_sentinel(value=SENTINEL):
+        return value is SENTINEL
+
+    class Shape:
+        sides = 0
+
+        def area(self):
+            return "old-area"
+
+        @classmethod
+        def kind(cls):
+            return "old-kind"
+
+        @staticmethod
+        def unit():
+            return "old-unit"
+
+        @property
+        def label(self):
+            return "old-label"
+
+    class Square(Shape):
+        def area(self):
+            return "old-square"
+"""
+
+
+def edited(source: str, *pairs: tuple[str, str]) -> str:
+    text = textwrap.dedent(source)
+    for old, new in pairs:
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+NEW_BODIES = (
+    ('return "old"', 'return "new"'),
+    ('"old-wrapped"', '"new-wrapped"'),
+    ('"old hello "', '"new hello "'),
+    ('"old-area"', '"new-area"'),
+    ('"old-kind"', '"new-kind"'),
+    ('"old-unit"', '"new-unit"'),
+    ('"old-label"', '"new-label"'),
+    ('"old-square"', '"new-square"'),
+)
+
+
+def test_existing_references_run_new_code(make_module) -> None:
+    mod = make_module(BASE)
+    engine = Engine()
+    helper, call_helper, wrapped = mod.helper, mod.call_helper, mod.wrapped  # from m import f
+    callbacks = {"cb": mod.helper}
+    shape, square = mod.Shape(), mod.Square()
+    greeter = mod.make_greeter("ann")
+    code_before = mod.helper.__code__
+
+    result = engine.patch(mod.__name__, source=edited(BASE, *NEW_BODIES))
+
+    assert helper() == "new" and callbacks["cb"]() == "new"
+    assert call_helper() == "new1"
+    assert wrapped() == "new-wrapped"
+    assert wrapped.__wrapped__() == "new-wrapped"
+    assert greeter() == "new hello ann"  # a closure made before the patch, free variable kept
+    assert shape.area() == "new-area" and square.area() == "new-square"
+    assert shape.kind() == "new-kind" and mod.Shape.unit() == "new-unit"
+    assert shape.label == "new-label"
+    assert isinstance(shape, mod.Shape) and isinstance(square, mod.Shape)
+    assert mod.helper is helper and mod.helper.__code__ is not code_before
+    assert {"helper", "wrapped", "Shape.area", "Shape.label", "Square.area"} <= set(result.changed)
+    assert result.previous != result.version
+
+
+def test_decorator_without_wraps_and_lru_cache(make_module) -> None:
+    source = """
+        import functools
+
+        def plain_deco(fn):
+            def inner(*a):
+                return fn(*a)
+            return inner
+
+        @plain_deco
+        def decorated():
+            return 1
+
+        @functools.lru_cache(maxsize=None)
+        def cached(x):
+            return x * 10
+    """
+    mod = make_module(source)
+    decorated, cached = mod.decorated, mod.cached
+    assert cached(2) == 20
+    Engine().patch(mod.__name__, source=edited(source, ("return 1", "return 2"), ("x * 10", "x * 100")))
+    assert decorated() == 2
+    assert cached(2) == 200  # the cache of results computed by the old code was cleared
+    assert mod.cached is cached
+
+
+def test_state_is_kept_and_edited_constants_change(make_module) -> None:
+    mod = make_module(BASE)
+    mod.CACHE["k"] = "v"
+    cache, sentinel = mod.CACHE, mod.SENTINEL
+    Engine().patch(mod.__name__, source=edited(BASE, ("LIMIT = 3", "LIMIT = 4")))
+    assert mod.CACHE is cache and mod.CACHE == {"k": "v"}
+    assert mod.LIMIT == 4
+    assert mod.SENTINEL is sentinel
+    assert mod.uses_sentinel()  # the new default was mapped to the live sentinel
+
+
+def test_edited_mutable_value_takes_new_value(make_module) -> None:
+    mod = make_module(BASE)
+    Engine().patch(mod.__name__, source=edited(BASE, ("CACHE = {}", "CACHE = {'fresh': True}")))
+    assert mod.CACHE == {"fresh": True}
+
+
+def test_flask_app_stays_the_same_object(make_module) -> None:
+    source = """
+        from flask import Flask
+
+        app = Flask(__name__)
+
+        @app.route("/")
+        def index():
+            return "old page"
+    """
+    mod = make_module(source)
+    app = mod.app
+    view = app.view_functions["index"]
+    client = app.test_client()
+    assert client.get("/").get_data(as_text=True) == "old page"
+    Engine().patch(mod.__name__, source=edited(source, ("old page", "new page")))
+    assert mod.app is app and app.view_functions["index"] is view
+    assert client.get("/").get_data(as_text=True) == "new page"
+
+
+def test_new_names_appear_and_bind_to_the_live_module(make_module) -> None:
+    mod = make_module(BASE)
+    mod.CACHE["k"] = 1
+    source = edited(BASE, ('return "old"', "return new_helper()")) + textwrap.dedent(
+        """
+        def new_helper():
+            return len(CACHE)
+
+        class Circle(Shape):
+            def area(self):
+                return new_helper()
+        """
+    )
+    result = Engine().patch(mod.__name__, source=source)
+    assert set(result.added) >= {"new_helper", "Circle"}
+    assert mod.helper() == 1 and mod.new_helper.__globals__ is mod.__dict__
+    circle = mod.Circle()
+    assert isinstance(circle, mod.Shape)  # re-based onto the live Shape
+    mod.CACHE["j"] = 2
+    assert circle.area() == 2
+
+
+def test_new_method_added_to_live_class(make_module) -> None:
+    mod = make_module(BASE)
+    shape = mod.Shape()
+    source = edited(BASE, ("    sides = 0\n", "    sides = 0\n\n    def perimeter(self):\n        return __class__.__name__ + str(LIMIT)\n"))
+    Engine().patch(mod.__name__, source=source)
+    assert shape.perimeter() == "Shape3"
+
+
+def test_removed_public_name_is_refused_unless_allowed(make_module) -> None:
+    mod = make_module(BASE)
+    engine = Engine()
+    without = edited(BASE, ('def helper():\n    return "old"\n', ""),
+                     ("return helper() + str(x)", "return str(x)"))
+    with pytest.raises(PatchRejected) as info:
+        engine.patch(mod.__name__, source=without)
+    assert info.value.stage == "compatibility" and "'helper'" in info.value.reason
+    assert mod.helper() == "old"
+    result = engine.patch(mod.__name__, source=without, allow_removals=True)
+    assert "helper" in result.removed and not hasattr(mod, "helper")
+
+
+def test_private_names_and_unused_imports_may_go(make_module) -> None:
+    source = """
+        import json
+
+        def _private():
+            return 1
+
+        def public():
+            return 2
+    """
+    mod = make_module(source)
+    Engine().patch(mod.__name__, source="def public():\n    return 3\n")
+    assert mod.public() == 3 and not hasattr(mod, "_private") and not hasattr(mod, "json")
+
+
+def test_names_set_at_run_time_are_kept(make_module) -> None:
+    mod = make_module(BASE)
+    mod.runtime_value = 42  # set by the application, not by the source
+    Engine().patch(mod.__name__, source=edited(BASE, ('return "old"', 'return "new"')))
+    assert mod.runtime_value == 42
+
+
+def test_candidate_executes_isolated(make_module) -> None:
+    source = """
+        import sys
+        SEEN = None
+    """
+    mod = make_module(source)
+    probe = textwrap.dedent(source) + "\nSEEN = sys.modules[__name__] is not None and 'PROBE' not in vars(sys.modules[__name__])\nPROBE = 1\n"
+    Engine().patch(mod.__name__, source=probe)
+    assert mod.SEEN is True  # during execution the live module was in sys.modules, untouched
+    assert sys.modules[mod.__name__] is mod
+
+
+@pytest.mark.parametrize(
+    ("tail", "fragment"),
+    [
+        ("raise ValueError('boom')", "ValueError at import: boom"),
+        ("import sys\nsys.exit(2)", "sys.exit(2)"),
+        ("raise KeyboardInterrupt", "KeyboardInterrupt"),
+        ("import hp_no_such_module_xyz", "ModuleNotFoundError"),
+    ],
+)
+def test_exception_at_import_refuses_at_execute(make_module, tail: str, fragment: str) -> None:
+    mod = make_module(BASE)
+    before = dict(mod.__dict__)
+    source = edited(BASE, ('return "old"', 'return "new"')) + "\nNEW_NAME = 1\n" + tail + "\n"
+    with pytest.raises(PatchRejected) as info:
+        Engine().patch(mod.__name__, source=source)
+    err = info.value
+    assert err.stage == "execute" and fragment in err.reason
+    assert err.filename == mod.__file__ and err.lineno == source.count("\n")
+    assert f"{mod.__file__}:{err.lineno}" in str(err)
+    assert mod.helper() == "old" and not hasattr(mod, "NEW_NAME")
+    assert mod.__dict__ == before
+
+
+def test_patch_reads_file_from_disk(make_module) -> None:
+    mod = make_module(BASE)
+    engine = Engine()
+    engine.track(mod.__name__)
+    Path(mod.__file__).write_text(edited(BASE, ('return "old"', 'return "disk"'), ("LIMIT = 3", "LIMIT = 9")))
+    mod.CACHE["x"] = 1
+    engine.patch(mod.__name__)
+    assert mod.helper() == "disk" and mod.LIMIT == 9 and mod.CACHE == {"x": 1}
+
+
+def test_first_contact_after_the_file_was_edited(make_module) -> None:
+    """No baseline: immutable constants take new values, live containers are kept."""
+    mod = make_module(BASE)
+    mod.CACHE["x"] = 1
+    Path(mod.__file__).write_text(edited(BASE, ('return "old"', 'return "disk"'), ("LIMIT = 3", "LIMIT = 9")))
+    result = Engine().patch(mod.__name__)
+    assert not result.is_noop
+    assert mod.helper() == "disk" and mod.LIMIT == 9 and mod.CACHE == {"x": 1}
+
+
+def test_unchanged_source_is_a_noop(make_module) -> None:
+    mod = make_module(BASE)
+    engine = Engine()
+    result = engine.patch(mod.__name__, source=textwrap.dedent(BASE))
+    assert result.is_noop and result.changed == ()
+
+
+def test_migrate_hook_carries_state(make_module) -> None:
+    mod = make_module("COUNTS = {'a': 1}\n")
+    new = (
+        "COUNTS = {}\nTOTAL = 0\n"
+        "def __hotpatch_migrate__(old):\n"
+        "    global COUNTS, TOTAL\n"
+        "    COUNTS = {k: v * 10 for k, v in old['COUNTS'].items()}\n"
+        "    TOTAL = sum(COUNTS.values())\n"
+    )
+    Engine().patch(mod.__name__, source=new)
+    assert mod.COUNTS == {"a": 10} and mod.TOTAL == 10
+
+
+def test_module_level_functions_use_the_default_engine(make_module) -> None:
+    mod = make_module(BASE)
+    result = hotpatch.patch(mod.__name__, source=edited(BASE, ('return "old"', 'return "new"')))
+    assert mod.helper() == "new"
+    assert hotpatch.history(mod.__name__)[0].id == result.version
+    hotpatch.rollback(mod.__name__)
+    assert mod.helper() == "old"
+
+
+def test_package_relative_imports_work(tmp_path: Path) -> None:
+    pkg = tmp_path / "hp_pkg_rel"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "util.py").write_text("def base():\n    return 5\n")
+    (pkg / "mod.py").write_text("from .util import base\n\ndef value():\n    return base()\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import hp_pkg_rel.mod as mod  # type: ignore[import-not-found]
+
+        Engine().patch("hp_pkg_rel.mod", source="from .util import base\n\ndef value():\n    return base() * 2\n")
+        assert mod.value() == 10
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [n for n in sys.modules if n.startswith("hp_pkg_rel")]:
+            del sys.modules[name]
