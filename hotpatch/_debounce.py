@@ -2,8 +2,11 @@
 
 Pure logic with an injected clock (every method takes ``now``, from ``time.monotonic()`` in real
 use): no threads, no sleeps, so it is tested alone. A batch is due when no item was added for
-``quiet_period_s`` (the burst is over), or when ``max_delay_s`` has passed since its first item (a
-burst that never settles still gets through).
+``quiet_period_s`` (the burst is over) and every item is *settled*, or when ``max_delay_s`` has
+passed since its first item (a burst that never settles still gets through).
+
+An item is settled unless its latest addition said otherwise: a file whose last event was a write,
+with no close event yet, is still being written, so the quiet period alone does not release it.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class Debouncer(Generic[T]):
             )
         self.quiet_period_s = quiet_period_s
         self.max_delay_s = max_delay_s
-        self._items: set[T] = set()
+        self._items: dict[T, bool] = {}  # item -> settled
         self._first = 0.0
         self._last = 0.0
 
@@ -53,19 +56,29 @@ class Debouncer(Generic[T]):
     def is_empty(self) -> bool:
         return not self._items
 
-    def add(self, item: T, *, now: float) -> None:
-        """Add ``item`` (again): the quiet period starts over, the ceiling does not."""
+    def add(self, item: T, *, now: float, is_settled: bool = True) -> None:
+        """Add ``item`` (again): the quiet period starts over, the ceiling does not.
+
+        Args:
+            item: what changed.
+            now: the current time.
+            is_settled: ``False`` holds the batch back (up to the ceiling) until ``item`` is
+                added again settled, e.g. a file written to but not closed yet.
+        """
         if not self._items:
             self._first = self._last = now
         else:
             self._last = max(self._last, now)
-        self._items.add(item)
+        self._items[item] = is_settled
 
     def due_at(self) -> float | None:
         """When the batch becomes due, or ``None`` when there is nothing to release."""
         if not self._items:
             return None
-        return min(self._last + self.quiet_period_s, self._first + self.max_delay_s)
+        ceiling = self._first + self.max_delay_s
+        if not all(self._items.values()):
+            return ceiling
+        return min(self._last + self.quiet_period_s, ceiling)
 
     def time_until_due(self, *, now: float) -> float | None:
         """Seconds from ``now`` until the batch is due (0 when it is), ``None`` when empty."""

@@ -67,6 +67,7 @@ _REFRESH_INTERVAL_S = 0.5
 _ENGINE_RERUNS_MAIN_GUARD = True
 
 _CHANGE_EVENTS = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED})
+_WRITE_EVENTS = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED})  # a close should follow
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,10 @@ class Watcher:
     """A running watch: stop it with ``stop()``, or use it as a context manager.
 
     Made by ``watch()``; not meant to be built directly.
+
+    Attributes:
+        roots: the watched directories and files, normalized.
+        engine: the engine that applies the changes (its ``history`` shows each outcome).
     """
 
     def __init__(
@@ -144,7 +149,7 @@ class Watcher:
         report_unimported: bool,
     ) -> None:
         self.roots = roots
-        self._engine = engine
+        self.engine = engine
         self._on_event = on_event
         self._allow_removals = allow_removals
         self._safepoint_timeout_s = safepoint_timeout_s
@@ -156,6 +161,8 @@ class Watcher:
         self._is_stopping = False
         self._is_stopped = False
         self._venv_dirs: dict[str, bool] = {}
+        # inotify reports closes; other observers never do, so writes count as settled there.
+        self._closes_reported = _observer_reports_closes()
         # Worker-thread state.
         self._index = ModuleIndex(roots)
         self._seen: dict[str, str] = {}  # path -> sha256 of the content last read
@@ -227,13 +234,21 @@ class Watcher:
         self.stop()
 
     # -- observer threads ------------------------------------------------------------------------
-    def _notice(self, path: str) -> None:
-        """A file event: keep it if it may concern a module, and restart the quiet period."""
+    def _notice(self, path: str, event_type: str) -> None:
+        """A file event: keep it if it may concern a module, and restart the quiet period.
+
+        Where the observer reports closes (inotify), a file written to and not closed yet is
+        still being written: it holds the batch back until its close event (or the ceiling).
+        Elsewhere every event counts as settled, and the quiet period alone decides.
+        """
+        if event_type == EVENT_TYPE_CLOSED:
+            self._closes_reported = True
         path = os.path.abspath(path)
         if not any(self._may_trigger(path, root) for root in self.roots):
             return
+        is_settled = event_type not in _WRITE_EVENTS or not self._closes_reported
         with self._cond:
-            self._debouncer.add(path, now=time.monotonic())
+            self._debouncer.add(path, now=time.monotonic(), is_settled=is_settled)
             self._cond.notify()
 
     def _may_trigger(self, path: str, root: str) -> bool:
@@ -277,13 +292,13 @@ class Watcher:
             path = self._index.path_of(name)
             if path is None or path in changing:
                 continue  # its file already holds the edit: the engine patches it without baseline
-            try:
-                self._engine.track(name)
-            except HotpatchError as exc:
-                log.debug("watch.track_failed", module=name, reason=str(exc))
             digest = _hash_file(path)
             if digest is not None:
                 self._seen[path] = digest
+            try:
+                self.engine.track(name)
+            except HotpatchError as exc:
+                log.debug("watch.track_failed", module=name, reason=str(exc))
 
     def _process(self, batch: Batch[str]) -> None:
         paths = frozenset(normalize(p) for p in batch.items)
@@ -359,7 +374,7 @@ class Watcher:
         main = sources.get("__main__")
         if main is not None and _ENGINE_RERUNS_MAIN_GUARD:
             _refuse_main_guard(main, self._index.path_of("__main__"))
-        return self._engine.patch_many(
+        return self.engine.patch_many(
             {name: sources[name] for name in order},
             allow_removals=self._allow_removals,
             safepoint_timeout_s=self._safepoint_timeout_s,
@@ -429,7 +444,7 @@ class _EventHandler(FileSystemEventHandler):
     meaning changed in watchdog 7 (``"*.py"`` matches the full path there and so nothing).
     """
 
-    def __init__(self, notice: Callable[[str], None]) -> None:
+    def __init__(self, notice: Callable[[str, str], None]) -> None:
         super().__init__()
         self._notice = notice
 
@@ -439,10 +454,10 @@ class _EventHandler(FileSystemEventHandler):
         if event.event_type == EVENT_TYPE_MOVED:
             # An atomic save is only this event; its destination holds the new content. The
             # source may have been a module's file (renamed away: reported as deleted).
-            self._notice(os.fsdecode(event.dest_path))
-            self._notice(os.fsdecode(event.src_path))
+            self._notice(os.fsdecode(event.dest_path), event.event_type)
+            self._notice(os.fsdecode(event.src_path), event.event_type)
         elif event.event_type in _CHANGE_EVENTS or event.event_type == EVENT_TYPE_DELETED:
-            self._notice(os.fsdecode(event.src_path))
+            self._notice(os.fsdecode(event.src_path), event.event_type)
 
 
 def watch(
@@ -514,6 +529,14 @@ def watch(
     )
     watcher.start()
     return watcher
+
+
+def _observer_reports_closes() -> bool:
+    try:
+        from watchdog.observers.inotify import InotifyObserver  # noqa: PLC0415 (Linux only)
+    except ImportError:  # not Linux
+        return False
+    return Observer is InotifyObserver
 
 
 def _refuse_main_guard(data: bytes, filename: str | None) -> None:

@@ -375,7 +375,7 @@ def test_unimported_files_and_clutter_never_trigger_anything(
     # Once imported, the new module is watched like the others.
     new_mod = importlib.import_module(project.name("new"))
     project.names.append(project.name("new"))
-    wait_until(lambda: new_mod.__name__ in watching.watcher._index.names(), what="index refresh")
+    wait_until(lambda: watching.watcher.engine.history(new_mod.__name__), what="baseline recorded")
     project.write("new", "def f():\n    return 2\n")
     wait_until(lambda: new_mod.f() == 2, what="the newly imported module to be patched")
 

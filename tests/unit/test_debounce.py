@@ -83,3 +83,23 @@ def test_zero_quiet_period_is_due_at_once() -> None:
 def test_invalid_settings_are_refused(quiet: float, ceiling: float) -> None:
     with pytest.raises(ValueError, match="quiet_period_s"):
         Debouncer[str](quiet_period_s=quiet, max_delay_s=ceiling)
+
+
+def test_an_unsettled_item_holds_the_batch_until_it_settles() -> None:
+    d = make(quiet=0.02, ceiling=0.5)
+    d.add("a.py", now=1.0, is_settled=False)  # written, not closed yet
+    assert d.take_due(now=1.1) is None
+    d.add("a.py", now=1.2)  # closed
+    assert d.take_due(now=1.21) is None
+    batch = d.take_due(now=1.22)
+    assert batch is not None
+    assert batch.items == frozenset({"a.py"})
+
+
+def test_an_item_that_never_settles_is_released_at_the_ceiling() -> None:
+    d = make(quiet=0.02, ceiling=0.5)
+    d.add("a.py", now=1.0, is_settled=False)
+    d.add("b.py", now=1.01)
+    assert d.due_at() == pytest.approx(1.5)
+    assert d.take_due(now=1.49) is None
+    assert d.take_due(now=1.5) is not None
