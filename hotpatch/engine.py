@@ -507,12 +507,16 @@ class Engine:
                            p.plan.removed, duration_s)
 
     def _record_rejection(self, exc: PatchRejected) -> None:
+        sha = self._attempted.pop(exc.module, None)
         record = self._histories.get(exc.module)
+        if record is None and exc.stage != "load":
+            # The module is live: start its record (a file holding the refused source is not
+            # taken as the baseline).
+            record = self._ensure_history(exc.module, unless_sha=sha)
         log.warning("patch.rejected", module=exc.module, stage=exc.stage, reason=exc.reason,
                     filename=exc.filename, lineno=exc.lineno)
         if record is None:
             return
-        sha = self._attempted.pop(exc.module, None)
         record.entries.append(_Entry(Version(_version_id(sha), exc.module, sha, time.time(),
                                              "rejected", stage=exc.stage, reason=str(exc))))
         self._trim(record)
