@@ -1,0 +1,530 @@
+"""Master side: the rollout controller, driven from gunicorn's own master loop (no threads).
+
+``install_controller(arbiter)`` (from ``when_ready``) snapshots the boot release and replaces a few
+of the arbiter's methods on the instance (the class is untouched):
+
+- ``handle_hup``: starts a rollout (or queues one) instead of gunicorn's all-at-once reload;
+- ``manage_workers``: first advances the rollout (reads worker reports, runs the state machine's
+  actions, keeps ``num_workers`` equal to the live worker count so gunicorn neither spawns nor
+  kills behind the rollout's back), then runs gunicorn's own;
+- ``spawn_worker``: records which release each new worker is pinned to;
+- ``handle_chld``: a guard so that a worker exiting with gunicorn's boot/load error codes (3, 4)
+  never halts a server that has served (workers already exit with other codes; this is the net).
+
+Workers wake the master with ``WAKE_SIGNAL`` after each report; a ``SIGALRM`` timer wakes it at the
+next deadline, so progress never waits for gunicorn's one-second loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from hotpatch.gunicorn._machine import (
+    Action,
+    FailStage,
+    Finish,
+    Kill,
+    Retire,
+    Rollout,
+    Spawn,
+    Timeouts,
+)
+from hotpatch.gunicorn._releases import (
+    Release,
+    SnapshotError,
+    app_roots,
+    prune_releases,
+    take_snapshot,
+)
+from hotpatch.gunicorn._settings import Settings, load_settings
+from hotpatch.gunicorn._state import (
+    WAKE_SIGNAL,
+    default_state_dir,
+    prepare_state_dir,
+    read_report,
+    remove_report,
+    write_json_atomic,
+)
+from hotpatch.gunicorn._worker import SpawnPlan
+
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
+
+PRELOAD_REFUSAL = (
+    "rolling reload is disabled: preload_app is on, so every worker would run the code the master "
+    "imported at start-up and a rollout could never load new code; remove --preload "
+    "(preload_app = False) to roll workers one at a time, or restart the master (or send it "
+    "SIGUSR2, then SIGTERM to the old master) to load new code"
+)
+_MAX_EVENTS = 200
+
+
+class Controller:
+    """Runs rollouts for one gunicorn master. Created by ``install_controller``."""
+
+    def __init__(self, arbiter: Any, settings: Settings) -> None:
+        self.arbiter = arbiter
+        self.settings = settings
+        self.state_dir = settings.state_dir or default_state_dir(arbiter.pid)
+        self.app_dir = settings.app_dir or Path(arbiter.cfg.chdir)
+        self.roots = app_roots(self.app_dir)
+        self.releases: dict[str, Release] = {}
+        self.known_good: Release | None = None
+        self.spawn_release: Release | None = None
+        self.spawn_is_candidate = False
+        self.has_served = False
+        self.disabled_reason: str | None = None
+        self.worker_release: dict[int, str] = {}
+        self.worker_stage: dict[int, str] = {}
+        self.recycled: set[int] = set()
+        self.candidates: set[int] = set()
+        self._seen_stages: dict[int, int] = {}
+        self.rollout: Rollout | None = None
+        self.rollout_events: list[dict[str, Any]] = []
+        self._failure_logged = False
+        self.pending = False
+        self.next_rollout_id = 1
+        self.last_rollout: dict[str, Any] | None = None
+        self.size = int(arbiter.num_workers)
+        self._frozen: int | None = None
+        self._published = ""
+        self._originals: dict[str, Callable[..., Any]] = {}
+
+    # -- installation -----------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Snapshot the boot release and take over HUP, worker management and reaping."""
+        prepare_state_dir(self.state_dir)
+        if self.arbiter.cfg.preload_app:
+            self.disabled_reason = PRELOAD_REFUSAL
+            log.error("rollout.disabled", master_pid=self.arbiter.pid, reason=PRELOAD_REFUSAL)
+            self._override("handle_hup", self.request_rollout)
+            self.publish()
+            return
+        release = take_snapshot(
+            self.app_dir, self.state_dir / "releases", number=0, exclude=self.state_dir
+        )
+        self.releases[release.id] = release
+        self.known_good = self.spawn_release = release
+        self._override("handle_hup", self.request_rollout)
+        self._override("manage_workers", self._managed(self.arbiter.manage_workers))
+        self._override("spawn_worker", self._recorded(self.arbiter.spawn_worker))
+        guarded = self._guarded(self.arbiter.handle_chld)
+        self._override("handle_chld", guarded)
+        self._override("handle_cld", guarded)
+        signal.signal(WAKE_SIGNAL, self._wake)
+        signal.signal(signal.SIGALRM, self._wake)
+        log.info(
+            "rollout.enabled", master_pid=self.arbiter.pid, release=release.id,
+            app_dir=str(self.app_dir), state_dir=str(self.state_dir),
+            health_path=self.settings.health_path,
+        )
+        self.publish()
+
+    def _override(self, name: str, fn: Callable[..., Any]) -> None:
+        self._originals[name] = getattr(self.arbiter, name)
+        setattr(self.arbiter, name, fn)
+
+    def _wake(self, _signum: int, _frame: FrameType | None) -> None:
+        self.arbiter.wakeup()  # signal-safe in every gunicorn version (queue put or pipe write)
+
+    def plan_for_new_worker(self) -> SpawnPlan | None:
+        """What the worker being forked runs (read in the child, from ``post_fork``)."""
+        release = self.spawn_release
+        if release is None:
+            return None
+        return SpawnPlan(
+            release=release.id, release_dir=release.path, app_dir=release.source,
+            roots=self.roots, state_dir=self.state_dir, is_candidate=self.spawn_is_candidate,
+            is_guarded=self.has_served, settings=self.settings,
+        )
+
+    # -- wrapped arbiter methods ------------------------------------------------------------
+
+    def _managed(self, manage: Callable[[], None]) -> Callable[[], None]:
+        def manage_workers() -> None:
+            self.tick()
+            manage()
+
+        return manage_workers
+
+    def _recorded(self, spawn: Callable[[], Any]) -> Callable[[], Any]:
+        def spawn_worker() -> Any:
+            before = set(self.arbiter.WORKERS)
+            release = self.spawn_release
+            result = spawn()
+            for pid in set(self.arbiter.WORKERS) - before:  # only the parent gets here
+                rid = release.id if release else "unknown"
+                self.worker_release[pid] = rid
+                self.worker_stage[pid] = "booting"
+                if self.rollout is not None:
+                    self.candidates.add(pid)
+                    self.rollout.worker_spawned(pid, rid, time.monotonic())
+                    self._event("worker.spawned", worker_pid=pid, release=rid,
+                                is_candidate=self.spawn_is_candidate)
+                else:
+                    log.info("worker.spawned", worker_pid=pid, release=rid)
+            return result
+
+        return spawn_worker
+
+    def _guarded(self, handle_chld: Callable[[], None]) -> Callable[[], None]:
+        from gunicorn.errors import HaltServer  # type: ignore[import-untyped]  # noqa: PLC0415
+
+        def guarded() -> None:
+            for _ in range(100):
+                before = dict(self.arbiter.WORKERS)
+                try:
+                    handle_chld()
+                    return
+                except HaltServer as exc:
+                    gone = [pid for pid in before if pid not in self.arbiter.WORKERS]
+                    if not self.has_served:
+                        raise
+                    for pid in gone:
+                        if pid in self.worker_release:
+                            with contextlib.suppress(Exception):
+                                before[pid].tmp.close()
+                            log.error("worker.halt_prevented", worker_pid=pid,
+                                      reason=getattr(exc, "reason", str(exc)))
+                            self.child_exited(pid)
+
+        return guarded
+
+    # -- rollouts ---------------------------------------------------------------------------
+
+    def request_rollout(self) -> None:
+        """SIGHUP: start a rollout, or queue one (at most one pending)."""
+        if self.disabled_reason is not None:
+            log.error("rollout.refused", master_pid=self.arbiter.pid, reason=self.disabled_reason)
+            rollout_id = self.next_rollout_id
+            self.next_rollout_id += 1
+            self.last_rollout = {
+                "id": rollout_id, "outcome": "refused", "reason": self.disabled_reason,
+                "rolled_back": False, "events": [],
+            }
+            self.publish()
+            return
+        if self.rollout is not None:
+            log.info("rollout.queued", rollout_id=self.next_rollout_id,
+                     running_rollout_id=self.rollout.rollout_id, already_pending=self.pending)
+            self.pending = True
+            self.publish()
+            return
+        self.start_rollout()
+
+    def start_rollout(self) -> None:
+        assert self.known_good is not None
+        rollout_id = self.next_rollout_id
+        self.next_rollout_id += 1
+        started = time.monotonic()
+        try:
+            release = take_snapshot(self.app_dir, self.state_dir / "releases",
+                                    number=rollout_id, exclude=self.state_dir)
+        except SnapshotError as exc:
+            log.error("rollout.failed", rollout_id=rollout_id, stage="snapshot", reason=str(exc))
+            self.last_rollout = {
+                "id": rollout_id, "outcome": "failed", "stage": "snapshot", "reason": str(exc),
+                "rolled_back": True, "events": [],
+            }
+            self.publish()
+            return
+        self.releases[release.id] = release
+        self.size = int(self.arbiter.num_workers)
+        workers = {
+            pid: self.worker_release.get(pid, self.known_good.id) for pid in self.arbiter.WORKERS
+        }
+        s = self.settings
+        retire_s = s.retire_timeout_s or float(self.arbiter.cfg.graceful_timeout) + 5.0
+        self.rollout = Rollout.start(
+            rollout_id=rollout_id, target=release.id, known_good=self.known_good.id,
+            workers=workers, size=self.size, now=started,
+            timeouts=Timeouts(boot_s=s.boot_timeout_s, health_s=s.health_timeout_s,
+                              settle_s=s.settle_s, retire_s=retire_s),
+        )
+        self.rollout_events = []
+        self._failure_logged = False
+        self._event("rollout.started", release=release.id, known_good=self.known_good.id,
+                    workers=sorted(workers), size=self.size, files=release.files,
+                    app_dir=str(release.source))
+        self.tick()
+
+    def tick(self) -> None:
+        """Read worker reports, advance the rollout, publish the state. Called from the loop."""
+        now = time.monotonic()
+        for pid in list(self.worker_release):
+            self._read_reports(pid, now)
+        rollout = self.rollout
+        if rollout is not None:
+            self._track_resizes()
+            for _ in range(4):
+                actions = rollout.next_actions(time.monotonic())
+                self._log_failure()
+                if not actions:
+                    break
+                for action in actions:
+                    self._execute(action)
+                if rollout.is_finished:
+                    break
+            if rollout.is_finished:
+                self._finish(rollout)
+            else:
+                self._freeze()
+                self._arm_timer(rollout.next_deadline())
+        self.publish()
+
+    def _execute(self, action: Action) -> None:
+        rollout = self.rollout
+        assert rollout is not None
+        if isinstance(action, Spawn):
+            release = self.releases[action.release]
+            self.spawn_release = release
+            self.spawn_is_candidate = True
+            self._set_num_workers(len(self.arbiter.WORKERS) + 1)
+            try:
+                self.arbiter.spawn_worker()
+            except Exception as exc:  # fork failed: EAGAIN, ENOMEM
+                rollout.spawn_failed(release.id, f"cannot fork a worker: {exc}")
+            finally:
+                if os.getpid() == self.arbiter.pid:  # the child leaves through SystemExit
+                    self.spawn_release = self.known_good
+                    self.spawn_is_candidate = False
+                    self._freeze()
+        elif isinstance(action, Retire):
+            self._event("worker.retired", worker_pid=action.pid,
+                        release=self.worker_release.get(action.pid))
+            self._signal_worker(action.pid, signal.SIGTERM)
+        elif isinstance(action, Kill):
+            self._event("worker.killed", worker_pid=action.pid, reason=action.reason,
+                        release=self.worker_release.get(action.pid))
+            self._signal_worker(action.pid, signal.SIGKILL)
+        elif isinstance(action, Finish):
+            pass
+
+    def _signal_worker(self, pid: int, sig: int) -> None:
+        self.arbiter.kill_worker(pid, sig)
+        if pid not in self.arbiter.WORKERS:  # already gone (ESRCH): gunicorn forgot it
+            self.child_exited(pid)
+
+    def _finish(self, rollout: Rollout) -> None:
+        duration = round(time.monotonic() - rollout.started_at, 3)
+        target = self.releases[rollout.target]
+        failure = rollout.failure
+        if rollout.outcome == "completed":
+            self.known_good = self.spawn_release = target
+            self._event("rollout.completed", release=target.id, duration_s=duration,
+                        workers=sorted(self.arbiter.WORKERS))
+        elif rollout.outcome == "rolled_back":
+            self._event("rollout.rolled_back", release=rollout.known_good, duration_s=duration,
+                        failed_release=target.id, reason=failure.reason if failure else None,
+                        workers=sorted(self.arbiter.WORKERS))
+        else:
+            self._event("rollout.rollback_failed", release=rollout.known_good,
+                        duration_s=duration, failed_release=target.id,
+                        reason=failure.reason if failure else None, level="error")
+        self.last_rollout = {
+            "id": rollout.rollout_id,
+            "outcome": rollout.outcome,
+            "release": target.id,
+            "known_good": self.known_good.id if self.known_good else None,
+            "rolled_back": rollout.outcome == "rolled_back",
+            "duration_s": duration,
+            "reason": failure.reason if failure else None,
+            "stage": failure.stage if failure else None,
+            "worker_pid": failure.pid if failure else None,
+            "error": failure.error if failure else None,
+            "events": self.rollout_events,
+        }
+        self.rollout = None
+        self.candidates.clear()
+        self._frozen = None
+        self._arm_timer(None)
+        self._set_num_workers(self.size)
+        keep = {r for r in self.worker_release.values()}
+        keep.update(r.id for r in (self.known_good, self.spawn_release) if r is not None)
+        for rid in prune_releases(self.state_dir / "releases", keep):
+            self.releases.pop(rid, None)
+        if self.pending:
+            self.pending = False
+            self.publish()
+            self.start_rollout()
+
+    def _log_failure(self) -> None:
+        rollout = self.rollout
+        if rollout is None or rollout.failure is None or self._failure_logged:
+            return
+        self._failure_logged = True
+        f = rollout.failure
+        self._event("rollout.failed", release=f.release, worker_pid=f.pid, stage=f.stage,
+                    reason=f.reason, error=f.error or None, known_good=rollout.known_good,
+                    level="error")
+
+    def _track_resizes(self) -> None:
+        """TTIN/TTOU during a rollout change the size used after it."""
+        if self._frozen is not None and self.arbiter.num_workers != self._frozen:
+            delta = int(self.arbiter.num_workers) - self._frozen
+            self.size = max(1, self.size + delta)
+            log.info("rollout.resize_deferred", size_after_rollout=self.size)
+            self._frozen = int(self.arbiter.num_workers)
+
+    def _freeze(self) -> None:
+        self._set_num_workers(len(self.arbiter.WORKERS))
+        self._frozen = len(self.arbiter.WORKERS)
+
+    def _set_num_workers(self, value: int) -> None:
+        if self.arbiter.num_workers != value:
+            self.arbiter.num_workers = value
+
+    @staticmethod
+    def _arm_timer(deadline: float | None) -> None:
+        if deadline is None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            return
+        signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 0.005) + 0.005)
+
+    # -- worker reports ---------------------------------------------------------------------
+
+    def _read_reports(self, pid: int, now: float) -> None:
+        report = read_report(self.state_dir, pid)
+        if report is None:
+            return
+        seen = self._seen_stages.get(pid, 0)
+        for stage in report.stages[seen:]:
+            self._on_stage(pid, report.release, stage.stage, stage, now)
+        self._seen_stages[pid] = len(report.stages)
+
+    def _on_stage(self, pid: int, release: str, name: str, stage: Any, now: float) -> None:
+        rollout = self.rollout
+        if rollout is not None and pid not in self.candidates:
+            rollout = None  # a worker that was serving before the rollout: nothing to decide
+        if name in ("loaded", "healthy", "failed"):
+            self.worker_stage[pid] = {"loaded": "loaded", "healthy": "ready"}.get(name, "failed")
+        if name == "loaded":
+            if self.known_good is not None and release == self.known_good.id:
+                self.has_served = True
+            if rollout is not None:
+                rollout.worker_loaded(pid, now)
+                self._event("worker.loaded", worker_pid=pid, release=release,
+                            boot_s=round(stage.duration_s, 3), level="debug")
+        elif name == "healthy":
+            if rollout is not None:
+                rollout.worker_healthy(pid, now)
+                self._event("worker.healthy", worker_pid=pid, release=release,
+                            check_s=round(stage.duration_s, 3))
+        elif name == "failed":
+            stage_name: FailStage = "health" if stage.failed_at == "health" else "load"
+            if rollout is not None:
+                rollout.worker_failed(pid, stage_name, stage.reason, stage.error, now)
+            self._event("worker.failed", worker_pid=pid, release=release, stage=stage_name,
+                        reason=stage.reason, level="warning")
+        elif name == "recycled":
+            self.recycled.add(pid)
+
+    def child_exited(self, pid: int) -> None:
+        """A worker was reaped (``child_exit`` hook, or the halt guard)."""
+        if pid not in self.worker_release:
+            return
+        self._read_reports(pid, time.monotonic())
+        release = self.worker_release.pop(pid)
+        self.worker_stage.pop(pid, None)
+        self._seen_stages.pop(pid, None)
+        is_recycled = pid in self.recycled
+        self.recycled.discard(pid)
+        remove_report(self.state_dir, pid)
+        if self.rollout is not None:
+            self.rollout.worker_exited(pid, time.monotonic(), is_recycled=is_recycled)
+            self._event("worker.exited", worker_pid=pid, release=release,
+                        is_recycled=is_recycled, level="debug")
+
+    # -- published state --------------------------------------------------------------------
+
+    def _event(self, name: str, *, level: str = "info", **fields: Any) -> None:
+        rollout = self.rollout
+        rlog = log.bind(master_pid=self.arbiter.pid)
+        if rollout is not None:
+            rlog = rlog.bind(rollout_id=rollout.rollout_id)
+            entry = {"event": name, "t": round(time.monotonic() - rollout.started_at, 3)}
+            entry.update({k: v for k, v in fields.items() if k != "error"})
+            if len(self.rollout_events) < _MAX_EVENTS:
+                self.rollout_events.append(entry)
+        getattr(rlog, level)(name, **fields)
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """The JSON published in ``state.json``."""
+        rollout = self.rollout
+        workers = []
+        for pid in sorted(self.arbiter.WORKERS):
+            phase = self.worker_stage.get(pid, "booting")
+            if rollout is not None and pid in rollout.workers:
+                phase = rollout.workers[pid].phase
+            workers.append({"pid": pid, "release": self.worker_release.get(pid), "phase": phase})
+        current = None
+        if rollout is not None:
+            current = {
+                "id": rollout.rollout_id, "release": rollout.target,
+                "known_good": rollout.known_good, "mode": rollout.mode,
+                "events": self.rollout_events,
+            }
+        return {
+            "master_pid": self.arbiter.pid,
+            "app_dir": str(self.app_dir),
+            "known_good": self.known_good.id if self.known_good else None,
+            "rolling": self.disabled_reason is None,
+            "disabled_reason": self.disabled_reason,
+            "size": self.size,
+            "workers": workers,
+            "next_rollout_id": self.next_rollout_id,
+            "pending": self.pending,
+            "rollout": current,
+            "last_rollout": self.last_rollout,
+        }
+
+    def publish(self) -> None:
+        state = self.snapshot_state()
+        text = json.dumps(state, sort_keys=True, default=str)
+        if text == self._published:
+            return
+        self._published = text
+        with contextlib.suppress(OSError):
+            write_json_atomic(self.state_dir / "state.json", state)
+
+    def cleanup(self) -> None:
+        """The master is exiting: stop the timer and remove the state directory."""
+        with contextlib.suppress(Exception):
+            self._arm_timer(None)
+        if self.state_dir.is_dir() and self.state_dir.name.startswith("gunicorn-"):
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+        elif self.state_dir.is_dir():
+            for sub in ("releases", "reports"):
+                shutil.rmtree(self.state_dir / sub, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (self.state_dir / "state.json").unlink()
+
+
+_controller: Controller | None = None
+
+
+def install_controller(arbiter: Any) -> Controller:
+    """Create and install the controller for this master (``when_ready``)."""
+    global _controller
+    if _controller is not None and _controller.arbiter is arbiter:
+        return _controller
+    _controller = Controller(arbiter, load_settings())
+    _controller.install()
+    return _controller
+
+
+def current_controller() -> Controller | None:
+    """The controller of this master (or, in a worker, of the master that forked it)."""
+    return _controller
+

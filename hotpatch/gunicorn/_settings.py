@@ -1,0 +1,151 @@
+"""Settings of the rolling engine: defaults, ``configure(...)`` in a config file, environment.
+
+Precedence follows gunicorn's own (config file < ``GUNICORN_CMD_ARGS``): a value set by
+``configure()`` is overridden by the matching ``HOTPATCH_*`` environment variable.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from hotpatch.errors import ConfigError
+
+HealthCheckFn = Callable[[Any], object]
+"""A check, called in each new worker with its loaded WSGI app: raise or return False to fail."""
+
+ENV_VARS: dict[str, str] = {
+    "health_path": "HOTPATCH_HEALTH_PATH",
+    "boot_timeout_s": "HOTPATCH_BOOT_TIMEOUT",
+    "health_timeout_s": "HOTPATCH_HEALTH_TIMEOUT",
+    "settle_s": "HOTPATCH_SETTLE_TIME",
+    "retire_timeout_s": "HOTPATCH_RETIRE_TIMEOUT",
+    "app_dir": "HOTPATCH_APP_DIR",
+    "state_dir": "HOTPATCH_STATE_DIR",
+}
+_SECONDS = ("boot_timeout_s", "health_timeout_s", "settle_s", "retire_timeout_s")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How rollouts run.
+
+    Attributes:
+        health_path: the path each new worker requests from its own app (expects 2xx); ``None``
+            means "``GET /`` answers without a 5xx".
+        boot_timeout_s: a new worker that has not loaded the app by then is killed (rollout fails).
+        health_timeout_s: the deadline for the health probe plus the user's checks.
+        settle_s: after the last old worker is retired, how long every new worker must stay up
+            before the rollout counts as completed.
+        retire_timeout_s: a retired worker still running after this is killed (``None``: gunicorn's
+            ``graceful_timeout`` plus 5 s).
+        app_dir: the directory snapshotted as a release (``None``: gunicorn's ``chdir``).
+        state_dir: where releases, reports and ``state.json`` live (``None``: derived from the
+            master's pid, see ``default_state_dir``).
+        checks: extra checks run in each new worker after the health probe.
+    """
+
+    health_path: str | None = None
+    boot_timeout_s: float = 30.0
+    health_timeout_s: float = 10.0
+    settle_s: float = 1.0
+    retire_timeout_s: float | None = None
+    app_dir: Path | None = None
+    state_dir: Path | None = None
+    checks: tuple[HealthCheckFn, ...] = field(default=())
+
+
+_configured: dict[str, Any] = {}
+
+
+def configure(
+    *,
+    health_path: str | None = None,
+    boot_timeout_s: float | None = None,
+    health_timeout_s: float | None = None,
+    settle_s: float | None = None,
+    retire_timeout_s: float | None = None,
+    app_dir: str | os.PathLike[str] | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
+    checks: Sequence[HealthCheckFn] | None = None,
+) -> None:
+    """Set rollout settings from a gunicorn config file (see ``Settings`` for each one).
+
+    Arguments left as ``None`` keep their current value. Environment variables still win.
+
+    Raises:
+        ConfigError: a value is out of range or of the wrong type.
+    """
+    given: dict[str, Any] = {
+        "health_path": health_path,
+        "boot_timeout_s": boot_timeout_s,
+        "health_timeout_s": health_timeout_s,
+        "settle_s": settle_s,
+        "retire_timeout_s": retire_timeout_s,
+        "app_dir": app_dir,
+        "state_dir": state_dir,
+    }
+    for name, value in given.items():
+        if value is not None:
+            _configured[name] = _validate(name, value, source=f"configure({name}=...)")
+    if checks is not None:
+        for check in checks:
+            if not callable(check):
+                raise ConfigError(f"configure(checks=...): {check!r} is not callable")
+        _configured["checks"] = tuple(checks)
+
+
+def reset_configuration() -> None:
+    """Forget every ``configure()`` call (for tests)."""
+    _configured.clear()
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Merge defaults, ``configure()`` values and the environment into validated settings.
+
+    Raises:
+        ConfigError: an environment variable has a value hotpatch cannot use.
+    """
+    env = os.environ if environ is None else environ
+    values = dict(_configured)
+    for name, var in ENV_VARS.items():
+        raw = env.get(var)
+        if raw is not None and raw.strip() != "":
+            values[name] = _validate(name, raw.strip(), source=f"environment variable {var}")
+    return replace(Settings(), **values)
+
+
+def _validate(name: str, value: object, *, source: str) -> Any:
+    if name == "health_path":
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ConfigError(f"{source}: the health path must start with '/', got {value!r}")
+        if any(c.isspace() for c in value):
+            raise ConfigError(f"{source}: the health path must not contain spaces: {value!r}")
+        return value
+    if name in _SECONDS:
+        return _seconds(value, source=source, allow_zero=name == "settle_s")
+    if name in ("app_dir", "state_dir"):
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            raise ConfigError(f"{source}: expected a directory path, got {value!r}")
+        path = Path(value).expanduser().absolute()
+        if name == "app_dir" and not path.is_dir():
+            raise ConfigError(f"{source}: {str(path)!r} is not a directory")
+        return path
+    raise ConfigError(f"{source}: unknown setting {name!r}")  # pragma: no cover
+
+
+def _seconds(value: object, *, source: str, allow_zero: bool = False) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{source}: expected a number of seconds, got {value!r}")
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: expected a number of seconds, got {value!r}") from None
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise ConfigError(f"{source}: expected {kind} number of seconds, got {value!r}")
+    return seconds

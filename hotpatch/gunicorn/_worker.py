@@ -1,0 +1,230 @@
+"""Worker side: pin the release, report the app load, health-check the loaded app, report.
+
+Runs in a freshly forked worker: ``prepare_worker`` from ``post_fork`` (before gunicorn imports the
+app), ``check_worker`` from ``post_worker_init`` (after it, before the first request),
+``note_worker_exit`` from ``worker_exit``.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import structlog
+
+from hotpatch.gunicorn._diagnose import describe_exception
+from hotpatch.gunicorn._releases import pin_worker
+from hotpatch.gunicorn._settings import Settings
+from hotpatch.gunicorn._state import WAKE_SIGNAL, StageReport, WorkerReport, write_report
+from hotpatch.health import probe_wsgi
+
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
+
+EXIT_LOAD_FAILED = 70
+"""A rollout candidate that cannot load the app exits with this (never gunicorn's 3 or 4, which
+would halt the master)."""
+EXIT_HEALTH_FAILED = 71
+
+
+@dataclass(frozen=True)
+class SpawnPlan:
+    """What the master decided for the worker it is forking (read in the child after fork).
+
+    Attributes:
+        release: the release id.
+        release_dir: its snapshot.
+        app_dir: the app directory the snapshot was taken from.
+        roots: the spellings of ``app_dir`` on ``sys.path``.
+        state_dir: the master's state directory.
+        is_candidate: a rollout candidate: a failed load or check exits (with ``EXIT_*``) instead
+            of serving; outside rollouts the checks only log.
+        is_guarded: a failed load exits with ``EXIT_LOAD_FAILED`` rather than gunicorn's codes
+            (set once the server has a known-good release that served).
+        settings: the rollout settings.
+    """
+
+    release: str
+    release_dir: Path
+    app_dir: Path
+    roots: tuple[Path, ...]
+    state_dir: Path
+    is_candidate: bool
+    is_guarded: bool
+    settings: Settings = field(default_factory=Settings)
+
+
+@dataclass
+class _WorkerState:
+    plan: SpawnPlan
+    report: WorkerReport
+    master_pid: int
+
+
+_current: _WorkerState | None = None
+
+
+def prepare_worker(worker: Any, plan: SpawnPlan) -> None:
+    """Pin this worker to ``plan.release`` and watch its app load (``post_fork``)."""
+    global _current
+    # The master's handlers must not run here; until gunicorn installs the worker's own (just
+    # before it imports the app), a stop signal simply ends this not yet serving process.
+    for sig in (WAKE_SIGNAL, signal.SIGALRM, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    _current = _WorkerState(plan, WorkerReport(pid=worker.pid, release=plan.release), worker.ppid)
+    purged = pin_worker(plan.release_dir, plan.roots)
+    if purged:
+        log.debug("release.modules_purged", worker_pid=worker.pid, modules=purged)
+    load = worker.load_wsgi
+    app_module = _app_module(worker)
+
+    def load_wsgi() -> None:
+        started = time.monotonic()
+        try:
+            load()
+        except SystemExit as exc:
+            if exc.code in (0, None):
+                raise
+            _fail_load(exc, app_module, started)
+        except Exception as exc:
+            _fail_load(exc, app_module, started)
+        _publish(StageReport("loaded", duration_s=time.monotonic() - started))
+
+    worker.load_wsgi = load_wsgi
+
+
+def _fail_load(exc: BaseException, app_module: str | None, started: float) -> NoReturn:
+    state = _require()
+    reason, error = describe_exception(
+        exc, stage="load", release_dir=state.plan.release_dir, app_dir=state.plan.app_dir,
+        app_module=app_module,
+    )
+    _publish(StageReport(
+        "failed", failed_at="load", reason=reason, error=error,
+        duration_s=time.monotonic() - started,
+    ))
+    if state.plan.is_guarded or state.plan.is_candidate:
+        raise SystemExit(EXIT_LOAD_FAILED) from None
+    raise exc
+
+
+def check_worker(worker: Any) -> None:
+    """Health-check this worker's loaded app (``post_worker_init``).
+
+    A rollout candidate that fails exits with ``EXIT_HEALTH_FAILED`` before taking any request.
+    """
+    state = _current
+    if state is None:
+        return
+    settings = state.plan.settings
+    started = time.monotonic()
+    port = _listen_port(worker)
+    path = settings.health_path or "/"
+
+    def run_checks() -> None:
+        result = probe_wsgi(worker.wsgi, path, port=port)
+        if settings.health_path is not None and not result.is_success:
+            message = f"GET {path} answered {result.status}, expected 2xx"
+            raise HealthCheckFailed(message, result.body)
+        if settings.health_path is None and result.is_server_error:
+            raise HealthCheckFailed(f"GET {path} answered {result.status}", result.body)
+        for check in settings.checks:
+            if check(worker.wsgi) is False:
+                raise HealthCheckFailed(f"check {_name(check)} returned False", b"")
+
+    error = _run_with_deadline(run_checks, settings.health_timeout_s)
+    duration = time.monotonic() - started
+    if error is None:
+        _publish(StageReport("healthy", duration_s=duration))
+        return
+    if isinstance(error, TimeoutError):
+        reason = (f"GET {path} and the checks did not finish within "
+                  f"{settings.health_timeout_s:g} s (stage: health)")
+        text = reason
+    elif isinstance(error, HealthCheckFailed):
+        reason = f"{error} (stage: health)"
+        text = f"{error}\nresponse body: {error.body[:2000].decode('utf-8', 'replace')}"
+    else:
+        reason, text = describe_exception(
+            error, stage="health", release_dir=state.plan.release_dir, app_dir=state.plan.app_dir,
+        )
+    _publish(StageReport("failed", failed_at="health", reason=reason, error=text,
+                         duration_s=duration))
+    if state.plan.is_candidate:
+        raise SystemExit(EXIT_HEALTH_FAILED)
+    log.error("health_check.failed", worker_pid=worker.pid, release=state.plan.release,
+              reason=reason)
+
+
+def note_worker_exit(worker: Any) -> None:
+    """Tell the master a worker leaves because of ``max_requests`` (not a crash)."""
+    state = _current
+    if state is None or not getattr(worker, "booted", False):
+        return
+    max_requests = getattr(worker, "max_requests", 0)
+    if max_requests and getattr(worker, "nr", 0) >= max_requests:
+        _publish(StageReport("recycled"))
+
+
+class HealthCheckFailed(Exception):
+    """The health probe or a user check said no."""
+
+    def __init__(self, message: str, body: bytes) -> None:
+        super().__init__(message)
+        self.body = body
+
+
+def _run_with_deadline(fn: Callable[[], None], timeout_s: float) -> BaseException | None:
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # reported to the master, never lost
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=target, name="hotpatch-health", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        return TimeoutError(f"health check did not finish within {timeout_s:g} s")
+    return outcome[0]
+
+
+def _publish(stage: StageReport) -> None:
+    state = _require()
+    state.report.stages.append(stage)
+    write_report(state.plan.state_dir, state.report, state.master_pid)
+
+
+def _require() -> _WorkerState:
+    if _current is None:  # pragma: no cover - only called after prepare_worker
+        raise RuntimeError("hotpatch: worker state used before post_fork")
+    return _current
+
+
+def _app_module(worker: Any) -> str | None:
+    uri = getattr(getattr(worker, "app", None), "app_uri", None)
+    return uri.split(":", 1)[0] if isinstance(uri, str) else None
+
+
+def _listen_port(worker: Any) -> int:
+    for listener in getattr(worker, "sockets", ()):
+        try:
+            name = listener.getsockname()
+        except OSError:
+            continue
+        if isinstance(name, tuple) and len(name) >= 2:
+            return int(name[1])
+    return 80
+
+
+def _name(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
