@@ -99,7 +99,9 @@ def read_source_file(name: str, filename: str, *, max_bytes: int) -> bytes:
             name, "load", "the module's file no longer exists", filename=filename
         ) from None
     except IsADirectoryError:
-        raise PatchRejected(name, "load", "the module's file is a directory", filename=filename) from None
+        raise PatchRejected(
+            name, "load", "the module's file is a directory", filename=filename
+        ) from None
     except OSError as exc:
         raise PatchRejected(
             name, "load", f"cannot read the file: {exc.strerror or exc}", filename=filename
@@ -120,7 +122,10 @@ def decode_source(name: str, data: str | bytes, filename: str, *, max_bytes: int
         return data
     if not isinstance(data, bytes | bytearray):
         raise PatchRejected(
-            name, "load", f"source must be str or bytes, not {type(data).__name__}", filename=filename
+            name,
+            "load",
+            f"source must be str or bytes, not {type(data).__name__}",
+            filename=filename,
         )
     if len(data) > max_bytes:
         raise PatchRejected(
@@ -132,7 +137,11 @@ def decode_source(name: str, data: str | bytes, filename: str, *, max_bytes: int
     if b"\0" in data:
         line = data.count(b"\n", 0, data.index(b"\0")) + 1
         raise PatchRejected(
-            name, "load", "source contains a NUL byte: not a Python file", filename=filename, lineno=line
+            name,
+            "load",
+            "source contains a NUL byte: not a Python file",
+            filename=filename,
+            lineno=line,
         )
     try:
         return importlib.util.decode_source(bytes(data))
@@ -183,7 +192,9 @@ def _syntax_rejection(
         line = lines[exc.lineno - 1] if 0 < exc.lineno <= len(lines) else None
     if line and line.strip():
         detail += f": {line.strip()!r}"
-    return PatchRejected(name, "compile", detail, filename=exc.filename or filename, lineno=exc.lineno)
+    return PatchRejected(
+        name, "compile", detail, filename=exc.filename or filename, lineno=exc.lineno
+    )
 
 
 def build_candidate(live: types.ModuleType, source: Source) -> Candidate:
@@ -199,7 +210,9 @@ def build_candidate(live: types.ModuleType, source: Source) -> Candidate:
     except SyntaxError as exc:
         raise _syntax_rejection(name, exc, source.filename, source.text) from None
     except (ValueError, RecursionError, MemoryError) as exc:
-        raise PatchRejected(name, "compile", f"cannot compile: {exc}", filename=source.filename) from None
+        raise PatchRejected(
+            name, "compile", f"cannot compile: {exc}", filename=source.filename
+        ) from None
 
     module = types.ModuleType(name, None)
     namespace: dict[str, object] = module.__dict__
@@ -209,7 +222,7 @@ def build_candidate(live: types.ModuleType, source: Source) -> Candidate:
     namespace["__builtins__"] = live.__dict__.get("__builtins__", __builtins__)
     try:
         exec(code, namespace)  # the candidate's own import-time code, isolated in its namespace
-    except BaseException as exc:  # SystemExit and KeyboardInterrupt refuse too  # noqa: BLE001
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt refuse too
         raise _execute_rejection(name, exc, source.filename) from None
     return Candidate(name, source, module, namespace)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import types
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 
@@ -137,7 +137,9 @@ class ChangeSet:
                 if a.func.__code__ is not a.state.code:
                     found.add(a.func.__code__)
                 continue
-            current = a.namespace.get(a.name) if isinstance(a, SetName) else a.cls.__dict__.get(a.name)
+            current = (
+                a.namespace.get(a.name) if isinstance(a, SetName) else a.cls.__dict__.get(a.name)
+            )
             if current is not a.value:
                 found.update(codes_of(current))
         return found
@@ -154,7 +156,9 @@ def functions_of(value: object) -> list[types.FunctionType]:
         inner = value.__func__
         return [inner] if isinstance(inner, types.FunctionType) else []
     if isinstance(value, property):
-        return [f for f in (value.fget, value.fset, value.fdel) if isinstance(f, types.FunctionType)]
+        return [
+            f for f in (value.fget, value.fset, value.fdel) if isinstance(f, types.FunctionType)
+        ]
     if isinstance(value, functools.cached_property):
         return [value.func] if isinstance(value.func, types.FunctionType) else []
     return []

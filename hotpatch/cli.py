@@ -16,7 +16,12 @@ import structlog
 
 from hotpatch._version import __version__
 
-COMMANDS: tuple[str, ...] = ("hotpatch._cli_demo", "hotpatch._cli_run")
+COMMANDS: tuple[str, ...] = (
+    "hotpatch._cli_demo",
+    "hotpatch._cli_run",
+    "hotpatch._cli_rollout",
+    "hotpatch._cli_status",
+)
 
 
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
@@ -47,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hotpatch {__version__}")
     parser.add_argument(
-        "--log-format", choices=("auto", "console", "json"), default="auto",
+        "--log-format",
+        choices=("auto", "console", "json"),
+        default="auto",
         help="log rendering (default: console on a terminal, JSON otherwise)",
     )
     parser.add_argument(
-        "--log-level", choices=("debug", "info", "warning", "error"), default="info",
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
         help="lowest log level shown (default: info)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -46,16 +46,23 @@ APP_V2 = APP_V1.replace('VERSION = "v1"', 'VERSION = "v2"').replace(
     'return f"hello {name}"', 'return f"HELLO, {name.upper()}!"'
 )
 BROKEN_SYNTAX = APP_V2.replace("def handle(path):", "def handle(path:")
-BROKEN_IMPORT = APP_V2 + "\nSETTINGS = {}\nTIMEOUT = SETTINGS['timeout']  # raises KeyError at import\n"
-ANSWERS_500 = APP_V2.replace('VERSION = "v2"', 'VERSION = "v3"').replace("return 200, f", "return 500, f")
-UNHEALTHY = APP_V2.replace('VERSION = "v2"', 'VERSION = "v4"') + '''
+BROKEN_IMPORT = (
+    APP_V2 + "\nSETTINGS = {}\nTIMEOUT = SETTINGS['timeout']  # raises KeyError at import\n"
+)
+ANSWERS_500 = APP_V2.replace('VERSION = "v2"', 'VERSION = "v3"').replace(
+    "return 200, f", "return 500, f"
+)
+UNHEALTHY = (
+    APP_V2.replace('VERSION = "v2"', 'VERSION = "v4"')
+    + """
 BACKENDS = {"search": "ok", "payments": None}  # v4 forgot to configure payments
 
 
 def __hotpatch_health__():
     missing = [name for name, state in BACKENDS.items() if state != "ok"]
     assert not missing, f"backends not ready: {missing}"
-'''
+"""
+)
 
 
 def _answers_200(candidate: types.ModuleType) -> None:
@@ -75,7 +82,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002  quiet server
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -177,11 +184,16 @@ def run_in_process_demo(print_fn: Callable[[str], object] = print) -> bool:
 
             result = engine.patch(APP_NAME, source=APP_V2)
             load.wait_for("from v2")
-            say(f"[applied]     good patch {result.previous} -> {result.version}: changed "
+            say(
+                f"[applied]     good patch {result.previous} -> {result.version}: changed "
                 f"{', '.join(result.changed)} in {result.duration_s * 1000:.1f} ms; "
-                f"live state kept (hits: {sys.modules[APP_NAME].HITS['count']})")
+                f"live state kept (hits: {sys.modules[APP_NAME].HITS['count']})"
+            )
 
-            for label, source in (("syntax error", BROKEN_SYNTAX), ("exception at import", BROKEN_IMPORT)):
+            for label, source in (
+                ("syntax error", BROKEN_SYNTAX),
+                ("exception at import", BROKEN_IMPORT),
+            ):
                 try:
                     engine.patch(APP_NAME, source=source)
                     ok_steps = False
@@ -208,8 +220,10 @@ def run_in_process_demo(print_fn: Callable[[str], object] = print) -> bool:
             baseline = engine.history(APP_NAME)[-1]
             engine.rollback(APP_NAME, to=baseline.id)
             load.wait_for("from v1")
-            say(f"[rolled back] on request, to {baseline.id} (v1); history: "
-                + ", ".join(f"{v.id}:{v.outcome}" for v in engine.history(APP_NAME)))
+            say(
+                f"[rolled back] on request, to {baseline.id} (v1); history: "
+                + ", ".join(f"{v.id}:{v.outcome}" for v in engine.history(APP_NAME))
+            )
             load.settle()
 
         versions = ", ".join(f"{body!r} x{n}" for body, n in sorted(load.bodies.items()))
@@ -225,7 +239,7 @@ def run_demo(*, clients: int = 4, print_fn: Callable[[str], object] = print) -> 
     del clients  # reserved: the load is fixed at 4 clients per part
     results = {"in-process hot patching": run_in_process_demo(print_fn)}
     try:
-        from hotpatch.gunicorn.demo import run_rollout_demo
+        from hotpatch.gunicorn.demo import run_rollout_demo  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:
         print_fn(f"\n(gunicorn rolling reload part skipped: {exc}; install hotpatch[gunicorn])")
     else:

@@ -238,8 +238,15 @@ class Engine:
         duration = time.perf_counter() - started
         if p.plan is None:
             return p.noop_result(duration)
-        return PatchResult(module, _version_id(p.source.sha256), p.live_entry.version.id,
-                           p.plan.changed, p.plan.added, p.plan.removed, duration)
+        return PatchResult(
+            module,
+            _version_id(p.source.sha256),
+            p.live_entry.version.id,
+            p.plan.changed,
+            p.plan.added,
+            p.plan.removed,
+            duration,
+        )
 
     def patch_many(
         self,
@@ -349,7 +356,7 @@ class Engine:
                 timeout_s=self.verify_timeout_s,
                 name=f"{candidate.name}.__hotpatch_migrate__",
             )
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             raise _rejection(candidate, "execute", "__hotpatch_migrate__", exc) from None
         return frozenset(k for k, v in candidate.namespace.items() if before.get(k) != id(v))
 
@@ -367,7 +374,7 @@ class Engine:
                     timeout_s=self.verify_timeout_s,
                     name=f"verifier {label}",
                 )
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 raise _rejection(candidate, "verify", f"verifier {label}", exc) from None
 
     def _commit(self, todo: list[_Prepared], *, timeout_s: float) -> None:
@@ -379,7 +386,10 @@ class Engine:
             )
         except SafePointTimeout as exc:
             raise PatchRejected(
-                todo[0].name, "safepoint", str(exc), filename=exc.busy.filename,
+                todo[0].name,
+                "safepoint",
+                str(exc),
+                filename=exc.busy.filename,
                 lineno=exc.busy.lineno,
             ) from None
         for p, undo in zip(todo, undos):
@@ -398,8 +408,10 @@ class Engine:
                 checks.append((getattr(fn, "__qualname__", repr(fn)), fn))
             for label, fn in checks:
                 try:
-                    run_with_deadline(fn, timeout_s=self.health_timeout_s, name=f"health check {label}")
-                except BaseException as exc:  # noqa: BLE001
+                    run_with_deadline(
+                        fn, timeout_s=self.health_timeout_s, name=f"health check {label}"
+                    )
+                except BaseException as exc:
                     self._undo(todo, reason=f"health check {label} failed")
                     raise _rejection(p.candidate, "health", f"health check {label}", exc) from None
 
@@ -407,13 +419,17 @@ class Engine:
         """Restore the versions live before ``todo`` was committed, whatever threads are doing."""
         undos = [p.undo for p in reversed(todo) if p.undo is not None]
         codes = frozenset().union(*(u.replaced_codes() for u in undos))
-        commit_at_safe_point(undos, codes=codes, timeout_s=self.safepoint_timeout_s,
-                             force_at_deadline=True)
+        commit_at_safe_point(
+            undos, codes=codes, timeout_s=self.safepoint_timeout_s, force_at_deadline=True
+        )
         for p in todo:
             _cache_lines(p.live_entry.source)
             log.warning(
-                "patch.rolled_back", module=p.name, version=_version_id(p.source.sha256),
-                restored=p.live_entry.version.id, reason=reason,
+                "patch.rolled_back",
+                module=p.name,
+                version=_version_id(p.source.sha256),
+                restored=p.live_entry.version.id,
+                reason=reason,
             )
 
     # -- rollback --------------------------------------------------------------------------------
@@ -455,17 +471,30 @@ class Engine:
                 commit_at_safe_point(undos, codes=codes, timeout_s=timeout_s)
             except SafePointTimeout as exc:
                 raise PatchRejected(
-                    module, "safepoint", str(exc), filename=exc.busy.filename, lineno=exc.busy.lineno
+                    module,
+                    "safepoint",
+                    str(exc),
+                    filename=exc.busy.filename,
+                    lineno=exc.busy.lineno,
                 ) from None
             for entry in undone:
                 entry.undo = None
-                entry.version = _replace(entry.version, outcome="rolled_back", is_live=False,
-                                         reason="rolled back by request")
+                entry.version = _replace(
+                    entry.version,
+                    outcome="rolled_back",
+                    is_live=False,
+                    reason="rolled back by request",
+                )
             target = stack[target_index]
             target.version = _replace(target.version, is_live=True)
             _cache_lines(target.source)
-            log.info("patch.rolled_back", module=module, restored=target.version.id,
-                     undone=[e.version.id for e in undone], reason="requested")
+            log.info(
+                "patch.rolled_back",
+                module=module,
+                restored=target.version.id,
+                undone=[e.version.id for e in undone],
+                reason="requested",
+            )
             return target.version
 
     # -- bookkeeping -----------------------------------------------------------------------------
@@ -483,8 +512,9 @@ class Engine:
         if baseline is not None and baseline.sha256 == unless_sha:
             baseline = None
         sha = baseline.sha256 if baseline else None
-        entry = _Entry(Version(_version_id(sha), name, sha, time.time(), "baseline", is_live=True),
-                       baseline)
+        entry = _Entry(
+            Version(_version_id(sha), name, sha, time.time(), "baseline", is_live=True), baseline
+        )
         record = _ModuleHistory(name, [entry])
         self._histories[name] = record
         return record
@@ -494,17 +524,35 @@ class Engine:
         record = self._histories[p.name]
         previous = record.live()
         previous.version = _replace(previous.version, is_live=False)
-        version = Version(_version_id(p.source.sha256), p.name, p.source.sha256, time.time(),
-                          "applied", is_live=True)
+        version = Version(
+            _version_id(p.source.sha256),
+            p.name,
+            p.source.sha256,
+            time.time(),
+            "applied",
+            is_live=True,
+        )
         record.entries.append(_Entry(version, p.source, p.undo))
         self._trim(record)
         log.info(
-            "patch.applied", module=p.name, version=version.id, previous=previous.version.id,
-            changed=list(p.plan.changed), added=list(p.plan.added), removed=list(p.plan.removed),
+            "patch.applied",
+            module=p.name,
+            version=version.id,
+            previous=previous.version.id,
+            changed=list(p.plan.changed),
+            added=list(p.plan.added),
+            removed=list(p.plan.removed),
             duration_s=round(duration_s, 6),
         )
-        return PatchResult(p.name, version.id, previous.version.id, p.plan.changed, p.plan.added,
-                           p.plan.removed, duration_s)
+        return PatchResult(
+            p.name,
+            version.id,
+            previous.version.id,
+            p.plan.changed,
+            p.plan.added,
+            p.plan.removed,
+            duration_s,
+        )
 
     def _record_rejection(self, exc: PatchRejected) -> None:
         sha = self._attempted.pop(exc.module, None)
@@ -513,12 +561,29 @@ class Engine:
             # The module is live: start its record (a file holding the refused source is not
             # taken as the baseline).
             record = self._ensure_history(exc.module, unless_sha=sha)
-        log.warning("patch.rejected", module=exc.module, stage=exc.stage, reason=exc.reason,
-                    filename=exc.filename, lineno=exc.lineno)
+        log.warning(
+            "patch.rejected",
+            module=exc.module,
+            stage=exc.stage,
+            reason=exc.reason,
+            filename=exc.filename,
+            lineno=exc.lineno,
+        )
         if record is None:
             return
-        record.entries.append(_Entry(Version(_version_id(sha), exc.module, sha, time.time(),
-                                             "rejected", stage=exc.stage, reason=str(exc))))
+        record.entries.append(
+            _Entry(
+                Version(
+                    _version_id(sha),
+                    exc.module,
+                    sha,
+                    time.time(),
+                    "rejected",
+                    stage=exc.stage,
+                    reason=str(exc),
+                )
+            )
+        )
         self._trim(record)
 
     def _trim(self, record: _ModuleHistory) -> None:
@@ -555,22 +620,26 @@ class _Prepared:
 
 
 def _rejection(
-    candidate: Candidate | None, stage: Literal["execute", "verify", "health"], label: str,
+    candidate: Candidate | None,
+    stage: Literal["execute", "verify", "health"],
+    label: str,
     exc: BaseException,
 ) -> PatchRejected:
     assert candidate is not None
-    if isinstance(exc, DeadlineExceeded):
-        reason = str(exc)
-    else:
-        reason = f"{label} raised {type(exc).__name__}: {exc}"
+    reason = (
+        str(exc)
+        if isinstance(exc, DeadlineExceeded)
+        else f"{label} raised {type(exc).__name__}: {exc}"
+    )
     lineno = None
     tb = exc.__traceback__
     while tb is not None:
         if tb.tb_frame.f_code.co_filename == candidate.source.filename:
             lineno = tb.tb_lineno
         tb = tb.tb_next
-    return PatchRejected(candidate.name, stage, reason, filename=candidate.source.filename,
-                         lineno=lineno)
+    return PatchRejected(
+        candidate.name, stage, reason, filename=candidate.source.filename, lineno=lineno
+    )
 
 
 def _matches(version: Version, wanted: str) -> bool:
@@ -643,7 +712,10 @@ def patch(
         PatchRejected: refused or rolled back; the live module is exactly as before.
     """
     return default_engine().patch(
-        module, source=source, allow_removals=allow_removals, safepoint_timeout_s=safepoint_timeout_s
+        module,
+        source=source,
+        allow_removals=allow_removals,
+        safepoint_timeout_s=safepoint_timeout_s,
     )
 
 

@@ -55,7 +55,10 @@ class PatchRejected(HotpatchError):
         super().__init__(f"{where}: patch of {module!r} refused at {stage}: {reason}")
 
     def __reduce__(self) -> tuple[object, ...]:  # keep pickling (multiprocessing) working
-        return (_rebuild_rejected, (self.module, self.stage, self.reason, self.filename, self.lineno))
+        return (
+            _rebuild_rejected,
+            (self.module, self.stage, self.reason, self.filename, self.lineno),
+        )
 
 
 def _rebuild_rejected(

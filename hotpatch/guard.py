@@ -46,19 +46,22 @@ def signature_incompatibility(old: Callable[..., object], new: Callable[..., obj
     for index, old_p in enumerate(p for p in old_params if p.kind in _POSITIONAL):
         if index < len(new_positional):
             new_p = new_positional[index]
-            if old_p.default is not inspect.Parameter.empty and new_p.default is inspect.Parameter.empty:
+            if (
+                old_p.default is not inspect.Parameter.empty
+                and new_p.default is inspect.Parameter.empty
+            ):
                 return f"parameter {new_p.name!r} lost its default"
         elif not new_var_pos:
             return f"positional parameter {old_p.name!r} was removed"
     for old_p in old_params:
         if old_p.kind in _KEYWORD:
-            new_p = new_by_name.get(old_p.name)
-            if new_p is None or new_p.kind not in _KEYWORD:
+            found = new_by_name.get(old_p.name)
+            if found is None or found.kind not in _KEYWORD:
                 if not new_var_kw:
                     return f"parameter {old_p.name!r} was removed or renamed"
             elif (
                 old_p.default is not inspect.Parameter.empty
-                and new_p.default is inspect.Parameter.empty
+                and found.default is inspect.Parameter.empty
             ):
                 return f"parameter {old_p.name!r} lost its default"
         elif old_p.kind is inspect.Parameter.VAR_POSITIONAL and not new_var_pos:
@@ -76,9 +79,7 @@ def signature_incompatibility(old: Callable[..., object], new: Callable[..., obj
     return None
 
 
-def class_incompatibility(
-    old: type, new: type, remap: Callable[[object], object]
-) -> str | None:
+def class_incompatibility(old: type, new: type, remap: Callable[[object], object]) -> str | None:
     """Why ``new`` cannot replace ``old`` in place (bases, metaclass, slots, enum members)."""
     new_bases = tuple(remap(b) for b in new.__bases__)
     if new_bases != old.__bases__:
@@ -88,8 +89,8 @@ def class_incompatibility(
     if old.__dict__.get("__slots__") != new.__dict__.get("__slots__"):
         return "its __slots__ changed"
     if isinstance(old, enum.EnumMeta) and isinstance(new, enum.EnumMeta):
-        old_members = [(m.name, m.value) for m in old.__members__.values()]
-        new_members = [(m.name, m.value) for m in new.__members__.values()]
+        old_members = [(m.name, m.value) for m in old.__members__.values()]  # type: ignore[var-annotated]
+        new_members = [(m.name, m.value) for m in new.__members__.values()]  # type: ignore[var-annotated]
         if old_members != new_members:
             return "its enum members changed"
     return None
@@ -113,7 +114,7 @@ def run_with_deadline(fn: Callable[[], T], *, timeout_s: float | None, name: str
     def target() -> None:
         try:
             outcome.append((True, fn()))
-        except BaseException as exc:  # noqa: BLE001  re-raised in the caller
+        except BaseException as exc:
             outcome.append((False, exc))
 
     thread = threading.Thread(target=target, name=f"hotpatch:{name}", daemon=True)

@@ -81,8 +81,11 @@ def _describe(ident: int, frame: types.FrameType) -> BusyThread:
     names = {t.ident: t.name for t in threading.enumerate()}
     code = frame.f_code
     return BusyThread(
-        ident, names.get(ident, f"<thread {ident}>"), getattr(code, "co_qualname", code.co_name),
-        code.co_filename, frame.f_lineno,
+        ident,
+        names.get(ident, f"<thread {ident}>"),
+        getattr(code, "co_qualname", code.co_name),
+        code.co_filename,
+        frame.f_lineno,
     )
 
 
@@ -112,7 +115,9 @@ class _Gate:
         self.old_code_ids = {id(c) for c in old_codes}
         self.opened = threading.Event()
         self.owner = threading.get_ident()
-        self.codes = {key: _gate_code(f.__code__.co_freevars, key) for key, (f, _) in self.entries.items()}
+        self.codes = {
+            key: _gate_code(f.__code__.co_freevars, key) for key, (f, _) in self.entries.items()
+        }
 
     def __call__(self, key: int, args: tuple[object, ...], kwargs: dict[str, object]) -> object:
         func, old = self.entries[key]
@@ -121,8 +126,9 @@ class _Gate:
             or _stack_runs(sys._getframe(2), self.old_code_ids) is not None
         ):
             # An old-world caller: it started on the old code and finishes on it.
-            twin = types.FunctionType(old.code, func.__globals__, func.__name__, old.defaults,
-                                      func.__closure__)
+            twin = types.FunctionType(
+                old.code, func.__globals__, func.__name__, old.defaults, func.__closure__
+            )
             twin.__kwdefaults__ = old.kwdefaults
             return twin(*args, **kwargs)
         self.opened.wait()
@@ -162,7 +168,9 @@ def _gate_code(freevars: tuple[str, ...], key: int) -> types.CodeType:
         assert isinstance(outer, types.FunctionType)
         template = next(c for c in outer.__code__.co_consts if isinstance(c, types.CodeType))
         _gate_templates[freevars] = template
-    consts = tuple(key if c == _KEY_PLACEHOLDER and type(c) is int else c for c in template.co_consts)
+    consts = tuple(
+        key if c == _KEY_PLACEHOLDER and type(c) is int else c for c in template.co_consts
+    )
     return template.replace(co_consts=consts)
 
 

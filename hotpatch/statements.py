@@ -57,7 +57,9 @@ def _index_body(
         if isinstance(stmt, _DEFS):
             names.add(stmt.name)
             if isinstance(stmt, ast.ClassDef):
-                _index_body(stmt.body, f"{scope}.{stmt.name}" if scope else stmt.name, lines, texts, bound)
+                _index_body(
+                    stmt.body, f"{scope}.{stmt.name}" if scope else stmt.name, lines, texts, bound
+                )
             continue
         stmt_names = bound_names(stmt)
         if not stmt_names:
@@ -91,11 +93,9 @@ def bound_names(stmt: ast.stmt) -> set[str]:
             continue
         type_alias = getattr(ast, "TypeAlias", None)
         if type_alias is not None and isinstance(node, type_alias):
-            found.add(node.name.id)  # type: ignore[attr-defined]
+            found.add(node.name.id)
             continue
-        if isinstance(node, _NESTED_SCOPES) or isinstance(
-            node, ast.ListComp | ast.SetComp | ast.DictComp | ast.GeneratorExp
-        ):
+        if isinstance(node, (_NESTED_SCOPES, ast.ListComp | ast.SetComp | ast.DictComp | ast.GeneratorExp)):
             continue
         todo.extend(ast.iter_child_nodes(node))
     return found

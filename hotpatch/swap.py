@@ -19,6 +19,7 @@ point. Changes that cannot be made in place are reported as compatibility proble
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import gc
@@ -41,17 +42,47 @@ from hotpatch.guard import class_incompatibility, is_public, signature_incompati
 from hotpatch.statements import StatementIndex
 
 MODULE_SKIP = frozenset(
-    {"__builtins__", "__name__", "__file__", "__cached__", "__path__", "__package__", "__loader__",
-     "__spec__"}
+    {
+        "__builtins__",
+        "__name__",
+        "__file__",
+        "__cached__",
+        "__path__",
+        "__package__",
+        "__loader__",
+        "__spec__",
+    }
 )
 _CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__"})
 _CLASS_TAKE_NEW = frozenset(
-    {"__doc__", "__dataclass_fields__", "__dataclass_params__", "__match_args__",
-     "__abstractmethods__", "__annotations__", "__firstlineno__", "__static_attributes__",
-     "__orig_bases__", "__parameters__", "__type_params__"}
+    {
+        "__doc__",
+        "__dataclass_fields__",
+        "__dataclass_params__",
+        "__match_args__",
+        "__abstractmethods__",
+        "__annotations__",
+        "__firstlineno__",
+        "__static_attributes__",
+        "__orig_bases__",
+        "__parameters__",
+        "__type_params__",
+    }
 )
-_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset, range,
-              type(Ellipsis), types.ModuleType)
+_IMMUTABLE = (
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    bool,
+    type(None),
+    tuple,
+    frozenset,
+    range,
+    type(Ellipsis),
+    types.ModuleType,
+)
 
 
 @dataclass(frozen=True)
@@ -113,7 +144,7 @@ def nested_codes(code: types.CodeType) -> Iterator[types.CodeType]:
 def _safe_equal(x: object, y: object) -> bool:
     try:
         return bool(x == y)
-    except Exception:  # noqa: BLE001  an __eq__ that raises means "not known equal"
+    except Exception:
         return False
 
 
@@ -128,7 +159,7 @@ def _own_class(value: object, module: str) -> bool:
 def _instance_dict(value: object) -> dict[str, object] | None:
     try:
         d = object.__getattribute__(value, "__dict__")
-    except Exception:  # noqa: BLE001  proxies and objects without __dict__
+    except Exception:
         return None
     return d if isinstance(d, dict) else None
 
@@ -213,7 +244,8 @@ class _Planner:
         for name, nv in new.__dict__.items():
             ov = old.__dict__.get(name, MISSING)
             if _own_class(ov, self.module) and _own_class(nv, self.module) and ov is not nv:
-                self._pair_class(ov, nv)  # type: ignore[arg-type]
+                assert isinstance(ov, type) and isinstance(nv, type)
+                self._pair_class(ov, nv)
             elif _own_function(ov, self.live) and _own_function(nv, self.cand):
                 self.remap[id(nv)] = ov
 
@@ -305,9 +337,7 @@ class _Planner:
         self.replaced.update(codes_of(old))
         self.changed.append(name)
 
-    def check_signature(
-        self, old: types.FunctionType, new: types.FunctionType, path: str
-    ) -> None:
+    def check_signature(self, old: types.FunctionType, new: types.FunctionType, path: str) -> None:
         reason = signature_incompatibility(old, new)
         if reason:
             self.problems.append(
@@ -348,23 +378,30 @@ class _Planner:
             self.replaced.add(old.__code__)
             self.replaced.update(nested_codes(old.__code__))
             self._pair_nested(old.__code__, new.__code__)
-        if not behaves_alike or not _same_value(old.__defaults__, state.defaults) or not _same_value(
-            old.__kwdefaults__, state.kwdefaults
+        if (
+            not behaves_alike
+            or not _same_value(old.__defaults__, state.defaults)
+            or not _same_value(old.__kwdefaults__, state.kwdefaults)
         ):
             self.changed.append(path)
         # Decorators that close over the function they wrap (with or without functools.wraps).
         for old_cell, new_cell in zip(old.__closure__ or (), new.__closure__ or ()):
             old_inner, new_inner = _cell_value(old_cell), _cell_value(new_cell)
-            if isinstance(old_inner, types.FunctionType) and isinstance(new_inner, types.FunctionType):
+            if isinstance(old_inner, types.FunctionType) and isinstance(
+                new_inner, types.FunctionType
+            ):
                 self.update_function(old_inner, new_inner, path)
         old_wrapped = old.__dict__.get("__wrapped__")
         new_wrapped = new.__dict__.get("__wrapped__")
-        if isinstance(old_wrapped, types.FunctionType) and isinstance(new_wrapped, types.FunctionType):
+        if isinstance(old_wrapped, types.FunctionType) and isinstance(
+            new_wrapped, types.FunctionType
+        ):
             self.update_function(old_wrapped, new_wrapped, path)
         return True
 
     def _pair_nested(self, old: types.CodeType, new: types.CodeType) -> None:
         """Pair inner functions' code (closures a factory made) by name and order."""
+
         def named(code: types.CodeType) -> dict[tuple[str, int], types.CodeType]:
             seen: dict[str, int] = {}
             out: dict[tuple[str, int], types.CodeType] = {}
@@ -398,7 +435,9 @@ class _Planner:
             ):
                 self._funcs_done.add(id(obj))
                 new_code = by_id[id(obj.__code__)]
-                self.ops.append(SetFunction(obj, FunctionState.capture(obj)._replace(code=new_code)))
+                self.ops.append(
+                    SetFunction(obj, FunctionState.capture(obj)._replace(code=new_code))
+                )
 
     # -- classes ---------------------------------------------------------------------------------
     def update_class(self, old: type, new: type, path: str, *, public: bool) -> None:
@@ -423,7 +462,11 @@ class _Planner:
             else:
                 self.update_member(old, name, ov, nv, path, public=public and is_public(name))
         for name, ov in old.__dict__.items():
-            if name in new.__dict__ or name in _CLASS_SKIP or (is_enum and _enum_internal(old, name)):
+            if (
+                name in new.__dict__
+                or name in _CLASS_SKIP
+                or (is_enum and _enum_internal(old, name))
+            ):
                 continue
             is_code = bool(functions_of(ov)) or _own_class(ov, self.module)
             if not is_code and (self.old_index is None or not self.old_index.binds(path, name)):
@@ -447,14 +490,14 @@ class _Planner:
             self.update_class(ov, nv, member, public=public)
             return
         if not old_funcs and not new_funcs:
-            if name in _CLASS_TAKE_NEW or self.take_new(scope, name, ov, nv):
-                if not _same_value(ov, nv):
-                    self.ops.append(SetAttr(cls, name, self.rebind(nv)))
-                    self.changed.append(member)
+            taken = name in _CLASS_TAKE_NEW or self.take_new(scope, name, ov, nv)
+            if taken and not _same_value(ov, nv):
+                self.ops.append(SetAttr(cls, name, self.rebind(nv)))
+                self.changed.append(member)
             return
         same_shape = type(ov) is type(nv) and (
             not isinstance(ov, property)
-            or [f is None for f in (ov.fget, ov.fset, ov.fdel)]  # type: ignore[union-attr]
+            or [f is None for f in (ov.fget, ov.fset, ov.fdel)]
             == [f is None for f in (nv.fget, nv.fset, nv.fdel)]  # type: ignore[attr-defined]
         )
         if same_shape and len(old_funcs) == len(new_funcs):
@@ -486,10 +529,13 @@ class _Planner:
             inner = self.rebind(value.__func__)
             return value if inner is value.__func__ else type(value)(inner)  # type: ignore[arg-type]
         if isinstance(value, property):
-            parts = [self.rebind(f) if f is not None else None for f in (value.fget, value.fset, value.fdel)]
+            parts = [
+                self.rebind(f) if f is not None else None
+                for f in (value.fget, value.fset, value.fdel)
+            ]
             if all(p is f for p, f in zip(parts, (value.fget, value.fset, value.fdel))):
                 return value
-            return type(value)(*parts, value.__doc__)  # type: ignore[arg-type]
+            return type(value)(parts[0], parts[1], parts[2], value.__doc__)  # type: ignore[arg-type]
         if isinstance(value, functools.cached_property):
             inner = self.rebind(value.func)
             if inner is value.func:
@@ -502,10 +548,8 @@ class _Planner:
             return value
         live_type = self.remap.get(id(type(value)))
         if isinstance(live_type, type) and not isinstance(value, type):
-            try:
+            with contextlib.suppress(TypeError):
                 value.__class__ = live_type  # an instance the candidate made of a class kept live
-            except TypeError:
-                pass
         return value
 
     def rebind_tuple(self, values: tuple[object, ...] | None) -> tuple[object, ...] | None:
@@ -517,7 +561,9 @@ class _Planner:
     def _rebind_function(self, func: types.FunctionType) -> types.FunctionType:
         closure = None
         if func.__closure__:
-            closure = tuple(self._cells.setdefault(id(c), types.CellType()) for c in func.__closure__)
+            closure = tuple(
+                self._cells.setdefault(id(c), types.CellType()) for c in func.__closure__
+            )
         rebound = types.FunctionType(func.__code__, self.live, func.__name__, None, closure)
         self.remap[id(func)] = rebound
         rebound.__defaults__ = self.rebind_tuple(func.__defaults__)
@@ -526,8 +572,8 @@ class _Planner:
         rebound.__doc__ = func.__doc__
         rebound.__qualname__ = func.__qualname__
         rebound.__module__ = func.__module__
-        if hasattr(func, "__type_params__"):
-            rebound.__type_params__ = func.__type_params__
+        if hasattr(func, "__type_params__"):  # Python 3.12+
+            rebound.__type_params__ = func.__type_params__  # type: ignore[attr-defined,unused-ignore]
         rebound.__dict__.update({k: self.rebind(v) for k, v in func.__dict__.items()})
         for old_cell, new_cell in zip(func.__closure__ or (), closure or ()):
             content = _cell_value(old_cell)
@@ -546,7 +592,9 @@ class _Planner:
             try:
                 cls.__bases__ = bases  # type: ignore[assignment]
             except TypeError as exc:
-                self.problems.append(Problem(f"new class {cls.__qualname__}: cannot re-base it: {exc}"))
+                self.problems.append(
+                    Problem(f"new class {cls.__qualname__}: cannot re-base it: {exc}")
+                )
         for name, value in list(cls.__dict__.items()):
             if name in _CLASS_SKIP:
                 continue
@@ -565,13 +613,16 @@ def _cell_value(cell: types.CellType) -> object:
 def _same_value(a: object, b: object) -> bool:
     if a is b:
         return True
-    if type(a) is not type(b) or not isinstance(a, _IMMUTABLE + (dict,)):
+    if type(a) is not type(b) or not isinstance(a, (*_IMMUTABLE, dict)):
         return False
     return _safe_equal(a, b)
 
 
-def _enum_internal(cls: enum.EnumMeta, name: str) -> bool:
-    return name in cls.__members__ or (name.startswith("_") and name.endswith("_") and not name.startswith("__"))
+def _enum_internal(cls: type, name: str) -> bool:
+    """Enum members and the enum machinery's ``_sunder_`` state are never touched."""
+    members: dict[str, object] = getattr(cls, "__members__", {})
+    is_sunder = name.startswith("_") and name.endswith("_") and not name.startswith("__")
+    return name in members or is_sunder
 
 
 def plan_update(

@@ -13,7 +13,9 @@ from hotpatch import Engine, HotpatchError, PatchRejected
 SOURCE = "VALUE = 1\n\ndef f():\n    return 'old'\n"
 
 
-def assert_unchanged(mod: types.ModuleType, before: dict[str, object], code: types.CodeType) -> None:
+def assert_unchanged(
+    mod: types.ModuleType, before: dict[str, object], code: types.CodeType
+) -> None:
     assert mod.__dict__.keys() == before.keys()
     assert all(mod.__dict__[k] is v for k, v in before.items())
     assert mod.f.__code__ is code and mod.f() == "old"
@@ -81,7 +83,9 @@ def test_module_never_imported() -> None:
 @pytest.mark.parametrize("name", ["math", "sys", "builtins"])
 def test_builtin_or_extension_module(name: str) -> None:
     err = reject(Engine(), name)
-    assert err.stage == "load" and ("built-in" in err.reason or "not from Python source" in err.reason)
+    assert err.stage == "load" and (
+        "built-in" in err.reason or "not from Python source" in err.reason
+    )
 
 
 def test_name_that_is_not_a_module() -> None:

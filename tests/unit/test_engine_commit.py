@@ -131,7 +131,9 @@ def test_decorator_without_wraps_and_lru_cache(make_module) -> None:
     mod = make_module(source)
     decorated, cached = mod.decorated, mod.cached
     assert cached(2) == 20
-    Engine().patch(mod.__name__, source=edited(source, ("return 1", "return 2"), ("x * 10", "x * 100")))
+    Engine().patch(
+        mod.__name__, source=edited(source, ("return 1", "return 2"), ("x * 10", "x * 100"))
+    )
     assert decorated() == 2
     assert cached(2) == 200  # the cache of results computed by the old code was cleared
     assert mod.cached is cached
@@ -199,7 +201,13 @@ def test_new_names_appear_and_bind_to_the_live_module(make_module) -> None:
 def test_new_method_added_to_live_class(make_module) -> None:
     mod = make_module(BASE)
     shape = mod.Shape()
-    source = edited(BASE, ("    sides = 0\n", "    sides = 0\n\n    def perimeter(self):\n        return __class__.__name__ + str(LIMIT)\n"))
+    source = edited(
+        BASE,
+        (
+            "    sides = 0\n",
+            "    sides = 0\n\n    def perimeter(self):\n        return __class__.__name__ + str(LIMIT)\n",
+        ),
+    )
     Engine().patch(mod.__name__, source=source)
     assert shape.perimeter() == "Shape3"
 
@@ -207,8 +215,11 @@ def test_new_method_added_to_live_class(make_module) -> None:
 def test_removed_public_name_is_refused_unless_allowed(make_module) -> None:
     mod = make_module(BASE)
     engine = Engine()
-    without = edited(BASE, ('def helper():\n    return "old"\n', ""),
-                     ("return helper() + str(x)", "return str(x)"))
+    without = edited(
+        BASE,
+        ('def helper():\n    return "old"\n', ""),
+        ("return helper() + str(x)", "return str(x)"),
+    )
     with pytest.raises(PatchRejected) as info:
         engine.patch(mod.__name__, source=without)
     assert info.value.stage == "compatibility" and "'helper'" in info.value.reason
@@ -245,7 +256,10 @@ def test_candidate_executes_isolated(make_module) -> None:
         SEEN = None
     """
     mod = make_module(source)
-    probe = textwrap.dedent(source) + "\nSEEN = sys.modules[__name__] is not None and 'PROBE' not in vars(sys.modules[__name__])\nPROBE = 1\n"
+    probe = (
+        textwrap.dedent(source)
+        + "\nSEEN = sys.modules[__name__] is not None and 'PROBE' not in vars(sys.modules[__name__])\nPROBE = 1\n"
+    )
     Engine().patch(mod.__name__, source=probe)
     assert mod.SEEN is True  # during execution the live module was in sys.modules, untouched
     assert sys.modules[mod.__name__] is mod
@@ -278,7 +292,9 @@ def test_patch_reads_file_from_disk(make_module) -> None:
     mod = make_module(BASE)
     engine = Engine()
     engine.track(mod.__name__)
-    Path(mod.__file__).write_text(edited(BASE, ('return "old"', 'return "disk"'), ("LIMIT = 3", "LIMIT = 9")))
+    Path(mod.__file__).write_text(
+        edited(BASE, ('return "old"', 'return "disk"'), ("LIMIT = 3", "LIMIT = 9"))
+    )
     mod.CACHE["x"] = 1
     engine.patch(mod.__name__)
     assert mod.helper() == "disk" and mod.LIMIT == 9 and mod.CACHE == {"x": 1}
@@ -288,7 +304,9 @@ def test_first_contact_after_the_file_was_edited(make_module) -> None:
     """No baseline: immutable constants take new values, live containers are kept."""
     mod = make_module(BASE)
     mod.CACHE["x"] = 1
-    Path(mod.__file__).write_text(edited(BASE, ('return "old"', 'return "disk"'), ("LIMIT = 3", "LIMIT = 9")))
+    Path(mod.__file__).write_text(
+        edited(BASE, ('return "old"', 'return "disk"'), ("LIMIT = 3", "LIMIT = 9"))
+    )
     result = Engine().patch(mod.__name__)
     assert not result.is_noop
     assert mod.helper() == "disk" and mod.LIMIT == 9 and mod.CACHE == {"x": 1}
@@ -331,9 +349,12 @@ def test_package_relative_imports_work(tmp_path: Path) -> None:
     (pkg / "mod.py").write_text("from .util import base\n\ndef value():\n    return base()\n")
     sys.path.insert(0, str(tmp_path))
     try:
-        import hp_pkg_rel.mod as mod  # type: ignore[import-not-found]
+        from hp_pkg_rel import mod  # type: ignore[import-not-found]
 
-        Engine().patch("hp_pkg_rel.mod", source="from .util import base\n\ndef value():\n    return base() * 2\n")
+        Engine().patch(
+            "hp_pkg_rel.mod",
+            source="from .util import base\n\ndef value():\n    return base() * 2\n",
+        )
         assert mod.value() == 10
     finally:
         sys.path.remove(str(tmp_path))

@@ -55,12 +55,36 @@ def test_incompatible_signatures(old: str, new: str, reason: str) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "fragment"),
     [
-        ("def api(a, b):\n    return a\n", "def api(a):\n    return a\n", "api(): positional parameter 'b' was removed"),
-        ("class K:\n    def m(self, x):\n        return x\n", "class K:\n    def m(self):\n        return 1\n", "K.m()"),
-        ("class A: pass\nclass B: pass\nclass K(A):\n    pass\n", "class A: pass\nclass B: pass\nclass K(B):\n    pass\n", "class K: its base classes changed"),
-        ("class K:\n    __slots__ = ('a',)\n", "class K:\n    __slots__ = ('a', 'b')\n", "__slots__ changed"),
-        ("class M(type): pass\nclass K:\n    pass\n", "class M(type): pass\nclass K(metaclass=M):\n    pass\n", "metaclass changed"),
-        ("import enum\nclass E(enum.Enum):\n    A = 1\n", "import enum\nclass E(enum.Enum):\n    A = 1\n    B = 2\n", "enum members changed"),
+        (
+            "def api(a, b):\n    return a\n",
+            "def api(a):\n    return a\n",
+            "api(): positional parameter 'b' was removed",
+        ),
+        (
+            "class K:\n    def m(self, x):\n        return x\n",
+            "class K:\n    def m(self):\n        return 1\n",
+            "K.m()",
+        ),
+        (
+            "class A: pass\nclass B: pass\nclass K(A):\n    pass\n",
+            "class A: pass\nclass B: pass\nclass K(B):\n    pass\n",
+            "class K: its base classes changed",
+        ),
+        (
+            "class K:\n    __slots__ = ('a',)\n",
+            "class K:\n    __slots__ = ('a', 'b')\n",
+            "__slots__ changed",
+        ),
+        (
+            "class M(type): pass\nclass K:\n    pass\n",
+            "class M(type): pass\nclass K(metaclass=M):\n    pass\n",
+            "metaclass changed",
+        ),
+        (
+            "import enum\nclass E(enum.Enum):\n    A = 1\n",
+            "import enum\nclass E(enum.Enum):\n    A = 1\n    B = 2\n",
+            "enum members changed",
+        ),
         ("def f():\n    return 1\n", "f = 3\n", "changed from a function to int"),
     ],
 )
@@ -163,6 +187,8 @@ def test_check_is_a_dry_run(make_module) -> None:
 
 def test_pytest_plugin_fixture(make_module, hotpatch_check) -> None:
     mod = make_module("def f(a):\n    return a\n")
-    assert hotpatch_check(mod.__name__, source="def f(a, b=1):\n    return a + b\n").changed == ("f",)
+    assert hotpatch_check(mod.__name__, source="def f(a, b=1):\n    return a + b\n").changed == (
+        "f",
+    )
     with pytest.raises(PatchRejected, match="compatibility"):
         hotpatch_check(mod.__name__, source=textwrap.dedent("def f():\n    return 1\n"))

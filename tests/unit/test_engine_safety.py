@@ -22,13 +22,15 @@ def wait_until(pred: Callable[[], bool], *, timeout_s: float = 10.0, what: str) 
         time.sleep(0.001)
 
 
-def run_in_thread(fn: Callable[[], object], name: str) -> tuple[threading.Thread, dict[str, object]]:
+def run_in_thread(
+    fn: Callable[[], object], name: str
+) -> tuple[threading.Thread, dict[str, object]]:
     box: dict[str, object] = {}
 
     def target() -> None:
         try:
             box["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             box["error"] = exc
 
     thread = threading.Thread(target=target, name=name, daemon=True)
@@ -57,7 +59,9 @@ def test_thread_inside_old_code_finishes_on_old_code(make_module) -> None:
     engine = Engine(safepoint_timeout_s=20)
     caller, caller_box = run_in_thread(mod.f, "caller-T")
     wait_until(mod.entered.is_set, what="T inside f")
-    patcher, patch_box = run_in_thread(lambda: engine.patch(mod.__name__, source=CHAIN_NEW), "patcher")
+    patcher, patch_box = run_in_thread(
+        lambda: engine.patch(mod.__name__, source=CHAIN_NEW), "patcher"
+    )
     patcher.join(0.3)
     assert patcher.is_alive(), "the commit must wait while T is inside the old f"
     mod.release.set()
@@ -195,8 +199,9 @@ def test_patch_many_is_all_or_nothing(make_module) -> None:
         engine.patch_many({a.__name__: "def f():\n    return 'a-new'\n", b.__name__: "def g(:\n"})
     assert info.value.module == b.__name__
     assert a.f() == "a-old" and b.g() == "b-old"
-    results = engine.patch_many({a.__name__: "def f():\n    return 'a-new'\n",
-                                 b.__name__: "def g():\n    return 'b-new'\n"})
+    results = engine.patch_many(
+        {a.__name__: "def f():\n    return 'a-new'\n", b.__name__: "def g():\n    return 'b-new'\n"}
+    )
     assert [r.module for r in results] == [a.__name__, b.__name__]
     assert a.f() == "a-new" and b.g() == "b-new"
 
@@ -234,7 +239,7 @@ def test_concurrent_callers_through_500_patches(make_module) -> None:
                     mixed.append((outer, inner))
                 box.get()
                 calls[index] += 1
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 errors.append(exc)
                 return
 
@@ -263,7 +268,12 @@ def test_log_events_carry_module_version_stage_and_duration(make_module) -> None
             engine.patch(mod.__name__, source="def f(:\n")
         engine.rollback(mod.__name__)
     by_event = {e["event"]: e for e in logs}
-    assert {"patch.started", "patch.applied", "patch.rejected", "patch.rolled_back"} <= by_event.keys()
+    assert {
+        "patch.started",
+        "patch.applied",
+        "patch.rejected",
+        "patch.rolled_back",
+    } <= by_event.keys()
     applied = by_event["patch.applied"]
     assert applied["module"] == mod.__name__ and applied["version"] == result.version
     assert applied["duration_s"] >= 0 and applied["changed"] == ["f"]
