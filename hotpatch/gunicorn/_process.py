@@ -79,7 +79,7 @@ class GunicornServer:
         args = [python, "-m", "gunicorn", "--bind", f"fd://{self.sock.fileno()}",
                 "--workers", str(workers), "--graceful-timeout", "10"]
         if python == sys.executable and _has_control_socket():
-            args.append("--control-socket-disable")  # gunicorn 24+: one per master, not shared
+            args.append("--no-control-socket")  # gunicorn 24+: a per-user socket, not ours
         if config:
             args += ["-c", config]
         args += [*extra_args, app]
@@ -95,7 +95,8 @@ class GunicornServer:
 
     def output(self) -> str:
         """Everything the master and its workers printed so far."""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def worker_pids(self) -> list[int]:

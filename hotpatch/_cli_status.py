@@ -1,0 +1,58 @@
+"""``hotpatch status``: a gunicorn master's workers, their releases, and the last rollout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from hotpatch._cli_rollout import add_master_arguments, master_pid
+from hotpatch.errors import HotpatchError
+from hotpatch.gunicorn._client import read_state, state_dir_for
+
+NAME = "status"
+HELP = "show a gunicorn master's workers, the release each runs, and the last rollout's outcome"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_master_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the raw state as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        pid = master_pid(args)
+    except HotpatchError as exc:
+        print(f"hotpatch status: {exc}", file=sys.stderr)
+        return 2
+    state = read_state(pid, args.state_dir)
+    if state is None:
+        print(f"hotpatch status: no hotpatch state for pid {pid} in "
+              f"{state_dir_for(pid, args.state_dir)}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(state, indent=2, sort_keys=True))
+        return 0
+    print(f"gunicorn master {pid}: known-good release {state.get('known_good')}, "
+          f"{state.get('size')} workers, app {state.get('app_dir')}")
+    if not state.get("rolling"):
+        print(f"rolling reload DISABLED: {state.get('disabled_reason')}")
+    for worker in state.get("workers", []):
+        print(f"  worker {worker['pid']:>7}  {worker.get('release')}  {worker.get('phase')}")
+    current = state.get("rollout")
+    if current:
+        print(f"rollout {current['id']} in progress ({current.get('mode')}) to "
+              f"{current.get('release')}")
+    if state.get("pending"):
+        print("one more rollout is queued")
+    last = state.get("last_rollout")
+    if last:
+        line = f"last rollout {last.get('id')}: {last.get('outcome')}"
+        if last.get("duration_s") is not None:
+            line += f" in {last['duration_s']} s"
+        if last.get("reason"):
+            line += f": {last['reason']}"
+        print(line)
+    else:
+        print("no rollout yet")
+    return 0
