@@ -179,7 +179,7 @@ class Controller:
         return spawn_worker
 
     def _guarded(self, handle_chld: Callable[[], None]) -> Callable[[], None]:
-        from gunicorn.errors import HaltServer  # type: ignore[import-untyped]  # noqa: PLC0415
+        from gunicorn.errors import HaltServer  # type: ignore[import-untyped]
 
         def guarded() -> None:
             for _ in range(100):

@@ -159,7 +159,7 @@ class GunicornServer:
 
 def _has_control_socket() -> bool:
     try:
-        from gunicorn.config import Config  # type: ignore[import-untyped]  # noqa: PLC0415
+        from gunicorn.config import Config  # type: ignore[import-untyped]
     except ImportError:  # pragma: no cover
         return False
     return "control_socket_disable" in Config().settings
