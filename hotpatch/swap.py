@@ -259,6 +259,8 @@ class _Planner:
         exported = set(all_names) if isinstance(all_names, list | tuple) else None
 
         def public(name: str) -> bool:
+            if name.startswith("__hotpatch_"):
+                return False  # the module's own hooks may come and go
             return name in exported if exported is not None else is_public(name)
 
         for name, new in self.cand.items():

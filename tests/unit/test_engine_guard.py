@@ -192,3 +192,9 @@ def test_pytest_plugin_fixture(make_module, hotpatch_check) -> None:
     )
     with pytest.raises(PatchRejected, match="compatibility"):
         hotpatch_check(mod.__name__, source=textwrap.dedent("def f():\n    return 1\n"))
+
+
+def test_module_hooks_may_be_dropped(make_module) -> None:
+    mod = make_module("def f():\n    return 1\n\ndef __hotpatch_health__():\n    assert f() == 1\n")
+    Engine().patch(mod.__name__, source="def f():\n    return 2\n")
+    assert mod.f() == 2 and not hasattr(mod, "__hotpatch_health__")
