@@ -8,7 +8,6 @@ from hotpatch._version import __version__
 from hotpatch.engine import (
     Engine,
     PatchResult,
-    Version,
     default_engine,
     health_check,
     history,
@@ -25,6 +24,7 @@ from hotpatch.errors import (
     PatchRejected,
     RolloutFailed,
 )
+from hotpatch.history import Version
 from hotpatch.watch import watch
 
 __all__ = [

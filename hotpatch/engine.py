@@ -13,7 +13,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -33,41 +33,16 @@ from hotpatch.candidate import (
 from hotpatch.changeset import ChangeSet
 from hotpatch.errors import HotpatchError, PatchRejected
 from hotpatch.guard import DeadlineExceeded, run_with_deadline
+from hotpatch.history import Entry, ModuleHistory, Version, version_id
 from hotpatch.safepoint import SafePointTimeout, commit_at_safe_point
 from hotpatch.swap import Plan, plan_update
 
 log = structlog.get_logger(__name__)
 
-Outcome = Literal["baseline", "applied", "rejected", "rolled_back"]
 SourceInput = str | bytes | None
 Verifier = Callable[[types.ModuleType], object]
 HealthCheck = Callable[[], object]
 F = TypeVar("F", bound=Callable[..., object])
-
-
-@dataclass(frozen=True)
-class Version:
-    """One entry of a module's history.
-
-    Attributes:
-        id: the first 12 hex digits of ``sha256`` ("baseline" when the first source is unknown).
-        module: the module's name.
-        sha256: the content hash of the source, when known.
-        time: when it was recorded (seconds since the epoch).
-        outcome: ``baseline`` (as first imported), ``applied``, ``rejected`` or ``rolled_back``.
-        is_live: whether the live module runs this version now.
-        stage: for a rejected version, the stage that refused it.
-        reason: for a rejected or rolled-back version, why.
-    """
-
-    id: str
-    module: str
-    sha256: str | None
-    time: float
-    outcome: Outcome
-    is_live: bool = False
-    stage: str | None = None
-    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,40 +60,6 @@ class PatchResult:
     @property
     def is_noop(self) -> bool:
         return self.version == self.previous
-
-
-@dataclass
-class _Entry:
-    version: Version
-    source: Source | None = None
-    undo: ChangeSet | None = None  # restores the state below this entry; None once unrestorable
-
-
-@dataclass
-class _ModuleHistory:
-    name: str
-    entries: list[_Entry] = field(default_factory=list)  # oldest first
-
-    def live(self) -> _Entry:
-        return next(e for e in reversed(self.entries) if e.version.is_live)
-
-    def stack(self) -> list[_Entry]:
-        """Versions that rollback can reach, oldest first, ending with the live one.
-
-        Each applied version holds the change set that restores the one below it; the chain ends
-        where a version's undo was freed (history_limit) or at the baseline.
-        """
-        chain = [e for e in self.entries if e.version.outcome in ("baseline", "applied")]
-        reachable = [chain[-1]]
-        for below, above in zip(reversed(chain[:-1]), reversed(chain[1:])):
-            if above.undo is None:
-                break
-            reachable.insert(0, below)
-        return reachable
-
-
-def _version_id(sha: str | None) -> str:
-    return sha[:12] if sha else "baseline"
 
 
 class Engine:
@@ -149,7 +90,7 @@ class Engine:
         self.health_timeout_s = health_timeout_s
         self.max_source_bytes = max_source_bytes
         self._lock = threading.RLock()
-        self._histories: dict[str, _ModuleHistory] = {}
+        self._histories: dict[str, ModuleHistory] = {}
         self._verifiers: dict[str | None, list[Verifier]] = {}
         self._health_checks: dict[str | None, list[HealthCheck]] = {}
         self._attempted: dict[str, str] = {}  # module -> sha256 of the source being tried
@@ -240,7 +181,7 @@ class Engine:
             return p.noop_result(duration)
         return PatchResult(
             module,
-            _version_id(p.source.sha256),
+            version_id(p.source.sha256),
             p.live_entry.version.id,
             p.plan.changed,
             p.plan.added,
@@ -335,11 +276,7 @@ class Engine:
         if not plan.changeset:
             # Identical down to line numbers: nothing to commit. A baseline that was unknown
             # (first contact after the file changed) is now known to be this source.
-            if live_entry.source is None:
-                live_entry.source = source
-                live_entry.version = _replace(
-                    live_entry.version, id=_version_id(source.sha256), sha256=source.sha256
-                )
+            record.learn_live_source(source)
             return _Prepared(module, source, None, live_entry, None)
         self._verify(candidate)
         return _Prepared(module, source, plan, live_entry, candidate)
@@ -427,7 +364,7 @@ class Engine:
             log.warning(
                 "patch.rolled_back",
                 module=p.name,
-                version=_version_id(p.source.sha256),
+                version=version_id(p.source.sha256),
                 restored=p.live_entry.version.id,
                 reason=reason,
             )
@@ -450,21 +387,9 @@ class Engine:
         timeout_s = self.safepoint_timeout_s if safepoint_timeout_s is None else safepoint_timeout_s
         with self._lock:
             record = self._histories.get(module)
-            stack = record.stack() if record else []
-            if to is None:
-                if len(stack) < 2:
-                    raise HotpatchError(f"{module!r} has no earlier version to roll back to")
-                target_index = len(stack) - 2
-            else:
-                matches = [i for i, e in enumerate(stack[:-1]) if _matches(e.version, to)]
-                if not matches:
-                    known = ", ".join(e.version.id for e in stack[:-1]) or "none"
-                    raise HotpatchError(
-                        f"{module!r} has no restorable version {to!r} below the live one "
-                        f"(restorable: {known})"
-                    )
-                target_index = matches[-1]
-            undone = stack[target_index + 1 :]
+            if record is None:
+                raise HotpatchError(f"{module!r} has no earlier version to roll back to")
+            target, undone = record.plan_rollback(to)
             undos = [e.undo for e in reversed(undone) if e.undo is not None]
             codes = frozenset().union(*(u.replaced_codes() for u in undos))
             try:
@@ -477,16 +402,7 @@ class Engine:
                     filename=exc.busy.filename,
                     lineno=exc.busy.lineno,
                 ) from None
-            for entry in undone:
-                entry.undo = None
-                entry.version = _replace(
-                    entry.version,
-                    outcome="rolled_back",
-                    is_live=False,
-                    reason="rolled back by request",
-                )
-            target = stack[target_index]
-            target.version = _replace(target.version, is_live=True)
+            record.mark_rolled_back(target, undone, reason="rolled back by request")
             _cache_lines(target.source)
             log.info(
                 "patch.rolled_back",
@@ -498,7 +414,7 @@ class Engine:
             return target.version
 
     # -- bookkeeping -----------------------------------------------------------------------------
-    def _ensure_history(self, name: str, *, unless_sha: str | None = None) -> _ModuleHistory:
+    def _ensure_history(self, name: str, *, unless_sha: str | None = None) -> ModuleHistory:
         """The module's history, made on first contact with its file as the baseline.
 
         ``unless_sha``: the new source about to be applied. When the file on disk already holds
@@ -511,34 +427,18 @@ class Engine:
         baseline = _baseline_source(module, self.max_source_bytes)
         if baseline is not None and baseline.sha256 == unless_sha:
             baseline = None
-        sha = baseline.sha256 if baseline else None
-        entry = _Entry(
-            Version(_version_id(sha), name, sha, time.time(), "baseline", is_live=True), baseline
-        )
-        record = _ModuleHistory(name, [entry])
+        record = ModuleHistory.start(name, baseline, limit=self.history_limit)
         self._histories[name] = record
         return record
 
     def _record_applied(self, p: _Prepared, duration_s: float) -> PatchResult:
-        assert p.plan is not None
-        record = self._histories[p.name]
-        previous = record.live()
-        previous.version = _replace(previous.version, is_live=False)
-        version = Version(
-            _version_id(p.source.sha256),
-            p.name,
-            p.source.sha256,
-            time.time(),
-            "applied",
-            is_live=True,
-        )
-        record.entries.append(_Entry(version, p.source, p.undo))
-        self._trim(record)
+        assert p.plan is not None and p.undo is not None
+        previous, version = self._histories[p.name].add_applied(p.source, p.undo)
         log.info(
             "patch.applied",
             module=p.name,
             version=version.id,
-            previous=previous.version.id,
+            previous=previous.id,
             changed=list(p.plan.changed),
             added=list(p.plan.added),
             removed=list(p.plan.removed),
@@ -547,7 +447,7 @@ class Engine:
         return PatchResult(
             p.name,
             version.id,
-            previous.version.id,
+            previous.id,
             p.plan.changed,
             p.plan.added,
             p.plan.removed,
@@ -571,34 +471,7 @@ class Engine:
         )
         if record is None:
             return
-        record.entries.append(
-            _Entry(
-                Version(
-                    _version_id(sha),
-                    exc.module,
-                    sha,
-                    time.time(),
-                    "rejected",
-                    stage=exc.stage,
-                    reason=str(exc),
-                )
-            )
-        )
-        self._trim(record)
-
-    def _trim(self, record: _ModuleHistory) -> None:
-        stack = record.stack()
-        if len(stack) > self.history_limit:
-            oldest_kept = stack[-self.history_limit]
-            oldest_kept.undo = None  # frees the old code objects and values it held
-        reachable = {id(e) for e in record.stack()}
-        for entry in record.entries:
-            if id(entry) not in reachable:
-                entry.undo = None
-                entry.source = None
-        while len(record.entries) > 2 * self.history_limit:
-            oldest = next(e for e in record.entries if id(e) not in reachable)
-            record.entries.remove(oldest)
+        record.add_rejected(sha, exc.stage, str(exc))
 
 
 @dataclass
@@ -606,7 +479,7 @@ class _Prepared:
     module: types.ModuleType
     source: Source
     plan: Plan | None
-    live_entry: _Entry
+    live_entry: Entry
     candidate: Candidate | None
     undo: ChangeSet | None = None
 
@@ -640,18 +513,6 @@ def _rejection(
     return PatchRejected(
         candidate.name, stage, reason, filename=candidate.source.filename, lineno=lineno
     )
-
-
-def _matches(version: Version, wanted: str) -> bool:
-    return version.id == wanted or (
-        version.sha256 is not None and len(wanted) >= 7 and version.sha256.startswith(wanted)
-    )
-
-
-def _replace(version: Version, **changes: object) -> Version:
-    import dataclasses
-
-    return dataclasses.replace(version, **changes)  # type: ignore[arg-type]
 
 
 def _baseline_source(module: types.ModuleType, max_bytes: int) -> Source | None:
