@@ -1,0 +1,3 @@
+"""Live state that survives every patch of handlers.py (no restart, so nothing is lost)."""
+
+visits = 0
