@@ -56,6 +56,9 @@ class GunicornServer:
         extra_args: more gunicorn arguments.
         env: extra environment variables.
         python: the interpreter.
+        pass_socket: bind the socket here and hand it over (``fd://``, no port race); when
+            False, gunicorn binds a port found free here (it then closes the socket when it
+            stops, as in production, so clients are refused rather than left waiting).
     """
 
     def __init__(
@@ -68,15 +71,20 @@ class GunicornServer:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         python: str = sys.executable,
+        pass_socket: bool = True,
     ) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
         self.port = int(self.sock.getsockname()[1])
+        bind = f"fd://{self.sock.fileno()}"
+        if not pass_socket:
+            self.sock.close()
+            bind = f"127.0.0.1:{self.port}"
         self.cwd = cwd
         fd, name = tempfile.mkstemp(prefix="gunicorn-", suffix=".log")
         os.close(fd)
         self.log_path = Path(name)
         self._log: IO[bytes] = self.log_path.open("wb")
-        args = [python, "-m", "gunicorn", "--bind", f"fd://{self.sock.fileno()}",
+        args = [python, "-m", "gunicorn", "--bind", bind,
                 "--workers", str(workers), "--graceful-timeout", "10"]
         if python == sys.executable and _has_control_socket():
             args.append("--no-control-socket")  # gunicorn 24+: a per-user socket, not ours
@@ -85,7 +93,8 @@ class GunicornServer:
         args += [*extra_args, app]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            args, cwd=cwd, pass_fds=[self.sock.fileno()], start_new_session=True,
+            args, cwd=cwd, pass_fds=[self.sock.fileno()] if pass_socket else [],
+            start_new_session=True,
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
         )
 
@@ -176,6 +185,8 @@ class LoadStats:
     completions: list[float] = field(default_factory=list)
     """``time.monotonic()`` of every completed (2xx) request."""
     bodies: dict[str, int] = field(default_factory=dict)
+    answers: list[tuple[float, str]] = field(default_factory=list)
+    """``(completion time, first word of the body)`` of every completed request."""
 
     def longest_gap_s(self, start: float, end: float) -> float:
         """The longest stretch in [start, end] with no completed request."""
@@ -251,7 +262,10 @@ class LoadGenerator:
                     self.stats.latencies_s.append(done - started)
                     self.stats.completions.append(done)
                     self.stats.bodies[version] = self.stats.bodies.get(version, 0) + 1
+                    self.stats.answers.append((done, version))
                 else:
                     self.stats.failed += 1
                     if len(self.stats.errors) < 20:
                         self.stats.errors.append(error)
+            if error is not None:
+                self._stop.wait(0.01)  # a refused connection fails at once: do not spin
