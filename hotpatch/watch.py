@@ -533,7 +533,7 @@ def watch(
 
 def _observer_reports_closes() -> bool:
     try:
-        from watchdog.observers.inotify import InotifyObserver  # noqa: PLC0415 (Linux only)
+        from watchdog.observers.inotify import InotifyObserver
     except ImportError:  # not Linux
         return False
     return Observer is InotifyObserver
