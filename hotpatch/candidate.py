@@ -8,11 +8,13 @@ failure becomes a ``PatchRejected`` naming the file, the line where there is one
 from __future__ import annotations
 
 import ast
+import builtins
 import hashlib
 import importlib.util
 import sys
 import traceback
 import types
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,18 +170,46 @@ def parse_source(name: str, text: str, filename: str) -> Source:
         raise _syntax_rejection(name, exc, filename, text) from None
     except (ValueError, RecursionError, MemoryError) as exc:
         raise PatchRejected(name, "compile", f"cannot parse: {exc}", filename=filename) from None
+    tree = _definitions_only(tree, name)
     sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     return Source(text, filename, sha, StatementIndex.build(tree, text), tree)
 
 
-def source_from_text(text: str, filename: str) -> Source | None:
+def source_from_text(name: str, text: str, filename: str) -> Source | None:
     """A ``Source`` for a baseline: ``None`` when it does not parse (the index is then unknown)."""
     try:
         tree = ast.parse(text, filename=filename)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
+    tree = _definitions_only(tree, name)
     sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     return Source(text, filename, sha, StatementIndex.build(tree, text), None)
+
+
+def _definitions_only(tree: ast.Module, name: str) -> ast.Module:
+    """For ``__main__``, drop top-level ``if __name__ == "__main__":`` blocks.
+
+    That block is the program itself, already running: a new version of a script brings new
+    definitions, and must not start the program a second time inside the patching thread.
+    """
+    if name != "__main__":
+        return tree
+    kept = [stmt for stmt in tree.body if not _is_main_guard(stmt)]
+    if len(kept) == len(tree.body):
+        return tree
+    return ast.Module(body=kept, type_ignores=tree.type_ignores)
+
+
+def _is_main_guard(stmt: ast.stmt) -> bool:
+    if not isinstance(stmt, ast.If) or not isinstance(stmt.test, ast.Compare):
+        return False
+    test = stmt.test
+    if len(test.ops) != 1 or not isinstance(test.ops[0], ast.Eq):
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
+    mains = [s for s in sides if isinstance(s, ast.Constant) and s.value == "__main__"]
+    return len(names) == 1 and len(mains) == 1
 
 
 def _syntax_rejection(
@@ -197,8 +227,20 @@ def _syntax_rejection(
     )
 
 
-def build_candidate(live: types.ModuleType, source: Source) -> Candidate:
+def build_candidate(
+    live: types.ModuleType,
+    source: Source,
+    *,
+    siblings: Mapping[str, types.ModuleType] | None = None,
+) -> Candidate:
     """Compile and execute ``source`` into a fresh module object shaped like ``live``.
+
+    Args:
+        live: the live module the candidate will replace.
+        source: its new source.
+        siblings: candidates of other modules of the same change set, by name: the candidate's
+            own import statements get those instead of the live modules, so a name new in one
+            module of a change set can be imported by another. Nothing else sees them.
 
     Raises:
         PatchRejected: stage ``compile`` or ``execute``; nothing of the candidate is visible.
@@ -219,12 +261,45 @@ def build_candidate(live: types.ModuleType, source: Source) -> Candidate:
     for attr in _INHERITED_DUNDERS:
         if hasattr(live, attr):
             namespace[attr] = getattr(live, attr)
-    namespace["__builtins__"] = live.__dict__.get("__builtins__", __builtins__)
+    live_builtins = live.__dict__.get("__builtins__", builtins)
+    namespace["__builtins__"] = (
+        _builtins_importing(live_builtins, siblings, namespace) if siblings else live_builtins
+    )
     try:
         exec(code, namespace)  # the candidate's own import-time code, isolated in its namespace
     except BaseException as exc:  # SystemExit and KeyboardInterrupt refuse too
         raise _execute_rejection(name, exc, source.filename) from None
+    finally:
+        namespace["__builtins__"] = live_builtins
     return Candidate(name, source, module, namespace)
+
+
+def _builtins_importing(
+    live_builtins: object, siblings: Mapping[str, types.ModuleType], namespace: dict[str, object]
+) -> dict[str, object]:
+    """Builtins whose ``__import__`` resolves the change set's modules to their candidates."""
+    source = vars(live_builtins) if isinstance(live_builtins, types.ModuleType) else live_builtins
+    table: dict[str, object] = dict(source)  # type: ignore[call-overload]
+    real_import = table["__import__"]
+    assert callable(real_import)
+    package = namespace.get("__package__") or ""
+
+    def candidate_import(
+        name: str,
+        globals: Mapping[str, object] | None = None,
+        locals: Mapping[str, object] | None = None,
+        fromlist: Sequence[str] = (),
+        level: int = 0,
+    ) -> object:
+        absolute = importlib.util.resolve_name("." * level + name, str(package)) if level else name
+        if fromlist and absolute in siblings:
+            return siblings[absolute]
+        if not fromlist and "." not in name and absolute in siblings:
+            return siblings[absolute]
+        return real_import(name, globals, locals, fromlist, level)
+
+    table["__import__"] = candidate_import
+    return table
 
 
 def _execute_rejection(name: str, exc: BaseException, filename: str) -> PatchRejected:

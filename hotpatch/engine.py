@@ -13,7 +13,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -217,10 +217,13 @@ class Engine:
         started = time.perf_counter()
         with self._lock:
             prepared: list[_Prepared] = []
+            shared = _ChangeSetContext()
             try:
                 for name, given in changes.items():
                     log.debug("patch.started", module=name)
-                    prepared.append(self._prepare(name, given, allow_removals=allow_removals))
+                    prepared.append(
+                        self._prepare(name, given, allow_removals=allow_removals, change_set=shared)
+                    )
                 todo = [p for p in prepared if p.plan is not None]
                 if todo:
                     self._commit(todo, timeout_s=timeout_s)
@@ -235,7 +238,14 @@ class Engine:
                 results.append(result)
             return results
 
-    def _prepare(self, name: str, given: SourceInput, *, allow_removals: bool) -> _Prepared:
+    def _prepare(
+        self,
+        name: str,
+        given: SourceInput,
+        *,
+        allow_removals: bool,
+        change_set: _ChangeSetContext | None = None,
+    ) -> _Prepared:
         module = live_module(name)
         filename = str(module.__file__)
         if given is None:
@@ -256,7 +266,10 @@ class Engine:
             )
         if live_entry.version.sha256 == source.sha256:
             return _Prepared(module, source, None, live_entry, None)
-        candidate = build_candidate(module, source)
+        shared = change_set or _ChangeSetContext()
+        candidate = build_candidate(module, source, siblings=shared.candidates)
+        shared.candidates[name] = candidate.module
+        shared.remap[id(candidate.module)] = module
         forced = self._migrate(candidate, module)
         plan = plan_update(
             name,
@@ -266,6 +279,7 @@ class Engine:
             new_index=source.index,
             allow_removals=allow_removals,
             forced=forced,
+            remap=shared.remap,
         )
         if plan.problems:
             first = plan.problems[0]
@@ -475,6 +489,14 @@ class Engine:
 
 
 @dataclass
+class _ChangeSetContext:
+    """What the modules of one change set share while they are prepared, in order."""
+
+    candidates: dict[str, types.ModuleType] = field(default_factory=dict)
+    remap: dict[int, object] = field(default_factory=dict)
+
+
+@dataclass
 class _Prepared:
     module: types.ModuleType
     source: Source
@@ -527,7 +549,7 @@ def _baseline_source(module: types.ModuleType, max_bytes: int) -> Source | None:
         text = decode_source(module.__name__, data, filename, max_bytes=max_bytes)
     except (OSError, HotpatchError):
         return None
-    return source_from_text(text, filename)
+    return source_from_text(module.__name__, text, filename)
 
 
 def _cache_lines(source: Source | None) -> None:

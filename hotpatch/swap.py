@@ -636,9 +636,16 @@ def plan_update(
     new_index: StatementIndex,
     allow_removals: bool,
     forced: frozenset[str] = frozenset(),
+    remap: dict[int, object] | None = None,
 ) -> Plan:
-    """Pair ``live`` with ``candidate`` and return what a commit must do (changes nothing)."""
+    """Pair ``live`` with ``candidate`` and return what a commit must do (changes nothing).
+
+    ``remap`` (``id(candidate object) -> live object``) is shared by the plans of one change set,
+    so that a module importing an object from another module of the set gets its live twin.
+    """
     planner = _Planner(module, live, candidate, old_index, new_index, allow_removals, forced)
+    if remap is not None:
+        planner.remap = remap
     planner.plan_module()
     if not planner.problems:
         planner.plan_closures()

@@ -15,7 +15,6 @@ all reading and patching, so a slow patch never blocks event delivery.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import importlib.util
 import os
@@ -60,11 +59,6 @@ EventKind = Literal["applied", "refused", "deleted", "ignored"]
 # they are edited (a module first seen in a batch is patched without one: see Engine.track).
 _REFRESH_INTERVAL_S = 0.5
 
-# Engine issue (reported): a candidate for ``__main__`` executes with ``__name__ == "__main__"``,
-# so the script's main guard (the program itself) would run again inside the watcher thread.
-# Until the engine runs it under another name, a ``__main__`` whose new source has a main guard
-# is refused here, visibly, instead of hanging the watcher.
-_ENGINE_RERUNS_MAIN_GUARD = True
 
 _CHANGE_EVENTS = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED})
 _WRITE_EVENTS = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED})  # a close should follow
@@ -371,9 +365,6 @@ class Watcher:
             for name, data in sources.items()
         }
         order = dependency_order(imports)
-        main = sources.get("__main__")
-        if main is not None and _ENGINE_RERUNS_MAIN_GUARD:
-            _refuse_main_guard(main, self._index.path_of("__main__"))
         return self.engine.patch_many(
             {name: sources[name] for name in order},
             allow_removals=self._allow_removals,
@@ -537,35 +528,6 @@ def _observer_reports_closes() -> bool:
     except ImportError:  # not Linux
         return False
     return Observer is InotifyObserver
-
-
-def _refuse_main_guard(data: bytes, filename: str | None) -> None:
-    try:
-        tree = ast.parse(_decode(data))
-    except (SyntaxError, ValueError):
-        return  # the engine refuses it with the details
-    for stmt in tree.body:
-        if isinstance(stmt, ast.If) and _is_main_test(stmt.test):
-            raise PatchRejected(
-                "__main__",
-                "execute",
-                "patching the script run as __main__ would run its `if __name__ == "
-                '"__main__":` block again inside the watcher (a known engine limitation); '
-                "move the code you edit into a module the script imports",
-                filename=filename,
-                lineno=stmt.lineno,
-            )
-
-
-def _is_main_test(test: ast.expr) -> bool:
-    if not (
-        isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)
-    ):
-        return False
-    sides = [test.left, test.comparators[0]]
-    has_name = any(isinstance(s, ast.Name) and s.id == "__name__" for s in sides)
-    has_main = any(isinstance(s, ast.Constant) and s.value == "__main__" for s in sides)
-    return has_name and has_main
 
 
 def _decode(data: bytes) -> str:

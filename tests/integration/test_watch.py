@@ -238,11 +238,6 @@ def test_a_multi_file_change_with_one_broken_file_applies_nothing_until_fixed(
     assert (a.f(), b.g()) == (2, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine issue: in patch_many, a candidate importing a name new in another module of the "
-    "same change set sees the live module, so the change set is refused at execute (ImportError)",
-)
 def test_a_refactor_moving_a_new_helper_between_files_applies(
     project: Project, start_watch: StartWatch
 ) -> None:

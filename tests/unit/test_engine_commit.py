@@ -360,3 +360,35 @@ def test_package_relative_imports_work(tmp_path: Path) -> None:
         sys.path.remove(str(tmp_path))
         for name in [n for n in sys.modules if n.startswith("hp_pkg_rel")]:
             del sys.modules[name]
+
+
+def test_change_set_modules_see_each_others_new_names(make_module) -> None:
+    lib = make_module("def f():\n    return 1\n")
+    user = make_module(f"from {lib.__name__} import f\n\ndef g():\n    return f()\n")
+    g = user.g
+    Engine().patch_many(
+        {
+            lib.__name__: "def f():\n    return 2\n\ndef helper():\n    return 5\n",
+            user.__name__: f"from {lib.__name__} import f, helper\n\ndef g():\n    return f() + helper()\n",
+        }
+    )
+    assert g() == 7
+    assert user.helper is lib.helper and user.f is lib.f  # the live objects, not the candidates
+    assert lib.helper.__globals__ is lib.__dict__
+
+
+def test_main_module_block_is_not_run_again(make_module) -> None:
+    import sys
+
+    source = "RUNS = []\n\ndef f():\n    return 1\n\nif __name__ == '__main__':\n    RUNS.append('main')\n    STARTED = True\n"
+    mod = make_module(source)
+    mod.RUNS.append("main")  # as if it had run as a script
+    mod.STARTED = True
+    saved = sys.modules["__main__"]
+    sys.modules["__main__"] = mod
+    mod.__name__ = "__main__"
+    try:
+        Engine().patch("__main__", source=source.replace("return 1", "return 2"))
+        assert mod.f() == 2 and mod.RUNS == ["main"] and mod.STARTED is True
+    finally:
+        sys.modules["__main__"] = saved
