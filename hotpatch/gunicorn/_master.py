@@ -18,6 +18,7 @@ next deadline, so progress never waits for gunicorn's one-second loop.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -99,6 +100,7 @@ class Controller:
         self._frozen: int | None = None
         self._published = ""
         self._originals: dict[str, Callable[..., Any]] = {}
+        self._reap_in_loop: Callable[[], None] | None = None
 
     # -- installation -----------------------------------------------------------------------
 
@@ -119,9 +121,17 @@ class Controller:
         self._override("handle_hup", self.request_rollout)
         self._override("manage_workers", self._managed(self.arbiter.manage_workers))
         self._override("spawn_worker", self._recorded(self.arbiter.spawn_worker))
-        guarded = self._guarded(self.arbiter.handle_chld)
-        self._override("handle_chld", guarded)
-        self._override("handle_cld", guarded)
+        handle_chld = self.arbiter.handle_chld
+        if len(inspect.signature(handle_chld).parameters) == 2:
+            # gunicorn <= 23 reaps inside the SIGCHLD handler, at any point of the master's
+            # code: reap from the loop instead (before each rollout step), with the halt guard.
+            signal.signal(signal.SIGCHLD, self._wake)
+            self._reap_in_loop = self._guarded(self.arbiter.reap_workers)
+        else:  # gunicorn 24+: the handler only queues, the loop calls handle_chld
+            guarded = self._guarded(handle_chld)
+            self._override("handle_chld", guarded)
+            if hasattr(self.arbiter, "handle_cld"):
+                self._override("handle_cld", guarded)
         signal.signal(WAKE_SIGNAL, self._wake)
         signal.signal(signal.SIGALRM, self._wake)
         log.info(
@@ -153,6 +163,8 @@ class Controller:
 
     def _managed(self, manage: Callable[[], None]) -> Callable[[], None]:
         def manage_workers() -> None:
+            if self._reap_in_loop is not None:
+                self._reap_in_loop()
             self.tick()
             manage()
 
