@@ -371,10 +371,9 @@ def bench_latency(ws: Workspace, lines: int, iterations: int, warmup: int = 4) -
 
 STAGES = (  # (label, module, global names tried in turn): the engine's stages, in pipeline order
     ("read file", "engine", ("read_source_file",)),
-    ("parse: ast.parse, statement index, sha256", "engine", ("parse_source",)),
-    ("build candidate", "engine", ("build_candidate",)),
-    ("  of which compile(tree)", "candidate", ("compile",)),
-    ("  of which execute the module body", "candidate", ("exec",)),
+    ("compile source, statement index, sha256", "engine", ("compile_source",)),
+    ("  of which compile(text)", "candidate", ("compile",)),
+    ("execute the candidate", "engine", ("build_candidate",)),
     ("plan: pair objects, check API, change set", "engine", ("plan_update",)),
     ("  of which signature checks (inspect.signature)", "swap", ("signature_incompatibility",)),
     ("commit at the safe point", "engine", ("commit_at_safe_point", "at_safe_point")),

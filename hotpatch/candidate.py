@@ -30,13 +30,12 @@ _INHERITED_DUNDERS = ("__file__", "__cached__", "__path__", "__package__", "__lo
 
 @dataclass(frozen=True)
 class Source:
-    """A module's source text, its file name and its content hash."""
+    """A module's source text, its file name, its content hash and its statement index."""
 
     text: str
     filename: str
     sha256: str
     index: StatementIndex = field(repr=False, compare=False)
-    tree: ast.Module | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -162,17 +161,38 @@ def decode_source(name: str, data: str | bytes, filename: str, *, max_bytes: int
         ) from None
 
 
-def parse_source(name: str, text: str, filename: str) -> Source:
-    """Parse ``text`` once; the tree feeds both compile and the statement index."""
+def compile_source(
+    name: str, text: str, filename: str, *, previous: Source | None = None
+) -> tuple[Source, types.CodeType]:
+    """Compile ``text`` and index its statements.
+
+    The code is compiled straight from the text (no Python-level syntax tree, which would cost
+    as much again). The statement index is derived from ``previous`` when given, re-parsing only
+    the top-level statements the edit touched.
+
+    Raises:
+        PatchRejected: stage ``compile``.
+    """
     try:
-        tree = ast.parse(text, filename=filename)
+        if name == "__main__":
+            tree = _definitions_only(ast.parse(text, filename=filename), name)
+            code = compile(tree, filename, "exec", dont_inherit=True)
+        else:
+            code = compile(text, filename, "exec", dont_inherit=True)
     except SyntaxError as exc:
         raise _syntax_rejection(name, exc, filename, text) from None
     except (ValueError, RecursionError, MemoryError) as exc:
-        raise PatchRejected(name, "compile", f"cannot parse: {exc}", filename=filename) from None
-    tree = _definitions_only(tree, name)
+        raise PatchRejected(name, "compile", f"cannot compile: {exc}", filename=filename) from None
     sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    return Source(text, filename, sha, StatementIndex.build(tree, text), tree)
+    index = None
+    if previous is not None:
+        keep = (lambda stmt: not _is_main_guard(stmt)) if name == "__main__" else None
+        index = previous.index.updated(previous.text, text, keep=keep)
+    if index is None:
+        index = StatementIndex.build(
+            _definitions_only(ast.parse(text, filename=filename), name), text
+        )
+    return Source(text, filename, sha, index), code
 
 
 def source_from_text(name: str, text: str, filename: str) -> Source | None:
@@ -183,7 +203,7 @@ def source_from_text(name: str, text: str, filename: str) -> Source | None:
         return None
     tree = _definitions_only(tree, name)
     sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    return Source(text, filename, sha, StatementIndex.build(tree, text), None)
+    return Source(text, filename, sha, StatementIndex.build(tree, text))
 
 
 def _definitions_only(tree: ast.Module, name: str) -> ast.Module:
@@ -230,32 +250,24 @@ def _syntax_rejection(
 def build_candidate(
     live: types.ModuleType,
     source: Source,
+    code: types.CodeType,
     *,
     siblings: Mapping[str, types.ModuleType] | None = None,
 ) -> Candidate:
-    """Compile and execute ``source`` into a fresh module object shaped like ``live``.
+    """Execute ``code`` (compiled from ``source``) into a fresh module object shaped like ``live``.
 
     Args:
         live: the live module the candidate will replace.
         source: its new source.
+        code: the source's compiled module code (``compile_source``).
         siblings: candidates of other modules of the same change set, by name: the candidate's
             own import statements get those instead of the live modules, so a name new in one
             module of a change set can be imported by another. Nothing else sees them.
 
     Raises:
-        PatchRejected: stage ``compile`` or ``execute``; nothing of the candidate is visible.
+        PatchRejected: stage ``execute``; nothing of the candidate is visible.
     """
     name = live.__name__
-    tree = source.tree if source.tree is not None else ast.parse(source.text, source.filename)
-    try:
-        code = compile(tree, source.filename, "exec", dont_inherit=True)
-    except SyntaxError as exc:
-        raise _syntax_rejection(name, exc, source.filename, source.text) from None
-    except (ValueError, RecursionError, MemoryError) as exc:
-        raise PatchRejected(
-            name, "compile", f"cannot compile: {exc}", filename=source.filename
-        ) from None
-
     module = types.ModuleType(name, None)
     namespace: dict[str, object] = module.__dict__
     for attr in _INHERITED_DUNDERS:

@@ -24,9 +24,9 @@ from hotpatch.candidate import (
     Candidate,
     Source,
     build_candidate,
+    compile_source,
     decode_source,
     live_module,
-    parse_source,
     read_source_file,
     source_from_text,
 )
@@ -251,9 +251,9 @@ class Engine:
         if given is None:
             given = read_source_file(name, filename, max_bytes=self.max_source_bytes)
         text = decode_source(name, given, filename, max_bytes=self.max_source_bytes)
-        self._attempted[name] = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        source = parse_source(name, text, filename)
-        record = self._ensure_history(name, unless_sha=source.sha256)
+        sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        self._attempted[name] = sha
+        record = self._ensure_history(name, unless_sha=sha)
         live_entry = record.live()
         old_source = live_entry.source
         if not text.strip() and (old_source is None or old_source.text.strip()):
@@ -264,10 +264,11 @@ class Engine:
                 "that has code with nothing",
                 filename=filename,
             )
-        if live_entry.version.sha256 == source.sha256:
-            return _Prepared(module, source, None, live_entry, None)
+        if old_source is not None and live_entry.version.sha256 == sha:
+            return _Prepared(module, old_source, None, live_entry, None)
+        source, code = compile_source(name, text, filename, previous=old_source)
         shared = change_set or _ChangeSetContext()
-        candidate = build_candidate(module, source, siblings=shared.candidates)
+        candidate = build_candidate(module, source, code, siblings=shared.candidates)
         shared.candidates[name] = candidate.module
         shared.remap[id(candidate.module)] = module
         forced = self._migrate(candidate, module)

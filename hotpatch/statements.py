@@ -9,10 +9,26 @@ it reads two parsed sources and answers "did the statement that binds this name 
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _NESTED_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One top-level statement: its lines and what it binds, in the module and in class bodies."""
+
+    start: int  # first line, 1-based, decorators included
+    end: int  # last line
+    texts: tuple[tuple[str, str, str], ...]  # (scope, name, statement text) of plain statements
+    bound: tuple[tuple[str, str], ...]  # (scope, name) of every name bound
+
+    def shifted(self, delta: int) -> Unit:
+        if not delta:
+            return self
+        return Unit(self.start + delta, self.end + delta, self.texts, self.bound)
 
 
 @dataclass(frozen=True)
@@ -21,18 +37,64 @@ class StatementIndex:
 
     ``texts[scope][name]`` holds the text of every plain statement (not a ``def`` or ``class``)
     that binds ``name``, with trailing white space dropped; ``bound[scope]`` every bound name.
+    The index is kept per top-level statement (``units``), so that the index of a new version
+    can be derived from the previous one by re-parsing only the statements an edit touched.
     """
 
+    units: tuple[Unit, ...]
     texts: dict[str, dict[str, tuple[str, ...]]]
     bound: dict[str, frozenset[str]]
 
     @classmethod
     def build(cls, tree: ast.Module, text: str) -> StatementIndex:
-        lines = text.splitlines()
-        texts: dict[str, dict[str, tuple[str, ...]]] = {}
-        bound: dict[str, frozenset[str]] = {}
-        _index_body(tree.body, "", lines, texts, bound)
-        return cls(texts, bound)
+        return cls.from_units(_units(tree.body, text.splitlines()))
+
+    @classmethod
+    def from_units(cls, units: list[Unit]) -> StatementIndex:
+        texts: dict[str, dict[str, tuple[str, ...]]] = {"": {}}
+        bound: dict[str, set[str]] = {"": set()}
+        for unit in units:
+            for scope, name in unit.bound:
+                bound.setdefault(scope, set()).add(name)
+            for scope, name, text in unit.texts:
+                scope_texts = texts.setdefault(scope, {})
+                scope_texts[name] = (*scope_texts.get(name, ()), text)
+        return cls(tuple(units), texts, {k: frozenset(v) for k, v in bound.items()})
+
+    def updated(
+        self, old_text: str, new_text: str, *, keep: Callable[[ast.stmt], bool] | None = None
+    ) -> StatementIndex | None:
+        """The index of ``new_text``, re-parsing only the top-level statements that changed.
+
+        Lines before the first and after the last changed line are the same statements as in
+        ``old_text`` (shifted); the statements the edit touched are parsed again. ``None`` when
+        that stretch does not parse on its own (the caller parses the whole text).
+        """
+        old = old_text.splitlines()
+        new = new_text.splitlines()
+        shortest = min(len(old), len(new))
+        prefix = 0
+        while prefix < shortest and old[prefix] == new[prefix]:
+            prefix += 1
+        suffix = 0
+        while suffix < shortest - prefix and old[-1 - suffix] == new[-1 - suffix]:
+            suffix += 1
+        first = prefix + 1  # first changed line of old_text
+        last = max(len(old) - suffix, first - 1)  # last changed line (first - 1: an insertion)
+        delta = len(new) - len(old)
+        touched = [u for u in self.units if u.start <= last and u.end >= first]
+        lo = min([u.start for u in touched] + [first])
+        hi = max([u.end for u in touched] + [last])
+        try:
+            tree = ast.parse("\n".join(new[lo - 1 : hi + delta]))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return None
+        ast.increment_lineno(tree, lo - 1)
+        body = [stmt for stmt in tree.body if keep is None or keep(stmt)]
+        units = [u for u in self.units if u.end < lo]
+        units += _units(body, new)
+        units += [u.shifted(delta) for u in self.units if u.start > hi]
+        return StatementIndex.from_units(units)
 
     def statement_changed(self, new: StatementIndex, scope: str, name: str) -> bool:
         """Whether the plain statements binding ``name`` in ``scope`` differ in ``new``."""
@@ -44,34 +106,41 @@ class StatementIndex:
         return name in self.bound.get(scope, frozenset())
 
 
-def _index_body(
-    body: list[ast.stmt],
+def _units(body: list[ast.stmt], lines: list[str]) -> list[Unit]:
+    units = []
+    for stmt in body:
+        texts: list[tuple[str, str, str]] = []
+        bound: list[tuple[str, str]] = []
+        _index_statement(stmt, "", lines, texts, bound)
+        decorators = getattr(stmt, "decorator_list", [])
+        start = min([stmt.lineno] + [d.lineno for d in decorators])
+        units.append(Unit(start, stmt.end_lineno or stmt.lineno, tuple(texts), tuple(bound)))
+    return units
+
+
+def _index_statement(
+    stmt: ast.stmt,
     scope: str,
     lines: list[str],
-    texts: dict[str, dict[str, tuple[str, ...]]],
-    bound: dict[str, frozenset[str]],
+    texts: list[tuple[str, str, str]],
+    bound: list[tuple[str, str]],
 ) -> None:
-    scope_texts: dict[str, tuple[str, ...]] = {}
-    names: set[str] = set()
-    for stmt in body:
-        if isinstance(stmt, _DEFS):
-            names.add(stmt.name)
-            if isinstance(stmt, ast.ClassDef):
-                _index_body(
-                    stmt.body, f"{scope}.{stmt.name}" if scope else stmt.name, lines, texts, bound
-                )
-            continue
-        stmt_names = bound_names(stmt)
-        if not stmt_names:
-            continue
-        segment = "\n".join(
-            line.rstrip() for line in lines[stmt.lineno - 1 : (stmt.end_lineno or stmt.lineno)]
-        )
-        names.update(stmt_names)
-        for name in stmt_names:
-            scope_texts[name] = (*scope_texts.get(name, ()), segment)
-    texts[scope] = scope_texts
-    bound[scope] = frozenset(names)
+    if isinstance(stmt, _DEFS):
+        bound.append((scope, stmt.name))
+        if isinstance(stmt, ast.ClassDef):
+            inner = f"{scope}.{stmt.name}" if scope else stmt.name
+            for child in stmt.body:
+                _index_statement(child, inner, lines, texts, bound)
+        return
+    names = bound_names(stmt)
+    if not names:
+        return
+    segment = "\n".join(
+        line.rstrip() for line in lines[stmt.lineno - 1 : (stmt.end_lineno or stmt.lineno)]
+    )
+    for name in sorted(names):
+        bound.append((scope, name))
+        texts.append((scope, name, segment))
 
 
 def bound_names(stmt: ast.stmt) -> set[str]:
@@ -95,7 +164,9 @@ def bound_names(stmt: ast.stmt) -> set[str]:
         if type_alias is not None and isinstance(node, type_alias):
             found.add(node.name.id)
             continue
-        if isinstance(node, (_NESTED_SCOPES, ast.ListComp | ast.SetComp | ast.DictComp | ast.GeneratorExp)):
+        if isinstance(
+            node, (_NESTED_SCOPES, ast.ListComp | ast.SetComp | ast.DictComp | ast.GeneratorExp)
+        ):
             continue
         todo.extend(ast.iter_child_nodes(node))
     return found

@@ -23,6 +23,7 @@ import contextlib
 import enum
 import functools
 import gc
+import inspect
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -340,6 +341,8 @@ class _Planner:
         self.changed.append(name)
 
     def check_signature(self, old: types.FunctionType, new: types.FunctionType, path: str) -> None:
+        if _parameter_shape(old) == _parameter_shape(new):
+            return  # same names, kinds and defaults present: every old call still binds
         reason = signature_incompatibility(old, new)
         if reason:
             self.problems.append(
@@ -603,6 +606,28 @@ class _Planner:
             rebound = self.rebind(value)
             if rebound is not value:
                 setattr(cls, name, rebound)
+
+
+_VARARGS_FLAGS = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
+
+
+def _parameter_shape(func: types.FunctionType) -> tuple[object, ...]:
+    """What decides which calls a function accepts, read cheaply from its code object."""
+    code = func.__code__
+    count = code.co_argcount + code.co_kwonlyargcount
+    flags = code.co_flags & _VARARGS_FLAGS
+    names = code.co_varnames[
+        : count + bool(flags & inspect.CO_VARARGS) + bool(flags & inspect.CO_VARKEYWORDS)
+    ]
+    return (
+        code.co_argcount,
+        code.co_posonlyargcount,
+        code.co_kwonlyargcount,
+        flags,
+        names,
+        len(func.__defaults__ or ()),
+        frozenset(func.__kwdefaults__ or ()),
+    )
 
 
 def _cell_value(cell: types.CellType) -> object:
