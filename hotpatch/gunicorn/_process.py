@@ -87,7 +87,7 @@ class GunicornServer:
         args = [python, "-m", "gunicorn", "--bind", bind,
                 "--workers", str(workers), "--graceful-timeout", "10"]
         if python == sys.executable and _has_control_socket():
-            args.append("--no-control-socket")  # gunicorn 24+: a per-user socket, not ours
+            args.append("--no-control-socket")  # newer gunicorn: one per-user socket path, shared
         if config:
             args += ["-c", config]
         args += [*extra_args, app]
