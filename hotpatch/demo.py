@@ -180,6 +180,7 @@ def run_in_process_demo(print_fn: Callable[[str], object] = print) -> bool:
         say(f"\n== In-process hot patching: a threaded HTTP app on http://127.0.0.1:{port}/ ==")
         with _Load(port, clients=4) as load:
             load.wait_for("from v1")
+            load.settle(40)
             say(f"serving v1 under load: {load.ok} requests so far, {load.failed} failed")
 
             result = engine.patch(APP_NAME, source=APP_V2)
@@ -228,6 +229,10 @@ def run_in_process_demo(print_fn: Callable[[str], object] = print) -> bool:
 
         versions = ", ".join(f"{body!r} x{n}" for body, n in sorted(load.bodies.items()))
         say(f"responses: {versions}")
+        say(
+            "(v4 answered the requests that arrived between its commit and its health check's "
+            "rollback: health checks run on the live version, verifiers before it goes live)"
+        )
         say(f"requests served: {load.ok}, failures: {load.failed}")
         for failure in load.failures[:5]:
             say(f"  failure: {failure}")
