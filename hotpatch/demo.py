@@ -191,31 +191,23 @@ def run_in_process_demo(print_fn: Callable[[str], object] = print) -> bool:
                 f"live state kept (hits: {sys.modules[APP_NAME].HITS['count']})"
             )
 
-            for label, source in (
-                ("syntax error", BROKEN_SYNTAX),
-                ("exception at import", BROKEN_IMPORT),
-            ):
+            def refused(tag: str, label: str, source: str) -> bool:
                 try:
                     engine.patch(APP_NAME, source=source)
-                    ok_steps = False
-                    say(f"[UNEXPECTED]  the patch with a {label} was applied")
                 except PatchRejected as exc:
-                    say(f"[refused]     {label}: {exc}")
-            load.settle()
+                    say(f"{tag:<13} {label}: {exc}")
+                    return True
+                say(f"[UNEXPECTED]  {label}: the patch stayed live")
+                return False
 
             engine.verifier(APP_NAME)(_answers_200)
-            try:
-                engine.patch(APP_NAME, source=ANSWERS_500)
-                ok_steps = False
-                say("[UNEXPECTED]  the patch answering 500 was applied")
-            except PatchRejected as exc:
-                say(f"[refused]     answers 500: {exc}")
-            try:
-                engine.patch(APP_NAME, source=UNHEALTHY)
-                ok_steps = False
-                say("[UNEXPECTED]  the unhealthy patch stayed live")
-            except PatchRejected as exc:
-                say(f"[rolled back] failed its health check after commit: {exc}")
+            outcomes = [
+                refused("[refused]", "syntax error", BROKEN_SYNTAX),
+                refused("[refused]", "exception at import", BROKEN_IMPORT),
+                refused("[refused]", "answers 500", ANSWERS_500),
+                refused("[rolled back]", "failed its health check after commit", UNHEALTHY),
+            ]
+            ok_steps = ok_steps and all(outcomes)
             load.settle()
 
             baseline = engine.history(APP_NAME)[-1]

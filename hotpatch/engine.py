@@ -476,14 +476,7 @@ class Engine:
             # The module is live: start its record (a file holding the refused source is not
             # taken as the baseline).
             record = self._ensure_history(exc.module, unless_sha=sha)
-        log.warning(
-            "patch.rejected",
-            module=exc.module,
-            stage=exc.stage,
-            reason=exc.reason,
-            filename=exc.filename,
-            lineno=exc.lineno,
-        )
+        log.warning("patch.rejected", **exc.details())
         if record is None:
             return
         record.add_rejected(sha, exc.stage, str(exc))

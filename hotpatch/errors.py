@@ -54,6 +54,16 @@ class PatchRejected(HotpatchError):
             where = f"{filename}:{lineno}"
         super().__init__(f"{where}: patch of {module!r} refused at {stage}: {reason}")
 
+    def details(self) -> dict[str, object]:
+        """The refusal as log context: module, stage, reason, filename, lineno."""
+        return {
+            "module": self.module,
+            "stage": self.stage,
+            "reason": self.reason,
+            "filename": self.filename,
+            "lineno": self.lineno,
+        }
+
     def __reduce__(self) -> tuple[object, ...]:  # keep pickling (multiprocessing) working
         return (
             _rebuild_rejected,

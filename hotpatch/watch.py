@@ -406,11 +406,7 @@ class Watcher:
         modules = tuple(sorted({n for p in files for n in self._index.modules_for(p)}))
         log.warning(
             "watch.change_refused",
-            module=exc.module,
-            file=exc.filename,
-            lineno=exc.lineno,
-            stage=exc.stage,
-            reason=exc.reason,
+            **exc.details(),
             files=sorted(files),
             modules=list(modules),
             running="previous version",
