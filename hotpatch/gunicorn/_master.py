@@ -11,6 +11,10 @@ of the arbiter's methods on the instance (the class is untouched):
 - ``handle_chld``: a guard so that a worker exiting with gunicorn's boot/load error codes (3, 4)
   never halts a server that has served (workers already exit with other codes; this is the net).
 
+In watch mode (``HOTPATCH_WATCH=1``) ``manage_workers`` also polls the app directory's sources
+when a scan is due (``_watch.py``) and requests a rollout, as SIGHUP does, when saved content
+changed.
+
 Workers wake the master with ``WAKE_SIGNAL`` after each report; a ``SIGALRM`` timer wakes it at the
 next deadline, so progress never waits for gunicorn's one-second loop.
 """
@@ -57,6 +61,7 @@ from hotpatch.gunicorn._state import (
     remove_report,
     write_json_atomic,
 )
+from hotpatch.gunicorn._watch import ChangeDetector, hash_sources, scan_sources
 from hotpatch.gunicorn._worker import SpawnPlan
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
@@ -66,6 +71,15 @@ PRELOAD_REFUSAL = (
     "imported at start-up and a rollout could never load new code; remove --preload "
     "(preload_app = False) to roll workers one at a time, or restart the master (or send it "
     "SIGUSR2, then SIGTERM to the old master) to load new code"
+)
+WATCH_PRELOAD_REFUSAL = (
+    "watch mode is off: it runs a rolling reload on each save, and rolling reload is disabled "
+    "because preload_app is on; remove --preload (preload_app = False) to use HOTPATCH_WATCH"
+)
+GUNICORN_RELOAD_WARNING = (
+    "gunicorn's own reload setting is also on: it restarts every worker at once and serves "
+    "tracebacks while the code is broken; drop --reload (reload = False), HOTPATCH_WATCH "
+    "replaces it with a rolling, health-checked reload"
 )
 _MAX_EVENTS = 200
 
@@ -101,6 +115,9 @@ class Controller:
         self._published = ""
         self._originals: dict[str, Callable[..., Any]] = {}
         self._reap_in_loop: Callable[[], None] | None = None
+        self.watcher: ChangeDetector | None = None
+        self.watch_disabled_reason: str | None = None
+        self.watch_stats: dict[str, Any] = {"rollouts_requested": 0, "changes_ignored": 0}
 
     # -- installation -----------------------------------------------------------------------
 
@@ -110,9 +127,15 @@ class Controller:
         if self.arbiter.cfg.preload_app:
             self.disabled_reason = PRELOAD_REFUSAL
             log.error("rollout.disabled", master_pid=self.arbiter.pid, reason=PRELOAD_REFUSAL)
+            if self.settings.watch:
+                self.watch_disabled_reason = WATCH_PRELOAD_REFUSAL
+                log.error("watch.disabled", master_pid=self.arbiter.pid,
+                          reason=WATCH_PRELOAD_REFUSAL)
             self._override("handle_hup", self.request_rollout)
             self.publish()
             return
+        if self.settings.watch:  # baseline first: a save during the snapshot is not missed
+            self._start_watching()
         release = take_snapshot(
             self.app_dir, self.state_dir / "releases", number=0, exclude=self.state_dir
         )
@@ -139,6 +162,8 @@ class Controller:
             app_dir=str(self.app_dir), state_dir=str(self.state_dir),
             health_path=self.settings.health_path,
         )
+        if self.watcher is not None:
+            self._arm_timer(self.watcher.next_scan_at())
         self.publish()
 
     def _override(self, name: str, fn: Callable[..., Any]) -> None:
@@ -165,6 +190,7 @@ class Controller:
         def manage_workers() -> None:
             if self._reap_in_loop is not None:
                 self._reap_in_loop()
+            self.poll_sources()
             self.tick()
             manage()
 
@@ -292,7 +318,65 @@ class Controller:
                 self._finish(rollout)
             else:
                 self._freeze()
-                self._arm_timer(rollout.next_deadline())
+        self._arm_timer(self._next_wakeup())
+        self.publish()
+
+    def _next_wakeup(self) -> float | None:
+        """The earliest of the rollout's next deadline and the next source scan."""
+        times = []
+        if self.rollout is not None:
+            times.append(self.rollout.next_deadline())
+        if self.watcher is not None:
+            times.append(self.watcher.next_scan_at())
+        return min((t for t in times if t is not None), default=None)
+
+    # -- watch mode -------------------------------------------------------------------------
+
+    def _scan_root(self) -> tuple[str, str]:
+        """The app directory and the state directory, resolved now (``current`` symlinks)."""
+        return os.path.realpath(self.app_dir), os.path.realpath(self.state_dir)
+
+    def _start_watching(self) -> None:
+        root, exclude = self._scan_root()
+        started = time.monotonic()
+        signature = scan_sources(root, exclude=exclude)
+        scanned = time.monotonic()
+        hashes = hash_sources(root, list(signature))
+        self.watcher = ChangeDetector(signature, hashes, now=time.monotonic(),
+                                      interval_s=self.settings.watch_interval_s)
+        self.watch_stats.update(files=len(signature), scan_ms=round((scanned - started) * 1e3, 2))
+        log.info("watch.started", master_pid=self.arbiter.pid, app_dir=root,
+                 files=len(signature), interval_s=self.settings.watch_interval_s,
+                 scan_ms=self.watch_stats["scan_ms"],
+                 hash_ms=round((time.monotonic() - scanned) * 1e3, 2))
+        if self.arbiter.cfg.reload:
+            log.warning("watch.gunicorn_reload_detected", master_pid=self.arbiter.pid,
+                        advice=GUNICORN_RELOAD_WARNING)
+
+    def poll_sources(self) -> None:
+        """Watch mode: scan the sources if a scan is due; request a rollout for new content."""
+        watcher = self.watcher
+        if watcher is None or not watcher.is_scan_due(time.monotonic()):
+            return
+        root, exclude = self._scan_root()
+        started = time.monotonic()
+        signature = scan_sources(root, exclude=exclude)
+        now = time.monotonic()
+        seen = watcher.observe(signature, now=now, scan_s=now - started,
+                               hash_of=lambda rel: hash_sources(root, [rel]).get(rel))
+        if not seen.is_batch:
+            return
+        if seen.unchanged:
+            self.watch_stats["changes_ignored"] += 1
+            self.watch_stats["last_ignored"] = sorted(seen.unchanged)
+            log.debug("watch.change_skipped", files=sorted(seen.unchanged),
+                      reason="content unchanged")
+        if seen.changed:
+            self.watch_stats["rollouts_requested"] += 1
+            self.watch_stats["last_changed"] = sorted(seen.changed)
+            log.info("watch.change_detected", master_pid=self.arbiter.pid,
+                     files=sorted(seen.changed), rollout_running=self.rollout is not None)
+            self.request_rollout()
         self.publish()
 
     def _execute(self, action: Action) -> None:
@@ -499,6 +583,17 @@ class Controller:
             "pending": self.pending,
             "rollout": current,
             "last_rollout": self.last_rollout,
+            "watch": self._watch_state(),
+        }
+
+    def _watch_state(self) -> dict[str, Any] | None:
+        if self.watcher is None and self.watch_disabled_reason is None:
+            return None
+        return {
+            "enabled": self.watcher is not None,
+            "disabled_reason": self.watch_disabled_reason,
+            "interval_s": self.settings.watch_interval_s,
+            **self.watch_stats,
         }
 
     def publish(self) -> None:

@@ -26,8 +26,13 @@ ENV_VARS: dict[str, str] = {
     "retire_timeout_s": "HOTPATCH_RETIRE_TIMEOUT",
     "app_dir": "HOTPATCH_APP_DIR",
     "state_dir": "HOTPATCH_STATE_DIR",
+    "watch": "HOTPATCH_WATCH",
+    "watch_interval_s": "HOTPATCH_WATCH_INTERVAL",
 }
 _SECONDS = ("boot_timeout_s", "health_timeout_s", "settle_s", "retire_timeout_s")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+MIN_WATCH_INTERVAL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,9 @@ class Settings:
         state_dir: where releases, reports and ``state.json`` live (``None``: derived from the
             master's pid, see ``default_state_dir``).
         checks: extra checks run in each new worker after the health probe.
+        watch: development mode: the master polls the app directory's Python sources and runs a
+            rollout when one is saved with new content (instead of gunicorn's ``--reload``).
+        watch_interval_s: the time between two polls of the app directory in watch mode.
     """
 
     health_path: str | None = None
@@ -57,6 +65,8 @@ class Settings:
     app_dir: Path | None = None
     state_dir: Path | None = None
     checks: tuple[HealthCheckFn, ...] = field(default=())
+    watch: bool = False
+    watch_interval_s: float = 0.25
 
 
 _configured: dict[str, Any] = {}
@@ -72,6 +82,8 @@ def configure(
     app_dir: str | os.PathLike[str] | None = None,
     state_dir: str | os.PathLike[str] | None = None,
     checks: Sequence[HealthCheckFn] | None = None,
+    watch: bool | None = None,
+    watch_interval_s: float | None = None,
 ) -> None:
     """Set rollout settings from a gunicorn config file (see ``Settings`` for each one).
 
@@ -88,6 +100,8 @@ def configure(
         "retire_timeout_s": retire_timeout_s,
         "app_dir": app_dir,
         "state_dir": state_dir,
+        "watch": watch,
+        "watch_interval_s": watch_interval_s,
     }
     for name, value in given.items():
         if value is not None:
@@ -126,6 +140,16 @@ def _validate(name: str, value: object, *, source: str) -> Any:
         if any(c.isspace() for c in value):
             raise ConfigError(f"{source}: the health path must not contain spaces: {value!r}")
         return value
+    if name == "watch":
+        return _flag(value, source=source)
+    if name == "watch_interval_s":
+        seconds = _seconds(value, source=source)
+        if seconds < MIN_WATCH_INTERVAL_S:
+            raise ConfigError(
+                f"{source}: the watch interval must be at least {MIN_WATCH_INTERVAL_S} s "
+                f"(shorter keeps the master busy scanning), got {value!r}"
+            )
+        return seconds
     if name in _SECONDS:
         return _seconds(value, source=source, allow_zero=name == "settle_s")
     if name in ("app_dir", "state_dir"):
@@ -149,3 +173,18 @@ def _seconds(value: object, *, source: str, allow_zero: bool = False) -> float:
         kind = "a non-negative" if allow_zero else "a positive"
         raise ConfigError(f"{source}: expected {kind} number of seconds, got {value!r}")
     return seconds
+
+
+def _flag(value: object, *, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    raise ConfigError(
+        f"{source}: expected one of 1, true, yes, on (watch) or 0, false, no, off (do not watch), "
+        f"got {value!r}"
+    )
