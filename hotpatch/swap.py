@@ -496,7 +496,7 @@ class _Planner:
             return
         if not old_funcs and not new_funcs:
             taken = name in _CLASS_TAKE_NEW or self.take_new(scope, name, ov, nv)
-            if taken and not _same_value(ov, nv):
+            if taken and not _same_value(ov, nv) and not _same_repr(ov, nv):
                 self.ops.append(SetAttr(cls, name, self.rebind(nv)))
                 self.changed.append(member)
             return
@@ -510,6 +510,8 @@ class _Planner:
                 self.check_signature(old_funcs[0], new_funcs[0], member)
             if all(self.update_function(o, n, member) for o, n in zip(old_funcs, new_funcs)):
                 return
+            if all(_same_generated(o, n) for o, n in zip(old_funcs, new_funcs)):
+                return  # made by a decorator (dataclass __init__...), identical: keep the live one
         elif public and isinstance(ov, types.FunctionType) != isinstance(nv, types.FunctionType):
             self.problems.append(
                 Problem(
@@ -628,6 +630,28 @@ def _parameter_shape(func: types.FunctionType) -> tuple[object, ...]:
         len(func.__defaults__ or ()),
         frozenset(func.__kwdefaults__ or ()),
     )
+
+
+def _same_generated(old: types.FunctionType, new: types.FunctionType) -> bool:
+    """Two functions generated outside the module (by dataclasses, attrs...) that behave alike."""
+    return (
+        same_behavior(old.__code__, new.__code__)
+        and _same_value(old.__defaults__, new.__defaults__)
+        and _same_value(old.__kwdefaults__, new.__kwdefaults__)
+    )
+
+
+_REPR_COMPARED = frozenset({"Field", "_DataclassParams", "dict", "tuple"})
+
+
+def _same_repr(a: object, b: object) -> bool:
+    """Decorator-made class attributes (dataclass fields and params) compared by their repr."""
+    if type(a) is not type(b) or type(a).__name__ not in _REPR_COMPARED:
+        return False
+    try:
+        return repr(a) == repr(b)
+    except Exception:  # a repr that raises means "not known equal"
+        return False
 
 
 def _cell_value(cell: types.CellType) -> object:

@@ -392,3 +392,52 @@ def test_main_module_block_is_not_run_again(make_module) -> None:
         assert mod.f() == 2 and mod.RUNS == ["main"] and mod.STARTED is True
     finally:
         sys.modules["__main__"] = saved
+
+
+DATACLASS = """
+import asyncio
+from dataclasses import dataclass
+
+@dataclass
+class Point:
+    x: int = 0
+    y: int = 0
+
+    def norm(self):
+        return abs(self.x) + abs(self.y)
+
+class Child:
+    @property
+    def p(self):
+        return 1
+
+async def fetch():
+    return "old"
+
+def gen():
+    yield "old"
+"""
+
+
+def test_dataclasses_coroutines_generators_and_properties(make_module) -> None:
+    import asyncio
+
+    mod = make_module(DATACLASS)
+    point, child = mod.Point(3, -4), mod.Child()
+    engine = Engine()
+    result = engine.patch(mod.__name__, source=DATACLASS.replace('yield "old"', 'yield "new"'))
+    assert result.changed == ("gen",)  # the dataclass's generated methods did not change
+    source = (
+        DATACLASS.replace("abs(self.x) + abs(self.y)", "self.x**2 + self.y**2")
+        .replace("    y: int = 0\n", "    y: int = 1\n")
+        .replace('return "old"', 'return "new"')
+        .replace(
+            "    def p(self):\n        return 1\n",
+            "    def p(self):\n        return self._p\n\n    @p.setter\n    def p(self, value):\n        self._p = value\n",
+        )
+    )
+    engine.patch(mod.__name__, source=source)
+    assert point.norm() == 25 and mod.Point() == mod.Point(0, 1)
+    assert asyncio.run(mod.fetch()) == "new" and next(mod.gen()) == "old"
+    child.p = 7
+    assert child.p == 7
