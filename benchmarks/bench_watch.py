@@ -107,14 +107,22 @@ class Tool:
 
 
 TOOLS = [
-    Tool("hotpatch", "in-process",
-         lambda d, port: [sys.executable, "-m", "hotpatch", "run", "app.py", str(port)]),
-    Tool("jurigged", "in-process",
-         lambda d, port: [sys.executable, "-m", "jurigged", "-w", str(d), "app.py", str(port)]),
-    Tool("werkzeug", "restart",
-         lambda d, port: [sys.executable, "serve_werkzeug.py", str(port)]),
-    Tool("hupper", "restart",
-         lambda d, port: [str(Path(sys.executable).with_name("hupper")), "-m", "app", str(port)]),
+    Tool(
+        "hotpatch",
+        "in-process",
+        lambda d, port: [sys.executable, "-m", "hotpatch", "run", "app.py", str(port)],
+    ),
+    Tool(
+        "jurigged",
+        "in-process",
+        lambda d, port: [sys.executable, "-m", "jurigged", "-w", str(d), "app.py", str(port)],
+    ),
+    Tool("werkzeug", "restart", lambda d, port: [sys.executable, "serve_werkzeug.py", str(port)]),
+    Tool(
+        "hupper",
+        "restart",
+        lambda d, port: [str(Path(sys.executable).with_name("hupper")), "-m", "app", str(port)],
+    ),
 ]
 
 
@@ -199,8 +207,14 @@ def run_tool(tool: Tool, saves: int, work: Path, log: Path) -> list[Result]:
     with log.open("a") as out:
         out.write(f"\n=== {tool.name}: {' '.join(tool.command(directory, port))}\n")
         out.flush()
-        proc = subprocess.Popen(tool.command(directory, port), cwd=directory, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            tool.command(directory, port),
+            cwd=directory,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     poller = Poller(port)
     results = []
     try:
@@ -244,17 +258,26 @@ def run_tool(tool: Tool, saves: int, work: Path, log: Path) -> list[Result]:
 
 def describe(r: Result) -> str:
     median, p95 = r.quantile(0.5), r.quantile(0.95)
-    timing = (f"median {median:7.1f} ms  p95 {p95:7.1f} ms" if median is not None and p95 is not None
-              else "median      -       p95      -   ")
+    timing = (
+        f"median {median:7.1f} ms  p95 {p95:7.1f} ms"
+        if median is not None and p95 is not None
+        else "median      -       p95      -   "
+    )
     down = r.unavailable_ms / r.saves if r.saves else 0.0
     return f"{timing}  missed {r.missed:3}/{r.saves:<3}  refusing requests {down:6.1f} ms/save"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--saves", type=int, default=100, help="saves per pattern, in-process tools")
-    parser.add_argument("--restart-saves", type=int, default=20,
-                        help="saves per pattern for the (slow) restart reloaders")
+    parser.add_argument(
+        "--saves", type=int, default=100, help="saves per pattern, in-process tools"
+    )
+    parser.add_argument(
+        "--restart-saves",
+        type=int,
+        default=20,
+        help="saves per pattern for the (slow) restart reloaders",
+    )
     parser.add_argument("--tools", default="hotpatch,jurigged,werkzeug,hupper")
     args = parser.parse_args()
     wanted = args.tools.split(",")
@@ -262,8 +285,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_watch_") as tmp:
         work = Path(tmp)
         log = work / "tools.log"
-        print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; tool output in {log} "
-              "(removed at exit)")
+        print(
+            f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; tool output in {log} "
+            "(removed at exit)"
+        )
         for tool in TOOLS:
             if tool.name not in wanted:
                 continue

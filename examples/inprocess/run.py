@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import pricing  # noqa: E402
-from pricing import quote  # noqa: E402  a binding taken before any patch
+import pricing
+from pricing import quote
 
-import hotpatch  # noqa: E402
+import hotpatch
 
 SOURCE = Path(pricing.__file__).read_text()
 stop = threading.Event()
@@ -31,7 +31,7 @@ def caller() -> None:
             quote("pen", 2.0)
             basket.total()
             calls["ok"] += 1
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             calls["failed"] += 1
             print("call failed:", exc)
 
@@ -50,7 +50,9 @@ def quotes_are_positive() -> None:
 def attempt(label: str, source: str) -> None:
     try:
         result = hotpatch.patch("pricing", source=source)
-        print(f"applied   {label}: changed {', '.join(result.changed)} ({result.duration_s * 1e3:.1f} ms)")
+        print(
+            f"applied   {label}: changed {', '.join(result.changed)} ({result.duration_s * 1e3:.1f} ms)"
+        )
     except hotpatch.PatchRejected as exc:
         print(f"refused   {label}: stage={exc.stage}: {exc}")
 
@@ -60,13 +62,27 @@ for t in threads:
     t.start()
 try:
     print("before:", quote("book", 10.0), "basket:", basket.total())
-    attempt("a fix (add the handling fee)", SOURCE.replace("total = amount + tax(amount)", "total = amount + tax(amount) + 0.5"))
-    print("after: ", quote("book", 10.0), "basket:", basket.total(), "cached quotes:", len(pricing.QUOTES))
-    attempt("an API break", SOURCE.replace("def quote(sku, amount):", "def quote(sku):\n    amount = 1"))
+    attempt(
+        "a fix (add the handling fee)",
+        SOURCE.replace("total = amount + tax(amount)", "total = amount + tax(amount) + 0.5"),
+    )
+    print(
+        "after: ",
+        quote("book", 10.0),
+        "basket:",
+        basket.total(),
+        "cached quotes:",
+        len(pricing.QUOTES),
+    )
+    attempt(
+        "an API break", SOURCE.replace("def quote(sku, amount):", "def quote(sku):\n    amount = 1")
+    )
     attempt("a bad constant", SOURCE.replace("TAX_RATE = 0.20", "TAX_RATE = 20"))
     attempt("a negative quote", SOURCE.replace("return total", "return -total"))
     for version in hotpatch.history("pricing"):
-        print(f"history   {version.id} {version.outcome}{' (live)' if version.is_live else ''} {version.stage or ''}")
+        print(
+            f"history   {version.id} {version.outcome}{' (live)' if version.is_live else ''} {version.stage or ''}"
+        )
     hotpatch.rollback("pricing")
     print("rolled back on request:", quote("book", 10.0))
 finally:

@@ -27,8 +27,12 @@ class Driver:
         self.now = 100.0
         self.next_pid = 1000
         self.rollout = Rollout.start(
-            rollout_id=1, target=NEW, known_good=OLD,
-            workers={pid: OLD for pid in range(1, size + 1)}, size=size, timeouts=TIMEOUTS,
+            rollout_id=1,
+            target=NEW,
+            known_good=OLD,
+            workers={pid: OLD for pid in range(1, size + 1)},
+            size=size,
+            timeouts=TIMEOUTS,
             now=self.now,
         )
         self.log: list[Action] = []

@@ -159,8 +159,9 @@ def test_describe_syntax_error_names_the_app_file(tmp_path: Path) -> None:
     try:
         compile("def f(:\n", str(release / "app.py"), "exec")
     except SyntaxError as exc:
-        reason, text = describe_exception(exc, stage="load", release_dir=release,
-                                          app_dir=tmp_path / "app")
+        reason, text = describe_exception(
+            exc, stage="load", release_dir=release, app_dir=tmp_path / "app"
+        )
     assert reason.startswith(f"{tmp_path / 'app' / 'app.py'}:1: SyntaxError")
     assert reason.endswith("(stage: load)")
     assert str(release) not in text
