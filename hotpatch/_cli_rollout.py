@@ -24,7 +24,10 @@ HELP = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_master_arguments(parser)
     parser.add_argument(
-        "--timeout", type=float, default=600.0, metavar="SECONDS",
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
         help="give up waiting after this long (default: 600)",
     )
 
@@ -52,14 +55,14 @@ def describe_event(event: dict[str, Any]) -> str:
     release = event.get("release")
     texts = {
         "rollout.started": f"rollout of {release} started (known-good {event.get('known_good')}, "
-                           f"{event.get('size')} workers)",
+        f"{event.get('size')} workers)",
         "worker.spawned": f"worker {pid} spawned on {release}",
         "worker.healthy": f"worker {pid} healthy ({event.get('check_s')} s check)",
         "worker.retired": f"worker {pid} ({release}) retired",
         "worker.failed": f"worker {pid} FAILED: {event.get('reason')}",
         "worker.killed": f"worker {pid} killed: {event.get('reason')}",
         "rollout.failed": f"rollout FAILED: {event.get('reason')}; rolling back to "
-                          f"{event.get('known_good')}",
+        f"{event.get('known_good')}",
         "rollout.completed": f"rollout completed: every worker runs {release}",
         "rollout.rolled_back": f"rolled back: every worker runs {release}",
         "rollout.rollback_failed": f"ROLLBACK FAILED: {event.get('reason')}",
@@ -75,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
         rollout_id = start_rollout(pid, state_dir)
         print(f"rollout {rollout_id} requested from gunicorn master {pid}", file=out, flush=True)
         record = wait_for_rollout(
-            pid, rollout_id, timeout_s=args.timeout, state_dir=state_dir,
+            pid,
+            rollout_id,
+            timeout_s=args.timeout,
+            state_dir=state_dir,
             on_event=lambda event: print(describe_event(event), file=out, flush=True),
         )
     except HotpatchError as exc:
@@ -83,11 +89,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     error = rollout_error(record)
     if error is None:
-        print(f"OK: rollout {rollout_id} completed in {record.get('duration_s')} s; "
-              f"release {record.get('release')} is live", file=out)
+        print(
+            f"OK: rollout {rollout_id} completed in {record.get('duration_s')} s; "
+            f"release {record.get('release')} is live",
+            file=out,
+        )
         return 0
-    print(f"FAILED: rollout {record.get('id')} {record.get('outcome')}: {error.reason}",
-          file=sys.stderr)
+    print(
+        f"FAILED: rollout {record.get('id')} {record.get('outcome')}: {error.reason}",
+        file=sys.stderr,
+    )
     if record.get("error"):
         print(str(record["error"]).rstrip(), file=sys.stderr)
     return 1

@@ -27,22 +27,29 @@ def run(args: argparse.Namespace) -> int:
         return 2
     state = read_state(pid, args.state_dir)
     if state is None:
-        print(f"hotpatch status: no hotpatch state for pid {pid} in "
-              f"{state_dir_for(pid, args.state_dir)}", file=sys.stderr)
+        print(
+            f"hotpatch status: no hotpatch state for pid {pid} in "
+            f"{state_dir_for(pid, args.state_dir)}",
+            file=sys.stderr,
+        )
         return 2
     if args.json:
         print(json.dumps(state, indent=2, sort_keys=True))
         return 0
-    print(f"gunicorn master {pid}: known-good release {state.get('known_good')}, "
-          f"{state.get('size')} workers, app {state.get('app_dir')}")
+    print(
+        f"gunicorn master {pid}: known-good release {state.get('known_good')}, "
+        f"{state.get('size')} workers, app {state.get('app_dir')}"
+    )
     if not state.get("rolling"):
         print(f"rolling reload DISABLED: {state.get('disabled_reason')}")
     for worker in state.get("workers", []):
         print(f"  worker {worker['pid']:>7}  {worker.get('release')}  {worker.get('phase')}")
     current = state.get("rollout")
     if current:
-        print(f"rollout {current['id']} in progress ({current.get('mode')}) to "
-              f"{current.get('release')}")
+        print(
+            f"rollout {current['id']} in progress ({current.get('mode')}) to "
+            f"{current.get('release')}"
+        )
     if state.get("pending"):
         print("one more rollout is queued")
     last = state.get("last_rollout")

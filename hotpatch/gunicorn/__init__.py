@@ -115,8 +115,12 @@ def install(
         ConfigError: a setting is invalid.
     """
     configure(
-        health_path=health_path, boot_timeout_s=boot_timeout_s,
-        health_timeout_s=health_timeout_s, settle_s=settle_s, checks=checks, **settings,
+        health_path=health_path,
+        boot_timeout_s=boot_timeout_s,
+        health_timeout_s=health_timeout_s,
+        settle_s=settle_s,
+        checks=checks,
+        **settings,
     )
     for name, hook in _HOOKS.items():
         existing = namespace.get(name)

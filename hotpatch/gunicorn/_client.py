@@ -135,5 +135,6 @@ def rollout_error(record: dict[str, Any]) -> RolloutFailed | None:
         return None
     reason = str(record.get("reason") or record.get("outcome"))
     pid = record.get("worker_pid")
-    return RolloutFailed(reason, rolled_back=bool(record.get("rolled_back")),
-                         worker_pid=int(pid) if pid else None)
+    return RolloutFailed(
+        reason, rolled_back=bool(record.get("rolled_back")), worker_pid=int(pid) if pid else None
+    )

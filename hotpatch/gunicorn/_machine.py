@@ -147,8 +147,12 @@ class Rollout:
     ) -> Rollout:
         """Begin a rollout with ``workers`` (pid -> release) serving."""
         rollout = cls(
-            rollout_id=rollout_id, target=target, known_good=known_good, size=max(size, 1),
-            timeouts=timeouts, started_at=now,
+            rollout_id=rollout_id,
+            target=target,
+            known_good=known_good,
+            size=max(size, 1),
+            timeouts=timeouts,
+            started_at=now,
         )
         for pid in sorted(workers):
             rollout._add(pid, workers[pid], "ready", now)
@@ -285,15 +289,18 @@ class Rollout:
         actions: list[Action] = []
         for slot in list(self.workers.values()):
             if slot.phase == "booting" and now >= slot.spawned_at + t.boot_s:
-                reason = (f"worker {slot.pid} did not load the app within {t.boot_s:g} s "
-                          "(stage: boot)")
+                reason = (
+                    f"worker {slot.pid} did not load the app within {t.boot_s:g} s (stage: boot)"
+                )
                 self._set(slot, "killed", now)
                 slot.kill_sent = True
                 actions.append(Kill(slot.pid, reason))
                 self._record_failure(Failure(slot.pid, slot.release, "boot", reason))
             elif slot.phase == "loaded" and now >= slot.since + t.health_s + HEALTH_GRACE_S:
-                reason = (f"worker {slot.pid}: health check did not finish within {t.health_s:g} s "
-                          "(stage: health)")
+                reason = (
+                    f"worker {slot.pid}: health check did not finish within {t.health_s:g} s "
+                    "(stage: health)"
+                )
                 self._set(slot, "killed", now)
                 slot.kill_sent = True
                 actions.append(Kill(slot.pid, reason))

@@ -129,8 +129,9 @@ class Controller:
             log.error("rollout.disabled", master_pid=self.arbiter.pid, reason=PRELOAD_REFUSAL)
             if self.settings.watch:
                 self.watch_disabled_reason = WATCH_PRELOAD_REFUSAL
-                log.error("watch.disabled", master_pid=self.arbiter.pid,
-                          reason=WATCH_PRELOAD_REFUSAL)
+                log.error(
+                    "watch.disabled", master_pid=self.arbiter.pid, reason=WATCH_PRELOAD_REFUSAL
+                )
             self._override("handle_hup", self.request_rollout)
             self.publish()
             return
@@ -158,8 +159,11 @@ class Controller:
         signal.signal(WAKE_SIGNAL, self._wake)
         signal.signal(signal.SIGALRM, self._wake)
         log.info(
-            "rollout.enabled", master_pid=self.arbiter.pid, release=release.id,
-            app_dir=str(self.app_dir), state_dir=str(self.state_dir),
+            "rollout.enabled",
+            master_pid=self.arbiter.pid,
+            release=release.id,
+            app_dir=str(self.app_dir),
+            state_dir=str(self.state_dir),
             health_path=self.settings.health_path,
         )
         if self.watcher is not None:
@@ -179,9 +183,14 @@ class Controller:
         if release is None:
             return None
         return SpawnPlan(
-            release=release.id, release_dir=release.path, app_dir=release.source,
-            roots=self.roots, state_dir=self.state_dir, is_candidate=self.spawn_is_candidate,
-            is_guarded=self.has_served, settings=self.settings,
+            release=release.id,
+            release_dir=release.path,
+            app_dir=release.source,
+            roots=self.roots,
+            state_dir=self.state_dir,
+            is_candidate=self.spawn_is_candidate,
+            is_guarded=self.has_served,
+            settings=self.settings,
         )
 
     # -- wrapped arbiter methods ------------------------------------------------------------
@@ -208,8 +217,12 @@ class Controller:
                 if self.rollout is not None:
                     self.candidates.add(pid)
                     self.rollout.worker_spawned(pid, rid, time.monotonic())
-                    self._event("worker.spawned", worker_pid=pid, release=rid,
-                                is_candidate=self.spawn_is_candidate)
+                    self._event(
+                        "worker.spawned",
+                        worker_pid=pid,
+                        release=rid,
+                        is_candidate=self.spawn_is_candidate,
+                    )
                 else:
                     log.info("worker.spawned", worker_pid=pid, release=rid)
             return result
@@ -233,8 +246,11 @@ class Controller:
                         if pid in self.worker_release:
                             with contextlib.suppress(Exception):
                                 before[pid].tmp.close()
-                            log.error("worker.halt_prevented", worker_pid=pid,
-                                      reason=getattr(exc, "reason", str(exc)))
+                            log.error(
+                                "worker.halt_prevented",
+                                worker_pid=pid,
+                                reason=getattr(exc, "reason", str(exc)),
+                            )
                             self.child_exited(pid)
 
         return guarded
@@ -248,14 +264,21 @@ class Controller:
             rollout_id = self.next_rollout_id
             self.next_rollout_id += 1
             self.last_rollout = {
-                "id": rollout_id, "outcome": "refused", "reason": self.disabled_reason,
-                "rolled_back": False, "events": [],
+                "id": rollout_id,
+                "outcome": "refused",
+                "reason": self.disabled_reason,
+                "rolled_back": False,
+                "events": [],
             }
             self.publish()
             return
         if self.rollout is not None:
-            log.info("rollout.queued", rollout_id=self.next_rollout_id,
-                     running_rollout_id=self.rollout.rollout_id, already_pending=self.pending)
+            log.info(
+                "rollout.queued",
+                rollout_id=self.next_rollout_id,
+                running_rollout_id=self.rollout.rollout_id,
+                already_pending=self.pending,
+            )
             self.pending = True
             self.publish()
             return
@@ -267,13 +290,18 @@ class Controller:
         self.next_rollout_id += 1
         started = time.monotonic()
         try:
-            release = take_snapshot(self.app_dir, self.state_dir / "releases",
-                                    number=rollout_id, exclude=self.state_dir)
+            release = take_snapshot(
+                self.app_dir, self.state_dir / "releases", number=rollout_id, exclude=self.state_dir
+            )
         except SnapshotError as exc:
             log.error("rollout.failed", rollout_id=rollout_id, stage="snapshot", reason=str(exc))
             self.last_rollout = {
-                "id": rollout_id, "outcome": "failed", "stage": "snapshot", "reason": str(exc),
-                "rolled_back": True, "events": [],
+                "id": rollout_id,
+                "outcome": "failed",
+                "stage": "snapshot",
+                "reason": str(exc),
+                "rolled_back": True,
+                "events": [],
             }
             self.publish()
             return
@@ -285,16 +313,30 @@ class Controller:
         s = self.settings
         retire_s = s.retire_timeout_s or float(self.arbiter.cfg.graceful_timeout) + 5.0
         self.rollout = Rollout.start(
-            rollout_id=rollout_id, target=release.id, known_good=self.known_good.id,
-            workers=workers, size=self.size, now=started,
-            timeouts=Timeouts(boot_s=s.boot_timeout_s, health_s=s.health_timeout_s,
-                              settle_s=s.settle_s, retire_s=retire_s),
+            rollout_id=rollout_id,
+            target=release.id,
+            known_good=self.known_good.id,
+            workers=workers,
+            size=self.size,
+            now=started,
+            timeouts=Timeouts(
+                boot_s=s.boot_timeout_s,
+                health_s=s.health_timeout_s,
+                settle_s=s.settle_s,
+                retire_s=retire_s,
+            ),
         )
         self.rollout_events = []
         self._failure_logged = False
-        self._event("rollout.started", release=release.id, known_good=self.known_good.id,
-                    workers=sorted(workers), size=self.size, files=release.files,
-                    app_dir=str(release.source))
+        self._event(
+            "rollout.started",
+            release=release.id,
+            known_good=self.known_good.id,
+            workers=sorted(workers),
+            size=self.size,
+            files=release.files,
+            app_dir=str(release.source),
+        )
         self.tick()
 
     def tick(self) -> None:
@@ -342,16 +384,25 @@ class Controller:
         signature = scan_sources(root, exclude=exclude)
         scanned = time.monotonic()
         hashes = hash_sources(root, list(signature))
-        self.watcher = ChangeDetector(signature, hashes, now=time.monotonic(),
-                                      interval_s=self.settings.watch_interval_s)
+        self.watcher = ChangeDetector(
+            signature, hashes, now=time.monotonic(), interval_s=self.settings.watch_interval_s
+        )
         self.watch_stats.update(files=len(signature), scan_ms=round((scanned - started) * 1e3, 2))
-        log.info("watch.started", master_pid=self.arbiter.pid, app_dir=root,
-                 files=len(signature), interval_s=self.settings.watch_interval_s,
-                 scan_ms=self.watch_stats["scan_ms"],
-                 hash_ms=round((time.monotonic() - scanned) * 1e3, 2))
+        log.info(
+            "watch.started",
+            master_pid=self.arbiter.pid,
+            app_dir=root,
+            files=len(signature),
+            interval_s=self.settings.watch_interval_s,
+            scan_ms=self.watch_stats["scan_ms"],
+            hash_ms=round((time.monotonic() - scanned) * 1e3, 2),
+        )
         if self.arbiter.cfg.reload:
-            log.warning("watch.gunicorn_reload_detected", master_pid=self.arbiter.pid,
-                        advice=GUNICORN_RELOAD_WARNING)
+            log.warning(
+                "watch.gunicorn_reload_detected",
+                master_pid=self.arbiter.pid,
+                advice=GUNICORN_RELOAD_WARNING,
+            )
 
     def poll_sources(self) -> None:
         """Watch mode: scan the sources if a scan is due; request a rollout for new content."""
@@ -362,20 +413,29 @@ class Controller:
         started = time.monotonic()
         signature = scan_sources(root, exclude=exclude)
         now = time.monotonic()
-        seen = watcher.observe(signature, now=now, scan_s=now - started,
-                               hash_of=lambda rel: hash_sources(root, [rel]).get(rel))
+        seen = watcher.observe(
+            signature,
+            now=now,
+            scan_s=now - started,
+            hash_of=lambda rel: hash_sources(root, [rel]).get(rel),
+        )
         if not seen.is_batch:
             return
         if seen.unchanged:
             self.watch_stats["changes_ignored"] += 1
             self.watch_stats["last_ignored"] = sorted(seen.unchanged)
-            log.debug("watch.change_skipped", files=sorted(seen.unchanged),
-                      reason="content unchanged")
+            log.debug(
+                "watch.change_skipped", files=sorted(seen.unchanged), reason="content unchanged"
+            )
         if seen.changed:
             self.watch_stats["rollouts_requested"] += 1
             self.watch_stats["last_changed"] = sorted(seen.changed)
-            log.info("watch.change_detected", master_pid=self.arbiter.pid,
-                     files=sorted(seen.changed), rollout_running=self.rollout is not None)
+            log.info(
+                "watch.change_detected",
+                master_pid=self.arbiter.pid,
+                files=sorted(seen.changed),
+                rollout_running=self.rollout is not None,
+            )
             self.request_rollout()
         self.publish()
 
@@ -397,12 +457,17 @@ class Controller:
                     self.spawn_is_candidate = False
                     self._freeze()
         elif isinstance(action, Retire):
-            self._event("worker.retired", worker_pid=action.pid,
-                        release=self.worker_release.get(action.pid))
+            self._event(
+                "worker.retired", worker_pid=action.pid, release=self.worker_release.get(action.pid)
+            )
             self._signal_worker(action.pid, signal.SIGTERM)
         elif isinstance(action, Kill):
-            self._event("worker.killed", worker_pid=action.pid, reason=action.reason,
-                        release=self.worker_release.get(action.pid))
+            self._event(
+                "worker.killed",
+                worker_pid=action.pid,
+                reason=action.reason,
+                release=self.worker_release.get(action.pid),
+            )
             self._signal_worker(action.pid, signal.SIGKILL)
         elif isinstance(action, Finish):
             pass
@@ -418,16 +483,30 @@ class Controller:
         failure = rollout.failure
         if rollout.outcome == "completed":
             self.known_good = self.spawn_release = target
-            self._event("rollout.completed", release=target.id, duration_s=duration,
-                        workers=sorted(self.arbiter.WORKERS))
+            self._event(
+                "rollout.completed",
+                release=target.id,
+                duration_s=duration,
+                workers=sorted(self.arbiter.WORKERS),
+            )
         elif rollout.outcome == "rolled_back":
-            self._event("rollout.rolled_back", release=rollout.known_good, duration_s=duration,
-                        failed_release=target.id, reason=failure.reason if failure else None,
-                        workers=sorted(self.arbiter.WORKERS))
+            self._event(
+                "rollout.rolled_back",
+                release=rollout.known_good,
+                duration_s=duration,
+                failed_release=target.id,
+                reason=failure.reason if failure else None,
+                workers=sorted(self.arbiter.WORKERS),
+            )
         else:
-            self._event("rollout.rollback_failed", release=rollout.known_good,
-                        duration_s=duration, failed_release=target.id,
-                        reason=failure.reason if failure else None, level="error")
+            self._event(
+                "rollout.rollback_failed",
+                release=rollout.known_good,
+                duration_s=duration,
+                failed_release=target.id,
+                reason=failure.reason if failure else None,
+                level="error",
+            )
         self.last_rollout = {
             "id": rollout.rollout_id,
             "outcome": rollout.outcome,
@@ -461,9 +540,16 @@ class Controller:
             return
         self._failure_logged = True
         f = rollout.failure
-        self._event("rollout.failed", release=f.release, worker_pid=f.pid, stage=f.stage,
-                    reason=f.reason, error=f.error or None, known_good=rollout.known_good,
-                    level="error")
+        self._event(
+            "rollout.failed",
+            release=f.release,
+            worker_pid=f.pid,
+            stage=f.stage,
+            reason=f.reason,
+            error=f.error or None,
+            known_good=rollout.known_good,
+            level="error",
+        )
 
     def _track_resizes(self) -> None:
         """TTIN/TTOU during a rollout change the size used after it."""
@@ -510,19 +596,34 @@ class Controller:
                 self.has_served = True
             if rollout is not None:
                 rollout.worker_loaded(pid, now)
-                self._event("worker.loaded", worker_pid=pid, release=release,
-                            boot_s=round(stage.duration_s, 3), level="debug")
+                self._event(
+                    "worker.loaded",
+                    worker_pid=pid,
+                    release=release,
+                    boot_s=round(stage.duration_s, 3),
+                    level="debug",
+                )
         elif name == "healthy":
             if rollout is not None:
                 rollout.worker_healthy(pid, now)
-                self._event("worker.healthy", worker_pid=pid, release=release,
-                            check_s=round(stage.duration_s, 3))
+                self._event(
+                    "worker.healthy",
+                    worker_pid=pid,
+                    release=release,
+                    check_s=round(stage.duration_s, 3),
+                )
         elif name == "failed":
             stage_name: FailStage = "health" if stage.failed_at == "health" else "load"
             if rollout is not None:
                 rollout.worker_failed(pid, stage_name, stage.reason, stage.error, now)
-            self._event("worker.failed", worker_pid=pid, release=release, stage=stage_name,
-                        reason=stage.reason, level="warning")
+            self._event(
+                "worker.failed",
+                worker_pid=pid,
+                release=release,
+                stage=stage_name,
+                reason=stage.reason,
+                level="warning",
+            )
         elif name == "recycled":
             self.recycled.add(pid)
 
@@ -539,8 +640,13 @@ class Controller:
         remove_report(self.state_dir, pid)
         if self.rollout is not None:
             self.rollout.worker_exited(pid, time.monotonic(), is_recycled=is_recycled)
-            self._event("worker.exited", worker_pid=pid, release=release,
-                        is_recycled=is_recycled, level="debug")
+            self._event(
+                "worker.exited",
+                worker_pid=pid,
+                release=release,
+                is_recycled=is_recycled,
+                level="debug",
+            )
 
     # -- published state --------------------------------------------------------------------
 
@@ -567,8 +673,10 @@ class Controller:
         current = None
         if rollout is not None:
             current = {
-                "id": rollout.rollout_id, "release": rollout.target,
-                "known_good": rollout.known_good, "mode": rollout.mode,
+                "id": rollout.rollout_id,
+                "release": rollout.target,
+                "known_good": rollout.known_good,
+                "mode": rollout.mode,
                 "events": self.rollout_events,
             }
         return {
@@ -634,4 +742,3 @@ def install_controller(arbiter: Any) -> Controller:
 def current_controller() -> Controller | None:
     """The controller of this master (or, in a worker, of the master that forked it)."""
     return _controller
-

@@ -84,8 +84,17 @@ class GunicornServer:
         os.close(fd)
         self.log_path = Path(name)
         self._log: IO[bytes] = self.log_path.open("wb")
-        args = [python, "-m", "gunicorn", "--bind", bind,
-                "--workers", str(workers), "--graceful-timeout", "10"]
+        args = [
+            python,
+            "-m",
+            "gunicorn",
+            "--bind",
+            bind,
+            "--workers",
+            str(workers),
+            "--graceful-timeout",
+            "10",
+        ]
         if python == sys.executable and _has_control_socket():
             args.append("--no-control-socket")  # newer gunicorn: one per-user socket path, shared
         if config:
@@ -93,9 +102,13 @@ class GunicornServer:
         args += [*extra_args, app]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            args, cwd=cwd, pass_fds=[self.sock.fileno()] if pass_socket else [],
+            args,
+            cwd=cwd,
+            pass_fds=[self.sock.fileno()] if pass_socket else [],
             start_new_session=True,
-            stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
         )
 
     @property
@@ -145,8 +158,12 @@ class GunicornServer:
                 return self.get("/", timeout_s=2.0)[0] == 200
             return False
 
-        wait_until(ready, timeout_s=timeout_s, what=f"gunicorn serving with {workers} workers",
-                   describe=self.output)
+        wait_until(
+            ready,
+            timeout_s=timeout_s,
+            what=f"gunicorn serving with {workers} workers",
+            describe=self.output,
+        )
 
     def stop(self, *, term_timeout_s: float = 15.0, kill_timeout_s: float = 5.0) -> None:
         """SIGTERM the process group, then SIGKILL what is left; reap the master."""
@@ -208,8 +225,9 @@ class LoadGenerator:
     ``timeout_s``, or when the status is not 2xx.
     """
 
-    def __init__(self, port: int, *, clients: int = 6, timeout_s: float = 10.0,
-                 path: str = "/") -> None:
+    def __init__(
+        self, port: int, *, clients: int = 6, timeout_s: float = 10.0, path: str = "/"
+    ) -> None:
         self.port = port
         self.clients = clients
         self.timeout_s = timeout_s

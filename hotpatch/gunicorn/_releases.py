@@ -18,10 +18,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-IGNORED_NAMES = frozenset({
-    ".git", ".hg", ".svn", "__pycache__", ".venv", "venv", ".tox", ".nox", "node_modules",
-    ".mypy_cache", ".pytest_cache", ".ruff_cache", ".eggs", "build", "dist",
-})
+IGNORED_NAMES = frozenset(
+    {
+        ".git",
+        ".hg",
+        ".svn",
+        "__pycache__",
+        ".venv",
+        "venv",
+        ".tox",
+        ".nox",
+        "node_modules",
+        ".mypy_cache",
+        ".pytest_cache",
+        ".ruff_cache",
+        ".eggs",
+        "build",
+        "dist",
+    }
+)
 IGNORED_SUFFIXES = (".pyc", ".pyo", ".swp", "~")
 MAX_FILES = 20_000
 MAX_BYTES = 500 * 1024 * 1024
@@ -114,7 +129,8 @@ def _walk(root: Path, exclude: Path) -> Iterable[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         dirnames[:] = sorted(
-            d for d in dirnames
+            d
+            for d in dirnames
             if d not in IGNORED_NAMES and not d.endswith(".egg-info") and here / d != exclude
         )
         for d in list(dirnames):

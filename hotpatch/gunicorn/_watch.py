@@ -77,7 +77,9 @@ def scan_sources(root: str, *, exclude: str | None = None) -> dict[str, FileStat
     return signature
 
 
-def _walk(directory: str, prefix: str, exclude: str | None) -> Iterator[tuple[str, os.DirEntry[str]]]:
+def _walk(
+    directory: str, prefix: str, exclude: str | None
+) -> Iterator[tuple[str, os.DirEntry[str]]]:
     try:
         with os.scandir(directory) as it:
             entries = list(it)

@@ -73,8 +73,14 @@ def prepare_worker(worker: Any, plan: SpawnPlan) -> None:
     global _current
     # The master's handlers must not run here; until gunicorn installs the worker's own (just
     # before it imports the app), a stop signal simply ends this not yet serving process.
-    for sig in (WAKE_SIGNAL, signal.SIGALRM, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-                signal.SIGHUP):
+    for sig in (
+        WAKE_SIGNAL,
+        signal.SIGALRM,
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGQUIT,
+        signal.SIGHUP,
+    ):
         signal.signal(sig, signal.SIG_DFL)
     _current = _WorkerState(plan, WorkerReport(pid=worker.pid, release=plan.release), worker.ppid)
     purged = pin_worker(plan.release_dir, plan.roots)
@@ -101,13 +107,21 @@ def prepare_worker(worker: Any, plan: SpawnPlan) -> None:
 def _fail_load(exc: BaseException, app_module: str | None, started: float) -> NoReturn:
     state = _require()
     reason, error = describe_exception(
-        exc, stage="load", release_dir=state.plan.release_dir, app_dir=state.plan.app_dir,
+        exc,
+        stage="load",
+        release_dir=state.plan.release_dir,
+        app_dir=state.plan.app_dir,
         app_module=app_module,
     )
-    _publish(StageReport(
-        "failed", failed_at="load", reason=reason, error=error,
-        duration_s=time.monotonic() - started,
-    ))
+    _publish(
+        StageReport(
+            "failed",
+            failed_at="load",
+            reason=reason,
+            error=error,
+            duration_s=time.monotonic() - started,
+        )
+    )
     if state.plan.is_guarded or state.plan.is_candidate:
         raise SystemExit(EXIT_LOAD_FAILED) from None
     raise exc
@@ -143,22 +157,29 @@ def check_worker(worker: Any) -> None:
         _publish(StageReport("healthy", duration_s=duration))
         return
     if isinstance(error, TimeoutError):
-        reason = (f"GET {path} and the checks did not finish within "
-                  f"{settings.health_timeout_s:g} s (stage: health)")
+        reason = (
+            f"GET {path} and the checks did not finish within "
+            f"{settings.health_timeout_s:g} s (stage: health)"
+        )
         text = reason
     elif isinstance(error, HealthCheckFailed):
         reason = f"{error} (stage: health)"
         text = f"{error}\nresponse body: {error.body[:2000].decode('utf-8', 'replace')}"
     else:
         reason, text = describe_exception(
-            error, stage="health", release_dir=state.plan.release_dir, app_dir=state.plan.app_dir,
+            error,
+            stage="health",
+            release_dir=state.plan.release_dir,
+            app_dir=state.plan.app_dir,
         )
-    _publish(StageReport("failed", failed_at="health", reason=reason, error=text,
-                         duration_s=duration))
+    _publish(
+        StageReport("failed", failed_at="health", reason=reason, error=text, duration_s=duration)
+    )
     if state.plan.is_candidate:
         raise SystemExit(EXIT_HEALTH_FAILED)
-    log.error("health_check.failed", worker_pid=worker.pid, release=state.plan.release,
-              reason=reason)
+    log.error(
+        "health_check.failed", worker_pid=worker.pid, release=state.plan.release, reason=reason
+    )
 
 
 def note_worker_exit(worker: Any) -> None:

@@ -33,11 +33,11 @@ def app(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [f"version={VERSION} pid={os.getpid()}\\n".encode()]
 '''
-_FALLBACK_CONF = '''import hotpatch.gunicorn
+_FALLBACK_CONF = """import hotpatch.gunicorn
 hotpatch.gunicorn.install(globals(), health_path="/healthz", boot_timeout_s=20)
 workers = 4
 graceful_timeout = 10
-'''
+"""
 
 
 def run_rollout_demo(print_fn: Callable[[str], Any] = print) -> bool:
@@ -48,17 +48,26 @@ def run_rollout_demo(print_fn: Callable[[str], Any] = print) -> bool:
     server: GunicornServer | None = None
     load: LoadGenerator | None = None
     try:
-        server = GunicornServer("app:app", cwd=app_dir, workers=WORKERS,
-                                config="gunicorn.conf.py", env={"HOTPATCH_SETTLE_TIME": "0.5"})
+        server = GunicornServer(
+            "app:app",
+            cwd=app_dir,
+            workers=WORKERS,
+            config="gunicorn.conf.py",
+            env={"HOTPATCH_SETTLE_TIME": "0.5"},
+        )
         server.wait_serving(workers=WORKERS)
         srv = server
-        wait_until(lambda: read_state(srv.pid) is not None, timeout_s=10,
-                   what="hotpatch state published")
-        print_fn(f"gunicorn master {server.pid} serving the example on 127.0.0.1:{server.port} "
-                 f"with {WORKERS} workers; clients running")
+        wait_until(
+            lambda: read_state(srv.pid) is not None, timeout_s=10, what="hotpatch state published"
+        )
+        print_fn(
+            f"gunicorn master {server.pid} serving the example on 127.0.0.1:{server.port} "
+            f"with {WORKERS} workers; clients running"
+        )
         load = LoadGenerator(server.port, clients=4).start()
-        wait_until(lambda: load is not None and load.completed() > 20, timeout_s=10,
-                   what="client load")
+        wait_until(
+            lambda: load is not None and load.completed() > 20, timeout_s=10, what="client load"
+        )
 
         _edit(app_dir / "app.py", 'VERSION = "1"', 'VERSION = "2"')
         good = _rollout(server, "good change (VERSION 1 -> 2)", print_fn)
@@ -71,11 +80,15 @@ def run_rollout_demo(print_fn: Callable[[str], Any] = print) -> bool:
         print_fn(_summary(stats))
         good_ok = good.get("outcome") == "completed" and good_versions == {"2"}
         bad_ok = bad.get("outcome") == "rolled_back" and bad_versions == {"2"}
-        print_fn(f"good rollout: {good.get('outcome')} (every worker answers version "
-                 f"{'/'.join(sorted(good_versions))}) -> {'as expected' if good_ok else 'WRONG'}")
-        print_fn(f"broken rollout: {bad.get('outcome')}: {bad.get('reason')} (every worker "
-                 f"answers version {'/'.join(sorted(bad_versions))}) -> "
-                 f"{'as expected' if bad_ok else 'WRONG'}")
+        print_fn(
+            f"good rollout: {good.get('outcome')} (every worker answers version "
+            f"{'/'.join(sorted(good_versions))}) -> {'as expected' if good_ok else 'WRONG'}"
+        )
+        print_fn(
+            f"broken rollout: {bad.get('outcome')}: {bad.get('reason')} (every worker "
+            f"answers version {'/'.join(sorted(bad_versions))}) -> "
+            f"{'as expected' if bad_ok else 'WRONG'}"
+        )
         return stats.failed == 0 and good_ok and bad_ok
     finally:
         if load is not None:
@@ -128,5 +141,7 @@ def _append(path: Path, text: str) -> None:
 
 
 def _summary(stats: LoadStats) -> str:
-    return (f"client requests: {stats.ok + stats.failed} sent, {stats.ok} answered, "
-            f"{stats.failed} failed" + (f" ({stats.errors[:3]})" if stats.failed else ""))
+    return (
+        f"client requests: {stats.ok + stats.failed} sent, {stats.ok} answered, "
+        f"{stats.failed} failed" + (f" ({stats.errors[:3]})" if stats.failed else "")
+    )

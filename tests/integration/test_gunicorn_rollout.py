@@ -47,14 +47,28 @@ class Site:
         self.server: GunicornServer | None = None
         self.load: LoadGenerator | None = None
 
-    def start(self, *, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-              version: str = "v1") -> GunicornServer:
+    def start(
+        self,
+        *,
+        extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        version: str = "v1",
+    ) -> GunicornServer:
         write_app(self.dir, "good.py", version)
-        self.server = GunicornServer("app:app", cwd=self.dir, workers=WORKERS,
-                                     extra_args=extra_args, env={**ENV, **(env or {})})
+        self.server = GunicornServer(
+            "app:app",
+            cwd=self.dir,
+            workers=WORKERS,
+            extra_args=extra_args,
+            env={**ENV, **(env or {})},
+        )
         self.server.wait_serving(workers=WORKERS)
-        wait_until(lambda: self.state() is not None, timeout_s=10, what="state.json",
-                   describe=self.server.output)
+        wait_until(
+            lambda: self.state() is not None,
+            timeout_s=10,
+            what="state.json",
+            describe=self.server.output,
+        )
         return self.server
 
     @property
@@ -68,8 +82,11 @@ class Site:
     def start_load(self) -> LoadGenerator:
         self.load = LoadGenerator(self.srv.port, clients=6).start()
         before = 0
-        wait_until(lambda: self.load is not None and self.load.completed() > before + 20,
-                   timeout_s=10, what="client load running")
+        wait_until(
+            lambda: self.load is not None and self.load.completed() > before + 20,
+            timeout_s=10,
+            what="client load running",
+        )
         return self.load
 
     def stop_load(self) -> LoadStats:
@@ -97,8 +114,12 @@ class Site:
                 and sorted(w["pid"] for w in workers) == self.srv.worker_pids()
             )
 
-        wait_until(settled, timeout_s=20, what=f"{WORKERS} ready workers on {release}",
-                   describe=lambda: f"{self.workers()}\n{self.srv.output()[-4000:]}")
+        wait_until(
+            settled,
+            timeout_s=20,
+            what=f"{WORKERS} ready workers on {release}",
+            describe=lambda: f"{self.workers()}\n{self.srv.output()[-4000:]}",
+        )
 
     def versions_by_pid(self, *, requests: int = 40) -> dict[int, str]:
         seen: dict[int, str] = {}
@@ -115,8 +136,11 @@ class Site:
     def kill_one_worker_and_check(self, expected_version: str, release: str) -> None:
         victim = self.workers()[0]["pid"]
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: victim not in [w["pid"] for w in self.workers()], timeout_s=10,
-                   what=f"worker {victim} reaped")
+        wait_until(
+            lambda: victim not in [w["pid"] for w in self.workers()],
+            timeout_s=10,
+            what=f"worker {victim} reaped",
+        )
         self.wait_settled(release)
         newcomer = max(w["pid"] for w in self.workers())
         seen: dict[int, str] = {}
@@ -180,8 +204,9 @@ BAD_RELEASES = [
     pytest.param("health_500.py", "GET /healthz answered 500", id="health-500"),
     pytest.param("health_hang.py", "did not finish within 2 s", id="health-hangs"),
     pytest.param("hang_at_import.py", "did not load the app within 5 s", id="import-hangs"),
-    pytest.param("crash_after_check.py", "exited after passing its health check",
-                 id="crash-after-check"),
+    pytest.param(
+        "crash_after_check.py", "exited after passing its health check", id="crash-after-check"
+    ),
     pytest.param("fail_on_third.py", "the third worker cannot start", id="third-worker-fails"),
 ]
 
@@ -215,8 +240,11 @@ def test_two_rollouts_in_a_row_and_a_queued_one(site: Site) -> None:
     assert site.rollout()["outcome"] == "completed"
     write_app(site.dir, "good.py", "v3")
     first = start_rollout(site.srv.pid)
-    wait_until(lambda: (site.state() or {}).get("rollout") is not None, timeout_s=10,
-               what="rollout running")
+    wait_until(
+        lambda: (site.state() or {}).get("rollout") is not None,
+        timeout_s=10,
+        what="rollout running",
+    )
     write_app(site.dir, "good.py", "v4")
     second = start_rollout(site.srv.pid)  # arrives during the first: queued
     assert wait_for_rollout(site.srv.pid, first, timeout_s=60)["outcome"] == "completed"
@@ -249,18 +277,33 @@ def test_cli_rollout_and_status(site: Site) -> None:
     site.start_load()
     write_app(site.dir, "good.py", "v2")
     cli = [sys.executable, "-m", "hotpatch", "--log-format", "json"]
-    done = subprocess.run([*cli, "rollout", "--pid", str(site.srv.pid), "--timeout", "60"],
-                          capture_output=True, text=True, timeout=90, check=False)
+    done = subprocess.run(
+        [*cli, "rollout", "--pid", str(site.srv.pid), "--timeout", "60"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "worker" in done.stdout and "healthy" in done.stdout and "OK: rollout" in done.stdout
     write_app(site.dir, "health_500.py", "v3")
-    failed = subprocess.run([*cli, "rollout", "--pid", str(site.srv.pid), "--timeout", "60"],
-                            capture_output=True, text=True, timeout=90, check=False)
+    failed = subprocess.run(
+        [*cli, "rollout", "--pid", str(site.srv.pid), "--timeout", "60"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
     stats = site.stop_load()
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "GET /healthz answered 500" in failed.stderr
-    status = subprocess.run([*cli, "status", "--pid", str(site.srv.pid)],
-                            capture_output=True, text=True, timeout=30, check=False)
+    status = subprocess.run(
+        [*cli, "status", "--pid", str(site.srv.pid)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert status.returncode == 0, status.stderr
     assert "last rollout 2: rolled_back" in status.stdout
     assert status.stdout.count("ready") == WORKERS
@@ -284,10 +327,17 @@ def test_term_during_a_rollout_leaves_no_worker_behind(site: Site) -> None:
     site.start(env={"HOTPATCH_BOOT_TIMEOUT": "30"})
     write_app(site.dir, "hang_at_import.py", "v2")
     start_rollout(site.srv.pid)
-    wait_until(lambda: len(site.srv.worker_pids()) == WORKERS + 1, timeout_s=10,
-               what="the new worker booting", describe=site.srv.output)
+    wait_until(
+        lambda: len(site.srv.worker_pids()) == WORKERS + 1,
+        timeout_s=10,
+        what="the new worker booting",
+        describe=site.srv.output,
+    )
     children = site.srv.worker_pids()
     os.kill(site.srv.pid, signal.SIGTERM)
     site.srv.proc.wait(timeout=30)
-    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children),
-               timeout_s=15, what="every worker gone")
+    wait_until(
+        lambda: not any(Path(f"/proc/{pid}").exists() for pid in children),
+        timeout_s=15,
+        what="every worker gone",
+    )

@@ -64,11 +64,16 @@ class WatchedSite:
 
     def start(self, *, extra_args: tuple[str, ...] = (), workers: int = WORKERS) -> None:
         save_by_rename(self.dir, "good.py", "v1")
-        self.server = GunicornServer("app:app", cwd=self.dir, workers=workers,
-                                     extra_args=extra_args, env=ENV)
+        self.server = GunicornServer(
+            "app:app", cwd=self.dir, workers=workers, extra_args=extra_args, env=ENV
+        )
         self.srv.wait_serving(workers=workers)
-        wait_until(lambda: self.state() is not None, timeout_s=10, what="state.json",
-                   describe=self.srv.output)
+        wait_until(
+            lambda: self.state() is not None,
+            timeout_s=10,
+            what="state.json",
+            describe=self.srv.output,
+        )
 
     def state(self) -> dict[str, Any]:
         return read_state(self.srv.pid) or {}
@@ -102,8 +107,12 @@ class WatchedSite:
                 and sorted(w["pid"] for w in workers) == self.srv.worker_pids()
             )
 
-        wait_until(settled, timeout_s=20, what=f"{WORKERS} ready workers on {release}",
-                   describe=lambda: f"{self.state()}\n{self.srv.output()[-4000:]}")
+        wait_until(
+            settled,
+            timeout_s=20,
+            what=f"{WORKERS} ready workers on {release}",
+            describe=lambda: f"{self.state()}\n{self.srv.output()[-4000:]}",
+        )
 
     def versions(self, *, requests: int = 40) -> set[str]:
         seen = set()
@@ -163,9 +172,11 @@ def test_a_saved_good_change_reaches_every_worker(site: WatchedSite, save: Any) 
     assert site.watch()["last_changed"] == ["app.py"]
     assert "watch.change_detected" in site.srv.output()
     # Save-to-new figures (printed for docs/gunicorn.md; -s shows them).
-    print(f"save -> last v1 answer: {last_answer_of(stats, 'v1') - saved_at:.2f} s; "
-          f"save -> rollout completed seen: {observed_at - saved_at:.2f} s "
-          f"(rollout {record['duration_s']} s incl. 0.5 s settle)")
+    print(
+        f"save -> last v1 answer: {last_answer_of(stats, 'v1') - saved_at:.2f} s; "
+        f"save -> rollout completed seen: {observed_at - saved_at:.2f} s "
+        f"(rollout {record['duration_s']} s incl. 0.5 s settle)"
+    )
 
 
 def test_a_broken_save_is_rolled_back_and_the_fix_rolls_out(site: WatchedSite) -> None:
@@ -199,8 +210,12 @@ def test_touches_pycache_and_swap_files_start_no_rollout(site: WatchedSite) -> N
     # A touch: the watcher notices the new mtime, compares the content and does nothing. The
     # positive signal that it looked is its "changes_ignored" counter, so no fixed wait is needed.
     os.utime(app)
-    wait_until(lambda: site.watch().get("changes_ignored") == 1, timeout_s=10,
-               what="the watcher to skip the touch", describe=lambda: str(site.state()))
+    wait_until(
+        lambda: site.watch().get("changes_ignored") == 1,
+        timeout_s=10,
+        what="the watcher to skip the touch",
+        describe=lambda: str(site.state()),
+    )
     assert site.watch()["last_ignored"] == ["app.py"]
     assert site.next_rollout_id() == first_id and site.state()["rollout"] is None
 
@@ -213,8 +228,12 @@ def test_touches_pycache_and_swap_files_start_no_rollout(site: WatchedSite) -> N
     (site.dir / ".app.py.swp").write_bytes(b"swap")
     (site.dir / "app.py~").write_text("backup\n", encoding="utf-8")
     os.utime(app)
-    wait_until(lambda: site.watch().get("changes_ignored") == 2, timeout_s=10,
-               what="the watcher to skip the control touch", describe=lambda: str(site.state()))
+    wait_until(
+        lambda: site.watch().get("changes_ignored") == 2,
+        timeout_s=10,
+        what="the watcher to skip the control touch",
+        describe=lambda: str(site.state()),
+    )
     watch = site.watch()
     assert watch["last_ignored"] == ["app.py"], watch
     assert watch["rollouts_requested"] == 0, watch

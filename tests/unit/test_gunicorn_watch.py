@@ -121,8 +121,14 @@ class Files:
 
 
 def detector(files: Files, *, now: float = 0.0) -> ChangeDetector:
-    return ChangeDetector(files.signature(), files.hashes(), now=now, interval_s=0.25,
-                          quiet_period_s=0.2, max_delay_s=2.0)
+    return ChangeDetector(
+        files.signature(),
+        files.hashes(),
+        now=now,
+        interval_s=0.25,
+        quiet_period_s=0.2,
+        max_delay_s=2.0,
+    )
 
 
 def test_a_save_is_released_once_a_scan_sees_it_quiet() -> None:
@@ -197,7 +203,9 @@ def test_new_and_deleted_files_are_changes() -> None:
     files.write("new.py", "n1", mtime=2)
     d.observe(files.signature(), now=0.25, hash_of=files.hash_of)
     assert d.observe(files.signature(), now=0.45, hash_of=files.hash_of).changed == {
-        "new.py", "old.py"}
+        "new.py",
+        "old.py",
+    }
 
 
 def test_the_same_broken_content_saved_again_does_not_retrigger() -> None:
@@ -226,11 +234,26 @@ def test_a_slow_scan_stretches_the_interval() -> None:
 
 def make_tree(root: Path) -> None:
     for rel in [
-        "app.py", "pkg/__init__.py", "pkg/views.py", "pkg/.views.py.swp", "pkg/views.py~",
-        "pkg/.#views.py", "pkg/4913", "pkg/notes.txt", "templates/index.html",
-        "__pycache__/app.cpython-311.pyc", "__pycache__/stray.py", ".git/hooks/pre-commit.py",
-        ".venv/lib/site.py", "env/pyvenv.cfg", "env/lib/x.py", "node_modules/a/b.py",
-        "build/lib/app.py", "dist/x.py", "pkg.egg-info/setup.py", "state/releases/r0/app.py",
+        "app.py",
+        "pkg/__init__.py",
+        "pkg/views.py",
+        "pkg/.views.py.swp",
+        "pkg/views.py~",
+        "pkg/.#views.py",
+        "pkg/4913",
+        "pkg/notes.txt",
+        "templates/index.html",
+        "__pycache__/app.cpython-311.pyc",
+        "__pycache__/stray.py",
+        ".git/hooks/pre-commit.py",
+        ".venv/lib/site.py",
+        "env/pyvenv.cfg",
+        "env/lib/x.py",
+        "node_modules/a/b.py",
+        "build/lib/app.py",
+        "dist/x.py",
+        "pkg.egg-info/setup.py",
+        "state/releases/r0/app.py",
         "deep/a/b/c/mod.py",
     ]:
         path = root / rel
