@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def wait_until(
@@ -287,3 +287,105 @@ class LoadGenerator:
                         self.stats.errors.append(error)
             if error is not None:
                 self._stop.wait(0.01)  # a refused connection fails at once: do not spin
+
+
+class Site:
+    """A gunicorn master with hotpatch's hooks serving ``app:app`` from a directory, plus load.
+
+    The directory must hold ``app.py`` before ``start``. Integration tests subclass it.
+    """
+
+    def __init__(self, directory: Path, *, workers: int, env: Mapping[str, str]) -> None:
+        self.dir = directory
+        self.worker_count = workers
+        self.env = dict(env)
+        self.server: GunicornServer | None = None
+        self.load: LoadGenerator | None = None
+
+    @property
+    def srv(self) -> GunicornServer:
+        assert self.server is not None, "the site was not started"
+        return self.server
+
+    def start(
+        self,
+        *,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        workers: int | None = None,
+    ) -> GunicornServer:
+        from hotpatch.gunicorn._client import read_state
+
+        self.worker_count = workers or self.worker_count
+        self.server = GunicornServer(
+            "app:app",
+            cwd=self.dir,
+            workers=self.worker_count,
+            extra_args=tuple(extra_args),
+            env={**self.env, **(env or {})},
+        )
+        self.server.wait_serving(workers=self.worker_count)
+        wait_until(
+            lambda: read_state(self.srv.pid) is not None,
+            timeout_s=10,
+            what="state.json",
+            describe=self.srv.output,
+        )
+        return self.server
+
+    def state(self) -> dict[str, Any]:
+        """The master's published state (empty before it publishes any)."""
+        from hotpatch.gunicorn._client import read_state
+
+        return read_state(self.srv.pid) or {}
+
+    def workers(self) -> list[dict[str, Any]]:
+        return list(self.state().get("workers") or [])
+
+    def start_load(self, *, clients: int = 6) -> LoadGenerator:
+        load = self.load = LoadGenerator(self.srv.port, clients=clients).start()
+        wait_until(lambda: load.completed() > 20, timeout_s=10, what="client load running")
+        return load
+
+    def stop_load(self) -> LoadStats:
+        assert self.load is not None, "no load running"
+        stats = self.load.stop()
+        self.load = None
+        return stats
+
+    def wait_settled(self, release: str, *, timeout_s: float = 20) -> None:
+        """Wait until exactly the configured workers, all ready on ``release``, and no others."""
+
+        def settled() -> bool:
+            workers = self.workers()
+            return (
+                len(workers) == self.worker_count
+                and all(w["release"] == release and w["phase"] == "ready" for w in workers)
+                and sorted(w["pid"] for w in workers) == self.srv.worker_pids()
+            )
+
+        wait_until(
+            settled,
+            timeout_s=timeout_s,
+            what=f"{self.worker_count} ready workers on {release}",
+            describe=lambda: f"{self.workers()}\n{self.srv.output()[-4000:]}",
+        )
+
+    def assert_master_alive(self) -> None:
+        assert self.srv.proc.poll() is None, f"master exited:\n{self.srv.output()}"
+
+    def close(self) -> None:
+        """Stop the load and the master (its whole process group); print its output."""
+        if self.load is not None:
+            self.load.stop()
+        if self.server is not None:
+            self.server.stop()
+            print(f"---- gunicorn output (master {self.server.pid}) ----")
+            print(self.server.output()[-30000:])
+            self.server.close_log()
+
+
+def assert_no_failures(stats: LoadStats) -> None:
+    """Every request of the load was answered with a 2xx."""
+    assert stats.ok > 0, "no request was answered"
+    assert stats.failed == 0, f"{stats.failed} failed requests: {stats.errors}"

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from hotpatch.gunicorn._client import read_state, start_rollout, wait_for_rollout
-from hotpatch.gunicorn._process import GunicornServer, LoadGenerator, LoadStats, wait_until
+from hotpatch.gunicorn._client import start_rollout, wait_for_rollout
+from hotpatch.gunicorn._process import GunicornServer, assert_no_failures, wait_until
+from hotpatch.gunicorn._process import Site as BaseSite
 
 APPS = Path(__file__).resolve().parents[1] / "apps"
 WORKERS = 4
@@ -39,15 +40,13 @@ def write_app(directory: Path, variant: str, version: str) -> None:
     tmp.replace(directory / "app.py")
 
 
-class Site:
+class Site(BaseSite):
     """One gunicorn master serving ``app.py`` from a temporary directory, plus client load."""
 
     def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.server: GunicornServer | None = None
-        self.load: LoadGenerator | None = None
+        super().__init__(directory, workers=WORKERS, env=ENV)
 
-    def start(
+    def start(  # type: ignore[override]
         self,
         *,
         extra_args: tuple[str, ...] = (),
@@ -55,71 +54,11 @@ class Site:
         version: str = "v1",
     ) -> GunicornServer:
         write_app(self.dir, "good.py", version)
-        self.server = GunicornServer(
-            "app:app",
-            cwd=self.dir,
-            workers=WORKERS,
-            extra_args=extra_args,
-            env={**ENV, **(env or {})},
-        )
-        self.server.wait_serving(workers=WORKERS)
-        wait_until(
-            lambda: self.state() is not None,
-            timeout_s=10,
-            what="state.json",
-            describe=self.server.output,
-        )
-        return self.server
-
-    @property
-    def srv(self) -> GunicornServer:
-        assert self.server is not None
-        return self.server
-
-    def state(self) -> dict[str, Any] | None:
-        return read_state(self.srv.pid)
-
-    def start_load(self) -> LoadGenerator:
-        self.load = LoadGenerator(self.srv.port, clients=6).start()
-        before = 0
-        wait_until(
-            lambda: self.load is not None and self.load.completed() > before + 20,
-            timeout_s=10,
-            what="client load running",
-        )
-        return self.load
-
-    def stop_load(self) -> LoadStats:
-        assert self.load is not None
-        stats = self.load.stop()
-        self.load = None
-        return stats
+        return super().start(extra_args=extra_args, env=env)
 
     def rollout(self, *, timeout_s: float = 60) -> dict[str, Any]:
         rollout_id = start_rollout(self.srv.pid)
         return wait_for_rollout(self.srv.pid, rollout_id, timeout_s=timeout_s)
-
-    def workers(self) -> list[dict[str, Any]]:
-        state = self.state()
-        return list(state["workers"]) if state else []
-
-    def wait_settled(self, release: str) -> None:
-        """Wait until exactly WORKERS workers, all ready on ``release``, and no other children."""
-
-        def settled() -> bool:
-            workers = self.workers()
-            return (
-                len(workers) == WORKERS
-                and all(w["release"] == release and w["phase"] == "ready" for w in workers)
-                and sorted(w["pid"] for w in workers) == self.srv.worker_pids()
-            )
-
-        wait_until(
-            settled,
-            timeout_s=20,
-            what=f"{WORKERS} ready workers on {release}",
-            describe=lambda: f"{self.workers()}\n{self.srv.output()[-4000:]}",
-        )
 
     def versions_by_pid(self, *, requests: int = 40) -> dict[int, str]:
         seen: dict[int, str] = {}
@@ -129,9 +68,6 @@ class Site:
             version, pid = body.split()
             seen[int(pid.split("=")[1])] = version.split("=")[1]
         return seen
-
-    def assert_master_alive(self) -> None:
-        assert self.srv.proc.poll() is None, f"master exited:\n{self.srv.output()}"
 
     def kill_one_worker_and_check(self, expected_version: str, release: str) -> None:
         victim = self.workers()[0]["pid"]
@@ -153,15 +89,6 @@ class Site:
         assert seen[newcomer] == expected_version, seen
         assert set(seen.values()) == {expected_version}, seen
 
-    def close(self) -> None:
-        if self.load is not None:
-            self.load.stop()
-        if self.server is not None:
-            self.server.stop()
-            print(f"---- gunicorn output (master {self.server.pid}) ----")
-            print(self.server.output()[-30000:])
-            self.server.close_log()
-
 
 @pytest.fixture(name="site")
 def _site(tmp_path: Path) -> Iterator[Site]:
@@ -170,11 +97,6 @@ def _site(tmp_path: Path) -> Iterator[Site]:
         yield site
     finally:
         site.close()
-
-
-def assert_no_failures(stats: LoadStats) -> None:
-    assert stats.ok > 0
-    assert stats.failed == 0, f"{stats.failed} failed requests: {stats.errors}"
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread"])

@@ -16,8 +16,14 @@ from typing import Any
 
 import pytest
 
-from hotpatch.gunicorn._client import read_state, wait_for_rollout
-from hotpatch.gunicorn._process import GunicornServer, LoadGenerator, LoadStats, wait_until
+from hotpatch.gunicorn._client import wait_for_rollout
+from hotpatch.gunicorn._process import (
+    GunicornServer,
+    LoadStats,
+    Site,
+    assert_no_failures,
+    wait_until,
+)
 
 APPS = Path(__file__).resolve().parents[1] / "apps"
 WORKERS = 4
@@ -49,47 +55,20 @@ def save_in_place(directory: Path, variant: str, version: str) -> None:
         f.write(app_source(variant, version))
 
 
-class WatchedSite:
+class WatchedSite(Site):
     """One gunicorn master in watch mode serving ``app.py`` from a temporary directory."""
 
     def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.server: GunicornServer | None = None
-        self.load: LoadGenerator | None = None
+        super().__init__(directory, workers=WORKERS, env=ENV)
 
-    @property
-    def srv(self) -> GunicornServer:
-        assert self.server is not None
-        return self.server
-
-    def start(self, *, extra_args: tuple[str, ...] = (), workers: int = WORKERS) -> None:
+    def start(  # type: ignore[override]
+        self, *, extra_args: tuple[str, ...] = (), workers: int = WORKERS
+    ) -> GunicornServer:
         save_by_rename(self.dir, "good.py", "v1")
-        self.server = GunicornServer(
-            "app:app", cwd=self.dir, workers=workers, extra_args=extra_args, env=ENV
-        )
-        self.srv.wait_serving(workers=workers)
-        wait_until(
-            lambda: self.state() is not None,
-            timeout_s=10,
-            what="state.json",
-            describe=self.srv.output,
-        )
-
-    def state(self) -> dict[str, Any]:
-        return read_state(self.srv.pid) or {}
+        return super().start(extra_args=extra_args, workers=workers)
 
     def watch(self) -> dict[str, Any]:
         return dict(self.state().get("watch") or {})
-
-    def start_load(self) -> None:
-        load = self.load = LoadGenerator(self.srv.port, clients=6).start()
-        wait_until(lambda: load.completed() > 20, timeout_s=10, what="client load running")
-
-    def stop_load(self) -> LoadStats:
-        assert self.load is not None
-        stats = self.load.stop()
-        self.load = None
-        return stats
 
     def next_rollout_id(self) -> int:
         return int(self.state()["next_rollout_id"])
@@ -98,22 +77,6 @@ class WatchedSite:
         """The record of rollout ``rollout_id``, which a save (not a SIGHUP) must start."""
         return wait_for_rollout(self.srv.pid, rollout_id, timeout_s=ROLLOUT_TIMEOUT_S)
 
-    def wait_settled(self, release: str) -> None:
-        def settled() -> bool:
-            workers = self.state().get("workers") or []
-            return (
-                len(workers) == WORKERS
-                and all(w["release"] == release and w["phase"] == "ready" for w in workers)
-                and sorted(w["pid"] for w in workers) == self.srv.worker_pids()
-            )
-
-        wait_until(
-            settled,
-            timeout_s=20,
-            what=f"{WORKERS} ready workers on {release}",
-            describe=lambda: f"{self.state()}\n{self.srv.output()[-4000:]}",
-        )
-
     def versions(self, *, requests: int = 40) -> set[str]:
         seen = set()
         for _ in range(requests):
@@ -121,18 +84,6 @@ class WatchedSite:
             assert status == 200, body
             seen.add(body.split()[0].split("=")[1])
         return seen
-
-    def assert_master_alive(self) -> None:
-        assert self.srv.proc.poll() is None, f"master exited:\n{self.srv.output()}"
-
-    def close(self) -> None:
-        if self.load is not None:
-            self.load.stop()
-        if self.server is not None:
-            self.server.stop()
-            print(f"---- gunicorn output (master {self.server.pid}) ----")
-            print(self.server.output()[-30000:])
-            self.server.close_log()
 
 
 @pytest.fixture(name="site")
@@ -143,11 +94,6 @@ def _site(tmp_path: Path) -> Iterator[WatchedSite]:
         yield site
     finally:
         site.close()
-
-
-def assert_no_failures(stats: LoadStats) -> None:
-    assert stats.ok > 0
-    assert stats.failed == 0, f"{stats.failed} failed requests: {stats.errors}"
 
 
 def last_answer_of(stats: LoadStats, version: str) -> float:
