@@ -10,7 +10,9 @@ functions are first *gated*: their code is swapped for a small trampoline. A thr
 the old code (the "old world") that calls a gated function runs the old code, so it finishes as it
 started; any other caller waits at the gate until the change is applied (or abandoned at the
 deadline) and then calls the function, which by then runs the new code. In-flight calls drain, new
-ones wait briefly, and the safe point arrives within one call's duration.
+ones wait briefly, and the safe point arrives within one call's duration. A gate stays closed at
+most ``GATE_BUDGET_S``: a long call (a stream, a slow request) does not hold every other caller;
+the gate opens, and closes again once the long call has left.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ T = TypeVar("T")
 # a CPU-bound thread holding the GIL when we ask for it delays us by at most this much.
 _WINDOW_S = 0.01
 _GATE_NAME = "__hotpatch_gate__"
+# The longest a caller waits at a gate before it is opened again (see commit_at_safe_point).
+GATE_BUDGET_S = 0.2
 _KEY_PLACEHOLDER = 0x7E57_6A7E
 
 
@@ -140,8 +144,17 @@ class _Gate:
             func.__globals__.setdefault(_GATE_NAME, self)
             func.__code__ = self.codes[key]
 
+    def saved_states(self) -> dict[int, FunctionState]:
+        """The gated functions' own states, by ``id(function)``, for capturing an inverse."""
+        return {id(func): state for func, state in self.entries.values()}
+
+    def reopen(self) -> None:
+        """Put back the old code wherever a trampoline still sits, and release the waiters."""
+        self.restore()
+        self.opened.set()
+
     def restore(self) -> None:
-        """Put back the old code wherever a trampoline still sits (inside an exclusive window)."""
+        """Put back the old code wherever a trampoline still sits."""
         for key, (func, old) in self.entries.items():
             if func.__code__ is self.codes[key]:
                 func.__code__ = old.code
@@ -180,19 +193,23 @@ def commit_at_safe_point(
     codes: Collection[types.CodeType],
     timeout_s: float,
     force_at_deadline: bool = False,
+    gate_budget_s: float = GATE_BUDGET_S,
 ) -> list[ChangeSet]:
     """Apply ``changesets`` when no other thread is inside ``codes``, and return their inverses.
 
-    The functions the change sets update in place are gated first, so that callers that are not
-    already inside the old code wait for the commit instead of entering the old code, and the
-    commit itself cannot expose a half-applied change: each gated function goes straight from
-    its gate to its new code.
+    While threads are inside, the functions the change sets update in place are gated, so that
+    callers that are not already inside the old code wait for the commit instead of entering
+    the old code, and the commit cannot expose a half-applied change: each gated function goes
+    straight from its gate to its new code. A gate stays closed at most ``gate_budget_s``: if a
+    thread is still inside then (a long request, a stream), the gate opens again so that nobody
+    waits on it, and closes again once that thread has left.
 
     Args:
         changesets: what to apply, in order.
         codes: the code objects the change takes out of service.
         timeout_s: how long to wait for the threads inside ``codes`` to leave.
         force_at_deadline: apply anyway at the deadline (used to restore a known-good version).
+        gate_budget_s: the longest a caller may be held at a gate.
 
     Returns:
         One inverse per change set (applying them in reverse order undoes the commit exactly).
@@ -202,30 +219,43 @@ def commit_at_safe_point(
     """
     deadline = time.monotonic() + timeout_s
     code_ids = {id(c) for c in codes}
-    gate = _Gate(
-        [f for cs in changesets for f in cs.functions() if id(f.__code__) in code_ids], codes
-    )
-    # Partial gating is consistent too: a thread that enters a not-yet-gated function runs old
-    # code and so belongs to the old world, which gated functions let through on the old code.
-    gate.close()
-    saved = {id(func): state for func, state in gate.entries.values()}
+    gated = [f for cs in changesets for f in cs.functions() if id(f.__code__) in code_ids]
+    gate: _Gate | None = None
+    gate_closed_at = 0.0
+    holdouts: set[int] = set()  # threads that outlasted a gate: no new gate until they leave
     pause_s = 0.00005
     try:
         while True:
-            forced = force_at_deadline and time.monotonic() >= deadline
-            if forced or not threads_inside(codes):
+            now = time.monotonic()
+            forced = force_at_deadline and now >= deadline
+            busy = threads_inside(codes)
+            if gate is None and gated and not (holdouts & {b.ident for b in busy}):
+                # Gate before committing, always: applying a change set is not atomic by itself
+                # (a thread switch can fall between two assignments), gating makes it so.
+                # Partial gating is consistent too: a thread that enters a not-yet-gated
+                # function runs old code, so it is in the old world, which gates let through.
+                holdouts = set()
+                gate = _Gate(gated, codes)
+                gate.close()
+                gate_closed_at = now
+            if forced or (not busy and (gate is not None or not gated)):
                 with _exclusive():
                     if forced or not threads_inside(codes):
+                        saved = gate.saved_states() if gate is not None else None
                         undos = [cs.capture_inverse(saved) for cs in changesets]
                         for cs in changesets:
                             cs.apply()
                         return undos
-            if time.monotonic() >= deadline and not force_at_deadline:
+            elif gate is not None and now - gate_closed_at >= gate_budget_s:
+                holdouts = {b.ident for b in busy}
+                gate.reopen()
+                gate = None
+            if now >= deadline and not force_at_deadline:
                 busy = threads_inside(codes)
                 if busy:
                     raise SafePointTimeout(busy[0], timeout_s)
             time.sleep(pause_s)
             pause_s = min(pause_s * 2, 0.002)
     finally:
-        gate.restore()
-        gate.opened.set()
+        if gate is not None:
+            gate.reopen()

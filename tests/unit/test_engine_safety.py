@@ -280,3 +280,60 @@ def test_log_events_carry_module_version_stage_and_duration(make_module) -> None
     rejected = by_event["patch.rejected"]
     assert rejected["stage"] == "compile" and rejected["lineno"] == 1
     assert by_event["patch.rolled_back"]["restored"] == result.previous
+
+
+LONG = """
+import threading
+entered = threading.Event()
+release = threading.Event()
+
+def step():
+    return "old"
+
+def long_call():
+    entered.set()
+    release.wait(30)
+    return "old:" + step()
+
+def short_call():
+    return step()
+"""
+
+
+def test_a_long_call_does_not_hold_other_callers_at_the_gate(make_module) -> None:
+    """A caller waits at a gate at most a moment, even while a long call holds up the commit."""
+    mod = make_module(LONG)
+    engine = Engine(safepoint_timeout_s=30)
+    long_thread, long_box = run_in_thread(mod.long_call, "long-request")
+    wait_until(mod.entered.is_set, what="the long call inside long_call()")
+    stop = threading.Event()
+    calls = [0]
+
+    def short_caller() -> None:
+        while not stop.is_set():
+            mod.short_call()
+            calls[0] += 1
+
+    short_thread = threading.Thread(target=short_caller, name="short-requests", daemon=True)
+    short_thread.start()
+    patcher, patch_box = run_in_thread(
+        lambda: engine.patch(mod.__name__, source=LONG.replace('"old', '"new')), "patcher"
+    )
+    try:
+        wait_until(lambda: calls[0] > 0, what="short calls running")
+        for _ in range(3):  # short calls keep completing while the commit waits for the long one
+            seen = calls[0]
+            wait_until(
+                lambda seen=seen: calls[0] > seen + 50, timeout_s=10, what="more short calls"
+            )
+            assert patcher.is_alive(), patch_box
+        mod.release.set()
+        long_thread.join(10)
+        patcher.join(30)
+        assert long_box == {"result": "old:old"}  # the long call finished on the old code
+        assert "error" not in patch_box, patch_box
+        assert mod.short_call() == "new"
+    finally:
+        mod.release.set()
+        stop.set()
+        short_thread.join(10)
