@@ -62,4 +62,12 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     else:
         print("no rollout yet")
+    watch = state.get("watch") or {}
+    if watch.get("enabled"):
+        print(
+            f"watch mode on: {watch.get('rollouts_requested', 0)} rollouts requested by saves, "
+            f"{watch.get('changes_ignored', 0)} saves without a change ignored"
+        )
+    elif watch.get("disabled_reason"):
+        print(f"watch mode off: {watch['disabled_reason']}")
     return 0

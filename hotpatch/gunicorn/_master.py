@@ -199,7 +199,7 @@ class Controller:
         def manage_workers() -> None:
             if self._reap_in_loop is not None:
                 self._reap_in_loop()
-            self.poll_sources()
+            self.poll_sources_safely()
             self.tick()
             manage()
 
@@ -403,6 +403,16 @@ class Controller:
                 master_pid=self.arbiter.pid,
                 advice=GUNICORN_RELOAD_WARNING,
             )
+
+    def poll_sources_safely(self) -> None:
+        """``poll_sources``, but a watch-mode bug must never take the master down: log, stop."""
+        try:
+            self.poll_sources()
+        except Exception as exc:
+            log.exception("watch.failed", master_pid=self.arbiter.pid, action="watching stopped")
+            self.watcher = None
+            self.watch_disabled_reason = f"watching failed: {type(exc).__name__}: {exc}"
+            self.publish()
 
     def poll_sources(self) -> None:
         """Watch mode: scan the sources if a scan is due; request a rollout for new content."""
