@@ -441,3 +441,52 @@ def test_dataclasses_coroutines_generators_and_properties(make_module) -> None:
     assert asyncio.run(mod.fetch()) == "new" and next(mod.gen()) == "old"
     child.p = 7
     assert child.p == 7
+
+
+MEMBERS = """
+import functools
+
+class K:
+    def keep(self):
+        return 1
+
+    def _private(self):
+        return 2
+
+    def public_gone(self):
+        return 3
+
+    def becomes_prop(self):
+        return 4
+
+DEFAULT = None
+"""
+
+
+def test_class_members_removed_added_and_retyped(make_module) -> None:
+    mod = make_module(MEMBERS)
+    live_k = mod.K
+    k = mod.K()
+    engine = Engine()
+    with pytest.raises(PatchRejected, match=r"becomes_prop changed from function to property"):
+        engine.patch(
+            mod.__name__,
+            source=MEMBERS.replace(
+                "    def becomes_prop(self):", "    @property\n    def becomes_prop(self):"
+            ),
+        )
+    without_public = MEMBERS.replace("    def public_gone(self):\n        return 3\n", "")
+    with pytest.raises(PatchRejected, match=r"public member K.public_gone was removed"):
+        engine.patch(mod.__name__, source=without_public)
+    new = (
+        without_public.replace("    def _private(self):\n        return 2\n", "")
+        .replace(
+            "    def keep(self):",
+            "    @functools.cached_property\n    def size(self):\n        return SIZE\n\n    def keep(self):",
+        )
+        .replace("DEFAULT = None", "SIZE = 7\nDEFAULT = K()")
+    )
+    result = engine.patch(mod.__name__, source=new, allow_removals=True)
+    assert set(result.removed) == {"K._private", "K.public_gone"}
+    assert not hasattr(k, "_private") and k.size == 7  # a live instance gets the new member
+    assert mod.K is live_k and isinstance(mod.DEFAULT, live_k)  # made by the candidate, re-typed
