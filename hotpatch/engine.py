@@ -332,6 +332,7 @@ class Engine:
     def _commit(self, todo: list[_Prepared], *, timeout_s: float) -> None:
         plans = [p.plan for p in todo if p.plan is not None]
         codes = frozenset().union(*(plan.replaced_codes for plan in plans))
+        waited_from = time.perf_counter()
         try:
             undos = commit_at_safe_point(
                 [plan.changeset for plan in plans], codes=codes, timeout_s=timeout_s
@@ -344,6 +345,12 @@ class Engine:
                 filename=exc.busy.filename,
                 lineno=exc.busy.lineno,
             ) from None
+        log.debug(
+            "patch.committed",
+            modules=[p.name for p in todo],
+            assignments=sum(len(plan.changeset) for plan in plans),
+            safepoint_wait_s=round(time.perf_counter() - waited_from, 6),
+        )
         for p, undo in zip(todo, undos):
             p.undo = undo
             _cache_lines(p.source)
@@ -364,8 +371,10 @@ class Engine:
                         fn, timeout_s=self.health_timeout_s, name=f"health check {label}"
                     )
                 except BaseException as exc:
+                    rejection = _rejection(p.candidate, "health", f"health check {label}", exc)
+                    log.warning("health_check.failed", check=label, **rejection.details())
                     self._undo(todo, reason=f"health check {label} failed")
-                    raise _rejection(p.candidate, "health", f"health check {label}", exc) from None
+                    raise rejection from None
 
     def _undo(self, todo: list[_Prepared], *, reason: str) -> None:
         """Restore the versions live before ``todo`` was committed, whatever threads are doing."""

@@ -127,7 +127,9 @@ def test_health_failure_restores_exactly(make_module) -> None:
     assert all(mod.__dict__[k] is v for k, v in before.items())
     assert dict(mod.K.__dict__) == class_dict
     events = [e["event"] for e in logs]
+    assert events.index("health_check.failed") < events.index("patch.rolled_back")
     assert events.index("patch.rolled_back") < events.index("patch.rejected")
+    assert events.index("patch.committed") < events.index("health_check.failed")
     assert engine.history(mod.__name__)[0].outcome == "rejected"
 
 
