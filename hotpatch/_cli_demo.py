@@ -9,7 +9,12 @@ HELP = "run a live demonstration: patches applied, refused and rolled back under
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=4,
+        help="concurrent HTTP clients in the in-process part (default: 4)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
