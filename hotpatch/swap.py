@@ -10,8 +10,8 @@ The plan pairs every live object with its twin in the candidate and turns the di
   the same way;
 - a plain value keeps its live object unless the statement that assigns it changed
   (``statements.StatementIndex``);
-- new objects are re-bound to the live module namespace, so that nothing live points into the
-  candidate.
+- new objects are re-bound to the live module namespace (``rebind.Rebinder``), so that nothing
+  live points into the candidate.
 
 Planning reads live objects but changes none: the commit applies the change set later, at a safe
 point. Changes that cannot be made in place are reported as compatibility problems.
@@ -19,13 +19,11 @@ point. Changes that cannot be made in place are reported as compatibility proble
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
 import gc
-import inspect
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hotpatch.changeset import (
@@ -39,7 +37,18 @@ from hotpatch.changeset import (
     codes_of,
     functions_of,
 )
+from hotpatch.compare import (
+    IMMUTABLE,
+    cell_value,
+    nested_codes,
+    parameter_shape,
+    same_behavior,
+    same_generated,
+    same_repr,
+    same_value,
+)
 from hotpatch.guard import class_incompatibility, is_public, signature_incompatibility
+from hotpatch.rebind import CLASS_SKIP, Rebinder, is_own_class
 from hotpatch.statements import StatementIndex
 
 MODULE_SKIP = frozenset(
@@ -54,7 +63,6 @@ MODULE_SKIP = frozenset(
         "__spec__",
     }
 )
-_CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__"})
 _CLASS_TAKE_NEW = frozenset(
     {
         "__doc__",
@@ -69,20 +77,6 @@ _CLASS_TAKE_NEW = frozenset(
         "__parameters__",
         "__type_params__",
     }
-)
-_IMMUTABLE = (
-    int,
-    float,
-    complex,
-    str,
-    bytes,
-    bool,
-    type(None),
-    tuple,
-    frozenset,
-    range,
-    type(Ellipsis),
-    types.ModuleType,
 )
 
 
@@ -108,53 +102,8 @@ class Plan:
     after_commit: tuple[Callable[[], object], ...] = ()
 
 
-def same_behavior(a: types.CodeType, b: types.CodeType) -> bool:
-    """Whether two code objects do the same thing, ignoring line numbers (recursively)."""
-    if a is b:
-        return True
-    if (
-        a.co_code != b.co_code
-        or a.co_names != b.co_names
-        or a.co_varnames != b.co_varnames
-        or a.co_freevars != b.co_freevars
-        or a.co_cellvars != b.co_cellvars
-        or a.co_argcount != b.co_argcount
-        or a.co_posonlyargcount != b.co_posonlyargcount
-        or a.co_kwonlyargcount != b.co_kwonlyargcount
-        or a.co_flags != b.co_flags
-        or getattr(a, "co_exceptiontable", None) != getattr(b, "co_exceptiontable", None)
-        or len(a.co_consts) != len(b.co_consts)
-    ):
-        return False
-    for x, y in zip(a.co_consts, b.co_consts):
-        if isinstance(x, types.CodeType) and isinstance(y, types.CodeType):
-            if not same_behavior(x, y):
-                return False
-        elif x is not y and (type(x) is not type(y) or not _safe_equal(x, y)):
-            return False
-    return True
-
-
-def nested_codes(code: types.CodeType) -> Iterator[types.CodeType]:
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            yield const
-            yield from nested_codes(const)
-
-
-def _safe_equal(x: object, y: object) -> bool:
-    try:
-        return bool(x == y)
-    except Exception:
-        return False
-
-
 def _own_function(value: object, namespace: dict[str, object]) -> bool:
     return isinstance(value, types.FunctionType) and value.__globals__ is namespace
-
-
-def _own_class(value: object, module: str) -> bool:
-    return isinstance(value, type) and value.__dict__.get("__module__") == module
 
 
 def _instance_dict(value: object) -> dict[str, object] | None:
@@ -197,14 +146,21 @@ class _Planner:
     after_commit: list[Callable[[], object]] = field(default_factory=list)
     _funcs_done: set[int] = field(default_factory=set)
     _classes_done: set[int] = field(default_factory=set)
-    _cells: dict[int, types.CellType] = field(default_factory=dict)
     _nested: dict[types.CodeType, types.CodeType] = field(default_factory=dict)
+    rebinder: Rebinder = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rebinder = Rebinder(self.module, self.live, self.cand, self.remap)
+
+    def rebind(self, value: object) -> object:
+        """The live form of a candidate object (``rebind.Rebinder``)."""
+        return self.rebinder.rebind(value)
 
     # -- pairing ---------------------------------------------------------------------------------
     def kind(self, old: object, new: object) -> str:
         if _own_function(old, self.live) and _own_function(new, self.cand):
             return "function"
-        if _own_class(old, self.module) and _own_class(new, self.module) and old is not new:
+        if is_own_class(old, self.module) and is_own_class(new, self.module) and old is not new:
             return "class"
         if old is not new and type(old) is type(new):
             inner_old = _innermost_own(old, self.live)
@@ -222,7 +178,7 @@ class _Planner:
             return self.old_index.statement_changed(self.new_index, scope, name)
         # No statement to go by: the baseline source is unknown, or the name was set by a
         # decorator or a metaclass. Immutable values take the new value, live state is kept.
-        return type(old) is not type(new) or isinstance(new, _IMMUTABLE)
+        return type(old) is not type(new) or isinstance(new, IMMUTABLE)
 
     def pair_names(self) -> None:
         """First pass: map candidate objects to the live objects they will become."""
@@ -237,14 +193,14 @@ class _Planner:
                 self.remap[id(new)] = old
             elif kind == "class":
                 self._pair_class(old, new)  # type: ignore[arg-type]
-            elif not isinstance(new, _IMMUTABLE) and not self.take_new("", name, old, new):
+            elif not isinstance(new, IMMUTABLE) and not self.take_new("", name, old, new):
                 self.remap[id(new)] = old
 
     def _pair_class(self, old: type, new: type) -> None:
         self.remap[id(new)] = old
         for name, nv in new.__dict__.items():
             ov = old.__dict__.get(name, MISSING)
-            if _own_class(ov, self.module) and _own_class(nv, self.module) and ov is not nv:
+            if is_own_class(ov, self.module) and is_own_class(nv, self.module) and ov is not nv:
                 assert isinstance(ov, type) and isinstance(nv, type)
                 self._pair_class(ov, nv)
             elif _own_function(ov, self.live) and _own_function(nv, self.cand):
@@ -304,7 +260,7 @@ class _Planner:
                         )
                     )
                     continue
-                if self.take_new("", name, old, new) and not _same_value(old, new):
+                if self.take_new("", name, old, new) and not same_value(old, new):
                     self.replace_name(name, old, new)
 
         for name, old in self.live.items():
@@ -325,7 +281,7 @@ class _Planner:
             self.removed.append(name)
 
     def _is_definition(self, value: object) -> bool:
-        return _own_function(value, self.live) or _own_class(value, self.module)
+        return _own_function(value, self.live) or is_own_class(value, self.module)
 
     def _is_api(self, value: object) -> bool:
         """Definitions and data of this module are API; imported modules and objects are not."""
@@ -341,7 +297,7 @@ class _Planner:
         self.changed.append(name)
 
     def check_signature(self, old: types.FunctionType, new: types.FunctionType, path: str) -> None:
-        if _parameter_shape(old) == _parameter_shape(new):
+        if parameter_shape(old) == parameter_shape(new):
             return  # same names, kinds and defaults present: every old call still binds
         reason = signature_incompatibility(old, new)
         if reason:
@@ -365,16 +321,16 @@ class _Planner:
         self.remap[id(new)] = old
         state = FunctionState(
             new.__code__,
-            self.rebind_tuple(new.__defaults__),
-            self.rebind_kwdefaults(new.__kwdefaults__),
+            self.rebinder.rebind_tuple(new.__defaults__),
+            self.rebinder.rebind_kwdefaults(new.__kwdefaults__),
             new.__annotations__,
             new.__doc__,
             new.__qualname__,
         )
         if not (
             old.__code__ == new.__code__
-            and _same_value(old.__defaults__, state.defaults)
-            and _same_value(old.__kwdefaults__, state.kwdefaults)
+            and same_value(old.__defaults__, state.defaults)
+            and same_value(old.__kwdefaults__, state.kwdefaults)
             and old.__doc__ == new.__doc__
         ):
             self.ops.append(SetFunction(old, state))
@@ -385,13 +341,13 @@ class _Planner:
             self._pair_nested(old.__code__, new.__code__)
         if (
             not behaves_alike
-            or not _same_value(old.__defaults__, state.defaults)
-            or not _same_value(old.__kwdefaults__, state.kwdefaults)
+            or not same_value(old.__defaults__, state.defaults)
+            or not same_value(old.__kwdefaults__, state.kwdefaults)
         ):
             self.changed.append(path)
         # Decorators that close over the function they wrap (with or without functools.wraps).
         for old_cell, new_cell in zip(old.__closure__ or (), new.__closure__ or ()):
-            old_inner, new_inner = _cell_value(old_cell), _cell_value(new_cell)
+            old_inner, new_inner = cell_value(old_cell), cell_value(new_cell)
             if isinstance(old_inner, types.FunctionType) and isinstance(
                 new_inner, types.FunctionType
             ):
@@ -457,7 +413,7 @@ class _Planner:
             return
         is_enum = isinstance(old, enum.EnumMeta)
         for name, nv in new.__dict__.items():
-            if name in _CLASS_SKIP or (is_enum and _enum_internal(old, name)):
+            if name in CLASS_SKIP or (is_enum and _enum_internal(old, name)):
                 continue
             member = f"{path}.{name}"
             ov = old.__dict__.get(name, MISSING)
@@ -469,11 +425,11 @@ class _Planner:
         for name, ov in old.__dict__.items():
             if (
                 name in new.__dict__
-                or name in _CLASS_SKIP
+                or name in CLASS_SKIP
                 or (is_enum and _enum_internal(old, name))
             ):
                 continue
-            is_code = bool(functions_of(ov)) or _own_class(ov, self.module)
+            is_code = bool(functions_of(ov)) or is_own_class(ov, self.module)
             if not is_code and (self.old_index is None or not self.old_index.binds(path, name)):
                 continue  # set at run time or by a decorator: live state, kept
             if public and is_public(name) and not self.allow_removals:
@@ -490,13 +446,13 @@ class _Planner:
     ) -> None:
         member = f"{scope}.{name}"
         old_funcs, new_funcs = functions_of(ov), functions_of(nv)
-        if _own_class(ov, self.module) and _own_class(nv, self.module) and ov is not nv:
+        if is_own_class(ov, self.module) and is_own_class(nv, self.module) and ov is not nv:
             assert isinstance(ov, type) and isinstance(nv, type)
             self.update_class(ov, nv, member, public=public)
             return
         if not old_funcs and not new_funcs:
             taken = name in _CLASS_TAKE_NEW or self.take_new(scope, name, ov, nv)
-            if taken and not _same_value(ov, nv) and not _same_repr(ov, nv):
+            if taken and not same_value(ov, nv) and not same_repr(ov, nv):
                 self.ops.append(SetAttr(cls, name, self.rebind(nv)))
                 self.changed.append(member)
             return
@@ -510,7 +466,7 @@ class _Planner:
                 self.check_signature(old_funcs[0], new_funcs[0], member)
             if all(self.update_function(o, n, member) for o, n in zip(old_funcs, new_funcs)):
                 return
-            if all(_same_generated(o, n) for o, n in zip(old_funcs, new_funcs)):
+            if all(same_generated(o, n) for o, n in zip(old_funcs, new_funcs)):
                 return  # made by a decorator (dataclass __init__...), identical: keep the live one
         elif public and isinstance(ov, types.FunctionType) != isinstance(nv, types.FunctionType):
             self.problems.append(
@@ -523,150 +479,6 @@ class _Planner:
         self.ops.append(SetAttr(cls, name, self.rebind(nv)))
         self.replaced.update(codes_of(ov))
         self.changed.append(member)
-
-    # -- re-binding new objects to the live namespace ---------------------------------------------
-    def rebind(self, value: object) -> object:
-        """The object to make live for a candidate value: nothing live may point into the candidate."""
-        mapped = self.remap.get(id(value), MISSING)
-        if mapped is not MISSING:
-            return mapped
-        if isinstance(value, types.FunctionType):
-            return self._rebind_function(value) if value.__globals__ is self.cand else value
-        if isinstance(value, staticmethod | classmethod):
-            inner = self.rebind(value.__func__)
-            return value if inner is value.__func__ else type(value)(inner)  # type: ignore[arg-type]
-        if isinstance(value, property):
-            parts = [
-                self.rebind(f) if f is not None else None
-                for f in (value.fget, value.fset, value.fdel)
-            ]
-            if all(p is f for p, f in zip(parts, (value.fget, value.fset, value.fdel))):
-                return value
-            return type(value)(parts[0], parts[1], parts[2], value.__doc__)  # type: ignore[arg-type]
-        if isinstance(value, functools.cached_property):
-            inner = self.rebind(value.func)
-            if inner is value.func:
-                return value
-            rebuilt: functools.cached_property[object] = functools.cached_property(inner)  # type: ignore[arg-type]
-            rebuilt.attrname = value.attrname
-            return rebuilt
-        if isinstance(value, type) and _own_class(value, self.module):
-            self._adopt_class(value)
-            return value
-        live_type = self.remap.get(id(type(value)))
-        if isinstance(live_type, type) and not isinstance(value, type):
-            with contextlib.suppress(TypeError):
-                value.__class__ = live_type  # an instance the candidate made of a class kept live
-        return value
-
-    def rebind_tuple(self, values: tuple[object, ...] | None) -> tuple[object, ...] | None:
-        return None if values is None else tuple(self.rebind(v) for v in values)
-
-    def rebind_kwdefaults(self, values: dict[str, object] | None) -> dict[str, object] | None:
-        return None if values is None else {k: self.rebind(v) for k, v in values.items()}
-
-    def _rebind_function(self, func: types.FunctionType) -> types.FunctionType:
-        closure = None
-        if func.__closure__:
-            closure = tuple(
-                self._cells.setdefault(id(c), types.CellType()) for c in func.__closure__
-            )
-        rebound = types.FunctionType(func.__code__, self.live, func.__name__, None, closure)
-        self.remap[id(func)] = rebound
-        rebound.__defaults__ = self.rebind_tuple(func.__defaults__)
-        rebound.__kwdefaults__ = self.rebind_kwdefaults(func.__kwdefaults__)
-        rebound.__annotations__ = func.__annotations__
-        rebound.__doc__ = func.__doc__
-        rebound.__qualname__ = func.__qualname__
-        rebound.__module__ = func.__module__
-        if hasattr(func, "__type_params__"):  # Python 3.12+
-            rebound.__type_params__ = func.__type_params__  # type: ignore[attr-defined,unused-ignore]
-        rebound.__dict__.update({k: self.rebind(v) for k, v in func.__dict__.items()})
-        for old_cell, new_cell in zip(func.__closure__ or (), closure or ()):
-            content = _cell_value(old_cell)
-            if content is not MISSING:
-                new_cell.cell_contents = self.rebind(content)
-        return rebound
-
-    def _adopt_class(self, cls: type) -> None:
-        """A class new in this version: its functions move to the live namespace."""
-        if id(cls) in self._classes_done:
-            return
-        self._classes_done.add(id(cls))
-        self.remap[id(cls)] = cls
-        bases = tuple(self.remap_value(b) for b in cls.__bases__)
-        if bases != cls.__bases__:
-            try:
-                cls.__bases__ = bases  # type: ignore[assignment]
-            except TypeError as exc:
-                self.problems.append(
-                    Problem(f"new class {cls.__qualname__}: cannot re-base it: {exc}")
-                )
-        for name, value in list(cls.__dict__.items()):
-            if name in _CLASS_SKIP:
-                continue
-            rebound = self.rebind(value)
-            if rebound is not value:
-                setattr(cls, name, rebound)
-
-
-_VARARGS_FLAGS = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
-
-
-def _parameter_shape(func: types.FunctionType) -> tuple[object, ...]:
-    """What decides which calls a function accepts, read cheaply from its code object."""
-    code = func.__code__
-    count = code.co_argcount + code.co_kwonlyargcount
-    flags = code.co_flags & _VARARGS_FLAGS
-    names = code.co_varnames[
-        : count + bool(flags & inspect.CO_VARARGS) + bool(flags & inspect.CO_VARKEYWORDS)
-    ]
-    return (
-        code.co_argcount,
-        code.co_posonlyargcount,
-        code.co_kwonlyargcount,
-        flags,
-        names,
-        len(func.__defaults__ or ()),
-        frozenset(func.__kwdefaults__ or ()),
-    )
-
-
-def _same_generated(old: types.FunctionType, new: types.FunctionType) -> bool:
-    """Two functions generated outside the module (by dataclasses, attrs...) that behave alike."""
-    return (
-        same_behavior(old.__code__, new.__code__)
-        and _same_value(old.__defaults__, new.__defaults__)
-        and _same_value(old.__kwdefaults__, new.__kwdefaults__)
-    )
-
-
-_REPR_COMPARED = frozenset({"Field", "_DataclassParams", "dict", "tuple"})
-
-
-def _same_repr(a: object, b: object) -> bool:
-    """Decorator-made class attributes (dataclass fields and params) compared by their repr."""
-    if type(a) is not type(b) or type(a).__name__ not in _REPR_COMPARED:
-        return False
-    try:
-        return repr(a) == repr(b)
-    except Exception:  # a repr that raises means "not known equal"
-        return False
-
-
-def _cell_value(cell: types.CellType) -> object:
-    try:
-        return cell.cell_contents
-    except ValueError:
-        return MISSING
-
-
-def _same_value(a: object, b: object) -> bool:
-    if a is b:
-        return True
-    if type(a) is not type(b) or not isinstance(a, (*_IMMUTABLE, dict)):
-        return False
-    return _safe_equal(a, b)
 
 
 def _enum_internal(cls: type, name: str) -> bool:
@@ -692,10 +504,18 @@ def plan_update(
     ``remap`` (``id(candidate object) -> live object``) is shared by the plans of one change set,
     so that a module importing an object from another module of the set gets its live twin.
     """
-    planner = _Planner(module, live, candidate, old_index, new_index, allow_removals, forced)
-    if remap is not None:
-        planner.remap = remap
+    planner = _Planner(
+        module,
+        live,
+        candidate,
+        old_index,
+        new_index,
+        allow_removals,
+        forced,
+        remap if remap is not None else {},
+    )
     planner.plan_module()
+    planner.problems.extend(Problem(message) for message in planner.rebinder.problems)
     if not planner.problems:
         planner.plan_closures()
     return Plan(
