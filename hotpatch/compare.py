@@ -28,6 +28,21 @@ IMMUTABLE = (
 )
 
 
+# What kind of function a code object makes: plain, generator, coroutine, async generator.
+KIND_FLAGS = (
+    inspect.CO_GENERATOR
+    | inspect.CO_COROUTINE
+    | inspect.CO_ITERABLE_COROUTINE
+    | inspect.CO_ASYNC_GENERATOR
+)
+
+
+def same_kind(a: types.CodeType, b: types.CodeType) -> bool:
+    """Whether ``b`` may replace ``a`` as a function's ``__code__`` (Python 3.13 deprecates
+    swapping a generator's code for a plain function's, and the reverse)."""
+    return not (a.co_flags ^ b.co_flags) & KIND_FLAGS
+
+
 def same_behavior(a: types.CodeType, b: types.CodeType) -> bool:
     """Whether two code objects do the same thing, ignoring line numbers (recursively)."""
     if a is b:

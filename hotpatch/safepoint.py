@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from hotpatch.changeset import ChangeSet, FunctionState
+from hotpatch.compare import KIND_FLAGS
 
 T = TypeVar("T")
 
@@ -219,7 +220,12 @@ def commit_at_safe_point(
     """
     deadline = time.monotonic() + timeout_s
     code_ids = {id(c) for c in codes}
-    gated = [f for cs in changesets for f in cs.functions() if id(f.__code__) in code_ids]
+    gated = [
+        f
+        for cs in changesets
+        for f in cs.functions()
+        if id(f.__code__) in code_ids and not f.__code__.co_flags & KIND_FLAGS
+    ]  # the trampoline is a plain function: generators and coroutines are not gated
     gate: _Gate | None = None
     gate_closed_at = 0.0
     holdouts: set[int] = set()  # threads that outlasted a gate: no new gate until they leave

@@ -44,6 +44,7 @@ from hotpatch.compare import (
     parameter_shape,
     same_behavior,
     same_generated,
+    same_kind,
     same_repr,
     same_value,
 )
@@ -317,6 +318,8 @@ class _Planner:
             return False
         if old.__code__.co_freevars != new.__code__.co_freevars:
             return False
+        if not same_kind(old.__code__, new.__code__):
+            return False  # a plain function became a generator (or the reverse): replace it
         self._funcs_done.add(id(old))
         self.remap[id(new)] = old
         state = FunctionState(
@@ -376,7 +379,11 @@ class _Planner:
         new_named = named(new)
         for key, old_inner in named(old).items():
             new_inner = new_named.get(key)
-            if new_inner is None or old_inner.co_freevars != new_inner.co_freevars:
+            if (
+                new_inner is None
+                or old_inner.co_freevars != new_inner.co_freevars
+                or not same_kind(old_inner, new_inner)
+            ):
                 continue
             if not same_behavior(old_inner, new_inner):
                 self._nested[old_inner] = new_inner

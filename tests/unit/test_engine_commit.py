@@ -490,3 +490,13 @@ def test_class_members_removed_added_and_retyped(make_module) -> None:
     assert set(result.removed) == {"K._private", "K.public_gone"}
     assert not hasattr(k, "_private") and k.size == 7  # a live instance gets the new member
     assert mod.K is live_k and isinstance(mod.DEFAULT, live_k)  # made by the candidate, re-typed
+
+
+def test_a_function_that_becomes_a_generator_is_replaced(make_module) -> None:
+    """A code object of another kind is never swapped in place (deprecated in Python 3.13)."""
+    mod = make_module("def items():\n    return [1, 2]\n")
+    engine = Engine()
+    result = engine.patch(mod.__name__, source="def items():\n    yield 1\n    yield 2\n")
+    assert "items" in result.changed and list(mod.items()) == [1, 2]
+    engine.rollback(mod.__name__)
+    assert mod.items() == [1, 2]
