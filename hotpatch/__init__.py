@@ -5,6 +5,7 @@ a time; either way a broken change is refused or rolled back before it can hurt.
 """
 
 from hotpatch._version import __version__
+from hotpatch.control import Listener, listen
 from hotpatch.engine import (
     Engine,
     PatchResult,
@@ -32,6 +33,7 @@ __all__ = [
     "Engine",
     "HealthCheckTimeout",
     "HotpatchError",
+    "Listener",
     "PatchRejected",
     "PatchResult",
     "RolloutFailed",
@@ -40,6 +42,7 @@ __all__ = [
     "default_engine",
     "health_check",
     "history",
+    "listen",
     "patch",
     "patch_many",
     "rollback",

@@ -21,6 +21,8 @@ COMMANDS: tuple[str, ...] = (
     "hotpatch._cli_run",
     "hotpatch._cli_rollout",
     "hotpatch._cli_status",
+    "hotpatch._cli_patch",
+    "hotpatch._cli_rollback",
 )
 
 
