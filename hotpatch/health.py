@@ -128,3 +128,24 @@ def probe_http(host: str, port: int, path: str = "/", *, timeout_s: float = 5.0)
         return ProbeResult(status=response.status, body=response.read(_MAX_BODY_BYTES))
     finally:
         conn.close()
+
+
+def wsgi_health_check(app: WSGIApp, path: str = "/healthz") -> Callable[[], None]:
+    """A health check for the in-process engine: ``GET path`` against ``app``, in-process.
+
+    Register it for the module that serves ``app``; a patch after which the answer is not a 2xx
+    is rolled back::
+
+        hotpatch.health_check("myapp.views")(wsgi_health_check(myapp.app, "/healthz"))
+
+    Raises (when called):
+        AssertionError: the answer was not a 2xx (its status and body are in the message).
+    """
+
+    def check() -> None:
+        result = probe_wsgi(app, path)
+        if not result.is_success:
+            raise AssertionError(f"GET {path} answered {result.status}: {result.body[:200]!r}")
+
+    check.__qualname__ = f"wsgi_health_check({path!r})"
+    return check

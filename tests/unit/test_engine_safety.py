@@ -339,3 +339,21 @@ def test_a_long_call_does_not_hold_other_callers_at_the_gate(make_module) -> Non
         mod.release.set()
         stop.set()
         short_thread.join(10)
+
+
+def test_wsgi_health_check_rolls_back_a_patch_that_breaks_the_endpoint(make_module) -> None:
+    from hotpatch.health import wsgi_health_check
+
+    source = (
+        "from flask import Flask\n\napp = Flask(__name__)\n\n"
+        "@app.get('/healthz')\ndef healthz():\n    return 'ok'\n"
+    )
+    mod = make_module(source)
+    engine = Engine()
+    engine.health_check(mod.__name__)(wsgi_health_check(mod.app, "/healthz"))
+    engine.patch(mod.__name__, source=source.replace("'ok'", "'fine'"))
+    assert mod.app.test_client().get("/healthz").get_data(as_text=True) == "fine"
+    with pytest.raises(PatchRejected) as info:
+        engine.patch(mod.__name__, source=source.replace("return 'ok'", "return 'down', 503"))
+    assert info.value.stage == "health" and "GET /healthz answered 503" in info.value.reason
+    assert mod.app.test_client().get("/healthz").status_code == 200
