@@ -17,23 +17,32 @@ HELP = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pid", type=int, required=True, help="the process's pid")
+    add_process_arguments(parser)
     parser.add_argument(
         "--check",
         action="store_true",
         help="only run the guard (load, compile, execute, compatibility, verify): a dry run",
     )
+
+
+def add_process_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--pid`` and ``--timeout``, shared with ``hotpatch rollback``."""
+    parser.add_argument("--pid", type=int, required=True, help="the process's pid")
     parser.add_argument(
         "--timeout", type=float, default=60.0, metavar="SECONDS", help="default: 60"
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    action = "check" if args.check else "patch"
+    return request(NAME, args.pid, "check" if args.check else "patch", timeout_s=args.timeout)
+
+
+def request(command: str, pid: int, action: str, **options: Any) -> int:
+    """Send one request to process ``pid``, print its result, return the exit code."""
     try:
-        result = send_request(args.pid, action, timeout_s=args.timeout)
+        result = send_request(pid, action, **options)
     except HotpatchError as exc:
-        print(f"hotpatch {NAME}: {exc}", file=sys.stderr)
+        print(f"hotpatch {command}: {exc}", file=sys.stderr)
         return 2
     return report(result)
 

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from hotpatch._cli_patch import report
-from hotpatch.control import send_request
-from hotpatch.errors import HotpatchError
+from hotpatch._cli_patch import add_process_arguments, request
 
 NAME = "rollback"
 HELP = (
@@ -17,20 +14,12 @@ HELP = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pid", type=int, required=True, help="the process's pid")
+    add_process_arguments(parser)
     parser.add_argument("module", help="the module to roll back, e.g. myapp.pricing")
     parser.add_argument("--to", metavar="VERSION", help="a version id from the module's history")
-    parser.add_argument(
-        "--timeout", type=float, default=60.0, metavar="SECONDS", help="default: 60"
-    )
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = send_request(
-            args.pid, "rollback", module=args.module, to=args.to, timeout_s=args.timeout
-        )
-    except HotpatchError as exc:
-        print(f"hotpatch {NAME}: {exc}", file=sys.stderr)
-        return 2
-    return report(result)
+    return request(
+        NAME, args.pid, "rollback", module=args.module, to=args.to, timeout_s=args.timeout
+    )
