@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import os
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -133,6 +134,20 @@ def _resolve(module: str | None, level: int, package: str) -> str | None:
     if module:
         base.append(module)
     return ".".join(base) or None
+
+
+def package_of(name: str) -> str:
+    """The ``__package__`` of live module ``name`` (what its relative imports resolve against)."""
+    module = sys.modules.get(name)
+    package = getattr(module, "__package__", None)
+    return package if isinstance(package, str) else name.rpartition(".")[0]
+
+
+def in_dependency_order(sources: Mapping[str, str]) -> list[str]:
+    """Live module names (name -> new source text), each after the ones of them it imports."""
+    return dependency_order(
+        {name: imported_modules(text, package=package_of(name)) for name, text in sources.items()}
+    )
 
 
 def dependency_order(imports: Mapping[str, set[str]]) -> list[str]:

@@ -161,6 +161,11 @@ def decode_source(name: str, data: str | bytes, filename: str, *, max_bytes: int
         ) from None
 
 
+def text_sha256(text: str) -> str:
+    """The content hash that identifies a version: SHA-256 of the decoded source text."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def compile_source(
     name: str, text: str, filename: str, *, previous: Source | None = None
 ) -> tuple[Source, types.CodeType]:
@@ -183,7 +188,7 @@ def compile_source(
         raise _syntax_rejection(name, exc, filename, text) from None
     except (ValueError, RecursionError, MemoryError) as exc:
         raise PatchRejected(name, "compile", f"cannot compile: {exc}", filename=filename) from None
-    sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    sha = text_sha256(text)
     index = None
     if previous is not None:
         keep = (lambda stmt: not _is_main_guard(stmt)) if name == "__main__" else None
@@ -202,7 +207,7 @@ def source_from_text(name: str, text: str, filename: str) -> Source | None:
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     tree = _definitions_only(tree, name)
-    sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    sha = text_sha256(text)
     return Source(text, filename, sha, StatementIndex.build(tree, text))
 
 

@@ -19,7 +19,6 @@ engine (guard, safe point, health, rollback) and writes the result next to it. R
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
@@ -37,7 +36,8 @@ from typing import Any
 
 import structlog
 
-from hotpatch._modulemap import dependency_order, imported_modules
+from hotpatch._modulemap import in_dependency_order
+from hotpatch.candidate import text_sha256
 from hotpatch.engine import Engine, PatchResult, default_engine
 from hotpatch.errors import ConfigError, HotpatchError, PatchRejected
 
@@ -138,17 +138,13 @@ class Listener:
             except (OSError, UnicodeDecodeError, SyntaxError, LookupError):
                 sources[name] = ""  # the engine refuses it with the reason
                 continue
-            sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+            sha = text_sha256(text)
             live = next((v for v in self.engine.history(name) if v.is_live), None)
             if live is None or live.sha256 != sha:
                 sources[name] = text
         if not sources:
             return []
-        imports = {
-            name: imported_modules(text, package=_package_of(name))
-            for name, text in sources.items()
-        }
-        order = dependency_order(imports)
+        order = in_dependency_order(sources)
         if dry_run:
             results = [self.engine.check(name, source=sources[name] or None) for name in order]
         else:
@@ -170,13 +166,6 @@ class Listener:
             (self.directory / "process.json").unlink()
         with contextlib.suppress(OSError):
             self.directory.rmdir()
-
-
-def _package_of(name: str) -> str:
-    module = sys.modules.get(name)
-    if module is not None and hasattr(module, "__path__"):
-        return name
-    return name.rpartition(".")[0]
 
 
 def _describe(result: PatchResult) -> dict[str, Any]:

@@ -7,7 +7,6 @@ by the engine's lock; each one either commits whole (every module of a change se
 
 from __future__ import annotations
 
-import hashlib
 import linecache
 import threading
 import time
@@ -29,6 +28,7 @@ from hotpatch.candidate import (
     live_module,
     read_source_file,
     source_from_text,
+    text_sha256,
 )
 from hotpatch.changeset import ChangeSet
 from hotpatch.errors import HotpatchError, PatchRejected
@@ -251,7 +251,7 @@ class Engine:
         if given is None:
             given = read_source_file(name, filename, max_bytes=self.max_source_bytes)
         text = decode_source(name, given, filename, max_bytes=self.max_source_bytes)
-        sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        sha = text_sha256(text)
         self._attempted[name] = sha
         record = self._ensure_history(name, unless_sha=sha)
         live_entry = record.live()

@@ -69,8 +69,9 @@ def threads_inside(codes: Collection[types.CodeType]) -> list[BusyThread]:
     me = threading.get_ident()
     busy = []
     for ident, frame in sys._current_frames().items():
-        if ident != me and _stack_runs(frame, wanted):
-            busy.append(_describe(ident, _stack_runs(frame, wanted)))  # type: ignore[arg-type]
+        inside = _stack_runs(frame, wanted) if ident != me else None
+        if inside is not None:
+            busy.append(_describe(ident, inside))
     return busy
 
 

@@ -42,8 +42,7 @@ from watchdog.observers import Observer
 from hotpatch._debounce import Batch, Debouncer
 from hotpatch._modulemap import (
     ModuleIndex,
-    dependency_order,
-    imported_modules,
+    in_dependency_order,
     is_under,
     normalize,
 )
@@ -360,11 +359,7 @@ class Watcher:
         for path, data in files.items():
             for name in self._index.modules_for(path):
                 sources[name] = data
-        imports = {
-            name: imported_modules(_decode(data), package=_package_of(name))
-            for name, data in sources.items()
-        }
-        order = dependency_order(imports)
+        order = in_dependency_order({name: _decode(data) for name, data in sources.items()})
         return self.engine.patch_many(
             {name: sources[name] for name in order},
             allow_removals=self._allow_removals,
@@ -531,12 +526,6 @@ def _decode(data: bytes) -> str:
         return importlib.util.decode_source(data)
     except (UnicodeDecodeError, SyntaxError, LookupError):
         return ""
-
-
-def _package_of(name: str) -> str:
-    module = sys.modules.get(name)
-    package = getattr(module, "__package__", None)
-    return package if isinstance(package, str) else name.rpartition(".")[0]
 
 
 def _hash_file(path: str) -> str | None:
