@@ -51,9 +51,9 @@ from pathlib import Path
 import structlog
 
 import hotpatch
-import hotpatch.candidate
 import hotpatch.engine
-import hotpatch.swap
+import hotpatch.engine.candidate
+import hotpatch.engine.swap
 
 MISSING = object()
 PREFIX = f"hpbench_{os.getpid()}_"
@@ -388,9 +388,9 @@ def stage_timers(totals: dict[str, float]) -> Iterator[None]:
     Stages the engine no longer has under these names are left out of ``totals``.
     """
     namespaces = {
-        "engine": vars(hotpatch.engine),
-        "candidate": vars(hotpatch.candidate),
-        "swap": vars(hotpatch.swap),
+        "engine": vars(hotpatch.engine.pipeline),
+        "candidate": vars(hotpatch.engine.candidate),
+        "swap": vars(hotpatch.engine.swap),
     }
     saved: list[tuple[dict[str, object], str, object]] = []
 

@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hotpatch.demo.harness import GunicornServer, LoadGenerator, wait_until
 from hotpatch.gunicorn._client import read_state, wait_for_rollout
-from hotpatch.gunicorn._process import GunicornServer, LoadGenerator, wait_until
 
 APPS = Path(__file__).resolve().parents[1] / "tests" / "apps"
 SCENARIOS = {

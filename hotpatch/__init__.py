@@ -2,6 +2,10 @@
 
 Swap a module inside a running process behind a verification guard, or roll gunicorn workers one at
 a time; either way a broken change is refused or rolled back before it can hurt.
+
+Package map (docs/architecture.md has the full table): ``engine/`` the in-process pipeline,
+``watch/`` saves -> change sets, ``control/`` patching a running process from outside,
+``gunicorn/`` the rolling engine, ``cli/`` the command line, ``demo/`` the live demonstration.
 """
 
 from hotpatch._version import __version__
@@ -18,6 +22,7 @@ from hotpatch.engine import (
     track,
     verifier,
 )
+from hotpatch.engine.history import Version
 from hotpatch.errors import (
     ConfigError,
     HealthCheckTimeout,
@@ -25,7 +30,6 @@ from hotpatch.errors import (
     PatchRejected,
     RolloutFailed,
 )
-from hotpatch.history import Version
 from hotpatch.watch import watch
 
 __all__ = [

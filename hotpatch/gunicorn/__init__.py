@@ -20,6 +20,13 @@ known-good release on any failure. See ``docs/gunicorn.md``.
 
 Only hooks live at the top level of this module: gunicorn reads every module-level name that
 matches one of its settings.
+
+Owns the rolling engine: the config hook (here), the master side (``_master``: signals, the
+rollout driven from gunicorn's loop, ``_watch``: the master's source scan), the pure rollout state
+machine (``_machine``), the worker side (``_worker``: pinning, the in-worker health probe),
+releases (``_releases``: snapshots and pinning), settings, the on-disk state and its client.
+May import: ``hotpatch.errors``, ``hotpatch.health``, ``hotpatch.watch``'s pure helpers. Never
+imports cli or demo.
 """
 
 from __future__ import annotations

@@ -6,12 +6,12 @@ takes a stat *signature* of the app's Python sources (relative path -> mtime, si
 costs one ``stat`` per file and no reads, and feeds it to a ``ChangeDetector``:
 
 - ``scan_sources`` walks the app directory (the only part here that touches the disk), skipping
-  what ``hotpatch._pathfilter`` says never triggers (``__pycache__``, ``.git``, virtual
+  what ``hotpatch.watch.pathfilter`` says never triggers (``__pycache__``, ``.git``, virtual
   environments, editor swap and backup files), what the release snapshot never copies, and the
   state directory;
 - ``changed_paths`` diffs two signatures (pure);
 - ``ChangeDetector`` (pure, clock and file hashing passed in) debounces with
-  ``hotpatch._debounce.Debouncer``: a path whose stat changed is released once a scan has seen
+  ``hotpatch.watch.debounce.Debouncer``: a path whose stat changed is released once a scan has seen
   no further change for ``quiet_period_s`` (at most ``max_delay_s`` after the first one); then
   the content hashes of the released paths are compared with the last ones seen, so a touch or a
   save of identical text does nothing.
@@ -24,9 +24,9 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from hotpatch._debounce import Debouncer
-from hotpatch._pathfilter import IGNORED_DIRS, is_python_source
 from hotpatch.gunicorn._releases import IGNORED_NAMES as SNAPSHOT_IGNORED_NAMES
+from hotpatch.watch.debounce import Debouncer
+from hotpatch.watch.pathfilter import IGNORED_DIRS, is_python_source
 
 QUIET_PERIOD_S = 0.2
 """A change is acted on once a scan has seen the tree unchanged for this long ..."""

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from hotpatch.demo.harness import GunicornServer, assert_no_failures, wait_until
+from hotpatch.demo.harness import Site as BaseSite
 from hotpatch.gunicorn._client import start_rollout, wait_for_rollout
-from hotpatch.gunicorn._process import GunicornServer, assert_no_failures, wait_until
-from hotpatch.gunicorn._process import Site as BaseSite
 
 APPS = Path(__file__).resolve().parents[1] / "apps"
 WORKERS = 4

@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
-from hotpatch.gunicorn._client import wait_for_rollout
-from hotpatch.gunicorn._process import (
+from hotpatch.demo.harness import (
     GunicornServer,
     LoadStats,
     Site,
     assert_no_failures,
     wait_until,
 )
+from hotpatch.gunicorn._client import wait_for_rollout
 
 APPS = Path(__file__).resolve().parents[1] / "apps"
 WORKERS = 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hotpatch._debounce import Debouncer
+from hotpatch.watch.debounce import Debouncer
 
 
 def make(quiet: float = 0.02, ceiling: float = 0.5) -> Debouncer[str]:

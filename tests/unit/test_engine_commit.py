@@ -336,7 +336,7 @@ def test_module_level_functions_use_the_default_engine(make_module) -> None:
     mod = make_module(BASE)
     result = hotpatch.patch(mod.__name__, source=edited(BASE, ('return "old"', 'return "new"')))
     assert mod.helper() == "new"
-    assert hotpatch.history(mod.__name__)[0].id == result.version
+    assert hotpatch.engine.history(mod.__name__)[0].id == result.version
     hotpatch.rollback(mod.__name__)
     assert mod.helper() == "old"
 

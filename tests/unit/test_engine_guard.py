@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from hotpatch import Engine, PatchRejected
-from hotpatch.guard import signature_incompatibility
+from hotpatch.engine.guard import signature_incompatibility
 
 
 def _sig(old: str, new: str) -> str | None:

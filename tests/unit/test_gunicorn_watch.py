@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from hotpatch._pathfilter import is_ignored
 from hotpatch.errors import ConfigError
 from hotpatch.gunicorn._settings import configure, load_settings, reset_configuration
 from hotpatch.gunicorn._watch import (
@@ -21,6 +20,7 @@ from hotpatch.gunicorn._watch import (
     hash_sources,
     scan_sources,
 )
+from hotpatch.watch.pathfilter import is_ignored
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hotpatch._modulemap import (
+from hotpatch.engine.modulemap import (
     ModuleIndex,
     dependency_order,
     imported_modules,

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from hotpatch._pathfilter import is_ignored, is_python_source
+from hotpatch.watch.pathfilter import is_ignored, is_python_source
 
 ROOT = os.path.join(os.sep, "proj")
 

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from hotpatch.statements import StatementIndex
+from hotpatch.engine.statements import StatementIndex
 
 BASE = textwrap.dedent(
     '''\

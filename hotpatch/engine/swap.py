@@ -26,7 +26,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hotpatch.changeset import (
+from hotpatch.engine.changeset import (
     MISSING,
     Assignment,
     ChangeSet,
@@ -37,7 +37,7 @@ from hotpatch.changeset import (
     codes_of,
     functions_of,
 )
-from hotpatch.compare import (
+from hotpatch.engine.compare import (
     IMMUTABLE,
     cell_value,
     nested_codes,
@@ -48,9 +48,9 @@ from hotpatch.compare import (
     same_repr,
     same_value,
 )
-from hotpatch.guard import class_incompatibility, is_public, signature_incompatibility
-from hotpatch.rebind import CLASS_SKIP, Rebinder, is_own_class
-from hotpatch.statements import StatementIndex
+from hotpatch.engine.guard import class_incompatibility, is_public, signature_incompatibility
+from hotpatch.engine.rebind import CLASS_SKIP, Rebinder, is_own_class
+from hotpatch.engine.statements import StatementIndex
 
 MODULE_SKIP = frozenset(
     {

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from hotpatch._cli_rollout import add_master_arguments, master_pid
+from hotpatch.cli._rollout import add_master_arguments, master_pid
 from hotpatch.errors import HotpatchError
 from hotpatch.gunicorn._client import read_state, state_dir_for
 

@@ -27,8 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from hotpatch.changeset import ChangeSet, FunctionState
-from hotpatch.compare import KIND_FLAGS
+from hotpatch.engine.changeset import ChangeSet, FunctionState
+from hotpatch.engine.compare import KIND_FLAGS
 
 T = TypeVar("T")
 

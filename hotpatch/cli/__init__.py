@@ -1,7 +1,11 @@
 """The ``hotpatch`` command line (also ``python -m hotpatch``).
 
-Each sub-command lives in its own module, listed in ``COMMANDS``; a module provides ``NAME``,
-``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``. Only this module configures logging.
+Owns the commands: each sub-command lives in its own private module of this package, listed in
+``COMMANDS``; a module provides ``NAME``, ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int``. Only this module configures logging (a library never does).
+
+May import every other part of hotpatch (it sits at the top of the layering, with ``demo``);
+nothing in hotpatch imports it.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ import structlog
 from hotpatch._version import __version__
 
 COMMANDS: tuple[str, ...] = (
-    "hotpatch._cli_demo",
-    "hotpatch._cli_run",
-    "hotpatch._cli_rollout",
-    "hotpatch._cli_status",
-    "hotpatch._cli_patch",
-    "hotpatch._cli_rollback",
+    "hotpatch.cli._demo",
+    "hotpatch.cli._run",
+    "hotpatch.cli._rollout",
+    "hotpatch.cli._status",
+    "hotpatch.cli._patch",
+    "hotpatch.cli._rollback",
 )
 
 

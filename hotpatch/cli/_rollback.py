@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hotpatch._cli_patch import add_process_arguments, request
+from hotpatch.cli._patch import add_process_arguments, request
 
 NAME = "rollback"
 HELP = (

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hotpatch.demo.harness import GunicornServer, LoadGenerator, LoadStats, wait_until
 from hotpatch.gunicorn._client import read_state, start_rollout, wait_for_rollout
-from hotpatch.gunicorn._process import GunicornServer, LoadGenerator, LoadStats, wait_until
 
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "gunicorn_app"
 WORKERS = 4

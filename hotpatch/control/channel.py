@@ -36,9 +36,9 @@ from typing import Any
 
 import structlog
 
-from hotpatch._modulemap import in_dependency_order
-from hotpatch.candidate import text_sha256
 from hotpatch.engine import Engine, PatchResult, default_engine
+from hotpatch.engine.candidate import text_sha256
+from hotpatch.engine.modulemap import in_dependency_order
 from hotpatch.errors import ConfigError, HotpatchError, PatchRejected
 
 log = structlog.get_logger(__name__)

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from hotpatch.candidate import Source
-from hotpatch.changeset import ChangeSet
+from hotpatch.engine.candidate import Source
+from hotpatch.engine.changeset import ChangeSet
 from hotpatch.errors import HotpatchError
 
 Outcome = Literal["baseline", "applied", "rejected", "rolled_back"]

@@ -18,7 +18,7 @@ from typing import Literal, TypeVar
 
 import structlog
 
-from hotpatch.candidate import (
+from hotpatch.engine.candidate import (
     DEFAULT_MAX_SOURCE_BYTES,
     Candidate,
     Source,
@@ -30,12 +30,12 @@ from hotpatch.candidate import (
     source_from_text,
     text_sha256,
 )
-from hotpatch.changeset import ChangeSet
+from hotpatch.engine.changeset import ChangeSet
+from hotpatch.engine.guard import DeadlineExceeded, run_with_deadline
+from hotpatch.engine.history import Entry, ModuleHistory, Version, version_id
+from hotpatch.engine.safepoint import SafePointTimeout, commit_at_safe_point
+from hotpatch.engine.swap import Plan, plan_update
 from hotpatch.errors import HotpatchError, PatchRejected
-from hotpatch.guard import DeadlineExceeded, run_with_deadline
-from hotpatch.history import Entry, ModuleHistory, Version, version_id
-from hotpatch.safepoint import SafePointTimeout, commit_at_safe_point
-from hotpatch.swap import Plan, plan_update
 
 log = structlog.get_logger(__name__)
 

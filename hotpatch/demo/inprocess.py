@@ -1,10 +1,9 @@
-"""``hotpatch demo``: a live demonstration on an embedded app, no external service.
+"""The in-process half of ``hotpatch demo``: an embedded app patched while it serves.
 
 A small threaded HTTP server runs in this process while client threads send requests and count every
 failure. Under that load the demo applies a good patch, offers three bad ones (a syntax error, an
 exception at import, a version answering 500: each refused before going live), one whose health
 check fails (applied, then rolled back), rolls back through the history, and prints a summary.
-When gunicorn is installed it then shows a good and a broken rolling reload of a real gunicorn.
 """
 
 from __future__ import annotations
@@ -230,26 +229,3 @@ def run_in_process_demo(print_fn: Callable[[str], object] = print, *, clients: i
         for failure in load.failures[:5]:
             say(f"  failure: {failure}")
         return ok_steps and load.failed == 0
-
-
-def run_demo(*, clients: int = 4, print_fn: Callable[[str], object] = print) -> int:
-    """Run every part of the demo; the exit code is 0 when all of them succeeded."""
-    results = {"in-process hot patching": run_in_process_demo(print_fn, clients=clients)}
-    missing = [name for name in ("gunicorn", "flask") if importlib.util.find_spec(name) is None]
-    if missing:
-        print_fn(
-            f"\n(gunicorn rolling reload part skipped: {', '.join(missing)} not installed; "
-            "install hotpatch[demo])"
-        )
-    else:
-        from hotpatch.gunicorn.demo import run_rollout_demo
-
-        try:
-            results["gunicorn rolling reload"] = run_rollout_demo(print_fn=print_fn)
-        except Exception as exc:  # reported plainly; the exit code says it failed
-            print_fn(f"\ngunicorn rolling reload part failed: {type(exc).__name__}: {exc}")
-            results["gunicorn rolling reload"] = False
-    print_fn("\n== Summary ==")
-    for name, passed in results.items():
-        print_fn(f"{name}: {'OK' if passed else 'FAILED'}")
-    return 0 if all(results.values()) else 1

@@ -15,8 +15,8 @@ import functools
 import types
 from dataclasses import dataclass, field
 
-from hotpatch.changeset import MISSING
-from hotpatch.compare import cell_value
+from hotpatch.engine.changeset import MISSING
+from hotpatch.engine.compare import cell_value
 
 CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__"})
 

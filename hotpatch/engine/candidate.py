@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hotpatch.engine.statements import StatementIndex
 from hotpatch.errors import PatchRejected
-from hotpatch.statements import StatementIndex
 
 DEFAULT_MAX_SOURCE_BYTES = 4 * 1024 * 1024
 

@@ -10,7 +10,7 @@ import inspect
 import types
 from collections.abc import Iterator
 
-from hotpatch.changeset import MISSING
+from hotpatch.engine.changeset import MISSING
 
 IMMUTABLE = (
     int,

@@ -39,16 +39,16 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from hotpatch._debounce import Batch, Debouncer
-from hotpatch._modulemap import (
+from hotpatch.engine import Engine, PatchResult, default_engine
+from hotpatch.engine.modulemap import (
     ModuleIndex,
     in_dependency_order,
     is_under,
     normalize,
 )
-from hotpatch._pathfilter import is_ignored
-from hotpatch.engine import Engine, PatchResult, default_engine
 from hotpatch.errors import ConfigError, HotpatchError, PatchRejected
+from hotpatch.watch.debounce import Batch, Debouncer
+from hotpatch.watch.pathfilter import is_ignored
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
