@@ -6,6 +6,7 @@ HotpatchError
   + RolloutFailed            a gunicorn rollout stopped; .rolled_back says whether known-good is back
     - HealthCheckTimeout       (also a TimeoutError)
   + ConfigError              (also a ValueError)
+  + InsecurePath             (also a PermissionError) a path hotpatch would trust is not safe
 ```
 
 Every error carries data (``module``, ``stage``, ``filename``, ``lineno``) as well as prose, so that
@@ -100,3 +101,20 @@ class HealthCheckTimeout(RolloutFailed, TimeoutError):
 
 class ConfigError(HotpatchError, ValueError):
     """A setting has a value hotpatch cannot use."""
+
+
+class InsecurePath(HotpatchError, PermissionError):
+    """A path hotpatch would trust (its runtime directory, a file in it) is not safe to use.
+
+    It is a link, not what it should be, owned by another user, or open to other users. Nothing was
+    changed: hotpatch never repairs (``chmod``) what it did not create.
+
+    Attributes:
+        path: the offending path.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")

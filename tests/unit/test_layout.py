@@ -20,14 +20,15 @@ PACKAGE_ROOT = Path(hotpatch.__file__).parent
 # pytest plugin sit above everything and are not listed.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    "rundir": {"errors"},
     "health": set(),
     "_version": set(),
     "engine": {"errors"},
     "watch": {"engine", "errors"},
-    "control": {"engine", "errors"},
-    "gunicorn": {"errors", "health", "watch"},
-    "demo": {"engine", "errors", "health", "watch", "control", "gunicorn"},
-    "cli": {"engine", "errors", "health", "watch", "control", "gunicorn", "demo", "_version"},
+    "control": {"engine", "errors", "rundir"},
+    "gunicorn": {"errors", "health", "rundir", "watch"},
+    "demo": {"engine", "errors", "health", "watch", "control", "gunicorn", "rundir"},
+    "cli": {"engine", "errors", "health", "watch", "control", "gunicorn", "demo", "rundir", "_version"},
 }
 
 
