@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hotpatch.cli._args import positive_int
+
 NAME = "demo"
 HELP = "run a live demonstration: patches applied, refused and rolled back under load"
 
@@ -11,7 +13,7 @@ HELP = "run a live demonstration: patches applied, refused and rolled back under
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clients",
-        type=int,
+        type=positive_int,
         default=4,
         help="concurrent HTTP clients in the in-process part (default: 4)",
     )

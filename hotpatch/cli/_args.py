@@ -1,0 +1,43 @@
+"""Argument types shared by the commands: each rejects a bad value with a one-line error.
+
+argparse turns the ``ArgumentTypeError`` into ``hotpatch CMD: error: argument --x: <message>`` and
+exit code 2, before anything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1 (a count: clients, workers)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def pid(text: str) -> int:
+    """A process id: a whole number of at least 1 (0 and negatives name process groups)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a process id: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a process id: {value} (must be at least 1)")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A duration in seconds: finite and greater than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, not {text}")
+    return value
