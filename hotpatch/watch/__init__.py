@@ -7,8 +7,27 @@ the public ``watch()``), ``debounce`` (pure: a burst of events becomes one batch
 
 May import: ``hotpatch.engine``, ``hotpatch.errors``, watchdog. Never imports control, gunicorn,
 cli or demo.
+
+``Watcher``, ``WatchEvent`` and ``watch`` load on first use: the gunicorn master imports only the
+pure helpers, and so pays for neither watchdog nor the engine.
 """
 
-from hotpatch.watch.watcher import Watcher, WatchEvent, watch
+import importlib
+import typing
+
+if typing.TYPE_CHECKING:
+    from hotpatch.watch.watcher import Watcher, WatchEvent, watch
 
 __all__ = ["WatchEvent", "Watcher", "watch"]
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:
+        if name not in __all__:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module("hotpatch.watch.watcher"), name)
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *__all__})
