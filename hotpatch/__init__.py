@@ -14,14 +14,14 @@ more (no watchdog, no gunicorn, no control socket). Static type checkers read th
 ``TYPE_CHECKING``; ``__all__`` and ``dir()`` list every public name.
 """
 
-import importlib
 import sys
-import types
-import typing
 
 from hotpatch._version import __version__
 
-if typing.TYPE_CHECKING:
+# typing.TYPE_CHECKING without importing typing (and re, functools, ... with it); type checkers
+# treat any name TYPE_CHECKING as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     from hotpatch.control import Listener, listen
     from hotpatch.engine import (
         Engine,
@@ -98,7 +98,7 @@ _SOURCES = {
 _PARTS = frozenset({"control", "engine", "errors"})
 
 
-class _Facade(types.ModuleType):
+class _Facade(type(sys)):  # type: ignore[misc]  # types.ModuleType, without importing types
     """The ``hotpatch`` module: keeps ``hotpatch.watch`` the function.
 
     Importing the subpackage ``hotpatch.watch`` makes the import system set the attribute
@@ -107,16 +107,18 @@ class _Facade(types.ModuleType):
     """
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name in _SOURCES and isinstance(value, types.ModuleType):
+        if name in _SOURCES and isinstance(value, type(sys)):
             return
         super().__setattr__(name, value)
 
 
 sys.modules[__name__].__class__ = _Facade
 
-if not typing.TYPE_CHECKING:
+if not TYPE_CHECKING:
 
     def __getattr__(name: str) -> object:
+        import importlib
+
         if name in _SOURCES:
             value = getattr(importlib.import_module(_SOURCES[name]), name)
         elif name in _PARTS:
@@ -128,3 +130,6 @@ if not typing.TYPE_CHECKING:
 
     def __dir__() -> list[str]:
         return sorted({*globals(), *__all__})
+
+
+del TYPE_CHECKING  # not a public name

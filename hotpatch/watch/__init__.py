@@ -12,17 +12,17 @@ cli or demo.
 pure helpers, and so pays for neither watchdog nor the engine.
 """
 
-import importlib
-import typing
-
-if typing.TYPE_CHECKING:
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing
+if TYPE_CHECKING:
     from hotpatch.watch.watcher import Watcher, WatchEvent, watch
 
 __all__ = ["WatchEvent", "Watcher", "watch"]
 
-if not typing.TYPE_CHECKING:
+if not TYPE_CHECKING:
 
     def __getattr__(name: str) -> object:
+        import importlib
+
         if name not in __all__:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         value = getattr(importlib.import_module("hotpatch.watch.watcher"), name)
@@ -31,3 +31,6 @@ if not typing.TYPE_CHECKING:
 
     def __dir__() -> list[str]:
         return sorted({*globals(), *__all__})
+
+
+del TYPE_CHECKING  # not a public name
