@@ -8,9 +8,13 @@ gunicorn's error log goes (``--error-logfile``), at gunicorn's ``--log-level``.
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,3 +175,111 @@ def test_gunicorn_at_info_writes_rollout_events_to_its_error_log(
     assert "Booting worker" in error_log  # gunicorn's own lines: the same file
     output = site.srv.output()
     assert "rollout.started" not in output, output  # not on stdout as well: once
+
+
+# -- the command line -------------------------------------------------------------------------
+
+RUN_PROGRAM = """
+import pathlib, sys, time
+import helper
+pathlib.Path(helper.__file__).write_text("def f():\\n    return 2\\n")
+deadline = time.monotonic() + 60
+while helper.f() != 2:
+    if time.monotonic() > deadline:
+        sys.exit(3)
+    time.sleep(0.01)
+"""
+
+
+def run_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """``hotpatch run ... prog.py`` on a program that waits for one patch; (exit code, stderr)."""
+    (tmp_path / "helper.py").write_text("def f():\n    return 1\n", encoding="utf-8")
+    (tmp_path / "prog.py").write_text(RUN_PROGRAM, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "hotpatch", *args, "prog.py"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, **(env or {})},
+    )
+    assert done.returncode == 0, done
+    assert done.stdout == "", done.stdout
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [("--log-format", "json", "run"), ("run", "--log-format", "json")], ids=str
+)
+def test_cli_json_every_event_line_is_json_and_printed_once(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    _, stderr = run_cli(tmp_path, *args)
+    events = [json.loads(line) for line in stderr.splitlines()]  # every line is JSON
+    names = [e["event"] for e in events]
+    assert names.count("watch.change_applied") == 1, names
+    assert names.count("patch.applied") == 1, names
+    assert names[0] == "watch.started" and names[-1] == "watch.stopped", names
+
+
+def test_cli_log_level_after_the_subcommand(tmp_path: Path) -> None:
+    _, stderr = run_cli(tmp_path, "run", "--log-level", "warning", "--log-format", "json")
+    assert stderr == "", stderr  # only info events happened
+
+
+def test_cli_console_prints_each_event_once(tmp_path: Path) -> None:
+    _, stderr = run_cli(tmp_path, "run", "--log-format", "console")
+    lines = stderr.splitlines()
+    assert len([line for line in lines if "applied helper.py" in line]) == 1, stderr
+    assert not [line for line in lines if "patch.applied" in line or "change_applied" in line]
+    assert "watch.started" in stderr and "\x1b[" not in stderr  # not a terminal: no colours
+
+
+def test_cli_status_accepts_logging_options_after_the_subcommand(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "hotpatch", "status", "--pid", "1", "--log-format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert "unrecognized arguments" not in done.stderr, done.stderr
+    assert "usage:" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(("no_color", "colored"), [("1", False), ("", True)], ids=str)
+def test_cli_respects_no_color_on_a_terminal(tmp_path: Path, no_color: str, colored: bool) -> None:
+    """stderr is a real pseudo-terminal; ``NO_COLOR`` (non-empty) turns colours off."""
+    (tmp_path / "helper.py").write_text("def f():\n    return 1\n", encoding="utf-8")
+    (tmp_path / "prog.py").write_text(RUN_PROGRAM, encoding="utf-8")
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hotpatch", "run", "prog.py"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=terminal,
+            cwd=tmp_path,
+            env={**os.environ, "NO_COLOR": no_color},
+        )
+        os.close(terminal)
+        chunks = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the child closes the terminal (EIO on Linux)
+            if not select.select([controller], [], [], 1.0)[0]:
+                continue
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        os.close(controller)
+    output = b"".join(chunks).decode("utf-8", "replace")
+    assert "watch.started" in output, output
+    assert ("\x1b[" in output) is colored, output
