@@ -44,6 +44,7 @@ _METHOD_LEVELS = {
     "critical": logging.CRITICAL,
 }
 _PLAIN_UNSAFE = frozenset(" \t\r\n=\"'\\")
+_stdlib_loggers: dict[str, logging.Logger] = {}
 
 
 class Logger:
@@ -109,7 +110,9 @@ class Logger:
         self._to_stdlib(_METHOD_LEVELS[method], event, args, kw)
 
     def _to_stdlib(self, level: int, event: str, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
-        logger = logging.getLogger(self._name)
+        logger = _stdlib_loggers.get(self._name)
+        if logger is None:  # logging keeps every logger it made: the same object for a name
+            logger = _stdlib_loggers.setdefault(self._name, logging.getLogger(self._name))
         target = _gunicorn_error_log(logger) or logger
         if not target.isEnabledFor(level):
             return
