@@ -2,7 +2,8 @@
 
 Owns the commands: each sub-command lives in its own private module of this package, listed in
 ``COMMANDS``; a module provides ``NAME``, ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int``. Only this module configures logging (a library never does).
+``run(args) -> int``, and may list in ``RENDERS`` the events it prints itself (``_output``). Only
+the command line configures logging (a library never does): ``_output`` holds its rendering.
 
 May import every other part of hotpatch (it sits at the top of the layering, with ``demo``);
 nothing in hotpatch imports it.
@@ -12,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import sys
 from collections.abc import Sequence
 
-import structlog
-
 from hotpatch._version import __version__
+from hotpatch.cli import _output
 
 COMMANDS: tuple[str, ...] = (
     "hotpatch.cli._demo",
@@ -31,50 +29,45 @@ COMMANDS: tuple[str, ...] = (
 
 
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
-    """Console rendering on a terminal, JSON lines otherwise (or when asked)."""
-    use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
-    renderer: structlog.typing.Processor
-    processors: list[structlog.typing.Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    if use_json:
-        processors.append(structlog.processors.dict_tracebacks)
-        renderer = structlog.processors.JSONRenderer()
-    else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    structlog.configure(
-        processors=[*processors, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=False,
+    """Console rendering on a terminal, JSON lines otherwise (or when asked); see ``_output``."""
+    _output.configure_logging(log_format, level)
+
+
+def _logging_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """``--log-format``/``--log-level``, before or after the sub-command.
+
+    The sub-command's copies default to ``SUPPRESS``, so they set the value only when given and
+    never reset one given before the sub-command.
+    """
+    parser.add_argument(
+        "--log-format",
+        choices=_output.FORMATS,
+        default="auto" if defaults else argparse.SUPPRESS,
+        help="event rendering: console on a terminal, JSON lines otherwise (default: auto)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=_output.LEVELS,
+        default="info" if defaults else argparse.SUPPRESS,
+        help="lowest level of the events shown (default: info)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hotpatch", description="Zero-downtime code changes for Python applications."
+        prog="hotpatch",
+        description="Zero-downtime code changes for Python applications.",
+        epilog="Colours only on a terminal and never with NO_COLOR set.",
     )
     parser.add_argument("--version", action="version", version=f"hotpatch {__version__}")
-    parser.add_argument(
-        "--log-format",
-        choices=("auto", "console", "json"),
-        default="auto",
-        help="log rendering (default: console on a terminal, JSON otherwise)",
-    )
-    parser.add_argument(
-        "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        default="info",
-        help="lowest log level shown (default: info)",
-    )
+    _logging_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMANDS:
         command = importlib.import_module(module_name)
         command_parser = sub.add_parser(command.NAME, help=command.HELP, description=command.HELP)
         command.add_arguments(command_parser)
-        command_parser.set_defaults(run=command.run)
+        _logging_options(command_parser, defaults=False)
+        command_parser.set_defaults(run=command.run, renders=getattr(command, "RENDERS", ()))
     return parser
 
 
@@ -85,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
-    configure_logging(args.log_format, args.log_level)
+    _output.configure_logging(args.log_format, args.log_level, renders=args.renders)
     try:
         return int(args.run(args))
     except KeyboardInterrupt:

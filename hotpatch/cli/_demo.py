@@ -8,6 +8,8 @@ from hotpatch.cli._args import positive_int
 
 NAME = "demo"
 HELP = "run a live demonstration: patches applied, refused and rolled back under load"
+# The in-process part narrates these outcomes itself: on the console they are not logged again.
+RENDERS = ("patch.applied", "patch.rejected", "patch.rolled_back", "health_check.failed")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

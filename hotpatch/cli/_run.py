@@ -4,7 +4,8 @@
 module [args]`` set ``sys.argv`` and ``sys.path[0]`` as ``python script.py`` and ``python -m
 module`` do, run the program as ``__main__`` and return its exit code. Meanwhile every saved
 module under the watched paths (default: the script's directory, or the current directory with
-``-m``) is patched into the running program; outcomes are printed plainly on standard error.
+``-m``) is patched into the running program; outcomes are printed plainly on standard error
+(with ``--log-format json``, as the JSON events of the watcher and the engine instead).
 """
 
 from __future__ import annotations
@@ -19,11 +20,23 @@ import traceback
 import types
 from collections.abc import Sequence
 
+from hotpatch.cli import _output
 from hotpatch.errors import ConfigError
 from hotpatch.watch import WatchEvent, watch
 
 NAME = "run"
 HELP = "run a Python program with watch mode on: each saved module is patched into it as it runs"
+# Events this command prints itself on the console (one line per change); JSON shows the events.
+RENDERS = (
+    "watch.change_detected",
+    "watch.change_applied",
+    "watch.change_refused",
+    "watch.names_removed",
+    "watch.file_deleted",
+    "watch.file_ignored",
+    "patch.applied",
+    "patch.rejected",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,7 +185,7 @@ def _run_script(path: str) -> None:
 
 def _print_event(event: WatchEvent) -> None:
     lines = event.describe().splitlines()
-    print("\n".join(f"hotpatch: {line}" for line in lines), file=sys.stderr, flush=True)
+    _output.human("\n".join(f"hotpatch: {line}" for line in lines))
 
 
 def _exit_code(exc: SystemExit) -> int:

@@ -13,7 +13,7 @@ Owns everything that changes code inside this process, one stage per module:
 - ``modulemap``: which file is which module, and the order modules depend on each other;
 - ``pipeline``: ``Engine``, which runs the stages in order, and the module-level API.
 
-May import: ``hotpatch.errors`` and the standard library (plus structlog). Never imports watch,
+May import: ``hotpatch.errors``, ``hotpatch._log`` and the standard library. Never imports watch,
 control, gunicorn, cli or demo: everything else is built on this package.
 """
 

@@ -105,7 +105,7 @@ def _run_program(tmp_path: Path) -> Iterator[RunProgram]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("PYTHONPATH", None)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hotpatch", "--log-format", "json", "run", *args],
+            [sys.executable, "-m", "hotpatch", "--log-format", "console", "run", *args],
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -31,6 +31,11 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"engine", "errors", "health", "watch", "control", "gunicorn", "demo", "rundir", "_version"},
 }
 
+# ``_log`` (logging that follows the application) is the bottom layer: every part may use it.
+ALLOWED["_log"] = set()
+for _allowed in ALLOWED.values():
+    _allowed.add("_log")
+
 
 def part_of(module: str) -> str | None:
     """``hotpatch.engine.swap`` -> ``engine``; ``hotpatch.errors`` -> ``errors``; else None."""
