@@ -258,6 +258,11 @@ def send_request(
         except TimeoutError:
             raise NoAnswer(pid, timeout_s, started=False) from None
         except OSError as exc:
+            # The server may have answered (a refusal) and closed before reading: show that.
+            with contextlib.suppress(HotpatchError, OSError):
+                answer = _await_answer(sock, pid, timeout_s, min(deadline, time.monotonic() + 1))
+                if answer.get("outcome") == "error":
+                    return answer
             raise HotpatchError(f"process {pid}: the request could not be sent: {exc}") from None
         return _await_answer(sock, pid, timeout_s, deadline)
 
