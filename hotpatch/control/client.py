@@ -8,8 +8,8 @@ may still be running in the process, and saying "failed" (or "did not answer", a
 would be a guess.
 
 The mechanism: ``send_request`` reads the target's uid from ``/proc/<pid>/status``, finds its
-runtime directory (this user's own ``runtime_dir()``; for root addressing another user, that
-user's directory, from the target's environment or the defaults) and accepts it only as a real
+runtime directory (this user's own ``runtime_dir()``, then the directory the target's
+environment names, then the defaults for the target's uid) and accepts it only as a real
 directory of that uid, private to it; the socket in it must be a socket (never a link) owned by
 the same uid. It connects (a refused connect means a stale socket of a dead process), sends one
 request that repeats the pid, and checks that the answer names the same pid. It waits at most
@@ -110,9 +110,9 @@ def _environment_of(pid: int) -> dict[str, str]:
     return {}
 
 
-def _directories_of_other_user(pid: int, uid: int) -> list[Path]:
-    """Where process ``pid`` of another ``uid`` keeps its socket (root only); the same rule as
-    ``hotpatch.rundir``, read from the target's environment, then the defaults."""
+def _directories_of(pid: int, uid: int) -> list[Path]:
+    """Where process ``pid`` of ``uid`` may keep its socket: the rule of ``hotpatch.rundir``
+    applied to the target's environment (``/proc/<pid>/environ``), then the defaults."""
     env = _environment_of(pid)
     found: list[Path] = []
     if os.path.isabs(env.get(ENV_RUNTIME_DIR, "")):
@@ -192,9 +192,11 @@ def _connect(pid: int, timeout_s: float) -> socket.socket:
     uid = process_uid(pid)
     me = os.getuid()
     if uid == me:
-        directories = [runtime_dir()]
+        # This user's own directory first; then where the target's environment says it is
+        # (a service started with another HOTPATCH_RUNTIME_DIR), each checked the same way.
+        directories = list(dict.fromkeys([runtime_dir(), *_directories_of(pid, uid)]))
     elif me == 0:
-        directories = _directories_of_other_user(pid, uid)
+        directories = _directories_of(pid, uid)
     else:
         raise HotpatchError(
             f"process {pid} runs as uid {uid}; only that user or root can control it "
