@@ -173,6 +173,12 @@ def _connect_in(directory: Path, pid: int, uid: int, timeout_s: float) -> socket
         sock.settimeout(max(timeout_s, 0.001))
         try:
             sock.connect(unix_address(path, dir_fd))
+        except TimeoutError:
+            sock.close()
+            raise HotpatchError(
+                f"process {pid} did not accept the connection within {timeout_s:g}s (busy or "
+                "stuck); nothing was sent"
+            ) from None
         except ConnectionRefusedError:
             sock.close()
             raise NotListening(
@@ -203,7 +209,15 @@ def _connect(pid: int, timeout_s: float) -> socket.socket:
             f"(this is uid {me})"
         )
     for directory in directories:
-        sock = _connect_in(directory, pid, uid, timeout_s)
+        try:
+            sock = _connect_in(directory, pid, uid, timeout_s)
+        except HotpatchError:
+            raise
+        except OSError as exc:
+            raise HotpatchError(
+                f"cannot reach process {pid} through {directory}: {exc.strerror or exc}; "
+                "nothing was sent"
+            ) from None
         if sock is not None:
             return sock
     where = " or ".join(str(d) for d in directories)

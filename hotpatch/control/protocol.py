@@ -14,7 +14,8 @@ duplicated key, a non-object, an unknown field, a wrong type or an unknown actio
 answers every refusal with an ``error`` answer and keeps serving. Before the final answer, the
 server may send one progress line, ``{"v": 1, "event": "started"}``, when the request leaves the
 queue and begins to run: the client uses it to say truthfully what it knows when it gives up
-waiting. Pure functions: no sockets, no threads.
+waiting. The client keeps its end open until the answer: hanging up (or shutting down its
+writing side) before a queued request starts cancels it. Pure functions: no sockets, no threads.
 """
 
 from __future__ import annotations

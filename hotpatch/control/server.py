@@ -65,6 +65,7 @@ SOCKET_PREFIX = "process-"
 SOCKET_SUFFIX = ".sock"
 MAX_CONNECTIONS = 8
 READ_TIMEOUT_S = 10.0
+SEND_TIMEOUT_S = 30.0
 QUEUE_POLL_S = 0.05
 PROBE_TIMEOUT_S = 1.0
 MAX_SWEEP_ENTRIES = 10_000
@@ -407,6 +408,7 @@ class Listener:
         try:
             with conn:
                 answer = self._converse(conn, pid)
+                conn.settimeout(SEND_TIMEOUT_S)
                 if answer is not None:
                     with contextlib.suppress(OSError):
                         _send(conn, answer)
@@ -452,6 +454,7 @@ class Listener:
                 rlog.info("control.request_cancelled", reason="the client left while it waited")
                 return None
             try:
+                conn.settimeout(SEND_TIMEOUT_S)
                 _send(conn, {"v": PROTOCOL_VERSION, "event": STARTED_EVENT})
             except OSError:
                 rlog.info("control.request_cancelled", reason="the client left while it waited")
