@@ -202,7 +202,11 @@ def _connect(pid: int, timeout_s: float) -> socket.socket:
         # (a service started with another HOTPATCH_RUNTIME_DIR), each checked the same way.
         directories = list(dict.fromkeys([runtime_dir(), *_directories_of(pid, uid)]))
     elif me == 0:
-        directories = _directories_of(pid, uid)
+        # Root addressing another user: an explicit HOTPATCH_RUNTIME_DIR first (`sudo
+        # HOTPATCH_RUNTIME_DIR=/run/app hotpatch ...`); every candidate must belong to ``uid``.
+        configured = os.environ.get(ENV_RUNTIME_DIR, "")
+        explicit = [Path(configured)] if os.path.isabs(configured) else []
+        directories = list(dict.fromkeys([*explicit, *_directories_of(pid, uid)]))
     else:
         raise HotpatchError(
             f"process {pid} runs as uid {uid}; only that user or root can control it "

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+import hotpatch
 from hotpatch.control.client import _connect
 from hotpatch.control.server import socket_name, unix_address
 from hotpatch.demo.harness import wait_until
@@ -594,3 +595,57 @@ def test_a_planted_link_in_place_of_a_socket_is_refused(
     assert f"{planted}: is a symbolic link" in result.stderr
     assert "control.request" not in program.output()
     planted.unlink()
+
+
+@needs_root
+def test_root_reaches_a_process_of_another_user_through_that_users_socket() -> None:
+    base = Path(tempfile.mkdtemp(prefix="hotpatch-test-"))
+    run = base / "run"
+    ready_read, ready_write = os.pipe()
+    hold_read, hold_write = os.pipe()
+    child = -1
+    try:
+        base.chmod(0o711)
+        run.mkdir(mode=0o700)
+        os.chown(run, NOBODY, NOBODY)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+            child = os.fork()
+        if child == 0:  # pragma: no cover - the child, as uid 65534
+            try:
+                os.close(ready_read)
+                os.close(hold_write)
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+                os.environ["HOTPATCH_RUNTIME_DIR"] = str(run)
+                listener = hotpatch.listen(["json"], engine=hotpatch.Engine())
+                os.write(ready_write, b"ready")
+                os.read(hold_read, 1)  # until the parent closes its end
+                listener.close()
+            except BaseException as exc:  # reported to the parent
+                os.write(ready_write, f"{type(exc).__name__}: {exc}".encode())
+            finally:
+                os._exit(0)
+        os.close(ready_write)
+        os.close(hold_read)
+        message = os.read(ready_read, 4096)
+        os.close(ready_read)
+        assert message == b"ready", message
+        path = run / socket_name(child)
+        assert path.lstat().st_uid == NOBODY
+        env = child_env(None, HOTPATCH_RUNTIME_DIR=str(run))
+        result = hotpatch_cli(env, "history", "--pid", str(child), "json", "--json")
+        assert result.returncode == 0, result.stderr
+        answer = json.loads(result.stdout)
+        assert answer["pid"] == child and answer["modules"]["json"][0]["outcome"] == "baseline"
+        # The same directory with a socket of the wrong owner in the child's name is refused.
+        os.chown(path, 0, 0, follow_symlinks=False)
+        refused = hotpatch_cli(env, "history", "--pid", str(child))
+        assert refused.returncode == 2
+        assert f"{path}: is owned by uid 0, not by the process's uid {NOBODY}" in refused.stderr
+        os.chown(path, NOBODY, NOBODY, follow_symlinks=False)
+    finally:
+        os.close(hold_write)
+        if child > 0:
+            os.waitpid(child, 0)
+        shutil.rmtree(base, ignore_errors=True)

@@ -262,3 +262,16 @@ def test_a_forked_child_neither_serves_nor_removes_the_socket(
     assert report == {"closed": True, "socket_kept": True}
     assert path.exists()
     assert send_request(os.getpid(), "history", timeout_s=30)["pid"] == os.getpid()
+
+
+def test_a_fifo_in_place_of_the_socket_is_refused_without_blocking(
+    run_dir: Path, make_module: MakeModule
+) -> None:
+    planted = run_dir / socket_name(os.getpid())
+    os.mkfifo(planted, 0o600)
+    mod = make_module("X = 1\n")
+    with pytest.raises(InsecurePath, match="is not a socket of this uid"):
+        listen([mod.__name__], engine=Engine())
+    with pytest.raises(InsecurePath, match="is not a socket"):
+        send_request(os.getpid(), "history", timeout_s=30)
+    assert stat.S_ISFIFO(os.lstat(planted).st_mode)
