@@ -102,8 +102,9 @@ def probe(address: str) -> str:
 
 def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
     """``(pid, uid, gid)`` of the process at the other end of ``conn`` (Linux ``SO_PEERCRED``)."""
-    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
+    layout = "iII"  # struct ucred: pid_t, uid_t, gid_t
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(layout))
+    pid, uid, gid = struct.unpack(layout, raw)
     return pid, uid, gid
 
 
@@ -399,9 +400,13 @@ class Listener:
                     ),
                 )
             return
-        threading.Thread(
-            target=self._connection, args=(conn,), name="hotpatch-control-request", daemon=True
-        ).start()
+        try:
+            threading.Thread(
+                target=self._connection, args=(conn,), name="hotpatch-control-request", daemon=True
+            ).start()
+        except BaseException:
+            self._slots.release()
+            raise
 
     def _connection(self, conn: socket.socket) -> None:
         pid = os.getpid()
@@ -536,6 +541,7 @@ class Listener:
 _ACTIVE: set[Listener] = set()
 _HOOKS_INSTALLED = False
 _HOOKS_LOCK = threading.Lock()
+_LISTEN_LOCK = threading.Lock()
 
 
 def _close_all_at_exit() -> None:
@@ -582,10 +588,11 @@ def listen(modules: Iterable[str], *, engine: Engine | None = None) -> Listener:
     names = _modules_argument(modules)
     if not hasattr(socket, "SO_PEERCRED") or not hasattr(socket, "AF_UNIX"):
         raise ConfigError("listen() needs Unix sockets with SO_PEERCRED (Linux)")
-    sock, path, identity = _bind(runtime_dir())
-    listener = Listener(engine or default_engine(), names, path, sock, identity)
-    _install_process_hooks()
-    _ACTIVE.add(listener)
+    with _LISTEN_LOCK:  # two threads of one process must not both bind its name
+        sock, path, identity = _bind(runtime_dir())
+        listener = Listener(engine or default_engine(), names, path, sock, identity)
+        _install_process_hooks()
+        _ACTIVE.add(listener)
     tracked = listener.listened()
     try:
         listener.engine.track(*tracked)
