@@ -29,7 +29,8 @@ from hotpatch.control.protocol import (
     nesting_depth,
     parse_request,
 )
-from hotpatch.control.server import unix_address
+from hotpatch.control.server import MAX_CONNECTIONS, unix_address
+from hotpatch.demo.harness import wait_until
 from hotpatch.errors import InsecurePath
 from tests.conftest import MakeModule
 
@@ -275,3 +276,31 @@ def test_a_fifo_in_place_of_the_socket_is_refused_without_blocking(
     with pytest.raises(InsecurePath, match="is not a socket"):
         send_request(os.getpid(), "history", timeout_s=30)
     assert stat.S_ISFIFO(os.lstat(planted).st_mode)
+
+
+def test_connections_beyond_the_limit_get_a_busy_answer_and_serving_resumes(
+    run_dir: Path, module_and_listener: tuple[object, object]
+) -> None:
+    address = str(run_dir / socket_name(os.getpid()))
+    if len(address) > 100:
+        pytest.skip("runtime directory path too long for a plain AF_UNIX address")
+    idle = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(30)
+            sock.connect(address)
+            idle.append(sock)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as extra:
+            extra.settimeout(30)
+            extra.connect(address)
+            answer = json.loads(extra.makefile("rb").readline())
+        assert answer["error"] == "busy" and answer["pid"] == os.getpid()
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_until(
+        lambda: send_request(os.getpid(), "history", timeout_s=30).get("outcome") == "history",
+        timeout_s=30,
+        what="serving to resume once the idle connections closed",
+    )
