@@ -69,8 +69,14 @@ def encode_line(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), default=str).encode("ascii") + b"\n"
 
 
-def nesting_depth(text: str) -> int:
-    """How deeply ``[`` and ``{`` nest in ``text``, outside JSON strings (a linear scan)."""
+def nesting_depth(text: str, *, stop_above: int | None = None) -> int:
+    """How deeply ``[`` and ``{`` nest in ``text``, outside JSON strings (a linear scan).
+
+    With ``stop_above``, the scan ends as soon as the depth exceeds it (the result is then
+    ``stop_above + 1``); text with no more brackets than that is not scanned at all.
+    """
+    if stop_above is not None and text.count("[") + text.count("{") <= stop_above:
+        return min(text.count("[") + text.count("{"), stop_above)
     depth = deepest = 0
     in_string = escaped = False
     for char in text:
@@ -86,6 +92,8 @@ def nesting_depth(text: str) -> int:
         elif char in "[{":
             depth += 1
             deepest = max(deepest, depth)
+            if stop_above is not None and deepest > stop_above:
+                return deepest
         elif char in "]}":
             depth -= 1
     return deepest
@@ -116,7 +124,7 @@ def decode_json_line(line: bytes, *, max_bytes: int) -> dict[str, Any]:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadRequest(f"message is not UTF-8 text (byte {exc.start})") from None
-    if nesting_depth(text) > MAX_DEPTH:
+    if nesting_depth(text, stop_above=MAX_DEPTH) > MAX_DEPTH:
         raise BadRequest(f"message nested deeper than {MAX_DEPTH} levels")
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)

@@ -85,7 +85,8 @@ def test_malformed_requests_are_refused_with_a_reason(line: bytes, message: str)
 def test_nesting_is_counted_outside_strings_only() -> None:
     assert nesting_depth('{"a": "[[[[[[[[{{{{\\"]]]"}') == 1
     assert nesting_depth("[[]][[[]]]") == 3
-    assert MAX_DEPTH >= 1
+    assert nesting_depth("[" * 50_000, stop_above=MAX_DEPTH) == MAX_DEPTH + 1
+    assert nesting_depth('{"a": 1}', stop_above=MAX_DEPTH) <= MAX_DEPTH
 
 
 # -- listen()'s arguments ------------------------------------------------------------------------
