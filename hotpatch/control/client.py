@@ -212,9 +212,13 @@ def _connect(pid: int, timeout_s: float) -> socket.socket:
             f"process {pid} runs as uid {uid}; only that user or root can control it "
             f"(this is uid {me})"
         )
+    stale: NotListening | None = None
     for directory in directories:
         try:
             sock = _connect_in(directory, pid, uid, timeout_s)
+        except NotListening as exc:
+            stale = stale or exc  # a dead process's socket; the live one may be further on
+            continue
         except HotpatchError:
             raise
         except OSError as exc:
@@ -224,6 +228,8 @@ def _connect(pid: int, timeout_s: float) -> socket.socket:
             ) from None
         if sock is not None:
             return sock
+    if stale is not None:
+        raise stale
     where = " or ".join(str(d) for d in directories)
     raise NotListening(
         f"process {pid} does not listen for hotpatch requests (no {socket_name(pid)} in "
