@@ -119,11 +119,9 @@ def _directories_of(pid: int, uid: int) -> list[Path]:
         found.append(Path(env[ENV_RUNTIME_DIR]))
     if os.path.isabs(env.get("XDG_RUNTIME_DIR", "")):
         found.append(Path(env["XDG_RUNTIME_DIR"]) / "hotpatch")
-    tmp = env.get("TMPDIR") if os.path.isabs(env.get("TMPDIR", "")) else None
-    found += [
-        Path(f"/run/user/{uid}/hotpatch"),
-        Path(tmp or tempfile.gettempdir()) / f"hotpatch-{uid}",
-    ]
+    default_tmp = "/tmp" if env else tempfile.gettempdir()  # the target's default, if known
+    tmp = env["TMPDIR"] if os.path.isabs(env.get("TMPDIR", "")) else default_tmp
+    found += [Path(f"/run/user/{uid}/hotpatch"), Path(tmp) / f"hotpatch-{uid}"]
     return list(dict.fromkeys(found))
 
 
@@ -213,11 +211,15 @@ def _connect(pid: int, timeout_s: float) -> socket.socket:
             f"(this is uid {me})"
         )
     stale: NotListening | None = None
+    unsafe: InsecurePath | None = None
     for directory in directories:
         try:
             sock = _connect_in(directory, pid, uid, timeout_s)
         except NotListening as exc:
             stale = stale or exc  # a dead process's socket; the live one may be further on
+            continue
+        except InsecurePath as exc:
+            unsafe = unsafe or exc  # never used; said if nothing better is found
             continue
         except HotpatchError:
             raise
@@ -230,6 +232,8 @@ def _connect(pid: int, timeout_s: float) -> socket.socket:
             return sock
     if stale is not None:
         raise stale
+    if unsafe is not None:
+        raise unsafe
     where = " or ".join(str(d) for d in directories)
     raise NotListening(
         f"process {pid} does not listen for hotpatch requests (no {socket_name(pid)} in "
