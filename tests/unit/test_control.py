@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from hotpatch import ConfigError, Engine, listen
-from hotpatch.control import NotListening, send_request, socket_name
+from hotpatch.control import NotListening, send_request, server, socket_name
 from hotpatch.control.protocol import (
     MAX_DEPTH,
     MAX_REQUEST_BYTES,
@@ -305,3 +305,20 @@ def test_connections_beyond_the_limit_get_a_busy_answer_and_serving_resumes(
         timeout_s=30,
         what="serving to resume once the idle connections closed",
     )
+
+
+def test_a_client_that_never_finishes_its_request_is_answered_and_dropped(
+    run_dir: Path, module_and_listener: tuple[object, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "READ_TIMEOUT_S", 0.5)
+    address = str(run_dir / socket_name(os.getpid()))
+    if len(address) > 100:
+        pytest.skip("runtime directory path too long for a plain AF_UNIX address")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
+        slow.settimeout(30)
+        slow.connect(address)
+        slow.sendall(b'{"v": 1, "action": "hist')  # and nothing more
+        answer = json.loads(slow.makefile("rb").readline())
+    assert answer["error"] == "bad_request"
+    assert "no complete request line within 0.5s" in answer["message"]
+    assert send_request(os.getpid(), "history", timeout_s=30)["outcome"] == "history"
