@@ -25,6 +25,7 @@ COMMANDS: tuple[str, ...] = (
     "hotpatch.cli._status",
     "hotpatch.cli._patch",
     "hotpatch.cli._rollback",
+    "hotpatch.cli._history",
 )
 
 

@@ -1,19 +1,30 @@
-"""``hotpatch patch --pid PID``: apply the code on disk to a running process that listens."""
+"""``hotpatch patch --pid PID``: apply the code on disk to a running process that listens.
+
+Exit codes, shared by ``patch``, ``rollback`` and ``history``:
+
+- 0: done (applied, unchanged, would apply, rolled back, history shown);
+- 1: refused (the process still runs the previous version);
+- 2: error (wrong argument, no such process, not listening, unsafe path, request error);
+- 3: outcome unknown (no answer in time, or the connection broke after the request was sent):
+  the request may still be running in the process; ``hotpatch history --pid`` tells.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
-from hotpatch.control import send_request
+from hotpatch.control import OutcomeUnknown, send_request
 from hotpatch.errors import HotpatchError
 
 NAME = "patch"
 HELP = (
     "hot-patch a running process (one that called hotpatch.listen) with the code now on disk: "
-    "exit 0 when applied or unchanged, 1 when refused"
+    "exit 0 applied or unchanged, 1 refused, 2 error, 3 outcome unknown (no answer in time)"
 )
+EXIT_DONE, EXIT_REFUSED, EXIT_ERROR, EXIT_UNKNOWN = 0, 1, 2, 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,11 +36,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def positive_pid(text: str) -> int:
+    """An argparse type: a pid, which is a positive integer."""
+    try:
+        pid = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a process id: {text!r}") from None
+    if pid <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive process id, not {pid}")
+    return pid
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return seconds
+
+
 def add_process_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--pid`` and ``--timeout``, shared with ``hotpatch rollback``."""
-    parser.add_argument("--pid", type=int, required=True, help="the process's pid")
+    """``--pid`` and ``--timeout``, shared with ``hotpatch rollback`` and ``hotpatch history``."""
+    parser.add_argument("--pid", type=positive_pid, required=True, help="the process's pid")
     parser.add_argument(
-        "--timeout", type=float, default=60.0, metavar="SECONDS", help="default: 60"
+        "--timeout",
+        type=positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the answer (default: 60); when it passes, exit 3: the "
+        "request may still be running in the process",
     )
 
 
@@ -37,14 +75,22 @@ def run(args: argparse.Namespace) -> int:
     return request(NAME, args.pid, "check" if args.check else "patch", timeout_s=args.timeout)
 
 
-def request(command: str, pid: int, action: str, **options: Any) -> int:
-    """Send one request to process ``pid``, print its result, return the exit code."""
+def ask(command: str, pid: int, action: str, **options: Any) -> dict[str, Any] | int:
+    """Send one request; its answer, or the exit code after printing why there is none."""
     try:
-        result = send_request(pid, action, **options)
+        return send_request(pid, action, **options)
+    except OutcomeUnknown as exc:
+        print(f"hotpatch {command}: {exc}", file=sys.stderr)
+        return EXIT_UNKNOWN
     except HotpatchError as exc:
         print(f"hotpatch {command}: {exc}", file=sys.stderr)
-        return 2
-    return report(result)
+        return EXIT_ERROR
+
+
+def request(command: str, pid: int, action: str, **options: Any) -> int:
+    """Send one request to process ``pid``, print its result, return the exit code."""
+    answer = ask(command, pid, action, **options)
+    return answer if isinstance(answer, int) else report(answer)
 
 
 def report(result: dict[str, Any]) -> int:
@@ -60,16 +106,16 @@ def report(result: dict[str, Any]) -> int:
                 + (f"; added {', '.join(item['added'])}" if item.get("added") else "")
                 + (f"; removed {', '.join(item['removed'])}" if item.get("removed") else "")
             )
-        return 0
+        return EXIT_DONE
     if outcome == "unchanged":
         print(f"process {pid}: the code on disk is what runs; nothing to do")
-        return 0
+        return EXIT_DONE
     if outcome == "rolled_back":
         print(f"process {pid}: {result.get('module')} rolled back to {result.get('version')}")
-        return 0
+        return EXIT_DONE
     if outcome == "refused":
         print(f"refused: {result.get('message')}", file=sys.stderr)
         print(f"process {pid} still runs the previous version", file=sys.stderr)
-        return 1
+        return EXIT_REFUSED
     print(f"error: {result.get('message')}", file=sys.stderr)
-    return 2
+    return EXIT_ERROR

@@ -9,7 +9,7 @@ from hotpatch.cli._patch import add_process_arguments, request
 NAME = "rollback"
 HELP = (
     "roll a module of a running process (one that called hotpatch.listen) back to its previous "
-    "version, or to --to VERSION from its history"
+    "version, or to --to VERSION from its history (`hotpatch history --pid`); exit codes as patch"
 )
 
 
