@@ -28,7 +28,7 @@ def pid(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a process id: {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"not a process id: {value} (must be at least 1)")
+        raise argparse.ArgumentTypeError(f"must be a positive process id, not {value}")
     return value
 
 
@@ -39,5 +39,5 @@ def seconds(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, not {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
     return value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hotpatch.cli._args import positive_int
+from hotpatch.cli import _args
 
 NAME = "demo"
 HELP = "run a live demonstration: patches applied, refused and rolled back under load"
@@ -15,7 +15,7 @@ RENDERS = ("patch.applied", "patch.rejected", "patch.rolled_back", "health_check
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clients",
-        type=positive_int,
+        type=_args.positive_int,
         default=4,
         help="concurrent HTTP clients in the in-process part (default: 4)",
     )

@@ -12,10 +12,10 @@ Exit codes, shared by ``patch``, ``rollback`` and ``history``:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from typing import Any
 
+from hotpatch.cli import _args
 from hotpatch.control import OutcomeUnknown, send_request
 from hotpatch.errors import HotpatchError
 
@@ -36,34 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def positive_pid(text: str) -> int:
-    """An argparse type: a pid, which is a positive integer."""
-    try:
-        pid = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a process id: {text!r}") from None
-    if pid <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive process id, not {pid}")
-    return pid
-
-
-def positive_seconds(text: str) -> float:
-    """An argparse type: a positive, finite number of seconds."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
-    return seconds
-
-
 def add_process_arguments(parser: argparse.ArgumentParser) -> None:
     """``--pid`` and ``--timeout``, shared with ``hotpatch rollback`` and ``hotpatch history``."""
-    parser.add_argument("--pid", type=positive_pid, required=True, help="the process's pid")
+    parser.add_argument("--pid", type=_args.pid, required=True, help="the process's pid")
     parser.add_argument(
         "--timeout",
-        type=positive_seconds,
+        type=_args.seconds,
         default=60.0,
         metavar="SECONDS",
         help="how long to wait for the answer (default: 60); when it passes, exit 3: the "

@@ -37,6 +37,8 @@ def test_the_argument_types_accept_good_values() -> None:
     for bad in ("0", "-1", "nan", "inf", "x"):
         with pytest.raises(argparse.ArgumentTypeError, match=r"not|must"):
             seconds(bad)
-    for bad in ("0", "-1", "x"):
-        with pytest.raises(argparse.ArgumentTypeError, match="not a process id"):
+    for bad in ("0", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be a positive process id"):
             pid(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="not a process id"):
+        pid("x")

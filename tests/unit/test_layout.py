@@ -28,7 +28,17 @@ ALLOWED: dict[str, set[str]] = {
     "control": {"engine", "errors", "rundir"},
     "gunicorn": {"errors", "health", "rundir", "watch"},
     "demo": {"engine", "errors", "health", "watch", "control", "gunicorn", "rundir"},
-    "cli": {"engine", "errors", "health", "watch", "control", "gunicorn", "demo", "rundir", "_version"},
+    "cli": {
+        "engine",
+        "errors",
+        "health",
+        "watch",
+        "control",
+        "gunicorn",
+        "demo",
+        "rundir",
+        "_version",
+    },
 }
 
 # ``_log`` (logging that follows the application) is the bottom layer: every part may use it.
