@@ -67,10 +67,21 @@ def live_module(name: str) -> types.ModuleType:
     if not isinstance(module, types.ModuleType):
         raise PatchRejected(name, "load", f"sys.modules[{name!r}] is not a module object")
     filename = getattr(module, "__file__", None)
-    if not filename:
+    if getattr(getattr(module, "__spec__", None), "_initializing", False):
+        # Another thread (or this one, from the module's own top level) is still executing its
+        # import: a patch now would be overwritten, in part, by the rest of the import.
         raise PatchRejected(
-            name, "load", f"{name!r} is a built-in module with no Python source to patch"
+            name,
+            "load",
+            f"{name!r} is still being imported (its top-level code has not finished); "
+            "patch it once the import is complete",
+            filename=str(filename) if filename else None,
         )
+    if not filename:
+        what = "a built-in module"
+        if getattr(module, "__path__", None) is not None:
+            what = "a namespace package (a directory without __init__.py)"
+        raise PatchRejected(name, "load", f"{name!r} is {what} with no Python source to patch")
     if not str(filename).endswith(".py"):
         raise PatchRejected(
             name,
@@ -180,8 +191,17 @@ def compile_source(
     """
     try:
         if name == "__main__":
-            tree = _definitions_only(ast.parse(text, filename=filename), name)
-            code = compile(tree, filename, "exec", dont_inherit=True)
+            tree = ast.parse(text, filename=filename)
+            if not any(_is_main_guard(stmt) for stmt in tree.body):
+                raise PatchRejected(
+                    name,
+                    "compile",
+                    'the script has no `if __name__ == "__main__":` block, so its new version '
+                    "would run the whole program again inside the patch; put the program's "
+                    "top-level code under such a block",
+                    filename=filename,
+                )
+            code = compile(_definitions_only(tree, name), filename, "exec", dont_inherit=True)
         else:
             code = compile(text, filename, "exec", dont_inherit=True)
     except SyntaxError as exc:

@@ -1,0 +1,237 @@
+"""The engine's reliability and argument validation (issue 9, "Reliability of the engine").
+
+Real threads, real imports, real files: each test fails on the engine before the fix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import hotpatch
+from hotpatch import ConfigError, Engine, HotpatchError, PatchRejected
+
+
+def wait_until(pred: Callable[[], bool], *, timeout_s: float = 20.0, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.001)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(name="importable")
+def _importable(tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path`` on ``sys.path``; modules imported from it are forgotten afterwards."""
+    before = set(sys.modules)
+    sys.path.insert(0, str(tmp_path))
+    importlib.invalidate_caches()
+    yield tmp_path
+    sys.path.remove(str(tmp_path))
+    for name in set(sys.modules) - before:
+        if str(getattr(sys.modules[name], "__file__", "") or "").startswith(str(tmp_path)):
+            del sys.modules[name]
+    for name in [n for n in set(sys.modules) - before if n.startswith("hp_ns_")]:
+        del sys.modules[name]
+
+
+# -- 1. a module still being imported by another thread ------------------------------------------
+
+SLOW_IMPORT = """
+import {gate}
+
+def f():
+    return "f-old"
+
+{gate}.started.set()
+{gate}.go.wait(30)
+
+def g():
+    return "g-old"
+"""
+
+
+def test_patch_during_import_is_refused_and_nothing_is_half_applied(
+    importable: Path, make_module
+) -> None:
+    gate = make_module("import threading\nstarted = threading.Event()\ngo = threading.Event()\n")
+    name = unique("hp_slow")
+    source = SLOW_IMPORT.format(gate=gate.__name__)
+    (importable / f"{name}.py").write_text(source, encoding="utf-8")
+    importer = threading.Thread(target=importlib.import_module, args=(name,), daemon=True)
+    importer.start()
+    try:
+        wait_until(gate.started.is_set, what="the import to reach its middle")
+        engine = Engine()
+        new = source.replace("-old", "-new")
+        with pytest.raises(PatchRejected) as info:
+            engine.patch(name, source=new)
+        assert info.value.stage == "load"
+        assert "still being imported" in info.value.reason
+        with pytest.raises(PatchRejected) as info:
+            engine.check(name, source=new)
+        assert info.value.stage == "load"
+    finally:
+        gate.go.set()
+        importer.join(30)
+    module = sys.modules[name]
+    assert (module.f(), module.g()) == ("f-old", "g-old")
+    assert not any(v.outcome == "applied" for v in engine.history(name))
+    # Once the import is complete, the same patch applies whole.
+    engine.patch(name, source=source.replace("-old", "-new"))
+    assert (module.f(), module.g()) == ("f-new", "g-new")
+
+
+# -- 5. __main__ without a main guard, and patches started from inside a patch ---------------------
+
+SCRIPT_WITHOUT_GUARD = """
+import sys
+import hotpatch
+
+def f():
+    return 1
+
+try:
+    hotpatch.patch("__main__", source=open(__file__).read().replace("return 1", "return 2"))
+except hotpatch.PatchRejected as exc:
+    print("REFUSED", exc.stage, exc.reason)
+    sys.exit(0)
+print("APPLIED")
+"""
+
+
+def test_patching_main_without_a_main_guard_is_refused(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT_WITHOUT_GUARD, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    outcomes = [
+        line for line in done.stdout.splitlines() if line.startswith(("REFUSED", "APPLIED"))
+    ]
+    assert len(outcomes) == 1, done.stdout[-2000:]
+    first = outcomes[0]
+    assert first.startswith("REFUSED compile"), first
+    assert "__name__" in first and "run the whole program again" in first
+
+
+def test_a_patch_started_by_the_candidates_own_top_level_code_is_refused(make_module) -> None:
+    helper = make_module(
+        "armed = []\n"
+        "def on_import(name):\n"
+        "    if armed:\n"
+        "        engine, source = armed\n"
+        "        engine.patch(name, source=source)\n"
+    )
+    source = (
+        f"import {helper.__name__}\n\n"
+        "def f():\n    return VERSION\n\n"
+        "VERSION = 1\n"
+        f"{helper.__name__}.on_import(__name__)\n"
+    )
+    mod = make_module(source)
+    engine = Engine()
+    new = source.replace("VERSION = 1", "VERSION = 2")
+    helper.armed.extend([engine, new])
+    with pytest.raises(PatchRejected) as info:
+        engine.patch(mod.__name__, source=new)
+    assert info.value.stage == "execute"
+    assert "inside another patch" in info.value.reason
+    assert mod.f() == 1
+
+
+# -- 7. wrong arguments fail at once, naming the argument ------------------------------------------
+
+
+def test_namespace_package_is_named_as_such(importable: Path) -> None:
+    name = unique("hp_ns")
+    (importable / name).mkdir()
+    importlib.import_module(name)
+    with pytest.raises(PatchRejected) as info:
+        hotpatch.Engine().patch(name, source="x = 1\n")
+    assert info.value.stage == "load"
+    assert "namespace package" in info.value.reason
+    assert "built-in" not in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "named"),
+    [
+        ({"safepoint_timeout_s": "abc"}, TypeError, "safepoint_timeout_s"),
+        ({"safepoint_timeout_s": -1}, ConfigError, "safepoint_timeout_s"),
+        ({"safepoint_timeout_s": math.nan}, ConfigError, "safepoint_timeout_s"),
+        ({"verify_timeout_s": math.inf}, ConfigError, "verify_timeout_s"),
+        ({"verify_timeout_s": 0}, ConfigError, "verify_timeout_s"),
+        ({"health_timeout_s": -0.5}, ConfigError, "health_timeout_s"),
+        ({"health_timeout_s": None}, TypeError, "health_timeout_s"),
+        ({"history_limit": 0}, ConfigError, "history_limit"),
+        ({"history_limit": 2.5}, TypeError, "history_limit"),
+        ({"max_source_bytes": True}, TypeError, "max_source_bytes"),
+    ],
+)
+def test_engine_settings_are_checked_at_once(
+    kwargs: dict[str, object], error: type[Exception], named: str
+) -> None:
+    with pytest.raises(error) as info:
+        Engine(**kwargs)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert named in message and "\n" not in message
+
+
+def test_per_call_timeouts_are_checked(make_module) -> None:
+    mod = make_module("def f():\n    return 1\n")
+    engine = Engine()
+    for bad, error in ((-1, ConfigError), (math.nan, ConfigError), ("1", TypeError)):
+        with pytest.raises(error, match="safepoint_timeout_s"):
+            engine.patch(mod.__name__, source="def f():\n    return 2\n", safepoint_timeout_s=bad)  # type: ignore[arg-type]
+        with pytest.raises(error, match="safepoint_timeout_s"):
+            engine.rollback(mod.__name__, safepoint_timeout_s=bad)  # type: ignore[arg-type]
+    assert mod.f() == 1
+
+
+def test_history_of_an_unknown_module_is_an_error(make_module) -> None:
+    engine = Engine()
+    with pytest.raises(
+        ConfigError, match=r"history\(module\): module 'hp_typo_mod' is not imported"
+    ):
+        engine.history("hp_typo_mod")
+    with pytest.raises(TypeError, match=r"history\(module\)"):
+        engine.history(42)  # type: ignore[arg-type]
+    mod = make_module("x = 1\n")
+    assert engine.history(mod.__name__) == []  # imported, never patched: no versions yet
+
+
+def test_rollback_of_an_unknown_module_is_an_error(make_module) -> None:
+    engine = Engine()
+    with pytest.raises(ConfigError, match=r"rollback\(module\): module 'hp_typo_mod'"):
+        engine.rollback("hp_typo_mod")
+    mod = make_module("x = 1\n")
+    with pytest.raises(TypeError, match=r"rollback\(to\)"):
+        engine.rollback(mod.__name__, to=3)  # type: ignore[arg-type]
+    with pytest.raises(HotpatchError, match="no earlier version"):
+        engine.rollback(mod.__name__)
+
+
+@pytest.mark.parametrize("api", ["verifier", "health_check"])
+def test_registering_for_a_module_that_is_not_imported_fails_at_the_call(api: str) -> None:
+    engine = Engine()
+    with pytest.raises(
+        ConfigError, match=rf"{api}\(module\): module 'hp_typo_mod' is not imported"
+    ):
+        getattr(engine, api)("hp_typo_mod")  # fails before any function is decorated
+    with pytest.raises(TypeError, match=rf"{api}\(module\)"):
+        getattr(engine, api)(42)
