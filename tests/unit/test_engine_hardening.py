@@ -235,3 +235,123 @@ def test_registering_for_a_module_that_is_not_imported_fails_at_the_call(api: st
         getattr(engine, api)("hp_typo_mod")  # fails before any function is decorated
     with pytest.raises(TypeError, match=rf"{api}\(module\)"):
         getattr(engine, api)(42)
+
+
+# -- 2. the gate does not change the recursion depth the application can use ----------------------
+
+RECURSIVE = """
+def f(n):
+    if n == 0:
+        return "old"
+    return f(n - 1)
+"""
+
+
+def _depth() -> int:
+    n, frame = 0, sys._getframe()
+    while frame is not None:
+        n += 1
+        frame = frame.f_back
+    return n
+
+
+def test_recursion_near_the_limit_survives_patches_of_the_recursive_function(make_module) -> None:
+    """A thread recursing to ``limit - MARGIN`` frames, all the time, while ``f`` is patched.
+
+    Each patch finds the thread inside ``f``, so it gates ``f``: the thread's deeper calls go
+    through the gate in the old world. Without the gate's compensation, each of them cost extra
+    frames and the thread hit RecursionError.
+    """
+    margin = 8
+    mod = make_module(RECURSIVE)
+    limit = sys.getrecursionlimit()
+    stop = threading.Event()
+    rounds: list[int] = [0]
+    errors: list[BaseException] = []
+
+    def recurse_forever() -> None:
+        target = limit - margin - (_depth() + 1)  # f(target) puts its deepest frame there
+        while not stop.is_set():
+            try:
+                mod.f(target)
+            except RecursionError as exc:
+                errors.append(exc)
+                return
+            rounds[0] += 1
+
+    thread = threading.Thread(target=recurse_forever, name="recursing", daemon=True)
+    thread.start()
+    engine = Engine(safepoint_timeout_s=30)
+    try:
+        wait_until(lambda: rounds[0] > 10, what="the recursing thread to run")
+        for i in range(30):
+            new = RECURSIVE.replace('"old"', f'"v{i}"')
+            engine.patch(mod.__name__, source=new)
+            if errors:
+                break
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not errors, f"RecursionError in the application thread: {errors[0]!r}"
+    assert sys.getrecursionlimit() == limit  # every compensation step was paid back
+    assert mod.f(3) == "v29"
+
+
+# -- 4. generators suspended across a patch -----------------------------------------------------
+
+GENERATOR = """
+def _scale(x):
+    return x * 10
+
+def stream():
+    yield _scale(1)
+    yield _scale(2)
+"""
+GENERATOR_NEW = """
+def _scale(x, factor):
+    return x * factor
+
+def stream():
+    yield _scale(1, 100)
+    yield _scale(2, 100)
+"""
+
+
+def test_a_suspended_generator_in_replaced_code_holds_the_patch(make_module) -> None:
+    mod = make_module(GENERATOR)
+    running = mod.stream()
+    assert next(running) == 10  # suspended inside the old stream()
+    engine = Engine()
+    with pytest.raises(PatchRejected) as info:
+        engine.patch(mod.__name__, source=GENERATOR_NEW, safepoint_timeout_s=0.3)
+    err = info.value
+    assert err.stage == "safepoint"
+    assert "suspended generator of stream()" in err.reason
+    assert err.filename == mod.__file__ and err.lineno == 6  # the first yield
+    assert next(running) == 20  # resumes on the old code with the old helper: no TypeError
+    not_started = mod.stream()  # a generator that has not started runs old code too
+    with pytest.raises(PatchRejected, match="suspended generator"):
+        engine.patch(mod.__name__, source=GENERATOR_NEW, safepoint_timeout_s=0.1)
+    assert list(not_started) == [10, 20]
+    del running, not_started
+    engine.patch(mod.__name__, source=GENERATOR_NEW)
+    assert list(mod.stream()) == [100, 200]
+
+
+def test_the_patch_waits_for_a_suspended_generator_to_finish(make_module) -> None:
+    mod = make_module(GENERATOR)
+    running = mod.stream()
+    assert next(running) == 10
+    results: list[object] = []
+
+    def finish_later() -> None:
+        time.sleep(0.3)  # the generator's consumer is busy elsewhere for a while
+        results.extend(running)
+        running.close()
+
+    consumer = threading.Thread(target=finish_later, daemon=True)
+    consumer.start()
+    Engine().patch(mod.__name__, source=GENERATOR_NEW, safepoint_timeout_s=20)
+    consumer.join(20)
+    assert results == [20]  # finished on the old code, then the patch went in
+    assert list(mod.stream()) == [100, 200]
