@@ -14,7 +14,7 @@ import importlib.util
 import sys
 import traceback
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,6 +278,7 @@ def build_candidate(
     code: types.CodeType,
     *,
     siblings: Mapping[str, types.ModuleType] | None = None,
+    on_executed: Callable[[dict[str, object]], object] | None = None,
 ) -> Candidate:
     """Execute ``code`` (compiled from ``source``) into a fresh module object shaped like ``live``.
 
@@ -288,6 +289,8 @@ def build_candidate(
         siblings: candidates of other modules of the same change set, by name: the candidate's
             own import statements get those instead of the live modules, so a name new in one
             module of a change set can be imported by another. Nothing else sees them.
+        on_executed: called with the candidate's namespace once its code has run, whether it
+            raised or not (the pipeline undoes registrations it made in live containers).
 
     Raises:
         PatchRejected: stage ``execute``; nothing of the candidate is visible.
@@ -308,6 +311,8 @@ def build_candidate(
         raise _execute_rejection(name, exc, source.filename) from None
     finally:
         namespace["__builtins__"] = live_builtins
+        if on_executed is not None:
+            on_executed(namespace)
     return Candidate(name, source, module, namespace)
 
 

@@ -41,6 +41,8 @@ from hotpatch.engine.candidate import (
 from hotpatch.engine.changeset import ChangeSet
 from hotpatch.engine.guard import DeadlineExceeded, run_with_deadline
 from hotpatch.engine.history import Entry, ModuleHistory, Version, version_id
+from hotpatch.engine.registrations import Registrations
+from hotpatch.engine.registrations import snapshot as snapshot_registrations
 from hotpatch.engine.safepoint import SafePointTimeout, commit_at_safe_point
 from hotpatch.engine.swap import Plan, plan_update
 from hotpatch.errors import HotpatchError, PatchRejected
@@ -326,7 +328,19 @@ class Engine:
             return _Prepared(module, old_source, None, live_entry, None)
         source, code = compile_source(name, text, filename, previous=old_source)
         shared = change_set or _ChangeSetContext()
-        candidate = build_candidate(module, source, code, siblings=shared.candidates)
+        live_containers = snapshot_registrations(module)
+        made: list[Registrations] = []
+        try:
+            candidate = build_candidate(
+                module,
+                source,
+                code,
+                siblings=shared.candidates,
+                on_executed=lambda namespace: made.append(live_containers.collect(namespace)),
+            )
+        finally:
+            for registrations in made:
+                registrations.undo()  # nothing live sees a candidate object (redone if applied)
         shared.candidates[name] = candidate.module
         shared.remap[id(candidate.module)] = module
         forced = self._migrate(candidate, module)
@@ -352,7 +366,9 @@ class Engine:
             record.learn_live_source(source)
             return _Prepared(module, source, None, live_entry, None)
         self._verify(candidate)
-        return _Prepared(module, source, plan, live_entry, candidate)
+        return _Prepared(
+            module, source, plan, live_entry, candidate, registrations=made[0], remap=shared.remap
+        )
 
     def _migrate(self, candidate: Candidate, live: types.ModuleType) -> frozenset[str]:
         """Run the candidate's ``__hotpatch_migrate__(old_namespace)``; names it sets are taken."""
@@ -411,6 +427,7 @@ class Engine:
         )
         for p, undo in zip(todo, undos):
             p.undo = undo
+            p.registered = p.registrations.redo(p.remap)
             _cache_lines(p.source)
             for action in p.plan.after_commit if p.plan else ():
                 action()
@@ -442,6 +459,7 @@ class Engine:
             undos, codes=codes, timeout_s=self.safepoint_timeout_s, force_at_deadline=True
         )
         for p in todo:
+            p.registered.undo()
             _cache_lines(p.live_entry.source)
             log.warning(
                 "patch.rolled_back",
@@ -573,6 +591,9 @@ class _Prepared:
     live_entry: Entry
     candidate: Candidate | None
     undo: ChangeSet | None = None
+    registrations: Registrations = field(default_factory=Registrations)  # undone after execute
+    remap: dict[int, object] = field(default_factory=dict)
+    registered: Registrations = field(default_factory=Registrations)  # redone after commit
 
     @property
     def name(self) -> str:

@@ -355,3 +355,109 @@ def test_the_patch_waits_for_a_suspended_generator_to_finish(make_module) -> Non
     consumer.join(20)
     assert results == [20]  # finished on the old code, then the patch went in
     assert list(mod.stream()) == [100, 200]
+
+
+# -- 3. registrations a candidate makes in other live modules ------------------------------------
+
+REGISTRY = """
+HANDLERS = {}
+PLUGINS = []
+TAGS = set()
+
+def register(fn):
+    HANDLERS[fn.__name__] = fn
+    return fn
+
+class Meta(type):
+    classes = []
+
+    def __init__(cls, name, bases, namespace):
+        super().__init__(name, bases, namespace)
+        Meta.classes.append(cls)
+
+class Plugin:
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        PLUGINS.append(cls)
+"""
+
+REGISTERING = """
+import {reg}
+from {reg} import Meta, Plugin, register
+
+@register
+def handle():
+    return "v1"
+
+class Model(metaclass=Meta):
+    def m(self):
+        return "v1"
+
+class Csv(Plugin):
+    def render(self):
+        return "v1"
+
+{reg}.TAGS.add(Csv)
+"""
+
+
+def _registered(reg) -> tuple[object, ...]:  # type: ignore[no-untyped-def]
+    return (dict(reg.HANDLERS), list(reg.Meta.classes), list(reg.PLUGINS), set(reg.TAGS))
+
+
+def test_refused_and_dry_run_candidates_leave_no_registration_behind(make_module) -> None:
+    reg = make_module(REGISTRY)
+    source = REGISTERING.format(reg=reg.__name__)
+    mod = make_module(source)
+    live = ({"handle": mod.handle}, [mod.Model], [mod.Csv], {mod.Csv})
+    assert _registered(reg) == live
+    engine = Engine()
+    v2 = source.replace('"v1"', '"v2"')
+
+    engine.check(mod.__name__, source=v2)  # a dry run
+    assert _registered(reg) == live
+
+    def refuse(candidate: object) -> None:
+        raise ValueError("not today")
+
+    engine.verifier(mod.__name__)(refuse)
+    with pytest.raises(PatchRejected, match="not today"):
+        engine.patch(mod.__name__, source=v2)
+    assert _registered(reg) == live
+    engine._verifiers.clear()
+
+    with pytest.raises(PatchRejected) as info:  # registers, then fails at import
+        engine.patch(mod.__name__, source=v2 + "\nraise RuntimeError('late')\n")
+    assert info.value.stage == "execute"
+    assert _registered(reg) == live
+
+    engine.patch(mod.__name__, source=v2)  # applied: the live objects stay registered, once
+    assert _registered(reg) == live
+    assert reg.HANDLERS["handle"]() == "v2"
+    assert reg.PLUGINS[0]().render() == "v2"
+
+
+def test_an_applied_patch_registers_its_new_objects_as_the_live_ones(make_module) -> None:
+    reg = make_module(REGISTRY)
+    source = REGISTERING.format(reg=reg.__name__)
+    mod = make_module(source)
+    engine = Engine()
+    v2 = source + (
+        "\n@register\ndef extra():\n    return handle()\n"
+        "\nclass Json(Plugin):\n    def render(self):\n        return 'json'\n"
+    )
+    engine.patch(mod.__name__, source=v2)
+    assert reg.HANDLERS["extra"] is mod.extra  # the live (re-bound) function, not the candidate's
+    assert reg.HANDLERS["extra"]() == "v1"
+    assert [mod.Csv, mod.Json] == reg.PLUGINS
+
+    @engine.health_check(mod.__name__)
+    def unhealthy() -> None:
+        raise RuntimeError("broken")
+
+    v3 = v2 + "\n@register\ndef broken():\n    return 0\n"
+    with pytest.raises(PatchRejected) as info:
+        engine.patch(mod.__name__, source=v3)
+    assert info.value.stage == "health"
+    assert "broken" not in reg.HANDLERS  # rolled back: its registration too
+    assert reg.HANDLERS["extra"] is mod.extra
