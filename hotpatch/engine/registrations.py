@@ -168,29 +168,38 @@ def snapshot(live: types.ModuleType) -> Snapshot:
             if type(member) in _CONTAINERS:
                 add(member)
 
-    for value in list(namespace.values()):
+    def add_value(value: object) -> None:
+        kind = type(value)  # never isinstance(): it may ask a proxy for its __class__
         add(value)
-        if isinstance(value, types.ModuleType) and value is not live:
-            add_namespace(vars(value))
-        elif isinstance(value, type):
+        if issubclass(kind, types.ModuleType):
+            if value is not live:
+                add_namespace(vars(value))
+        elif issubclass(kind, type):
+            assert isinstance(value, type)
             add_class(value)
-            other = sys.modules.get(value.__module__)
+            other = sys.modules.get(str(value.__dict__.get("__module__")))
             if other is not None and other is not live:
                 add_namespace(vars(other))
-        elif isinstance(value, types.FunctionType | types.MethodType | functools.partial):
+        elif kind in (types.FunctionType, types.MethodType, functools.partial):
             for inner in _functions_in(value):
                 if inner.__globals__ is not namespace:
                     add_namespace(inner.__globals__)
                 for cell in inner.__closure__ or ():
                     with contextlib.suppress(ValueError):
                         add(cell.cell_contents)
-            bound_to = getattr(value, "__self__", None)
-            if isinstance(bound_to, type):
-                add_class(bound_to)
+            bound_to = value.__self__ if kind is types.MethodType else None  # type: ignore[attr-defined]
+            if issubclass(type(bound_to), type):
+                add_class(bound_to)  # type: ignore[arg-type]
             elif bound_to is not None:
                 _add_instance(bound_to, add, add_class)
-        elif not isinstance(value, types.ModuleType):
+        else:
             _add_instance(value, add, add_class)
+
+    for value in list(namespace.values()):
+        try:
+            add_value(value)
+        except Exception:  # an object that resists being looked at is no registry of ours
+            continue
     live_ids = frozenset(id(v) for v in namespace.values())
     return Snapshot(live.__name__, live_ids, copies)
 
@@ -202,16 +211,24 @@ def _add_instance(value: object, add: object, add_class: object) -> None:
         return
     with contextlib.suppress(Exception):
         attributes = object.__getattribute__(value, "__dict__")
-        if isinstance(attributes, dict):
+        if type(attributes) is dict:
             for member in list(attributes.values()):
                 add(member)
             add_class(type(value))
 
 
 def _functions_in(value: object) -> Iterator[types.FunctionType]:
-    for candidate in (value, getattr(value, "__func__", None), getattr(value, "func", None)):
-        if isinstance(candidate, types.FunctionType):
-            yield candidate
+    """The plain functions in a function, a bound method or a ``functools.partial``."""
+    kind = type(value)
+    inner = (
+        value.__func__  # type: ignore[attr-defined]
+        if kind is types.MethodType
+        else value.func  # type: ignore[attr-defined]
+        if kind is functools.partial
+        else value
+    )
+    if type(inner) is types.FunctionType:
+        yield inner
 
 
 @dataclass
@@ -223,9 +240,18 @@ class _Ownership:
     live_ids: frozenset[int]
 
     def __call__(self, value: object, depth: int = 0) -> bool:
+        try:
+            return self._owned(value, depth)
+        except Exception:  # an object that resists being looked at is not the candidate's
+            return False
+
+    def _owned(self, value: object, depth: int) -> bool:
+        """Type-based checks only: ``isinstance`` may ask a proxy for its ``__class__``."""
         if depth > 2 or id(value) in self.live_ids:
             return False
-        if isinstance(value, types.FunctionType):
+        kind = type(value)
+        if kind is types.FunctionType:
+            assert isinstance(value, types.FunctionType)
             if value.__globals__ is self.namespace:
                 return True
             wrapped = value.__dict__.get("__wrapped__")
@@ -236,17 +262,18 @@ class _Ownership:
                 for cell in value.__closure__ or ()
                 if _has_contents(cell)
             )
-        if isinstance(value, type):
-            return value.__dict__.get("__module__") == self.module
-        if isinstance(value, types.MethodType):
-            return self(value.__func__, depth + 1) or self(value.__self__, depth + 1)
-        if isinstance(value, staticmethod | classmethod):
-            return self(value.__func__, depth + 1)
-        if isinstance(value, functools.partial):
-            return self(value.func, depth + 1)
-        if isinstance(value, tuple | frozenset):
-            return len(value) <= 16 and any(self(item, depth + 1) for item in value)
-        return self(type(value), depth + 1) if type(value) not in _BUILTIN_TYPES else False
+        if issubclass(kind, type):
+            return bool(value.__dict__.get("__module__") == self.module)
+        if kind is types.MethodType:
+            return self(value.__func__, depth + 1) or self(value.__self__, depth + 1)  # type: ignore[attr-defined]
+        if kind in (staticmethod, classmethod):
+            return self(value.__func__, depth + 1)  # type: ignore[attr-defined]
+        if kind is functools.partial:
+            return self(value.func, depth + 1)  # type: ignore[attr-defined]
+        if kind in (tuple, frozenset):
+            items: tuple[object, ...] | frozenset[object] = value  # type: ignore[assignment]
+            return len(items) <= 16 and any(self(item, depth + 1) for item in items)
+        return kind not in _BUILTIN_TYPES and self(kind, depth + 1)
 
 
 def _has_contents(cell: types.CellType) -> bool:

@@ -379,11 +379,22 @@ class Plugin:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         PLUGINS.append(cls)
+
+class _Proxy:  # resists being looked at (a proxy outside its context): the snapshot copes
+    def __getattr__(self, name):
+        raise RuntimeError("outside of context")
+
+    def __eq__(self, other):
+        raise RuntimeError("outside of context")
+
+    __hash__ = None
+
+proxy = _Proxy()
 """
 
 REGISTERING = """
 import {reg}
-from {reg} import Meta, Plugin, register
+from {reg} import Meta, Plugin, proxy, register
 
 @register
 def handle():
@@ -461,3 +472,34 @@ def test_an_applied_patch_registers_its_new_objects_as_the_live_ones(make_module
     assert info.value.stage == "health"
     assert "broken" not in reg.HANDLERS  # rolled back: its registration too
     assert reg.HANDLERS["extra"] is mod.extra
+
+
+def test_the_registration_snapshot_copes_with_objects_that_resist_being_looked_at(
+    make_module,
+) -> None:
+    """isinstance() asks an object for ``__class__``; a proxy outside its context raises there."""
+    from hotpatch.engine.registrations import snapshot
+
+    reg = make_module(REGISTRY)
+    mod = make_module(
+        f"import {reg.__name__}\n"
+        "class _Proxy:\n"
+        "    @property\n"
+        "    def __class__(self):\n"
+        "        raise RuntimeError('outside of context')\n"
+        "    def __getattr__(self, name):\n"
+        "        raise RuntimeError('outside of context')\n"
+        "proxy = _Proxy()\n"
+        f"{reg.__name__}.PLUGINS.append(proxy)\n"
+    )
+    taken = snapshot(mod)
+    candidate: dict[str, object] = {}
+    exec(
+        f"import {reg.__name__}\ndef handler():\n    pass\n{reg.__name__}.HANDLERS['h'] = handler\n",
+        candidate,
+    )
+    reg.PLUGINS.append(mod.proxy)  # a change by someone else: not the candidate's, kept
+    found = taken.collect(candidate)
+    found.undo()
+    assert "h" not in reg.HANDLERS
+    assert reg.PLUGINS.count(mod.proxy) == 2
