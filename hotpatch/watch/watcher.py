@@ -578,7 +578,7 @@ def survey_tree(roots: Iterable[str], *, max_directories: int, max_depth: int = 
                 raise ConfigError(
                     f"cannot watch {root!r}: it holds more than {max_directories:,} directories "
                     f"(counting stopped at {os.fsdecode(directory)!r}); each one costs an inotify "
-                    "watch. Watch your source directories, or raise max_directories"
+                    "watch. Watch your source directories, or raise watch(max_directories=...)"
                 )
             if depth > max_depth:
                 raise ConfigError(
