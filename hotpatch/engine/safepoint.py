@@ -181,7 +181,10 @@ class _Depth:
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # Re-entrant: a signal handler that calls a gated function may run while its thread
+        # holds the lock (between two bytecodes of the trampoline). Its step is whole, so the
+        # interrupted step reads and writes a consistent limit.
+        self.lock = threading.RLock()
         self.debt = 0
         self.getlimit = sys.getrecursionlimit
         self.setlimit = sys.setrecursionlimit
