@@ -164,9 +164,18 @@ class Engine:
         statement did not change keep their live objects and edited ones take new values.
         ``watch`` does this for every module it watches; ``verifier`` and ``health_check`` for
         the module they name.
+
+        Raises:
+            ConfigError: a module is not imported; ``TypeError``: a name is not a str.
+            PatchRejected: stage ``load``: a module cannot be patched (built-in, extension,
+                still being imported).
         """
+        for name in modules:
+            check_module_name("track(modules)", name)
         with self._lock:
             for name in modules:
+                if name not in self._histories:
+                    require_imported("track(modules)", name)
                 self._ensure_history(name)
 
     # -- queries ---------------------------------------------------------------------------------

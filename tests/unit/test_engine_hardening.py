@@ -226,6 +226,15 @@ def test_rollback_of_an_unknown_module_is_an_error(make_module) -> None:
         engine.rollback(mod.__name__)
 
 
+def test_tracking_a_module_that_is_not_imported_is_an_error() -> None:
+    with pytest.raises(
+        ConfigError, match=r"track\(modules\): module 'hp_typo_mod' is not imported"
+    ):
+        Engine().track("hp_typo_mod")
+    with pytest.raises(TypeError, match=r"track\(modules\)"):
+        Engine().track(None)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("api", ["verifier", "health_check"])
 def test_registering_for_a_module_that_is_not_imported_fails_at_the_call(api: str) -> None:
     engine = Engine()
