@@ -48,11 +48,17 @@ class Candidate:
     namespace: dict[str, object]
 
 
-def live_module(name: str) -> types.ModuleType:
+def live_module(name: str, *, importing_ok: bool = False) -> types.ModuleType:
     """Return the live module ``name`` if it can be patched from Python source.
 
+    Args:
+        name: the module's name in ``sys.modules``.
+        importing_ok: accept a module whose import is still running (to read its baseline
+            source, not to patch it).
+
     Raises:
-        PatchRejected: stage ``load``: not imported, not a module, or not Python source.
+        PatchRejected: stage ``load``: not imported, not a module, not Python source, or (unless
+            ``importing_ok``) still being imported.
     """
     if not isinstance(name, str) or not name:
         raise PatchRejected(str(name), "load", "a module name must be a non-empty string")
@@ -67,7 +73,7 @@ def live_module(name: str) -> types.ModuleType:
     if not isinstance(module, types.ModuleType):
         raise PatchRejected(name, "load", f"sys.modules[{name!r}] is not a module object")
     filename = getattr(module, "__file__", None)
-    if getattr(getattr(module, "__spec__", None), "_initializing", False):
+    if not importing_ok and getattr(getattr(module, "__spec__", None), "_initializing", False):
         # Another thread (or this one, from the module's own top level) is still executing its
         # import: a patch now would be overwritten, in part, by the rest of the import.
         raise PatchRejected(

@@ -84,6 +84,8 @@ def test_patch_during_import_is_refused_and_nothing_is_half_applied(
         with pytest.raises(PatchRejected) as info:
             engine.check(name, source=new)
         assert info.value.stage == "load"
+        engine.track(name)  # recording the baseline (the file) is fine meanwhile: watch does it
+        assert [v.outcome for v in engine.history(name)] == ["baseline"]
     finally:
         gate.go.set()
         importer.join(30)
