@@ -289,17 +289,17 @@ class Engine:
         """Refuse a patch started from inside another one in this thread.
 
         A module whose top-level code calls ``patch`` on itself (a script without a main guard,
-        patched as ``__main__``), a verifier or a migration would otherwise re-enter the engine
-        (its lock is re-entrant) and recurse without end.
+        patched as ``__main__``) would otherwise re-enter the engine (its lock is re-entrant)
+        and recurse without end. (Verifiers, migrations and health checks run in threads of
+        their own: a patch from there waits for the lock and times out with them.)
         """
         if getattr(self._busy, "patching", False):
             name = next(iter(changes), "?")
             raise PatchRejected(
                 str(name),
                 "load",
-                "patch requested from inside another patch in the same thread (module top-level "
-                "code, a verifier or __hotpatch_migrate__ calling hotpatch); refused to avoid "
-                "endless recursion",
+                "patch requested from inside another patch in the same thread (a module's "
+                "top-level code calling hotpatch); refused to avoid endless recursion",
             )
         self._busy.patching = True
         try:

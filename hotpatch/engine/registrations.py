@@ -76,9 +76,14 @@ class Registrations:
         """
         done = Registrations()
         for entry in self.found:
-            live = remap.get(id(entry.new), _MISSING)
-            if live is _MISSING:
-                continue
+            with contextlib.suppress(Exception):  # a hostile key or a changed container: skip it
+                self._redo_one(entry, remap, done)
+        return done
+
+    @staticmethod
+    def _redo_one(entry: _Found, remap: dict[int, object], done: Registrations) -> None:
+        live = remap.get(id(entry.new), _MISSING)
+        if live is not _MISSING:
             container = entry.container
             if isinstance(container, dict):
                 key = remap.get(id(entry.key), entry.key)
@@ -93,7 +98,6 @@ class Registrations:
             elif live not in container:
                 container.add(live)
                 done.found.append(_Found(container, live, _MISSING, live))
-        return done
 
 
 def _remove(entry: _Found) -> None:
