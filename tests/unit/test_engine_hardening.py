@@ -514,3 +514,34 @@ def test_the_registration_snapshot_copes_with_objects_that_resist_being_looked_a
     found.undo()
     assert "h" not in reg.HANDLERS
     assert reg.PLUGINS.count(mod.proxy) == 2
+
+
+COROUTINE = """
+class Pause:
+    def __await__(self):
+        yield "paused"
+
+def _scale(x):
+    return x * 10
+
+async def handle():
+    await Pause()
+    return _scale(2)
+"""
+
+
+def test_a_suspended_coroutine_in_replaced_code_holds_the_patch(make_module) -> None:
+    mod = make_module(COROUTINE)
+    request = mod.handle()
+    assert request.send(None) == "paused"  # an in-flight request, awaiting I/O
+    new = COROUTINE.replace(
+        "def _scale(x):\n    return x * 10", "def _scale(x, f):\n    return x * f"
+    )
+    new = new.replace("_scale(2)", "_scale(2, 100)")
+    with pytest.raises(PatchRejected) as info:
+        Engine().patch(mod.__name__, source=new, safepoint_timeout_s=0.2)
+    assert info.value.stage == "safepoint"
+    assert "suspended coroutine of handle()" in info.value.reason
+    with pytest.raises(StopIteration) as done:
+        request.send(None)
+    assert done.value.value == 20  # finished on the old code, no TypeError
