@@ -256,6 +256,11 @@ class Engine:
             PatchRejected: the change was refused or rolled back; ``.stage`` says where. The live
                 modules are exactly as before the call.
         """
+        if isinstance(changes, str | bytes):
+            raise TypeError(
+                "patch_many(changes) takes a mapping or an iterable of module names, not a "
+                f"single {type(changes).__name__} (use patch() for one module)"
+            )
         if not isinstance(changes, Mapping):
             changes = dict.fromkeys(changes)
         given_timeout = check_optional_seconds("safepoint_timeout_s", safepoint_timeout_s)

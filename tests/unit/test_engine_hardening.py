@@ -205,6 +205,12 @@ def test_per_call_timeouts_are_checked(make_module) -> None:
     assert mod.f() == 1
 
 
+def test_patch_many_of_a_single_name_is_a_type_error(make_module) -> None:
+    mod = make_module("def f():\n    return 1\n")
+    with pytest.raises(TypeError, match=r"patch_many\(changes\)"):
+        Engine().patch_many(mod.__name__)  # would have tried each character as a module
+
+
 def test_history_of_an_unknown_module_is_an_error(make_module) -> None:
     engine = Engine()
     with pytest.raises(
