@@ -14,7 +14,7 @@ import importlib.util
 import sys
 import traceback
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,11 +48,17 @@ class Candidate:
     namespace: dict[str, object]
 
 
-def live_module(name: str) -> types.ModuleType:
+def live_module(name: str, *, importing_ok: bool = False) -> types.ModuleType:
     """Return the live module ``name`` if it can be patched from Python source.
 
+    Args:
+        name: the module's name in ``sys.modules``.
+        importing_ok: accept a module whose import is still running (to read its baseline
+            source, not to patch it).
+
     Raises:
-        PatchRejected: stage ``load``: not imported, not a module, or not Python source.
+        PatchRejected: stage ``load``: not imported, not a module, not Python source, or (unless
+            ``importing_ok``) still being imported.
     """
     if not isinstance(name, str) or not name:
         raise PatchRejected(str(name), "load", "a module name must be a non-empty string")
@@ -67,10 +73,21 @@ def live_module(name: str) -> types.ModuleType:
     if not isinstance(module, types.ModuleType):
         raise PatchRejected(name, "load", f"sys.modules[{name!r}] is not a module object")
     filename = getattr(module, "__file__", None)
-    if not filename:
+    if not importing_ok and getattr(getattr(module, "__spec__", None), "_initializing", False):
+        # Another thread (or this one, from the module's own top level) is still executing its
+        # import: a patch now would be overwritten, in part, by the rest of the import.
         raise PatchRejected(
-            name, "load", f"{name!r} is a built-in module with no Python source to patch"
+            name,
+            "load",
+            f"{name!r} is still being imported (its top-level code has not finished); "
+            "patch it once the import is complete",
+            filename=str(filename) if filename else None,
         )
+    if not filename:
+        what = "a built-in module"
+        if getattr(module, "__path__", None) is not None:
+            what = "a namespace package (a directory without __init__.py)"
+        raise PatchRejected(name, "load", f"{name!r} is {what} with no Python source to patch")
     if not str(filename).endswith(".py"):
         raise PatchRejected(
             name,
@@ -180,8 +197,17 @@ def compile_source(
     """
     try:
         if name == "__main__":
-            tree = _definitions_only(ast.parse(text, filename=filename), name)
-            code = compile(tree, filename, "exec", dont_inherit=True)
+            tree = ast.parse(text, filename=filename)
+            if not any(_is_main_guard(stmt) for stmt in tree.body):
+                raise PatchRejected(
+                    name,
+                    "compile",
+                    'the script has no `if __name__ == "__main__":` block, so its new version '
+                    "would run the whole program again inside the patch; put the program's "
+                    "top-level code under such a block",
+                    filename=filename,
+                )
+            code = compile(_definitions_only(tree, name), filename, "exec", dont_inherit=True)
         else:
             code = compile(text, filename, "exec", dont_inherit=True)
     except SyntaxError as exc:
@@ -258,6 +284,7 @@ def build_candidate(
     code: types.CodeType,
     *,
     siblings: Mapping[str, types.ModuleType] | None = None,
+    on_executed: Callable[[dict[str, object]], object] | None = None,
 ) -> Candidate:
     """Execute ``code`` (compiled from ``source``) into a fresh module object shaped like ``live``.
 
@@ -268,6 +295,8 @@ def build_candidate(
         siblings: candidates of other modules of the same change set, by name: the candidate's
             own import statements get those instead of the live modules, so a name new in one
             module of a change set can be imported by another. Nothing else sees them.
+        on_executed: called with the candidate's namespace once its code has run, whether it
+            raised or not (the pipeline undoes registrations it made in live containers).
 
     Raises:
         PatchRejected: stage ``execute``; nothing of the candidate is visible.
@@ -288,6 +317,8 @@ def build_candidate(
         raise _execute_rejection(name, exc, source.filename) from None
     finally:
         namespace["__builtins__"] = live_builtins
+        if on_executed is not None:
+            on_executed(namespace)
     return Candidate(name, source, module, namespace)
 
 

@@ -11,13 +11,21 @@ import linecache
 import threading
 import time
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import structlog
 
+from hotpatch.engine.arguments import (
+    check_count,
+    check_module_name,
+    check_optional_seconds,
+    check_seconds,
+    require_imported,
+)
 from hotpatch.engine.candidate import (
     DEFAULT_MAX_SOURCE_BYTES,
     Candidate,
@@ -33,6 +41,8 @@ from hotpatch.engine.candidate import (
 from hotpatch.engine.changeset import ChangeSet
 from hotpatch.engine.guard import DeadlineExceeded, run_with_deadline
 from hotpatch.engine.history import Entry, ModuleHistory, Version, version_id
+from hotpatch.engine.registrations import Registrations
+from hotpatch.engine.registrations import snapshot as snapshot_registrations
 from hotpatch.engine.safepoint import SafePointTimeout, commit_at_safe_point
 from hotpatch.engine.swap import Plan, plan_update
 from hotpatch.errors import HotpatchError, PatchRejected
@@ -82,26 +92,34 @@ class Engine:
         health_timeout_s: float = 10.0,
         max_source_bytes: int = DEFAULT_MAX_SOURCE_BYTES,
     ) -> None:
-        if history_limit < 1:
-            raise ValueError("history_limit must be at least 1")
-        self.history_limit = history_limit
-        self.safepoint_timeout_s = safepoint_timeout_s
-        self.verify_timeout_s = verify_timeout_s
-        self.health_timeout_s = health_timeout_s
-        self.max_source_bytes = max_source_bytes
+        self.history_limit = check_count("history_limit", history_limit)
+        self.safepoint_timeout_s = check_seconds("safepoint_timeout_s", safepoint_timeout_s)
+        self.verify_timeout_s = check_seconds(
+            "verify_timeout_s", verify_timeout_s, allow_zero=False
+        )
+        self.health_timeout_s = check_seconds(
+            "health_timeout_s", health_timeout_s, allow_zero=False
+        )
+        self.max_source_bytes = check_count("max_source_bytes", max_source_bytes)
         self._lock = threading.RLock()
         self._histories: dict[str, ModuleHistory] = {}
         self._verifiers: dict[str | None, list[Verifier]] = {}
         self._health_checks: dict[str | None, list[HealthCheck]] = {}
         self._attempted: dict[str, str] = {}  # module -> sha256 of the source being tried
+        self._busy = threading.local()  # .patching: this thread is inside patch/check
 
     # -- registration ----------------------------------------------------------------------------
     def verifier(self, module: str | None = None) -> Callable[[F], F]:
         """Register ``fn(candidate_module)``, run before commit; raising refuses the patch.
 
         Args:
-            module: the module it guards; ``None`` for every module.
+            module: the module it guards (imported already); ``None`` for every module.
+
+        Raises:
+            ConfigError: ``module`` is not imported (register it after the import, or with
+                ``None`` and look at ``candidate.__name__``).
         """
+        self._check_registered_module("verifier", module)
 
         def register(fn: F) -> F:
             with self._lock:
@@ -116,8 +134,13 @@ class Engine:
         """Register ``fn()``, run after commit; raising (or hanging) rolls the patch back.
 
         Args:
-            module: the module whose patches it checks; ``None`` for every module.
+            module: the module whose patches it checks (imported already); ``None`` for every
+                module.
+
+        Raises:
+            ConfigError: ``module`` is not imported (as for ``verifier``).
         """
+        self._check_registered_module("health_check", module)
 
         def register(fn: F) -> F:
             with self._lock:
@@ -128,6 +151,12 @@ class Engine:
 
         return register
 
+    @staticmethod
+    def _check_registered_module(api: str, module: str | None) -> None:
+        if module is not None:
+            check_module_name(f"{api}(module)", module)
+            require_imported(f"{api}(module)", module, hint="; import it before registering")
+
     def track(self, *modules: str) -> None:
         """Record the current source of ``modules`` as their baseline, before any file is edited.
 
@@ -135,16 +164,32 @@ class Engine:
         statement did not change keep their live objects and edited ones take new values.
         ``watch`` does this for every module it watches; ``verifier`` and ``health_check`` for
         the module they name.
+
+        Raises:
+            ConfigError: a module is not imported; ``TypeError``: a name is not a str.
+            PatchRejected: stage ``load``: a module cannot be patched (built-in, extension,
+                still being imported).
         """
+        for name in modules:
+            check_module_name("track(modules)", name)
         with self._lock:
             for name in modules:
+                if name not in self._histories:
+                    require_imported("track(modules)", name)
                 self._ensure_history(name)
 
     # -- queries ---------------------------------------------------------------------------------
     def history(self, module: str) -> list[Version]:
-        """The versions of ``module``, newest first (empty when it was never patched)."""
+        """The versions of ``module``, newest first (empty when it was never patched).
+
+        Raises:
+            ConfigError: hotpatch knows nothing of ``module`` and it is not imported (a typo?).
+        """
+        check_module_name("history(module)", module)
         with self._lock:
             record = self._histories.get(module)
+            if record is None:
+                require_imported("history(module)", module)
             return [e.version for e in reversed(record.entries)] if record else []
 
     # -- patch -----------------------------------------------------------------------------------
@@ -173,7 +218,7 @@ class Engine:
             PatchRejected: the version would be refused; ``.stage`` says where.
         """
         started = time.perf_counter()
-        with self._lock:
+        with self._lock, self._not_reentered({module: source}):
             p = self._prepare(module, source, allow_removals=allow_removals)
             self._attempted.pop(module, None)
         duration = time.perf_counter() - started
@@ -211,11 +256,17 @@ class Engine:
             PatchRejected: the change was refused or rolled back; ``.stage`` says where. The live
                 modules are exactly as before the call.
         """
+        if isinstance(changes, str | bytes):
+            raise TypeError(
+                "patch_many(changes) takes a mapping or an iterable of module names, not a "
+                f"single {type(changes).__name__} (use patch() for one module)"
+            )
         if not isinstance(changes, Mapping):
             changes = dict.fromkeys(changes)
-        timeout_s = self.safepoint_timeout_s if safepoint_timeout_s is None else safepoint_timeout_s
+        given_timeout = check_optional_seconds("safepoint_timeout_s", safepoint_timeout_s)
+        timeout_s = self.safepoint_timeout_s if given_timeout is None else given_timeout
         started = time.perf_counter()
-        with self._lock:
+        with self._lock, self._not_reentered(changes):
             prepared: list[_Prepared] = []
             shared = _ChangeSetContext()
             try:
@@ -237,6 +288,29 @@ class Engine:
                 result = self._record_applied(p, duration) if p.plan else p.noop_result(duration)
                 results.append(result)
             return results
+
+    @contextmanager
+    def _not_reentered(self, changes: Mapping[str, object]) -> Iterator[None]:
+        """Refuse a patch started from inside another one in this thread.
+
+        A module whose top-level code calls ``patch`` on itself (a script without a main guard,
+        patched as ``__main__``) would otherwise re-enter the engine (its lock is re-entrant)
+        and recurse without end. (Verifiers, migrations and health checks run in threads of
+        their own: a patch from there waits for the lock and times out with them.)
+        """
+        if getattr(self._busy, "patching", False):
+            name = next(iter(changes), "?")
+            raise PatchRejected(
+                str(name),
+                "load",
+                "patch requested from inside another patch in the same thread (a module's "
+                "top-level code calling hotpatch); refused to avoid endless recursion",
+            )
+        self._busy.patching = True
+        try:
+            yield
+        finally:
+            self._busy.patching = False
 
     def _prepare(
         self,
@@ -268,7 +342,19 @@ class Engine:
             return _Prepared(module, old_source, None, live_entry, None)
         source, code = compile_source(name, text, filename, previous=old_source)
         shared = change_set or _ChangeSetContext()
-        candidate = build_candidate(module, source, code, siblings=shared.candidates)
+        live_containers = snapshot_registrations(module)
+        made: list[Registrations] = []
+        try:
+            candidate = build_candidate(
+                module,
+                source,
+                code,
+                siblings=shared.candidates,
+                on_executed=lambda namespace: made.append(live_containers.collect(namespace)),
+            )
+        finally:
+            for registrations in made:
+                registrations.undo()  # nothing live sees a candidate object (redone if applied)
         shared.candidates[name] = candidate.module
         shared.remap[id(candidate.module)] = module
         forced = self._migrate(candidate, module)
@@ -294,7 +380,9 @@ class Engine:
             record.learn_live_source(source)
             return _Prepared(module, source, None, live_entry, None)
         self._verify(candidate)
-        return _Prepared(module, source, plan, live_entry, candidate)
+        return _Prepared(
+            module, source, plan, live_entry, candidate, registrations=made[0], remap=shared.remap
+        )
 
     def _migrate(self, candidate: Candidate, live: types.ModuleType) -> frozenset[str]:
         """Run the candidate's ``__hotpatch_migrate__(old_namespace)``; names it sets are taken."""
@@ -353,6 +441,7 @@ class Engine:
         )
         for p, undo in zip(todo, undos):
             p.undo = undo
+            p.registered = p.registrations.redo(p.remap)
             _cache_lines(p.source)
             for action in p.plan.after_commit if p.plan else ():
                 action()
@@ -384,6 +473,7 @@ class Engine:
             undos, codes=codes, timeout_s=self.safepoint_timeout_s, force_at_deadline=True
         )
         for p in todo:
+            p.registered.undo()
             _cache_lines(p.live_entry.source)
             log.warning(
                 "patch.rolled_back",
@@ -405,13 +495,21 @@ class Engine:
             The version now live.
 
         Raises:
+            ConfigError: ``module`` is unknown (never patched and not imported); also a
+                negative or NaN ``safepoint_timeout_s``.
+            TypeError: ``module`` or ``to`` is not a str.
             HotpatchError: nothing to roll back to, or ``to`` is not a restorable version.
             PatchRejected: stage ``safepoint``: threads stayed inside the code being replaced.
         """
-        timeout_s = self.safepoint_timeout_s if safepoint_timeout_s is None else safepoint_timeout_s
+        check_module_name("rollback(module)", module)
+        if to is not None and not isinstance(to, str):
+            raise TypeError(f"rollback(to) must be a version id (str), not {type(to).__name__}")
+        given_timeout = check_optional_seconds("safepoint_timeout_s", safepoint_timeout_s)
+        timeout_s = self.safepoint_timeout_s if given_timeout is None else given_timeout
         with self._lock:
             record = self._histories.get(module)
             if record is None:
+                require_imported("rollback(module)", module)
                 raise HotpatchError(f"{module!r} has no earlier version to roll back to")
             target, undone = record.plan_rollback(to)
             undos = [e.undo for e in reversed(undone) if e.undo is not None]
@@ -447,7 +545,7 @@ class Engine:
         record = self._histories.get(name)
         if record is not None:
             return record
-        module = live_module(name)
+        module = live_module(name, importing_ok=True)  # the file is the baseline
         baseline = _baseline_source(module, self.max_source_bytes)
         if baseline is not None and baseline.sha256 == unless_sha:
             baseline = None
@@ -507,6 +605,9 @@ class _Prepared:
     live_entry: Entry
     candidate: Candidate | None
     undo: ChangeSet | None = None
+    registrations: Registrations = field(default_factory=Registrations)  # undone after execute
+    remap: dict[int, object] = field(default_factory=dict)
+    registered: Registrations = field(default_factory=Registrations)  # redone after commit
 
     @property
     def name(self) -> str:

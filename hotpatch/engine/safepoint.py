@@ -13,11 +13,22 @@ deadline) and then calls the function, which by then runs the new code. In-fligh
 ones wait briefly, and the safe point arrives within one call's duration. A gate stays closed at
 most ``GATE_BUDGET_S``: a long call (a stream, a slow request) does not hold every other caller;
 the gate opens, and closes again once the long call has left.
+
+A gated call runs through a trampoline frame (the gated function's code is the trampoline's, and
+it calls the function's old or new code), so it is one Python frame deeper than it would be
+ungated; a recursive function in the old world pays that at every level. The trampoline raises
+the recursion limit by one for exactly as long as its call lasts, with C calls only (no Python
+frame of its own), so the depth the application can still use is the same as without the gate.
+Suspended generators and coroutines are old-world frames that no thread stack shows: one that
+runs replaced code holds the commit like a thread inside it, found by ``gc.get_referrers`` on the
+replaced generator codes (only when the change replaces one).
 """
 
 from __future__ import annotations
 
 import gc
+import inspect
+import re
 import sys
 import threading
 import time
@@ -35,10 +46,19 @@ T = TypeVar("T")
 # Long enough for any commit (a 3,000-line module applies in about a millisecond), short enough that
 # a CPU-bound thread holding the GIL when we ask for it delays us by at most this much.
 _WINDOW_S = 0.01
-_GATE_NAME = "__hotpatch_gate__"
 # The longest a caller waits at a gate before it is opened again (see commit_at_safe_point).
 GATE_BUDGET_S = 0.2
+_GATE_PLACEHOLDER = "__hotpatch_gate_placeholder__"
 _KEY_PLACEHOLDER = 0x7E57_6A7E
+# Code flags of frames that can be suspended with the code in them (and so outlive a stack walk).
+_SUSPENDABLE = (
+    inspect.CO_GENERATOR
+    | inspect.CO_COROUTINE
+    | inspect.CO_ASYNC_GENERATOR
+    | inspect.CO_ITERABLE_COROUTINE
+)
+# How often the safe point looks for suspended generators (a whole-heap walk) while it waits.
+_SUSPENDED_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -50,8 +70,15 @@ class BusyThread:
     function: str
     filename: str
     lineno: int
+    suspended: str | None = None  # "generator", "coroutine"...: a suspended frame, no thread
 
     def describe(self) -> str:
+        if self.suspended:
+            return (
+                f"a suspended {self.suspended} of {self.function}() at {self.filename}:"
+                f"{self.lineno} runs code this change replaces (resumed, it would run old code "
+                "calling new code); let it finish or close it"
+            )
         return f"thread {self.name!r} is inside {self.function}() at {self.filename}:{self.lineno}"
 
 
@@ -73,6 +100,38 @@ def threads_inside(codes: Collection[types.CodeType]) -> list[BusyThread]:
         if inside is not None:
             busy.append(_describe(ident, inside))
     return busy
+
+
+def suspended_inside(codes: Collection[types.CodeType]) -> list[BusyThread]:
+    """Suspended (or not yet started) generators and coroutines whose frame runs one of ``codes``.
+
+    They are on no thread's stack, so ``threads_inside`` cannot see them; resumed after a commit,
+    they would run their old code against the new code around it. Costs a walk of the heap
+    (``gc.get_referrers``), paid only when ``codes`` holds generator or coroutine code.
+    """
+    suspendable = [code for code in codes if code.co_flags & _SUSPENDABLE]
+    if not suspendable:
+        return []
+    wanted = {id(code) for code in suspendable}
+    found = []
+    for obj in gc.get_referrers(*suspendable):
+        for prefix, kind in (("gi", "generator"), ("cr", "coroutine"), ("ag", "async generator")):
+            frame = getattr(obj, f"{prefix}_frame", None)
+            code = getattr(obj, f"{prefix}_code", None)
+            if isinstance(frame, types.FrameType) and id(code) in wanted:
+                if not getattr(obj, f"{prefix}_running", False):  # running: on a stack
+                    found.append(
+                        BusyThread(
+                            0,
+                            f"<suspended {kind}>",
+                            getattr(frame.f_code, "co_qualname", frame.f_code.co_name),
+                            frame.f_code.co_filename,
+                            frame.f_lineno or frame.f_code.co_firstlineno,
+                            suspended=kind,
+                        )
+                    )
+                break
+    return found
 
 
 def _stack_runs(frame: types.FrameType | None, wanted: set[int]) -> types.FrameType | None:
@@ -113,37 +172,66 @@ def _exclusive() -> Iterator[None]:
         sys.setswitchinterval(saved_interval)
 
 
+class _Depth:
+    """Recursion-limit compensation shared by every trampoline (the limit is per interpreter).
+
+    A trampoline raises the limit by one around its call and lowers it after, under ``lock``.
+    Lowering can fail when the lowering thread is at the very limit; the step is then owed
+    (``debt``) and paid by the next trampoline to lower it, or at the end of the safe point.
+    """
+
+    def __init__(self) -> None:
+        # Re-entrant: a signal handler that calls a gated function may run while its thread
+        # holds the lock (between two bytecodes of the trampoline). Its step is whole, so the
+        # interrupted step reads and writes a consistent limit.
+        self.lock = threading.RLock()
+        self.debt = 0
+        self.getlimit = sys.getrecursionlimit
+        self.setlimit = sys.setrecursionlimit
+
+    def settle(self) -> None:
+        with self.lock:
+            if self.debt:
+                try:
+                    self.setlimit(self.getlimit() - self.debt)
+                    self.debt = 0
+                except RecursionError:
+                    pass
+
+
+_DEPTH = _Depth()
+
+
 class _Gate:
-    """The trampoline's target while the replaced functions are gated."""
+    """What the trampolines of one closing of the gate read: all of it is reached with C calls.
+
+    The trampoline (``_gate_code``) holds this object in its constants, not in the module's
+    globals, and does its checks in its own frame: it calls no Python function but the one it
+    stands in for (or that one's old twin), so a gated call costs exactly one frame, which it
+    compensates (``_Depth``).
+    """
 
     def __init__(self, funcs: Sequence[types.FunctionType], old_codes: Collection[types.CodeType]):
         self.entries = {key: (f, FunctionState.capture(f)) for key, f in enumerate(funcs)}
-        self.old_code_ids = {id(c) for c in old_codes}
-        self.opened = threading.Event()
+        self.funcs = {key: f for key, (f, _) in self.entries.items()}
+        self.twins = {key: _twin(f, old) for key, (f, old) in self.entries.items()}
+        self.old_code_ids = frozenset(id(c) for c in old_codes)
+        self.is_open = False
+        self.closed = threading.Lock()  # held while the gate is closed; waiters queue on it
+        self.closed.acquire()
         self.owner = threading.get_ident()
+        self.get_ident = threading.get_ident
+        self.getframe = sys._getframe
+        self.id = id
+        self.depth = _DEPTH
         self.codes = {
-            key: _gate_code(f.__code__.co_freevars, key) for key, (f, _) in self.entries.items()
+            key: _gate_code(f.__code__.co_freevars, self, key)
+            for key, (f, _) in self.entries.items()
         }
-
-    def __call__(self, key: int, args: tuple[object, ...], kwargs: dict[str, object]) -> object:
-        func, old = self.entries[key]
-        if not self.opened.is_set() and (
-            threading.get_ident() == self.owner
-            or _stack_runs(sys._getframe(2), self.old_code_ids) is not None
-        ):
-            # An old-world caller: it started on the old code and finishes on it.
-            twin = types.FunctionType(
-                old.code, func.__globals__, func.__name__, old.defaults, func.__closure__
-            )
-            twin.__kwdefaults__ = old.kwdefaults
-            return twin(*args, **kwargs)
-        self.opened.wait()
-        return func(*args, **kwargs)
 
     def close(self) -> None:
         """Install the trampolines (call inside an exclusive window)."""
         for key, (func, _) in self.entries.items():
-            func.__globals__.setdefault(_GATE_NAME, self)
             func.__code__ = self.codes[key]
 
     def saved_states(self) -> dict[int, FunctionState]:
@@ -153,40 +241,98 @@ class _Gate:
     def reopen(self) -> None:
         """Put back the old code wherever a trampoline still sits, and release the waiters."""
         self.restore()
-        self.opened.set()
+        if not self.is_open:
+            self.is_open = True
+            self.closed.release()
 
     def restore(self) -> None:
         """Put back the old code wherever a trampoline still sits."""
         for key, (func, old) in self.entries.items():
             if func.__code__ is self.codes[key]:
                 func.__code__ = old.code
-            if func.__globals__.get(_GATE_NAME) is self:
-                del func.__globals__[_GATE_NAME]
+
+
+def _twin(func: types.FunctionType, old: FunctionState) -> types.FunctionType:
+    """A function that runs ``func``'s old code: what old-world callers get at the gate."""
+    twin = types.FunctionType(
+        old.code, func.__globals__, func.__name__, old.defaults, func.__closure__
+    )
+    twin.__kwdefaults__ = old.kwdefaults
+    return twin
 
 
 _gate_templates: dict[tuple[str, ...], types.CodeType] = {}
 
+# The trampoline's body. Every call in it is to a C function, except ``fn(...)``: no helper frame
+# sits between the caller and the function (see _Gate and _Depth).
+_GATE_BODY = """\
+G = {gate!r}
+k = {key!r}
+if G.is_open:
+    fn = G.funcs[k]
+elif G.owner == G.get_ident():
+    fn = G.twins[k]
+else:
+    fn = None
+    fr = G.getframe(1)
+    ids = G.old_code_ids
+    while fr is not None:
+        if G.id(fr.f_code) in ids:
+            fn = G.twins[k]
+            break
+        fr = fr.f_back
+    fr = None
+    if fn is None:
+        with G.closed:
+            pass
+        fn = G.funcs[k]
+D = G.depth
+with D.lock:
+    D.setlimit(D.getlimit() + 1)
+try:
+    return fn(*A, **K)
+finally:
+    with D.lock:
+        try:
+            D.setlimit(D.getlimit() - 1 - D.debt)
+            D.debt = 0
+        except RecursionError:
+            D.debt += 1
+"""
 
-def _gate_code(freevars: tuple[str, ...], key: int) -> types.CodeType:
+
+def _gate_code(freevars: tuple[str, ...], gate: _Gate, key: int) -> types.CodeType:
     """A trampoline with the same free variables as the function it stands in for."""
     template = _gate_templates.get(freevars)
     if template is None:
+        body = _GATE_BODY.format(gate=_GATE_PLACEHOLDER, key=_KEY_PLACEHOLDER)
+        local_names = ("G", "k", "fn", "fr", "ids", "D", "A", "K")
+        prefix = "_hotpatch_"
+        while any(prefix + n in freevars for n in local_names):
+            prefix += "_"
+        for n in local_names:  # whole-word renames, so no local can shadow a free variable
+            body = re.sub(rf"\b{n}\b", prefix + n, body)
         lines = ["def _outer():"]
         lines += [f"    {name} = None" for name in freevars]
-        lines.append("    def _hotpatch_gate(*args, **kwargs):")
+        lines.append(f"    def _hotpatch_gate(*{prefix}A, **{prefix}K):")
         if freevars:
             lines.append("        " + ", ".join(freevars))
-        lines.append(f"        return {_GATE_NAME}({_KEY_PLACEHOLDER}, args, kwargs)")
+        lines += ["        " + line for line in body.splitlines()]
         namespace: dict[str, object] = {}
         exec(compile("\n".join(lines), "<hotpatch gate>", "exec"), namespace)
         outer = namespace["_outer"]
         assert isinstance(outer, types.FunctionType)
         template = next(c for c in outer.__code__.co_consts if isinstance(c, types.CodeType))
         _gate_templates[freevars] = template
-    consts = tuple(
-        key if c == _KEY_PLACEHOLDER and type(c) is int else c for c in template.co_consts
-    )
-    return template.replace(co_consts=consts)
+
+    def fill(c: object) -> object:
+        if type(c) is str and c == _GATE_PLACEHOLDER:
+            return gate
+        if type(c) is int and c == _KEY_PLACEHOLDER:
+            return key
+        return c
+
+    return template.replace(co_consts=tuple(fill(c) for c in template.co_consts))
 
 
 def commit_at_safe_point(
@@ -231,12 +377,28 @@ def commit_at_safe_point(
     gate_closed_at = 0.0
     holdouts: set[int] = set()  # threads that outlasted a gate: no new gate until they leave
     pause_s = 0.00005
+    # Suspended generators in replaced code hold the commit as threads do; the search walks the
+    # heap, so it runs every _SUSPENDED_POLL_S while waiting, and once more just before the commit.
+    look_for_suspended = any(code.co_flags & _SUSPENDABLE for code in codes)
+    suspended: list[BusyThread] = []
+    next_look = 0.0
     try:
         while True:
             now = time.monotonic()
             forced = force_at_deadline and now >= deadline
             busy = threads_inside(codes)
-            if gate is None and gated and not (holdouts & {b.ident for b in busy}):
+            if look_for_suspended and now >= next_look:
+                suspended = suspended_inside(codes)
+                next_look = now + _SUSPENDED_POLL_S
+                if suspended and gate is not None:
+                    gate.reopen()  # no point holding callers while a generator holds the commit
+                    gate = None
+            if (
+                gate is None
+                and gated
+                and not suspended
+                and not (holdouts & {b.ident for b in busy})
+            ):
                 # Gate before committing, always: applying a change set is not atomic by itself
                 # (a thread switch can fall between two assignments), gating makes it so.
                 # Partial gating is consistent too: a thread that enters a not-yet-gated
@@ -245,9 +407,9 @@ def commit_at_safe_point(
                 gate = _Gate(gated, codes)
                 gate.close()
                 gate_closed_at = now
-            if forced or (not busy and (gate is not None or not gated)):
+            if forced or (not busy and not suspended and (gate is not None or not gated)):
                 with _exclusive():
-                    if forced or not threads_inside(codes):
+                    if forced or not (threads_inside(codes) or suspended_inside(codes)):
                         saved = gate.saved_states() if gate is not None else None
                         undos = [cs.capture_inverse(saved) for cs in changesets]
                         for cs in changesets:
@@ -258,7 +420,7 @@ def commit_at_safe_point(
                 gate.reopen()
                 gate = None
             if now >= deadline and not force_at_deadline:
-                busy = threads_inside(codes)
+                busy = threads_inside(codes) or suspended_inside(codes)
                 if busy:
                     raise SafePointTimeout(busy[0], timeout_s)
             time.sleep(pause_s)
@@ -266,3 +428,4 @@ def commit_at_safe_point(
     finally:
         if gate is not None:
             gate.reopen()
+        _DEPTH.settle()

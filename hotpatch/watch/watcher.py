@@ -15,6 +15,7 @@ all reading and patching, so a slow patch never blocks event delivery.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -40,6 +41,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from hotpatch.engine import Engine, PatchResult, default_engine
+from hotpatch.engine.arguments import check_count, check_optional_seconds, check_seconds
 from hotpatch.engine.modulemap import (
     ModuleIndex,
     in_dependency_order,
@@ -58,6 +60,13 @@ EventKind = Literal["applied", "refused", "deleted", "ignored"]
 # they are edited (a module first seen in a batch is patched without one: see Engine.track).
 _REFRESH_INTERVAL_S = 0.5
 
+
+# A recursive watch costs one inotify watch (and about 1 KB of kernel memory) per directory, out of
+# a per-user budget shared by every process of the user (fs.inotify.max_user_watches, 8,192 on
+# older kernels). watch("/") took 23,541 watches and 247 MB, and still missed a save; a tree over
+# these bounds is refused with a clear error before any watch is added.
+DEFAULT_MAX_DIRECTORIES = 5_000
+MAX_DEPTH = 256
 
 _CHANGE_EVENTS = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED})
 _WRITE_EVENTS = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED})  # a close should follow
@@ -173,7 +182,16 @@ class Watcher:
             directory = root if os.path.isdir(root) else os.path.dirname(root)
             self._observer.schedule(handler, directory, recursive=True)
         self._observer.daemon = True
-        self._observer.start()
+        try:
+            self._observer.start()
+        except OSError as exc:  # inotify watch or instance limit (ENOSPC, EMFILE), vanished root
+            self._is_stopping = self._is_stopped = True
+            with contextlib.suppress(Exception):
+                self._observer.stop()
+            raise ConfigError(
+                f"cannot watch {', '.join(self.roots)}: {exc.strerror or exc} "
+                "(watch fewer directories, or raise fs.inotify.max_user_watches)"
+            ) from None
         self._worker.start()
         log.info(
             "watch.started",
@@ -452,6 +470,7 @@ def watch(
     allow_removals: bool = True,
     safepoint_timeout_s: float | None = None,
     report_unimported: bool = False,
+    max_directories: int = DEFAULT_MAX_DIRECTORIES,
 ) -> Watcher:
     """Watch ``paths`` and patch each saved module into the running program.
 
@@ -472,17 +491,34 @@ def watch(
             default when ``None``).
         report_unimported: log ``watch.file_ignored`` at info level (and call ``on_event``) for
             saved sources that belong to no imported module, instead of at debug level.
+        max_directories: the most directories the roots may hold together (each costs an
+            inotify watch); a larger tree is refused.
 
     Returns:
         The running ``Watcher``; call ``.stop()`` or use it in a ``with`` block.
 
     Raises:
-        ConfigError: a path does not exist, or the timing options are invalid.
+        ConfigError: a path does not exist; the tree under the paths has more than
+            ``max_directories`` directories or is more than ``MAX_DEPTH`` levels deep; the
+            system's inotify limits are reached; a timing option is negative or not finite.
+        TypeError: an argument has the wrong type.
     """
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
+    elif not isinstance(paths, Iterable):
+        raise TypeError(f"watch(paths) must be a path or paths, not {type(paths).__name__}")
+    quiet_period_s = check_seconds("quiet_period_s", quiet_period_s)
+    max_delay_s = check_seconds("max_delay_s", max_delay_s)
+    safepoint_timeout_s = check_optional_seconds("safepoint_timeout_s", safepoint_timeout_s)
+    max_directories = check_count("max_directories", max_directories)
+    if engine is not None and not isinstance(engine, Engine):
+        raise TypeError(f"watch(engine) must be a hotpatch.Engine, not {type(engine).__name__}")
+    if on_event is not None and not callable(on_event):
+        raise TypeError(f"watch(on_event) must be callable, not {type(on_event).__name__}")
     roots: list[str] = []
     for given in paths:
+        if not isinstance(given, str | os.PathLike):
+            raise TypeError(f"watch(paths): {given!r} is not a path (str or os.PathLike)")
         path = normalize(os.fspath(given))
         if not os.path.exists(path):
             raise ConfigError(f"cannot watch {os.fspath(given)!r}: no such file or directory")
@@ -495,10 +531,11 @@ def watch(
         for r in dict.fromkeys(roots)
         if not any(o != r and os.path.isdir(o) and is_under(r, (o,)) for o in roots)
     ]
-    if quiet_period_s < 0 or max_delay_s < quiet_period_s:
+    if max_delay_s < quiet_period_s:
         raise ConfigError(
             f"need 0 <= quiet_period_s <= max_delay_s, got {quiet_period_s!r} and {max_delay_s!r}"
         )
+    survey_tree(roots, max_directories=max_directories)
     watcher = Watcher(
         tuple(roots),
         engine=engine if engine is not None else default_engine(),
@@ -511,6 +548,54 @@ def watch(
     )
     watcher.start()
     return watcher
+
+
+def survey_tree(roots: Iterable[str], *, max_directories: int, max_depth: int = MAX_DEPTH) -> int:
+    """Count the directories a recursive watch of ``roots`` would watch, refusing a tree too big.
+
+    The walk is iterative (a deep tree cannot exhaust the Python stack, as the recursive
+    ``os.walk`` of Python 3.11 under watchdog did), works on bytes (any file name), follows no
+    symbolic link (neither does the observer) and stops counting at the bound, so ``watch("/")``
+    fails in milliseconds. Unreadable or vanishing directories are skipped: they cannot be
+    watched either.
+
+    Returns:
+        The number of directories.
+
+    Raises:
+        ConfigError: more than ``max_directories`` directories, or a directory more than
+            ``max_depth`` levels below its root.
+    """
+    count = 0
+    for root in roots:
+        if not os.path.isdir(root):
+            continue
+        pending: list[tuple[bytes, int]] = [(os.fsencode(root), 0)]
+        while pending:
+            directory, depth = pending.pop()
+            count += 1
+            if count > max_directories:
+                raise ConfigError(
+                    f"cannot watch {root!r}: it holds more than {max_directories:,} directories "
+                    f"(counting stopped at {os.fsdecode(directory)!r}); each one costs an inotify "
+                    "watch. Watch your source directories, or raise watch(max_directories=...)"
+                )
+            if depth > max_depth:
+                raise ConfigError(
+                    f"cannot watch {root!r}: the tree is more than {max_depth} directories deep "
+                    f"(at {os.fsdecode(directory)[:200]!r}...); watch a shallower directory"
+                )
+            try:
+                with os.scandir(directory) as entries:
+                    for entry in entries:
+                        try:
+                            if entry.is_dir(follow_symlinks=False):
+                                pending.append((entry.path, depth + 1))
+                        except OSError:
+                            continue
+            except OSError:
+                continue
+    return count
 
 
 def _observer_reports_closes() -> bool:

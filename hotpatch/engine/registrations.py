@@ -1,0 +1,318 @@
+"""Registrations a candidate makes in live containers: found, undone, and redone only when applied.
+
+A candidate executes the module's top-level code again, apart from the live module, but that code
+reaches out: a decorator adds the function to a registry dict of another module, a metaclass or a
+base class's ``__init_subclass__`` appends every new class to a list, a blueprint collects views.
+Every ``check``, refused patch and dry run used to leave the candidate's objects there (one class,
+then four entries after three tries), so refused code was reachable from live code.
+
+The mechanism: before the candidate runs, the containers it can reach through the live module are
+copied shallowly (``snapshot``, about a millisecond for a module importing Flask). These are the
+module namespaces it imports from (modules, and the modules of the classes and functions it imports)
+and the dicts, lists and sets at their top level; those held by the classes it uses (every class of
+their MRO and of their metaclass's MRO: ``Meta.registry``, a base class's list filled by
+``__init_subclass__``); those in the closures of the functions it imports; and those in the
+``__dict__`` of the instances it holds (a blueprint's deferred views). After the candidate ran,
+whatever it raised, each container is compared with its copy: an entry added or replaced whose key
+or value is an object of the candidate (a function whose globals are the candidate's namespace, a
+class of the module that is not live, an instance, bound method, ``partial``, ``staticmethod`` or
+small tuple of those) is a registration, and is undone at once, so no live code ever sees a
+candidate object. When the patch is applied, the registrations are made again with the live twins of
+those objects (an edited function is the live one, a new function its re-bound copy, a new class
+itself); a rollback after a failed health check undoes that again. Entries changed by other threads
+meanwhile are left alone.
+
+What this cannot see is documented in docs/in-process.md ("Limits and refusals"): containers not
+reachable that way (a registry two attributes away, a C extension's table), containers over
+``MAX_ENTRIES`` entries (caches), registrations of plain values (a string, a count), other side
+effects (files, sockets, threads), and ``Base.__subclasses__()``, which lists a candidate's
+subclasses until the garbage collector frees them.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import functools
+import sys
+import types
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+# Containers larger than this are taken for caches, not registries, and not copied.
+MAX_ENTRIES = 100_000
+_BUILTIN_TYPES = frozenset(v for v in vars(builtins).values() if isinstance(v, type))
+_MISSING = object()
+_CONTAINERS = (dict, list, set)
+Container = dict[object, object] | list[object] | set[object]
+
+
+@dataclass
+class _Found:
+    container: Container
+    key: object  # dict key; for lists and sets, the added item itself
+    old: object  # the value replaced in a dict, or _MISSING
+    new: object
+
+
+@dataclass
+class Registrations:
+    """What one candidate added to live containers (``snapshot(...).collect(...)``)."""
+
+    found: list[_Found] = field(default_factory=list)
+
+    def undo(self) -> None:
+        """Take the candidate's entries out again, newest first; others' changes are kept."""
+        for entry in reversed(self.found):
+            _remove(entry)
+
+    def redo(self, remap: dict[int, object]) -> Registrations:
+        """Make the registrations again with live objects, after the commit; returns them.
+
+        ``remap`` maps ``id(candidate object)`` to its live twin (shared by the plans of the
+        change set). An object with no live twin (an instance the candidate made, a function
+        it did not bind to a name) is not registered again.
+        """
+        done = Registrations()
+        for entry in self.found:
+            with contextlib.suppress(Exception):  # a hostile key or a changed container: skip it
+                self._redo_one(entry, remap, done)
+        return done
+
+    @staticmethod
+    def _redo_one(entry: _Found, remap: dict[int, object], done: Registrations) -> None:
+        live = remap.get(id(entry.new), _MISSING)
+        if live is not _MISSING:
+            container = entry.container
+            if isinstance(container, dict):
+                key = remap.get(id(entry.key), entry.key)
+                old = container.get(key, _MISSING)
+                if old is not live:
+                    container[key] = live
+                    done.found.append(_Found(container, key, old, live))
+            elif isinstance(container, list):
+                if not any(item is live for item in container):
+                    container.append(live)
+                    done.found.append(_Found(container, live, _MISSING, live))
+            elif live not in container:
+                container.add(live)
+                done.found.append(_Found(container, live, _MISSING, live))
+
+
+def _remove(entry: _Found) -> None:
+    container = entry.container
+    with contextlib.suppress(Exception):  # a container changed meanwhile: leave it as it is
+        if isinstance(container, dict):
+            if container.get(entry.key, _MISSING) is entry.new:
+                if entry.old is _MISSING:
+                    del container[entry.key]
+                else:
+                    container[entry.key] = entry.old
+        elif isinstance(container, list):
+            for index in range(len(container) - 1, -1, -1):
+                if container[index] is entry.new:
+                    del container[index]
+                    break
+        elif any(item is entry.new for item in container):
+            container.discard(entry.new)
+
+
+@dataclass
+class Snapshot:
+    """Shallow copies of the live containers a candidate of ``module`` can reach."""
+
+    module: str
+    live_ids: frozenset[int]
+    copies: list[tuple[Container, Container]]
+
+    def collect(self, namespace: dict[str, object]) -> Registrations:
+        """The registrations the candidate whose namespace is ``namespace`` made."""
+        owned = _Ownership(self.module, namespace, self.live_ids)
+        found = Registrations()
+        for container, copy in self.copies:
+            try:
+                _compare(container, copy, owned, found.found)
+            except Exception:  # a container mutated while we read it: skip it, not the patch
+                continue
+        return found
+
+
+def snapshot(live: types.ModuleType) -> Snapshot:
+    """Copy the containers reachable from ``live`` (see the module docstring); cheap and shallow."""
+    namespace = vars(live)
+    copies: list[tuple[Container, Container]] = []
+    seen: set[int] = {id(namespace)}
+
+    def add(value: object) -> None:
+        if type(value) not in _CONTAINERS or id(value) in seen:
+            return
+        seen.add(id(value))
+        assert isinstance(value, dict | list | set)
+        if len(value) > MAX_ENTRIES:
+            return
+        with contextlib.suppress(Exception):
+            copies.append((value, type(value)(value)))
+
+    def add_class(cls: type) -> None:
+        metaclass: type = type(cls)
+        for klass in (*cls.__mro__, *metaclass.__mro__):
+            if klass in _BUILTIN_TYPES or id(klass) in seen:
+                continue
+            seen.add(id(klass))
+            for member in list(vars(klass).values()):
+                if type(member) in _CONTAINERS:
+                    add(member)
+
+    def add_namespace(other: dict[str, object]) -> None:
+        if id(other) in seen:
+            return
+        add(other)
+        for member in list(other.values()):
+            if type(member) in _CONTAINERS:
+                add(member)
+
+    def add_value(value: object) -> None:
+        kind = type(value)  # never isinstance(): it may ask a proxy for its __class__
+        add(value)
+        if issubclass(kind, types.ModuleType):
+            if value is not live:
+                add_namespace(vars(value))
+        elif issubclass(kind, type):
+            assert isinstance(value, type)
+            add_class(value)
+            other = sys.modules.get(str(value.__dict__.get("__module__")))
+            if other is not None and other is not live:
+                add_namespace(vars(other))
+        elif kind in (types.FunctionType, types.MethodType, functools.partial):
+            for inner in _functions_in(value):
+                if inner.__globals__ is not namespace:
+                    add_namespace(inner.__globals__)
+                for cell in inner.__closure__ or ():
+                    with contextlib.suppress(ValueError):
+                        add(cell.cell_contents)
+            bound_to = value.__self__ if kind is types.MethodType else None  # type: ignore[attr-defined]
+            if issubclass(type(bound_to), type):
+                add_class(bound_to)  # type: ignore[arg-type]
+            elif bound_to is not None:
+                _add_instance(bound_to, add, add_class)
+        else:
+            _add_instance(value, add, add_class)
+
+    for value in list(namespace.values()):
+        try:
+            add_value(value)
+        except Exception:  # an object that resists being looked at is no registry of ours
+            continue
+    live_ids = frozenset(id(v) for v in namespace.values())
+    return Snapshot(live.__name__, live_ids, copies)
+
+
+def _add_instance(value: object, add: object, add_class: object) -> None:
+    """The containers an instance holds in its ``__dict__`` (a blueprint's deferred views)."""
+    assert callable(add) and callable(add_class)
+    if type(value) in _BUILTIN_TYPES:
+        return
+    with contextlib.suppress(Exception):
+        attributes = object.__getattribute__(value, "__dict__")
+        if type(attributes) is dict:
+            for member in list(attributes.values()):
+                add(member)
+            add_class(type(value))
+
+
+def _functions_in(value: object) -> Iterator[types.FunctionType]:
+    """The plain functions in a function, a bound method or a ``functools.partial``."""
+    kind = type(value)
+    inner = (
+        value.__func__  # type: ignore[attr-defined]
+        if kind is types.MethodType
+        else value.func  # type: ignore[attr-defined]
+        if kind is functools.partial
+        else value
+    )
+    if type(inner) is types.FunctionType:
+        yield inner
+
+
+@dataclass
+class _Ownership:
+    """Decides whether an object was made by the candidate (see the module docstring)."""
+
+    module: str
+    namespace: dict[str, object]
+    live_ids: frozenset[int]
+
+    def __call__(self, value: object, depth: int = 0) -> bool:
+        try:
+            return self._owned(value, depth)
+        except Exception:  # an object that resists being looked at is not the candidate's
+            return False
+
+    def _owned(self, value: object, depth: int) -> bool:
+        """Type-based checks only: ``isinstance`` may ask a proxy for its ``__class__``."""
+        if depth > 2 or id(value) in self.live_ids:
+            return False
+        kind = type(value)
+        if kind is types.FunctionType:
+            assert isinstance(value, types.FunctionType)
+            if value.__globals__ is self.namespace:
+                return True
+            wrapped = value.__dict__.get("__wrapped__")
+            if wrapped is not None and self(wrapped, depth + 1):
+                return True
+            return any(
+                self(cell.cell_contents, depth + 1)
+                for cell in value.__closure__ or ()
+                if _has_contents(cell)
+            )
+        if issubclass(kind, type):
+            return bool(value.__dict__.get("__module__") == self.module)
+        if kind is types.MethodType:
+            return self(value.__func__, depth + 1) or self(value.__self__, depth + 1)  # type: ignore[attr-defined]
+        if kind in (staticmethod, classmethod):
+            return self(value.__func__, depth + 1)  # type: ignore[attr-defined]
+        if kind is functools.partial:
+            return self(value.func, depth + 1)  # type: ignore[attr-defined]
+        if kind in (tuple, frozenset):
+            items: tuple[object, ...] | frozenset[object] = value  # type: ignore[assignment]
+            return len(items) <= 16 and any(self(item, depth + 1) for item in items)
+        return kind not in _BUILTIN_TYPES and self(kind, depth + 1)
+
+
+def _has_contents(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:
+        return False
+    return True
+
+
+def _compare(container: Container, copy: Container, owned: _Ownership, out: list[_Found]) -> None:
+    if isinstance(container, dict):
+        assert isinstance(copy, dict)
+        for key, value in list(container.items()):
+            old = copy.get(key, _MISSING)
+            if old is not value and (owned(value) or owned(key)):
+                out.append(_Found(container, key, old, value))
+    elif isinstance(container, list):
+        assert isinstance(copy, list)
+        now = list(container)
+        unchanged = 0  # the common case: nothing added, or only appended
+        for old_item, item in zip(copy, now):
+            if old_item is not item:
+                break
+            unchanged += 1
+        if unchanged == len(now):
+            return
+        before = Counter(id(item) for item in copy[unchanged:])
+        for item in now[unchanged:]:
+            if before[id(item)]:
+                before[id(item)] -= 1
+            elif owned(item):
+                out.append(_Found(container, item, _MISSING, item))
+    else:
+        before_ids = {id(item) for item in copy}
+        for item in list(container):
+            if id(item) not in before_ids and owned(item):
+                out.append(_Found(container, item, _MISSING, item))
