@@ -8,7 +8,7 @@ import sys
 
 from hotpatch.cli._rollout import add_master_arguments, master_pid
 from hotpatch.errors import HotpatchError
-from hotpatch.gunicorn._client import read_state, state_dir_for
+from hotpatch.gunicorn._client import load_state
 
 NAME = "status"
 HELP = "show a gunicorn master's workers, the release each runs, and the last rollout's outcome"
@@ -22,16 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         pid = master_pid(args)
+        state = load_state(pid, args.state_dir)
     except HotpatchError as exc:
         print(f"hotpatch status: {exc}", file=sys.stderr)
-        return 2
-    state = read_state(pid, args.state_dir)
-    if state is None:
-        print(
-            f"hotpatch status: no hotpatch state for pid {pid} in "
-            f"{state_dir_for(pid, args.state_dir)}",
-            file=sys.stderr,
-        )
         return 2
     if args.json:
         print(json.dumps(state, indent=2, sort_keys=True))
