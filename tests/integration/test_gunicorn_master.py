@@ -48,10 +48,10 @@ FAULT_CONFIG = """
 # ready; "always": on every planning step).
 import os
 
-from hotpatch.gunicorn import (
-    child_exit, nworkers_changed, on_exit, post_fork, post_worker_init, when_ready, worker_exit,
-)
+import hotpatch.gunicorn
 from hotpatch.gunicorn import _machine
+
+hotpatch.gunicorn.install(globals())
 
 _marker = os.environ["HOTPATCH_TEST_FAULT"]
 _original = _machine.Rollout.next_actions
