@@ -90,6 +90,7 @@ from hotpatch.gunicorn._state import (
 )
 from hotpatch.gunicorn._watch import ChangeDetector, hash_sources, scan_sources
 from hotpatch.gunicorn._worker import SpawnPlan
+from hotpatch.rundir import check_private_dir
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
@@ -157,8 +158,8 @@ class Controller:
         self.worker_gid: int | None = worker_gid if worker_uid != os.geteuid() else None
         """Set under ``gunicorn --user``: releases are made readable by this group."""
         self._readers: dict[int, ReportReader] = {}
-        self._spawn_fds: tuple[int, int | None] | None = None
-        """While forking: the report pipe's write end and the release descriptor (``--user``)."""
+        self._spawn_fds: tuple[int, int, int | None] | None = None
+        """While forking: the report pipe's two ends and the release descriptor (``--user``)."""
         self._starting: int | None = None
         self._internal_failures = 0
         self._errors_seen: set[tuple[str, str, str]] = set()
@@ -269,7 +270,9 @@ class Controller:
         fds = self._spawn_fds
         if release is None or fds is None:
             return None
-        report_fd, release_fd = fds
+        master_end, report_fd, release_fd = fds
+        with contextlib.suppress(OSError):
+            os.close(master_end)
         release_dir = release.path if release_fd is None else Path(f"/proc/self/fd/{release_fd}")
         return SpawnPlan(
             release=release.id,
@@ -417,7 +420,7 @@ class Controller:
                     release_fd = os.open(
                         release.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
                     )
-                self._spawn_fds = (write_fd, release_fd)
+                self._spawn_fds = (read_fd, write_fd, release_fd)
                 result = spawn()
             except BaseException:
                 if os.getpid() == self.master_pid:
@@ -1019,9 +1022,24 @@ def check_settings(arbiter: Any) -> None:
     its pidfile or binds a socket. The values gunicorn's ``env`` setting will add count too.
     """
     try:
-        load_settings(_environ_of(arbiter))
+        settings = load_settings(_environ_of(arbiter))
+        if settings.state_dir is not None:
+            _check_state_dir_setting(settings.state_dir)
     except ConfigError as exc:
         exit_on_config_error(arbiter, exc)
+
+
+def _check_state_dir_setting(path: Path) -> None:
+    try:
+        check_private_dir(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise ConfigError(
+                f"HOTPATCH_STATE_DIR / configure(state_dir=...): {path}: its parent directory "
+                "does not exist"
+            ) from None
+    except PermissionError as exc:  # InsecurePath names the path and the problem
+        raise ConfigError(f"HOTPATCH_STATE_DIR / configure(state_dir=...): {exc}") from None
 
 
 def exit_on_config_error(arbiter: Any, exc: ConfigError) -> NoReturn:

@@ -433,6 +433,7 @@ def test_a_worker_killed_during_its_health_check_is_reported_at_stage_health(sit
         ("HOTPATCH_BOOT_TIMEOUT", "soon", "expected a number of seconds"),
         ("HOTPATCH_HEALTH_PATH", "healthz", "must start with '/'"),
         ("HOTPATCH_WATCH", "maybe", "expected one of"),
+        ("HOTPATCH_STATE_DIR", "/tmp", "must be private"),
     ],
 )
 def test_a_bad_setting_stops_gunicorn_with_one_line_before_it_listens(
