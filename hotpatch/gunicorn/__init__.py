@@ -11,8 +11,8 @@ or from an existing ``gunicorn.conf.py``, either all at once::
 
 or hook by hook, calling hotpatch's functions from your own hooks (same names, same arity)::
 
-    from hotpatch.gunicorn import when_ready, post_fork, post_worker_init, child_exit
-    from hotpatch.gunicorn import worker_exit, on_exit
+    from hotpatch.gunicorn import nworkers_changed, when_ready, post_fork, post_worker_init
+    from hotpatch.gunicorn import child_exit, worker_exit, on_exit
 
 Then ``kill -HUP <master pid>`` (or ``hotpatch rollout --pid <master pid>``) replaces the workers
 one at a time, each new one health-checked before an old one is retired, and rolls back to the

@@ -347,12 +347,43 @@ class Controller:
             self.publish()
             return
         self._internal_failures += 1
-        if self._internal_failures >= MAX_INTERNAL_FAILURES or rollout.is_finished:
+        if rollout.is_finished:  # the decision was taken; only the bookkeeping after it failed
+            self._close_finished(rollout, reason)
+            return
+        if self._internal_failures >= MAX_INTERNAL_FAILURES:
             self._abandon(rollout, reason)
             return
         rollout.abort(reason)
         self._log_failure()
         self._arm_timer(time.monotonic())  # drive the rollback at once
+        self.publish()
+
+    def _close_finished(self, rollout: Rollout, reason: str) -> None:
+        """Record a finished rollout's own outcome when finishing it raised (nothing more)."""
+        failure = rollout.failure
+        target = self.releases.get(rollout.target)
+        if rollout.outcome == "completed" and target is not None:
+            self.known_good = self.spawn_release = target
+        self.rollout = None
+        self.candidates.clear()
+        self._frozen = None
+        self.spawn_is_candidate = False
+        self.last_rollout = {
+            "id": rollout.rollout_id,
+            "outcome": rollout.outcome,
+            "release": rollout.target,
+            "known_good": self.known_good.id if self.known_good else None,
+            "rolled_back": rollout.outcome == "rolled_back",
+            "reason": failure.reason if failure else None,
+            "stage": failure.stage if failure else None,
+            "worker_pid": failure.pid if failure else None,
+            "internal_error": reason,
+            "events": self.rollout_events,
+        }
+        with contextlib.suppress(Exception):
+            self._arm_timer(None)
+        with contextlib.suppress(Exception):
+            self._set_num_workers(self.size)
         self.publish()
 
     def _abandon(self, rollout: Rollout, reason: str) -> None:
