@@ -26,7 +26,12 @@ from typing import Any
 
 import pytest
 
-from hotpatch.demo.harness import GunicornServer, assert_no_failures, wait_until
+from hotpatch.demo.harness import (
+    GunicornServer,
+    _has_control_socket,
+    assert_no_failures,
+    wait_until,
+)
 from hotpatch.demo.harness import Site as BaseSite
 from hotpatch.errors import ConfigError
 from hotpatch.gunicorn._client import load_state, start_rollout, wait_for_rollout
@@ -456,6 +461,7 @@ def test_a_bad_setting_stops_gunicorn_with_one_line_before_it_listens(
             f"127.0.0.1:{port}",
             "--workers",
             "1",
+            *(["--no-control-socket"] if _has_control_socket() else []),
             "-c",
             "python:hotpatch.gunicorn",
             "app:app",
