@@ -211,6 +211,38 @@ def test_a_file_name_that_is_not_utf8_never_takes_the_master_down(site: Site) ->
     assert "Unhandled exception in main loop" not in output
 
 
+NOISY_APP = """
+import os
+
+from hotpatch.gunicorn import _worker
+
+# Junk and a report for another release on this worker's report pipe: the master must refuse them.
+_fd = _worker._current.plan.report_fd
+os.write(_fd, b"\\xff not json\\n" + b'{"v": 1, "stage": "healthy", "release": "r9-forged"}\\n')
+VERSION = "__VERSION__"
+
+
+def app(environ, start_response):
+    body = f"version={VERSION} pid={os.getpid()}\\n".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+def test_junk_on_a_report_pipe_is_refused_and_the_rollout_goes_on(site: Site) -> None:
+    site.start()
+    site.start_load()
+    (site.dir / "app.py").write_text(NOISY_APP.replace("__VERSION__", "v2"), encoding="utf-8")
+    record = site.rollout()
+    stats = site.stop_load()
+    assert record["outcome"] == "completed", record
+    site.wait_settled(record["release"])
+    assert_no_failures(stats)
+    assert site.versions() == {"version=v2"}
+    output = site.srv.output()
+    assert "malformed report" in output and "r9-forged" in output, output[-3000:]
+
+
 # -- 2. state on the runtime directory; the client trusts only a verified master -------------
 
 
