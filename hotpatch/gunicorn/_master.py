@@ -90,7 +90,7 @@ from hotpatch.gunicorn._state import (
 )
 from hotpatch.gunicorn._watch import ChangeDetector, hash_sources, scan_sources
 from hotpatch.gunicorn._worker import SpawnPlan
-from hotpatch.rundir import check_private_dir
+from hotpatch.rundir import ENV_RUNTIME_DIR, check_private_dir, runtime_dir
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
@@ -1053,11 +1053,25 @@ def check_settings(arbiter: Any) -> None:
     its pidfile or binds a socket. The values gunicorn's ``env`` setting will add count too.
     """
     try:
-        settings = load_settings(_environ_of(arbiter))
+        environ = _environ_of(arbiter)
+        settings = load_settings(environ)
         if settings.state_dir is not None:
             _check_state_dir_setting(settings.state_dir)
+        elif environ.get(ENV_RUNTIME_DIR):
+            _check_runtime_dir_setting()
     except ConfigError as exc:
         exit_on_config_error(arbiter, exc)
+
+
+def _check_runtime_dir_setting() -> None:
+    """An explicit ``HOTPATCH_RUNTIME_DIR`` must be usable (a default one planted by someone else
+    is not a setting error: the master then serves without rollouts and says why)."""
+    try:
+        runtime_dir()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{ENV_RUNTIME_DIR}: {exc.filename}: does not exist") from None
+    except PermissionError as exc:
+        raise ConfigError(f"{ENV_RUNTIME_DIR}: {exc}") from None
 
 
 def _check_state_dir_setting(path: Path) -> None:

@@ -28,6 +28,7 @@ import pytest
 
 from hotpatch.demo.harness import (
     GunicornServer,
+    LoadGenerator,
     _has_control_socket,
     assert_no_failures,
     wait_until,
@@ -323,6 +324,57 @@ def test_client_refuses_unsafe_state_files(
         assert "owned by uid 65534" in _assert_refused_and_alive(pid, state_dir, bystander)
 
 
+def test_a_planted_runtime_directory_leaves_gunicorn_serving_and_sighup_refused(
+    tmp_path: Path,
+) -> None:
+    # Someone else made <tmp>/hotpatch-<uid> first (open to others; someone else's when root).
+    tmp = tmp_path / "tmp"
+    planted = tmp / f"hotpatch-{os.getuid()}"
+    planted.mkdir(parents=True)
+    planted.chmod(0o777)
+    if os.geteuid() == 0:
+        os.chown(planted, 65534, 65534)
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "good.py", "v1")
+    env = {**ENV, "TMPDIR": str(tmp), "XDG_RUNTIME_DIR": "", "HOTPATCH_RUNTIME_DIR": ""}
+    server = GunicornServer("app:app", cwd=app_dir, workers=WORKERS, env=env)
+    load = None
+    try:
+        server.wait_serving(workers=WORKERS)
+        wait_until(
+            lambda: "rollout.disabled" in server.output(),
+            timeout_s=20,
+            what="rollout.disabled",
+            describe=server.output,
+        )
+        assert str(planted) in server.output()
+        load = LoadGenerator(server.port).start()
+        wait_until(lambda: load.completed() > 20, timeout_s=10, what="client load running")
+        write_app(app_dir, "good.py", "v2")
+        os.kill(server.pid, signal.SIGHUP)
+        wait_until(
+            lambda: "rollout.refused" in server.output(),
+            timeout_s=20,
+            what="rollout.refused",
+            describe=server.output,
+        )
+        stats = load.stop()
+        load = None
+        assert_no_failures(stats)
+        assert server.proc.poll() is None
+        # Nothing was put in the planted directory, and the old code still answers everywhere.
+        assert list(planted.iterdir()) == []
+        bodies = {server.get("/")[1].split()[0] for _ in range(20)}
+        assert bodies == {"version=v1"}
+    finally:
+        if load is not None:
+            load.stop()
+        server.stop()
+        print(server.output()[-20000:])
+        server.close_log()
+
+
 def test_master_state_lives_in_a_private_runtime_directory(site: Site) -> None:
     site.start()
     state_dir = state_dir_for(site.srv.pid)
@@ -471,6 +523,7 @@ def test_a_worker_killed_during_its_health_check_is_reported_at_stage_health(sit
         ("HOTPATCH_HEALTH_PATH", "healthz", "must start with '/'"),
         ("HOTPATCH_WATCH", "maybe", "expected one of"),
         ("HOTPATCH_STATE_DIR", "<a 0755 directory>", "must be private"),
+        ("HOTPATCH_RUNTIME_DIR", "<a 0755 directory>", "must be private"),
     ],
 )
 def test_a_bad_setting_stops_gunicorn_with_one_line_before_it_listens(
