@@ -91,7 +91,10 @@ def timeout_seconds(value: str) -> float:
 def describe_event(event: dict[str, Any]) -> str:
     """One progress line for a rollout event."""
     name = str(event.get("event"))
-    t = f"{float(event.get('t', 0.0)):7.2f}s"
+    try:
+        t = f"{float(event.get('t', 0.0)):7.2f}s"
+    except (TypeError, ValueError):  # the master writes a number; show anything else as unknown
+        t = "      ?s"
     pid = event.get("worker_pid")
     release = event.get("release")
     texts = {

@@ -324,6 +324,25 @@ def test_client_refuses_unsafe_state_files(
         assert "owned by uid 65534" in _assert_refused_and_alive(pid, state_dir, bystander)
 
 
+def test_status_of_a_malformed_state_is_one_line(
+    tmp_path: Path, bystander: subprocess.Popen[bytes]
+) -> None:
+    pid = bystander.pid
+    state_dir = tmp_path / "state"
+    bad = {"master_pid": pid, "master_start_time": process_start_time(pid), "workers": [{}]}
+    _forge(state_dir, bad)
+    done = subprocess.run(
+        [*CLI, "status", "--pid", str(pid), "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1 and "malformed" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_planted_runtime_directory_leaves_gunicorn_serving_and_sighup_refused(
     tmp_path: Path,
 ) -> None:
