@@ -3,6 +3,7 @@
 import hotpatch.gunicorn
 from hotpatch.gunicorn import (
     child_exit,
+    nworkers_changed,
     on_exit,
     post_fork,
     post_worker_init,
@@ -16,4 +17,12 @@ graceful_timeout = 10
 
 hotpatch.gunicorn.configure(health_path="/healthz", boot_timeout_s=20, health_timeout_s=5)
 
-__all__ = ["child_exit", "on_exit", "post_fork", "post_worker_init", "when_ready", "worker_exit"]
+__all__ = [
+    "child_exit",
+    "nworkers_changed",
+    "on_exit",
+    "post_fork",
+    "post_worker_init",
+    "when_ready",
+    "worker_exit",
+]

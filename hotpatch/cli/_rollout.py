@@ -1,13 +1,21 @@
-"""``hotpatch rollout``: roll a gunicorn master's workers to the code on disk, one at a time."""
+"""``hotpatch rollout``: roll a gunicorn master's workers to the code on disk, one at a time.
+
+Exit codes (also in ``--help`` and docs/gunicorn.md): 0 every worker runs the new release; 1 the
+rollout failed, was rolled back or refused; 2 it could not be started (bad arguments, no such
+master, no trustworthy state); 3 the outcome is unknown: the client stopped waiting (``--timeout``)
+and the rollout is still running in the master.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
-from hotpatch.errors import HotpatchError
+from hotpatch.errors import ConfigError, HotpatchError
 from hotpatch.gunicorn._client import (
+    RolloutStillRunning,
     read_pidfile,
     rollout_error,
     start_rollout,
@@ -15,9 +23,14 @@ from hotpatch.gunicorn._client import (
 )
 
 NAME = "rollout"
+EXIT_COMPLETED = 0
+EXIT_FAILED = 1
+EXIT_NOT_STARTED = 2
+EXIT_STILL_RUNNING = 3
 HELP = (
-    "start a rolling reload of a gunicorn master running hotpatch's hooks, show its progress, "
-    "exit 0 when every worker runs the new release (1 when it was rolled back)"
+    "start a rolling reload of a gunicorn master running hotpatch's hooks and show its progress; "
+    "exit 0: every worker runs the new release, 1: failed, rolled back or refused, 2: could not "
+    "start, 3: outcome unknown, still running in the master after --timeout"
 )
 
 
@@ -25,17 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_master_arguments(parser)
     parser.add_argument(
         "--timeout",
-        type=float,
-        default=600.0,
+        default="600",
         metavar="SECONDS",
-        help="give up waiting after this long (default: 600)",
+        help="stop waiting after this long; the rollout goes on in the master and the exit code "
+        "is 3, outcome unknown (default: 600; 0: do not wait)",
     )
 
 
 def add_master_arguments(parser: argparse.ArgumentParser) -> None:
     """``--pid`` / ``--pidfile`` / ``--state-dir``, shared with ``hotpatch status``."""
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--pid", type=int, help="the gunicorn master's pid")
+    which.add_argument("--pid", help="the gunicorn master's pid")
     which.add_argument("--pidfile", help="gunicorn's pidfile (its -p option)")
     parser.add_argument(
         "--state-dir",
@@ -44,13 +57,44 @@ def add_master_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def master_pid(args: argparse.Namespace) -> int:
-    return int(args.pid) if args.pid is not None else read_pidfile(args.pidfile)
+    """The pid from ``--pid`` or ``--pidfile``.
+
+    Raises:
+        ConfigError: not a positive process id (the message names the argument).
+    """
+    if args.pid is None:
+        return read_pidfile(args.pidfile)
+    try:
+        pid = int(str(args.pid).strip())
+    except ValueError:
+        raise ConfigError(f"--pid: not a process id: {args.pid!r}") from None
+    if pid <= 0:
+        raise ConfigError(f"--pid: a process id is a positive number, got {pid}")
+    return pid
+
+
+def timeout_seconds(value: str) -> float:
+    """``--timeout`` as seconds.
+
+    Raises:
+        ConfigError: not a finite, non-negative number.
+    """
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"--timeout: not a number of seconds: {value!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"--timeout: expected a non-negative number of seconds, got {value!r}")
+    return seconds
 
 
 def describe_event(event: dict[str, Any]) -> str:
     """One progress line for a rollout event."""
     name = str(event.get("event"))
-    t = f"{float(event.get('t', 0.0)):7.2f}s"
+    try:
+        t = f"{float(event.get('t', 0.0)):7.2f}s"
+    except (TypeError, ValueError):  # the master writes a number; show anything else as unknown
+        t = "      ?s"
     pid = event.get("worker_pid")
     release = event.get("release")
     texts = {
@@ -74,19 +118,27 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     try:
         pid = master_pid(args)
+        timeout_s = timeout_seconds(args.timeout)
         state_dir = args.state_dir
         rollout_id = start_rollout(pid, state_dir)
-        print(f"rollout {rollout_id} requested from gunicorn master {pid}", file=out, flush=True)
+    except HotpatchError as exc:
+        print(f"hotpatch rollout: {exc}", file=sys.stderr)
+        return EXIT_NOT_STARTED
+    print(f"rollout {rollout_id} requested from gunicorn master {pid}", file=out, flush=True)
+    try:
         record = wait_for_rollout(
             pid,
             rollout_id,
-            timeout_s=args.timeout,
+            timeout_s=timeout_s,
             state_dir=state_dir,
             on_event=lambda event: print(describe_event(event), file=out, flush=True),
         )
-    except HotpatchError as exc:
-        print(f"hotpatch rollout: {exc}", file=sys.stderr)
-        return 2
+    except RolloutStillRunning as exc:
+        print(f"UNKNOWN: {exc}", file=sys.stderr)
+        return EXIT_STILL_RUNNING
+    except HotpatchError as exc:  # the master exited: the rollout did not complete
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     error = rollout_error(record)
     if error is None:
         print(
@@ -94,11 +146,12 @@ def run(args: argparse.Namespace) -> int:
             f"release {record.get('release')} is live",
             file=out,
         )
-        return 0
+        return EXIT_COMPLETED
+    back = "rolled back" if error.rolled_back else "NOT rolled back"
     print(
-        f"FAILED: rollout {record.get('id')} {record.get('outcome')}: {error.reason}",
+        f"FAILED: rollout {record.get('id')} {record.get('outcome')} ({back}): {error.reason}",
         file=sys.stderr,
     )
     if record.get("error"):
         print(str(record["error"]).rstrip(), file=sys.stderr)
-    return 1
+    return EXIT_FAILED

@@ -11,8 +11,8 @@ or from an existing ``gunicorn.conf.py``, either all at once::
 
 or hook by hook, calling hotpatch's functions from your own hooks (same names, same arity)::
 
-    from hotpatch.gunicorn import when_ready, post_fork, post_worker_init, child_exit
-    from hotpatch.gunicorn import worker_exit, on_exit
+    from hotpatch.gunicorn import nworkers_changed, when_ready, post_fork, post_worker_init
+    from hotpatch.gunicorn import child_exit, worker_exit, on_exit
 
 Then ``kill -HUP <master pid>`` (or ``hotpatch rollout --pid <master pid>``) replaces the workers
 one at a time, each new one health-checked before an old one is retired, and rolls back to the
@@ -34,7 +34,12 @@ from __future__ import annotations
 from collections.abc import MutableMapping, Sequence
 from typing import Any
 
-from hotpatch.gunicorn._master import current_controller, install_controller
+from hotpatch.gunicorn._master import (
+    check_settings,
+    current_controller,
+    install_controller,
+    run_contained,
+)
 from hotpatch.gunicorn._settings import HealthCheckFn
 from hotpatch.gunicorn._settings import configure as _configure
 from hotpatch.gunicorn._worker import check_worker, note_worker_exit, prepare_worker
@@ -44,6 +49,7 @@ __all__ = [
     "child_exit",
     "configure",
     "install",
+    "nworkers_changed",
     "on_exit",
     "post_fork",
     "post_worker_init",
@@ -51,9 +57,26 @@ __all__ = [
     "worker_exit",
 ]
 
-HOOK_NAMES = ("when_ready", "post_fork", "post_worker_init", "child_exit", "worker_exit", "on_exit")
+HOOK_NAMES = (
+    "nworkers_changed",
+    "when_ready",
+    "post_fork",
+    "post_worker_init",
+    "child_exit",
+    "worker_exit",
+    "on_exit",
+)
 
 configure = _configure
+
+
+def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None:
+    """gunicorn hook (master): at its first call, before gunicorn listens, check the settings.
+
+    A bad ``HOTPATCH_*`` value prints one line naming it and stops gunicorn with exit code 2.
+    """
+    if old_value is None:
+        check_settings(server)
 
 
 def when_ready(server: Any) -> None:
@@ -78,7 +101,7 @@ def child_exit(server: Any, worker: Any) -> None:
     """gunicorn hook (master, a worker was reaped): tell the rollout."""
     controller = current_controller()
     if controller is not None and isinstance(worker.pid, int):
-        controller.child_exited(worker.pid)
+        run_contained("child_exit", controller.child_exited, None, worker.pid)
 
 
 def worker_exit(server: Any, worker: Any) -> None:
@@ -90,10 +113,11 @@ def on_exit(server: Any) -> None:
     """gunicorn hook (master, exiting): remove the state directory."""
     controller = current_controller()
     if controller is not None and controller.arbiter is server:
-        controller.cleanup()
+        run_contained("on_exit", controller.cleanup, None)
 
 
 _HOOKS = {
+    "nworkers_changed": nworkers_changed,
     "when_ready": when_ready,
     "post_fork": post_fork,
     "post_worker_init": post_worker_init,
@@ -155,6 +179,14 @@ def _chain(name: str, ours: Any, theirs: Any) -> Any:
 
         chained_server.__name__ = name
         return chained_server
+    if name == "nworkers_changed":
+
+        def chained_three(server: Any, new_value: int, old_value: int | None) -> None:
+            first(server, new_value, old_value)
+            second(server, new_value, old_value)
+
+        chained_three.__name__ = name
+        return chained_three
 
     def chained_two(server: Any, worker: Any) -> None:
         first(server, worker)

@@ -19,7 +19,7 @@ from typing import Literal
 Phase = Literal["booting", "loaded", "ready", "retiring", "failed", "killed"]
 Mode = Literal["forward", "rollback", "finished"]
 Outcome = Literal["completed", "rolled_back", "rollback_failed"]
-FailStage = Literal["spawn", "boot", "load", "health", "crash"]
+FailStage = Literal["spawn", "boot", "load", "health", "crash", "internal"]
 
 HEALTH_GRACE_S = 2.0
 """Extra time the master gives a worker past the health deadline (the worker enforces its own)."""
@@ -66,8 +66,9 @@ class Failure:
 
     Attributes:
         stage: ``spawn`` (fork failed), ``boot`` (no report by the deadline), ``load`` (the app
-            failed to import), ``health`` (the check failed or timed out), ``crash`` (the worker
-            died after passing its check).
+            failed to import), ``health`` (the check failed, timed out, or the worker died during
+            it), ``crash`` (the worker died after passing its check), ``internal`` (hotpatch's
+            own code failed in the master).
         reason: one line, naming the file and line when there is one.
         error: the worker's error output (traceback text), when there is one.
     """
@@ -186,6 +187,14 @@ class Rollout:
         self._set(slot, "failed", now)
         self._record_failure(Failure(pid, slot.release, stage, reason, error))
 
+    def abort(self, reason: str) -> None:
+        """hotpatch itself failed in the master: stop going forward and roll back.
+
+        During a rollback (or once finished) it changes nothing: the rollback goes on.
+        """
+        if self.mode == "forward":
+            self._record_failure(Failure(None, self.target, "internal", reason))
+
     def spawn_failed(self, release: str, reason: str) -> None:
         """Forking a worker failed."""
         self._record_failure(Failure(None, release, "spawn", reason))
@@ -206,6 +215,9 @@ class Rollout:
         if slot.phase == "ready":
             reason = f"worker {pid} exited after passing its health check (stage: crash)"
             self._record_failure(Failure(pid, slot.release, "crash", reason))
+        elif slot.phase == "loaded":  # the app had loaded: it died in its health check
+            reason = f"worker {pid} exited during its health check (stage: health)"
+            self._record_failure(Failure(pid, slot.release, "health", reason))
         else:
             reason = f"worker {pid} exited while loading the app, before reporting (stage: load)"
             self._record_failure(Failure(pid, slot.release, "load", reason))

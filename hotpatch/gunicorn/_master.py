@@ -15,26 +15,50 @@ In watch mode (``HOTPATCH_WATCH=1``) ``manage_workers`` also polls the app direc
 when a scan is due (``_watch.py``) and requests a rollout, as SIGHUP does, when saved content
 changed.
 
-Workers wake the master with ``WAKE_SIGNAL`` after each report; a ``SIGALRM`` timer wakes it at the
-next deadline, so progress never waits for gunicorn's one-second loop.
+Workers report through a pipe per worker whose read end wakes the master with ``WAKE_SIGNAL``
+(``_state.py``); a ``SIGALRM`` timer wakes it at the next deadline, so progress never waits for
+gunicorn's one-second loop.
+
+**Nothing escapes into gunicorn's loop.** Every entry point gunicorn calls in the master (the hooks
+in ``hotpatch.gunicorn``, the arbiter methods replaced here, the signal handlers installed here)
+goes through one wrapper, ``contained``: an exception from hotpatch's code is logged
+(``controller.failed``, with the traceback) and turns the running rollout into a rollback
+(``Rollout.abort``); if the rollback itself keeps failing, the rollout is abandoned: the workers of
+the new release are stopped and gunicorn respawns known-good ones. A rollout that fails before it
+started (while snapshotting) is recorded as failed with no worker touched. ``SystemExit``,
+``KeyboardInterrupt`` and gunicorn's ``HaltServer`` are not exceptions of that kind and pass, and
+so does anything raised in a forked child (a worker leaves ``spawn_worker`` through ``SystemExit``).
+If the controller cannot even be installed (an unsafe runtime directory, an unreadable app
+directory at start-up), gunicorn serves as it would without hotpatch and every SIGHUP is refused
+with the reason: never gunicorn's all-at-once reload behind the user's back.
+
+**``gunicorn --user/--group``.** Workers then run as another uid than the master and cannot reach
+its private directory. Each release is made readable by the workers' group (``_releases``:
+``grant_release_access``; it stays unreachable by path, the directories above are 0700), and the
+master hands each new worker an open descriptor of its release, which the worker uses as
+``/proc/self/fd/<n>`` on ``sys.path``. Reports go through the inherited pipe, so they need no
+file at all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import structlog
 
+from hotpatch.errors import ConfigError
 from hotpatch.gunicorn._machine import (
     Action,
     FailStage,
@@ -49,20 +73,24 @@ from hotpatch.gunicorn._releases import (
     Release,
     SnapshotError,
     app_roots,
+    grant_release_access,
     prune_releases,
     take_snapshot,
 )
 from hotpatch.gunicorn._settings import Settings, load_settings
 from hotpatch.gunicorn._state import (
     WAKE_SIGNAL,
-    default_state_dir,
+    ReportReader,
+    StageReport,
+    open_report_pipe,
     prepare_state_dir,
-    read_report,
-    remove_report,
-    write_json_atomic,
+    process_start_time,
+    state_dir_for,
+    write_state,
 )
 from hotpatch.gunicorn._watch import ChangeDetector, hash_sources, scan_sources
 from hotpatch.gunicorn._worker import SpawnPlan
+from hotpatch.rundir import ENV_RUNTIME_DIR, check_private_dir, runtime_dir
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
 
@@ -82,6 +110,11 @@ GUNICORN_RELOAD_WARNING = (
     "replaces it with a rolling, health-checked reload"
 )
 _MAX_EVENTS = 200
+MAX_INTERNAL_FAILURES = 3
+"""Internal errors one rollout may meet (the first turns it into a rollback) before it is abandoned."""
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Controller:
@@ -89,10 +122,12 @@ class Controller:
 
     def __init__(self, arbiter: Any, settings: Settings) -> None:
         self.arbiter = arbiter
+        self.master_pid = os.getpid()
         self.settings = settings
-        self.state_dir = settings.state_dir or default_state_dir(arbiter.pid)
+        self.state_dir = settings.state_dir or Path("/nonexistent")  # set by ``_install``
+        self.has_state_dir = False
         self.app_dir = settings.app_dir or Path(arbiter.cfg.chdir)
-        self.roots = app_roots(self.app_dir)
+        self.roots: tuple[Path, ...] = ()
         self.releases: dict[str, Release] = {}
         self.known_good: Release | None = None
         self.spawn_release: Release | None = None
@@ -103,7 +138,6 @@ class Controller:
         self.worker_stage: dict[int, str] = {}
         self.recycled: set[int] = set()
         self.candidates: set[int] = set()
-        self._seen_stages: dict[int, int] = {}
         self.rollout: Rollout | None = None
         self.rollout_events: list[dict[str, Any]] = []
         self._failure_logged = False
@@ -115,15 +149,52 @@ class Controller:
         self._published = ""
         self._originals: dict[str, Callable[..., Any]] = {}
         self._reap_in_loop: Callable[[], None] | None = None
+        self._spawn: Callable[[], Any] = arbiter.spawn_worker
         self.watcher: ChangeDetector | None = None
         self.watch_disabled_reason: str | None = None
         self.watch_stats: dict[str, Any] = {"rollouts_requested": 0, "changes_ignored": 0}
+        self.start_time = process_start_time(self.master_pid)
+        worker_uid, worker_gid = int(arbiter.cfg.uid), int(arbiter.cfg.gid)
+        self.worker_gid: int | None = worker_gid if worker_uid != os.geteuid() else None
+        """Set under ``gunicorn --user``: releases are made readable by this group."""
+        self._readers: dict[int, ReportReader] = {}
+        self._spawn_fds: tuple[int, int, int | None] | None = None
+        """While forking: the report pipe's two ends and the release descriptor (``--user``)."""
+        self._starting: int | None = None
+        self._internal_failures = 0
+        self._errors_seen: set[tuple[str, str, str]] = set()
+        self._publish_error = ""
 
     # -- installation -----------------------------------------------------------------------
 
     def install(self) -> None:
-        """Snapshot the boot release and take over HUP, worker management and reaping."""
-        prepare_state_dir(self.state_dir)
+        """Snapshot the boot release and take over HUP, worker management and reaping.
+
+        If anything fails here, hotpatch stays out of the way: no arbiter method is replaced but
+        ``handle_hup``, which refuses rollouts with the reason (see the module docstring).
+        """
+        try:
+            self._install()
+        except Exception as exc:
+            for name, original in self._originals.items():
+                setattr(self.arbiter, name, original)
+            self._originals.clear()
+            self.known_good = self.spawn_release = None
+            self.watcher = None
+            self.disabled_reason = (
+                f"hotpatch could not start in this master: {type(exc).__name__}: {exc}; "
+                "gunicorn serves without rolling reloads, and SIGHUP is refused"
+            )
+            log.exception(
+                "rollout.disabled", master_pid=self.arbiter.pid, reason=self.disabled_reason
+            )
+            self._override("handle_hup", self.contained("handle_hup", self.request_rollout, None))
+            self.publish()
+
+    def _install(self) -> None:
+        self.state_dir = prepare_state_dir(state_dir_for(self.arbiter.pid, self.settings.state_dir))
+        self.has_state_dir = True
+        self.roots = app_roots(self.app_dir)
         if self.arbiter.cfg.preload_app:
             self.disabled_reason = PRELOAD_REFUSAL
             log.error("rollout.disabled", master_pid=self.arbiter.pid, reason=PRELOAD_REFUSAL)
@@ -132,32 +203,33 @@ class Controller:
                 log.error(
                     "watch.disabled", master_pid=self.arbiter.pid, reason=WATCH_PRELOAD_REFUSAL
                 )
-            self._override("handle_hup", self.request_rollout)
+            self._override("handle_hup", self.contained("handle_hup", self.request_rollout, None))
             self.publish()
             return
         if self.settings.watch:  # baseline first: a save during the snapshot is not missed
             self._start_watching()
-        release = take_snapshot(
-            self.app_dir, self.state_dir / "releases", number=0, exclude=self.state_dir
-        )
+        release = self._new_release(0)
         self.releases[release.id] = release
         self.known_good = self.spawn_release = release
-        self._override("handle_hup", self.request_rollout)
+        wake = self.contained("signal handler", self._wake, None)
+        self._override("handle_hup", self.contained("handle_hup", self.request_rollout, None))
         self._override("manage_workers", self._managed(self.arbiter.manage_workers))
-        self._override("spawn_worker", self._recorded(self.arbiter.spawn_worker))
+        self._spawn = self._recorded(self.arbiter.spawn_worker)
+        self._override("spawn_worker", self.contained("spawn_worker", self._spawn, None))
         handle_chld = self.arbiter.handle_chld
         if len(inspect.signature(handle_chld).parameters) == 2:
             # gunicorn <= 23 reaps inside the SIGCHLD handler, at any point of the master's
             # code: reap from the loop instead (before each rollout step), with the halt guard.
-            signal.signal(signal.SIGCHLD, self._wake)
+            signal.signal(signal.SIGCHLD, wake)
             self._reap_in_loop = self._guarded(self.arbiter.reap_workers)
         else:  # gunicorn 24+: the handler only queues, the loop calls handle_chld
-            guarded = self._guarded(handle_chld)
+            guarded = self.contained("handle_chld", self._guarded(handle_chld), None)
             self._override("handle_chld", guarded)
             if hasattr(self.arbiter, "handle_cld"):
                 self._override("handle_cld", guarded)
-        signal.signal(WAKE_SIGNAL, self._wake)
-        signal.signal(signal.SIGALRM, self._wake)
+        signal.signal(WAKE_SIGNAL, wake)
+        signal.signal(signal.SIGIO, wake)  # report pipes signal SIGIO where F_SETSIG is missing
+        signal.signal(signal.SIGALRM, wake)
         log.info(
             "rollout.enabled",
             master_pid=self.arbiter.pid,
@@ -165,55 +237,240 @@ class Controller:
             app_dir=str(self.app_dir),
             state_dir=str(self.state_dir),
             health_path=self.settings.health_path,
+            worker_gid=self.worker_gid,
         )
         if self.watcher is not None:
             self._arm_timer(self.watcher.next_scan_at())
         self.publish()
 
+    def _new_release(self, number: int) -> Release:
+        release = take_snapshot(
+            self.app_dir, self.state_dir / "releases", number=number, exclude=self.state_dir
+        )
+        if self.worker_gid is not None:
+            grant_release_access(release.path, gid=self.worker_gid)
+        return release
+
     def _override(self, name: str, fn: Callable[..., Any]) -> None:
-        self._originals[name] = getattr(self.arbiter, name)
+        self._originals.setdefault(name, getattr(self.arbiter, name))
         setattr(self.arbiter, name, fn)
 
     def _wake(self, _signum: int, _frame: FrameType | None) -> None:
         self.arbiter.wakeup()  # signal-safe in every gunicorn version (queue put or pipe write)
 
     def plan_for_new_worker(self) -> SpawnPlan | None:
-        """What the worker being forked runs (read in the child, from ``post_fork``)."""
+        """What the worker being forked runs (called in the child, from ``post_fork``).
+
+        Also closes, in the child, the master's ends of the other workers' report pipes.
+        """
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
         release = self.spawn_release
-        if release is None:
+        fds = self._spawn_fds
+        if release is None or fds is None:
             return None
+        master_end, report_fd, release_fd = fds
+        with contextlib.suppress(OSError):
+            os.close(master_end)
+        release_dir = release.path if release_fd is None else Path(f"/proc/self/fd/{release_fd}")
         return SpawnPlan(
             release=release.id,
-            release_dir=release.path,
+            release_dir=release_dir,
             app_dir=release.source,
             roots=self.roots,
-            state_dir=self.state_dir,
+            report_fd=report_fd,
             is_candidate=self.spawn_is_candidate,
             is_guarded=self.has_served,
             settings=self.settings,
         )
 
+    # -- the boundary with gunicorn's loop --------------------------------------------------
+
+    def contained(self, entry: str, fn: Callable[P, R], default: R) -> Callable[P, R]:
+        """``fn``, but an exception from it is contained (``contain``) and ``default`` returned."""
+
+        @functools.wraps(fn)
+        def entry_point(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if os.getpid() != self.master_pid:  # a forked worker: gunicorn handles it
+                    raise
+                self.contain(entry, exc)
+                return default
+
+        return entry_point
+
+    def contain(self, entry: str, exc: Exception) -> None:
+        """hotpatch failed at ``entry``: log it, fail (and roll back) the rollout; never raise."""
+        try:
+            self._contain(entry, exc)
+        except Exception:  # the last line of defence: the master loop must go on
+            with contextlib.suppress(Exception):
+                log.exception("controller.failed", entry="contain", master_pid=self.master_pid)
+
+    def _contain(self, entry: str, exc: Exception) -> None:
+        reason = f"hotpatch failed in the master ({entry}): {type(exc).__name__}: {exc}"
+        signature = (entry, type(exc).__name__, str(exc)[:200])
+        first = signature not in self._errors_seen
+        self._errors_seen.add(signature)
+        log.error(
+            "controller.failed",
+            master_pid=self.master_pid,
+            entry=entry,
+            error=f"{type(exc).__name__}: {exc}",
+            rollout_id=self.rollout.rollout_id if self.rollout else self._starting,
+            exc_info=exc if first else None,
+        )
+        rollout = self.rollout
+        if rollout is None:
+            if self._starting is not None:  # failed before any worker was touched
+                rollout_id, self._starting = self._starting, None
+                self.last_rollout = {
+                    "id": rollout_id,
+                    "outcome": "failed",
+                    "stage": "internal",
+                    "reason": reason,
+                    "rolled_back": True,
+                    "known_good": self.known_good.id if self.known_good else None,
+                    "events": [],
+                }
+                log.error(
+                    "rollout.failed",
+                    master_pid=self.master_pid,
+                    rollout_id=rollout_id,
+                    stage="internal",
+                    reason=reason,
+                    rolled_back=True,
+                )
+            self.publish()
+            return
+        self._internal_failures += 1
+        if rollout.is_finished:  # the decision was taken; only the bookkeeping after it failed
+            self._close_finished(rollout, reason)
+            return
+        if self._internal_failures >= MAX_INTERNAL_FAILURES:
+            self._abandon(rollout, reason)
+            return
+        rollout.abort(reason)
+        self._log_failure()
+        self._arm_timer(time.monotonic())  # drive the rollback at once
+        self.publish()
+
+    def _close_finished(self, rollout: Rollout, reason: str) -> None:
+        """Record a finished rollout's own outcome when finishing it raised (nothing more)."""
+        failure = rollout.failure
+        target = self.releases.get(rollout.target)
+        if rollout.outcome == "completed" and target is not None:
+            self.known_good = self.spawn_release = target
+        self.rollout = None
+        self.candidates.clear()
+        self._frozen = None
+        self.spawn_is_candidate = False
+        self.last_rollout = {
+            "id": rollout.rollout_id,
+            "outcome": rollout.outcome,
+            "release": rollout.target,
+            "known_good": self.known_good.id if self.known_good else None,
+            "rolled_back": rollout.outcome == "rolled_back",
+            "reason": failure.reason if failure else None,
+            "stage": failure.stage if failure else None,
+            "worker_pid": failure.pid if failure else None,
+            "internal_error": reason,
+            "events": self.rollout_events,
+        }
+        with contextlib.suppress(Exception):
+            self._arm_timer(None)
+        with contextlib.suppress(Exception):
+            self._set_num_workers(self.size)
+        self.publish()
+
+    def _abandon(self, rollout: Rollout, reason: str) -> None:
+        """The rollback cannot be driven: stop the new release's workers, let gunicorn respawn."""
+        log.error(
+            "rollout.abandoned",
+            master_pid=self.master_pid,
+            rollout_id=rollout.rollout_id,
+            reason=reason,
+            known_good=rollout.known_good,
+        )
+        self.rollout = None
+        self.candidates.clear()
+        self._frozen = None
+        self.spawn_release = self.known_good
+        self.spawn_is_candidate = False
+        self.last_rollout = {
+            "id": rollout.rollout_id,
+            "outcome": "rollback_failed",
+            "release": rollout.target,
+            "known_good": self.known_good.id if self.known_good else None,
+            "rolled_back": False,
+            "stage": "internal",
+            "reason": f"{reason}; the rollout was abandoned: workers not on the known-good "
+            "release were stopped and gunicorn respawns known-good ones",
+            "events": self.rollout_events,
+        }
+        with contextlib.suppress(Exception):
+            self._arm_timer(None)
+        with contextlib.suppress(Exception):
+            self._set_num_workers(self.size)
+        good = self.known_good.id if self.known_good else None
+        for pid, rid in list(self.worker_release.items()):
+            if rid != good:
+                with contextlib.suppress(Exception):
+                    self.arbiter.kill_worker(pid, signal.SIGTERM)
+        self.pending = False
+        self.publish()
+
     # -- wrapped arbiter methods ------------------------------------------------------------
 
     def _managed(self, manage: Callable[[], None]) -> Callable[[], None]:
+        advance = self.contained("manage_workers", self._advance, None)
+
         def manage_workers() -> None:
-            if self._reap_in_loop is not None:
-                self._reap_in_loop()
-            self.poll_sources_safely()
-            self.tick()
-            manage()
+            advance()
+            manage()  # gunicorn's own: what it raises is gunicorn's, as without hotpatch
 
         return manage_workers
+
+    def _advance(self) -> None:
+        if self._reap_in_loop is not None:
+            self._reap_in_loop()
+        self.poll_sources_safely()
+        self.tick()
 
     def _recorded(self, spawn: Callable[[], Any]) -> Callable[[], Any]:
         def spawn_worker() -> Any:
             before = set(self.arbiter.WORKERS)
             release = self.spawn_release
-            result = spawn()
-            for pid in set(self.arbiter.WORKERS) - before:  # only the parent gets here
+            read_fd, write_fd = open_report_pipe(self.master_pid)
+            release_fd = None
+            try:
+                if release is not None and self.worker_gid is not None:
+                    release_fd = os.open(
+                        release.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                    )
+                self._spawn_fds = (read_fd, write_fd, release_fd)
+                result = spawn()
+            except BaseException:
+                if os.getpid() == self.master_pid:
+                    os.close(read_fd)
+                raise
+            finally:
+                if os.getpid() == self.master_pid:  # a worker keeps them (it leaves by SystemExit)
+                    self._spawn_fds = None
+                    os.close(write_fd)
+                    if release_fd is not None:
+                        os.close(release_fd)
+            new = set(self.arbiter.WORKERS) - before
+            if not new:
+                os.close(read_fd)
+            for pid in new:
                 rid = release.id if release else "unknown"
                 self.worker_release[pid] = rid
                 self.worker_stage[pid] = "booting"
+                self._readers[pid] = ReportReader(read_fd)
                 if self.rollout is not None:
                     self.candidates.add(pid)
                     self.rollout.worker_spawned(pid, rid, time.monotonic())
@@ -289,11 +546,11 @@ class Controller:
         rollout_id = self.next_rollout_id
         self.next_rollout_id += 1
         started = time.monotonic()
+        self._starting = rollout_id  # an exception from here on fails this rollout (``contain``)
         try:
-            release = take_snapshot(
-                self.app_dir, self.state_dir / "releases", number=rollout_id, exclude=self.state_dir
-            )
+            release = self._new_release(rollout_id)
         except SnapshotError as exc:
+            self._starting = None
             log.error("rollout.failed", rollout_id=rollout_id, stage="snapshot", reason=str(exc))
             self.last_rollout = {
                 "id": rollout_id,
@@ -301,6 +558,7 @@ class Controller:
                 "stage": "snapshot",
                 "reason": str(exc),
                 "rolled_back": True,
+                "known_good": self.known_good.id,
                 "events": [],
             }
             self.publish()
@@ -328,6 +586,8 @@ class Controller:
         )
         self.rollout_events = []
         self._failure_logged = False
+        self._internal_failures = 0
+        self._starting = None
         self._event(
             "rollout.started",
             release=release.id,
@@ -458,7 +718,7 @@ class Controller:
             self.spawn_is_candidate = True
             self._set_num_workers(len(self.arbiter.WORKERS) + 1)
             try:
-                self.arbiter.spawn_worker()
+                self._spawn()
             except Exception as exc:  # fork failed: EAGAIN, ENOMEM
                 rollout.spawn_failed(release.id, f"cannot fork a worker: {exc}")
             finally:
@@ -587,15 +847,27 @@ class Controller:
     # -- worker reports ---------------------------------------------------------------------
 
     def _read_reports(self, pid: int, now: float) -> None:
-        report = read_report(self.state_dir, pid)
-        if report is None:
+        reader = self._readers.get(pid)
+        if reader is None:
             return
-        seen = self._seen_stages.get(pid, 0)
-        for stage in report.stages[seen:]:
-            self._on_stage(pid, report.release, stage.stage, stage, now)
-        self._seen_stages[pid] = len(report.stages)
+        reports = reader.read()
+        for problem in reader.rejected:
+            log.warning(
+                "report.rejected", master_pid=self.master_pid, worker_pid=pid, reason=problem
+            )
+        for report in reports:
+            release = self.worker_release.get(pid, "unknown")
+            if report.release != release:
+                log.warning(
+                    "report.rejected",
+                    master_pid=self.master_pid,
+                    worker_pid=pid,
+                    reason=f"reports release {report.release!r:.80}, but runs {release!r}",
+                )
+                continue
+            self._on_stage(pid, release, report.stage, report, now)
 
-    def _on_stage(self, pid: int, release: str, name: str, stage: Any, now: float) -> None:
+    def _on_stage(self, pid: int, release: str, name: str, stage: StageReport, now: float) -> None:
         rollout = self.rollout
         if rollout is not None and pid not in self.candidates:
             rollout = None  # a worker that was serving before the rollout: nothing to decide
@@ -642,12 +914,13 @@ class Controller:
         if pid not in self.worker_release:
             return
         self._read_reports(pid, time.monotonic())
+        reader = self._readers.pop(pid, None)
+        if reader is not None:
+            reader.close()
         release = self.worker_release.pop(pid)
         self.worker_stage.pop(pid, None)
-        self._seen_stages.pop(pid, None)
         is_recycled = pid in self.recycled
         self.recycled.discard(pid)
-        remove_report(self.state_dir, pid)
         if self.rollout is not None:
             self.rollout.worker_exited(pid, time.monotonic(), is_recycled=is_recycled)
             self._event(
@@ -691,6 +964,8 @@ class Controller:
             }
         return {
             "master_pid": self.arbiter.pid,
+            "master_start_time": self.start_time,
+            "master_uid": os.getuid(),
             "app_dir": str(self.app_dir),
             "known_good": self.known_good.id if self.known_good else None,
             "rolling": self.disabled_reason is None,
@@ -715,18 +990,32 @@ class Controller:
         }
 
     def publish(self) -> None:
+        """Write ``state.json`` if the state changed; a failure is logged (once), not raised."""
+        if not self.has_state_dir:
+            return
         state = self.snapshot_state()
         text = json.dumps(state, sort_keys=True, default=str)
         if text == self._published:
             return
+        try:
+            write_state(self.state_dir, state)
+        except OSError as exc:
+            if str(exc) != self._publish_error:
+                self._publish_error = str(exc)
+                log.error("state.publish_failed", master_pid=self.master_pid, error=str(exc))
+            return
         self._published = text
-        with contextlib.suppress(OSError):
-            write_json_atomic(self.state_dir / "state.json", state)
+        self._publish_error = ""
 
     def cleanup(self) -> None:
         """The master is exiting: stop the timer and remove the state directory."""
         with contextlib.suppress(Exception):
             self._arm_timer(None)
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+        if not self.has_state_dir:
+            return
         if self.state_dir.is_dir() and self.state_dir.name.startswith("gunicorn-"):
             shutil.rmtree(self.state_dir, ignore_errors=True)
         elif self.state_dir.is_dir():
@@ -740,13 +1029,101 @@ _controller: Controller | None = None
 
 
 def install_controller(arbiter: Any) -> Controller:
-    """Create and install the controller for this master (``when_ready``)."""
+    """Create and install the controller for this master (``when_ready``).
+
+    A ``HOTPATCH_*`` setting error stops gunicorn with one line and exit code 2
+    (``exit_on_config_error``); any other failure leaves gunicorn serving without rollouts.
+    """
     global _controller
     if _controller is not None and _controller.arbiter is arbiter:
         return _controller
-    _controller = Controller(arbiter, load_settings())
+    try:
+        settings = load_settings(_environ_of(arbiter))
+    except ConfigError as exc:
+        exit_on_config_error(arbiter, exc)
+    _controller = Controller(arbiter, settings)
     _controller.install()
     return _controller
+
+
+def check_settings(arbiter: Any) -> None:
+    """Validate the ``HOTPATCH_*`` settings before gunicorn listens (``nworkers_changed``).
+
+    gunicorn calls ``nworkers_changed`` first while it sets the arbiter up: before it logs, writes
+    its pidfile or binds a socket. The values gunicorn's ``env`` setting will add count too.
+    """
+    try:
+        environ = _environ_of(arbiter)
+        settings = load_settings(environ)
+        if settings.state_dir is not None:
+            _check_state_dir_setting(settings.state_dir)
+        elif environ.get(ENV_RUNTIME_DIR):
+            _check_runtime_dir_setting()
+    except ConfigError as exc:
+        exit_on_config_error(arbiter, exc)
+
+
+def _check_runtime_dir_setting() -> None:
+    """An explicit ``HOTPATCH_RUNTIME_DIR`` must be usable (a default one planted by someone else
+    is not a setting error: the master then serves without rollouts and says why)."""
+    try:
+        runtime_dir()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{ENV_RUNTIME_DIR}: {exc.filename}: does not exist") from None
+    except PermissionError as exc:
+        raise ConfigError(f"{ENV_RUNTIME_DIR}: {exc}") from None
+
+
+def _check_state_dir_setting(path: Path) -> None:
+    try:
+        check_private_dir(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise ConfigError(
+                f"HOTPATCH_STATE_DIR / configure(state_dir=...): {path}: its parent directory "
+                "does not exist"
+            ) from None
+    except PermissionError as exc:  # InsecurePath names the path and the problem
+        raise ConfigError(f"HOTPATCH_STATE_DIR / configure(state_dir=...): {exc}") from None
+
+
+def exit_on_config_error(arbiter: Any, exc: ConfigError) -> NoReturn:
+    """Print one line naming the setting and the problem; stop gunicorn with exit code 2."""
+    print(f"hotpatch: {exc}", file=sys.stderr, flush=True)
+    pidfile = getattr(arbiter, "pidfile", None)
+    if pidfile is not None:
+        with contextlib.suppress(Exception):
+            pidfile.unlink()
+    raise SystemExit(2)
+
+
+def _environ_of(arbiter: Any) -> dict[str, str]:
+    env = dict(os.environ)
+    extra = getattr(getattr(arbiter, "cfg", None), "env", None)
+    if isinstance(extra, dict):
+        env.update({str(k): str(v) for k, v in extra.items()})
+    return env
+
+
+def run_contained(
+    entry: str, fn: Callable[P, R], default: R, /, *args: P.args, **kwargs: P.kwargs
+) -> R:
+    """Call ``fn`` for gunicorn's master (a hook): an exception is contained, never raised.
+
+    The same containment as ``Controller.contained`` (the controller's when there is one).
+    """
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        controller = _controller
+        if controller is not None:
+            if os.getpid() != controller.master_pid:
+                raise
+            controller.contain(entry, exc)
+        else:
+            with contextlib.suppress(Exception):
+                log.exception("controller.failed", entry=entry, master_pid=os.getpid())
+        return default
 
 
 def current_controller() -> Controller | None:

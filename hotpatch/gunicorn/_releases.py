@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import sys
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
@@ -219,3 +220,37 @@ def pin_worker(release_dir: Path, roots: tuple[Path, ...]) -> list[str]:
     purged = purge_app_modules(sys.modules, roots)
     sys.path_importer_cache.clear()
     return purged
+
+
+def grant_release_access(release_dir: Path, *, gid: int) -> None:
+    """Make one release readable by group ``gid`` (``gunicorn --group``), and by nobody else.
+
+    Under ``gunicorn --user/--group`` the workers run as another uid than the master. Every
+    directory and file of the release gets group ``gid`` and the group's read bit (and search
+    bit for directories and executable files); others get nothing and the group never gets
+    write. The directories above the release stay private (0700): a worker reaches the release
+    through a descriptor the master hands it, never by path. Links are changed, not followed.
+
+    Raises:
+        OSError: an entry cannot be changed (the release must not be used then).
+    """
+    stack = [release_dir]
+    while stack:
+        directory = stack.pop()
+        _grant(directory, gid, is_dir=True)
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_symlink():
+                    os.chown(entry.path, -1, gid, follow_symlinks=False)
+                else:
+                    _grant(Path(entry.path), gid, is_dir=False)
+
+
+def _grant(path: Path, gid: int, *, is_dir: bool) -> None:
+    st = os.lstat(path)
+    os.chown(path, -1, gid, follow_symlinks=False)
+    mode = stat.S_IMODE(st.st_mode) & ~0o077  # no group write, nothing for others
+    mode |= 0o050 if is_dir or st.st_mode & 0o100 else 0o040
+    os.chmod(path, mode)  # not a link (lstat above) in a directory only this uid can change

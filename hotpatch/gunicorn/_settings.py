@@ -49,8 +49,9 @@ class Settings:
         retire_timeout_s: a retired worker still running after this is killed (``None``: gunicorn's
             ``graceful_timeout`` plus 5 s).
         app_dir: the directory snapshotted as a release (``None``: gunicorn's ``chdir``).
-        state_dir: where releases, reports and ``state.json`` live (``None``: derived from the
-            master's pid, see ``default_state_dir``).
+        state_dir: where releases and ``state.json`` live (``None``: ``gunicorn-<master pid>`` in
+            the runtime directory, see ``_state.state_dir_for``); it must be private to the
+            master's user (mode 0700), or not exist yet under an existing parent.
         checks: extra checks run in each new worker after the health probe.
         watch: development mode: the master polls the app directory's Python sources and runs a
             rollout when one is saved with new content (instead of gunicorn's ``--reload``).

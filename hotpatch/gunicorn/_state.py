@@ -1,59 +1,159 @@
-"""Files shared by the master, its workers and the ``hotpatch`` command line.
+"""What the master keeps on disk, how workers report to it, and how a client recognises it.
+
+The problem: the master trusts what it reads, and the ``hotpatch`` command line acts on it. A state
+file decides which pid gets SIGHUP; a worker's report decides whether a release goes live. In a
+shared ``/tmp`` another user could plant, link or replace those files, and a pid recorded yesterday
+may belong to another process today. Under ``gunicorn --user`` the workers run as another uid than
+the master, and cannot even reach the master's private directory to write a report.
+
+The mechanism, in three parts:
+
+- **State directory.** ``<runtime dir>/gunicorn-<master pid>/`` (``hotpatch.rundir``: owned by
+  this uid, mode 0700, never through a link), or ``HOTPATCH_STATE_DIR``, which must pass the same
+  check. ``state.json`` is written with ``write_private`` and read with ``read_private`` (regular
+  file of this uid, ``O_NOFOLLOW``, size cap); anything else is refused with the reason.
+- **Reports through a pipe.** The master opens one pipe per worker just before forking it; the
+  worker inherits the write end and sends one JSON line per step (``loaded``, ``healthy``,
+  ``failed``, ``recycled``). Nothing is on disk, so nothing can be planted, and the channel works
+  whatever uid the worker runs as. The read end is set ``O_ASYNC`` with the master as owner and
+  ``WAKE_SIGNAL`` as the signal (``F_SETSIG``), so the kernel wakes the master when a line arrives
+  (a worker running as another uid could not signal a root master itself). The master reads
+  without blocking, caps what it buffers, and validates every field: a malformed or oversized
+  report is rejected and logged, never trusted.
+- **Master identity.** ``state.json`` records the master's pid, uid and start time
+  (``/proc/<pid>/stat``, field 22). A client signals a pid only when the state directory and the
+  file are its own, the record names that pid, and the live process with that pid has that start
+  time and uid (checked through a pidfd where the kernel has them, so the pid cannot be reused
+  between the check and the signal).
 
 ```
-<state dir>/                 default: <tmp>/hotpatch-<uid>/gunicorn-<master pid>/  (mode 0700)
-  state.json                 the master's published state (written atomically with rename)
+<state dir>/                 default: <runtime dir>/gunicorn-<master pid>/  (mode 0700)
+  state.json                 the master's published state (write_private: temp file + rename)
   releases/<release id>/     snapshots of the app directory
-  reports/<worker pid>.json  what each worker reported: loaded, healthy, failed, recycled
 ```
-Workers wake the master after writing a report by sending it ``WAKE_SIGNAL``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
+import math
 import os
 import signal
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from hotpatch.rundir import check_private_dir, private_dir, read_private, runtime_dir, write_private
+
 WAKE_SIGNAL = signal.SIGURG
-"""Ignored by default, unused by gunicorn: a worker sends it to the master after each report."""
+"""Ignored by default, unused by gunicorn: the kernel sends it to the master when a report arrives."""
+
+STATE_FILE = "state.json"
+MAX_STATE_BYTES = 4 << 20
+"""The state holds at most 200 events per rollout and one line per worker: far below this."""
+MAX_REPORT_BYTES = 256 << 10
+"""What one worker may send in all; beyond it the master stops reading that worker's pipe."""
+MAX_REASON_CHARS = 2_000
+MAX_ERROR_CHARS = 32_000
 
 ReportStage = Literal["loaded", "healthy", "failed", "recycled"]
+_STAGES = frozenset({"loaded", "healthy", "failed", "recycled"})
+_FAILED_AT = frozenset({"", "load", "health"})
 
 
-def default_state_dir(master_pid: int) -> Path:
-    """Where a master with this pid keeps its state when ``HOTPATCH_STATE_DIR`` is not set."""
-    return Path(tempfile.gettempdir()) / f"hotpatch-{os.getuid()}" / f"gunicorn-{master_pid}"
+class StateError(Exception):
+    """The state directory or ``state.json`` is missing, unsafe or malformed (the message says)."""
 
 
-def prepare_state_dir(path: Path) -> None:
-    """Create the state directory (private to this user) and its sub-directories."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.chmod(0o700)
-    (path / "releases").mkdir(exist_ok=True)
-    (path / "reports").mkdir(exist_ok=True)
+def state_dir_for(master_pid: int, configured: Path | None = None) -> Path:
+    """Where master ``master_pid`` keeps its state: ``configured``, else in the runtime directory.
+
+    Raises:
+        InsecurePath: the runtime directory is not safe to use.
+    """
+    if configured is not None:
+        return configured
+    return runtime_dir() / f"gunicorn-{master_pid}"
 
 
-def write_json_atomic(path: Path, data: object) -> None:
-    """Write ``data`` as JSON so that readers see the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True, default=str)
-    tmp.replace(path)
+def prepare_state_dir(path: Path) -> Path:
+    """Create (or accept) the private state directory and its ``releases`` directory.
+
+    Only the last component is created (mode 0700); it must then be a real directory of this uid
+    with no access for others, as the ``releases`` directory in it.
+
+    Raises:
+        InsecurePath: the directory (or ``releases``) is a link, someone else's, or open to others.
+        OSError: it cannot be created (a missing parent, for ``HOTPATCH_STATE_DIR``).
+    """
+    state_dir = private_dir(path.parent, path.name)
+    private_dir(state_dir, "releases")
+    return state_dir
 
 
-def read_json(path: Path) -> Any:
-    """The JSON in ``path``, or ``None`` when the file is missing or unreadable."""
+def write_state(state_dir: Path, state: dict[str, Any]) -> None:
+    """Publish ``state`` as ``state.json`` (readers see the old file or the new one, never a part)."""
+    data = json.dumps(state, indent=1, sort_keys=True, default=str).encode()
+    write_private(state_dir / STATE_FILE, data)
+
+
+def load_state_file(state_dir: Path) -> dict[str, Any]:
+    """The state in ``state_dir``, after checking the directory and the file.
+
+    Raises:
+        StateError: missing, unsafe (a link, a FIFO, someone else's, open to others), larger than
+            ``MAX_STATE_BYTES``, not JSON or not an object; the message names the path.
+    """
+    path = state_dir / STATE_FILE
     try:
-        with path.open(encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
+        check_private_dir(state_dir)
+        raw = read_private(path, max_bytes=MAX_STATE_BYTES)
+    except FileNotFoundError as exc:
+        raise StateError(f"{exc.filename or path}: does not exist") from None
+    except PermissionError as exc:  # InsecurePath is one too; its message names the path
+        raise StateError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise StateError(f"{path}: cannot be read: {exc}") from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise StateError(f"{path}: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise StateError(f"{path}: not a JSON object")
+    return data
+
+
+# -- process identity -------------------------------------------------------------------------
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks after boot), or ``None`` if there is none."""
+    if pid <= 0:
         return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            text = fh.read(4096)
+    except OSError:
+        return None
+    try:  # the command name (field 2) is in parentheses and may contain anything
+        fields = text.rsplit(b")", 1)[1].split()
+        return int(fields[19])  # field 22 of the whole line
+    except (IndexError, ValueError):
+        return None
+
+
+def process_uid(pid: int) -> int | None:
+    """The real uid of process ``pid`` (the owner of ``/proc/<pid>``), or ``None``."""
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+# -- worker reports ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -63,6 +163,7 @@ class StageReport:
     Attributes:
         stage: ``loaded`` (the app imported), ``healthy`` (checks passed), ``failed`` (load or
             health failed), ``recycled`` (leaving after ``max_requests``).
+        release: the release the worker runs.
         failed_at: for ``failed``: ``load`` or ``health``.
         reason: one line, naming the file and line when there is one.
         error: the error output (traceback text).
@@ -70,44 +171,154 @@ class StageReport:
     """
 
     stage: ReportStage
+    release: str = ""
     failed_at: str = ""
     reason: str = ""
     error: str = ""
     duration_s: float = 0.0
 
 
-@dataclass
-class WorkerReport:
-    """Everything one worker has reported so far (rewritten whole at each step)."""
-
-    pid: int
-    release: str
-    stages: list[StageReport] = field(default_factory=list)
-
-
-def report_path(state_dir: Path, pid: int) -> Path:
-    return state_dir / "reports" / f"{pid}.json"
-
-
-def write_report(state_dir: Path, report: WorkerReport, master_pid: int) -> None:
-    """Publish ``report`` and wake the master."""
-    write_json_atomic(report_path(state_dir, report.pid), asdict(report))
-    with contextlib.suppress(OSError):
-        os.kill(master_pid, WAKE_SIGNAL)
+def encode_report(report: StageReport) -> bytes:
+    """One report as the line a worker writes to its pipe (long texts are cut)."""
+    data = {
+        "v": 1,
+        "stage": report.stage,
+        "release": report.release[:200],
+        "failed_at": report.failed_at,
+        "reason": report.reason[:MAX_REASON_CHARS],
+        "error": report.error[-MAX_ERROR_CHARS:],
+        "duration_s": report.duration_s,
+    }
+    return json.dumps(data, ensure_ascii=True).encode() + b"\n"
 
 
-def read_report(state_dir: Path, pid: int) -> WorkerReport | None:
-    """The report of worker ``pid``, if it wrote one."""
-    data = read_json(report_path(state_dir, pid))
-    if not isinstance(data, dict):
-        return None
+def decode_report(line: bytes) -> StageReport:
+    """Parse and check one line from a worker.
+
+    Raises:
+        ValueError: not a version-1 report with fields of the right types and values.
+    """
     try:
-        stages = [StageReport(**s) for s in data.get("stages", [])]
-        return WorkerReport(pid=int(data["pid"]), release=str(data["release"]), stages=stages)
-    except (KeyError, TypeError, ValueError):
-        return None
+        data = json.loads(line)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+    if not isinstance(data, dict) or data.get("v") != 1:
+        raise ValueError("not a version-1 report object")
+    unknown = set(data) - {"v", "stage", "release", "failed_at", "reason", "error", "duration_s"}
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}")
+    stage = data.get("stage")
+    if stage not in _STAGES:
+        raise ValueError(f"unknown stage {stage!r:.40}")
+    texts = {k: data.get(k, "") for k in ("release", "failed_at", "reason", "error")}
+    for key, value in texts.items():
+        if not isinstance(value, str):
+            raise ValueError(f"{key} is not a string")
+    if texts["failed_at"] not in _FAILED_AT:
+        raise ValueError(f"unknown failed_at {texts['failed_at']!r:.40}")
+    duration = data.get("duration_s", 0.0)
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)):
+        raise ValueError("duration_s is not a number")
+    if not math.isfinite(duration) or duration < 0:
+        raise ValueError("duration_s is not a non-negative finite number")
+    return StageReport(
+        stage=stage,
+        release=texts["release"][:200],
+        failed_at=texts["failed_at"],
+        reason=texts["reason"][:MAX_REASON_CHARS],
+        error=texts["error"][-MAX_ERROR_CHARS:],
+        duration_s=float(duration),
+    )
 
 
-def remove_report(state_dir: Path, pid: int) -> None:
-    with contextlib.suppress(OSError):
-        report_path(state_dir, pid).unlink()
+def open_report_pipe(master_pid: int) -> tuple[int, int]:
+    """A pipe for one worker's reports: ``(read end for the master, write end for the worker)``.
+
+    The read end is non-blocking and signals ``WAKE_SIGNAL`` to ``master_pid`` when data arrives.
+    """
+    read_fd, write_fd = os.pipe()
+    try:
+        os.set_blocking(read_fd, False)
+        fcntl.fcntl(read_fd, fcntl.F_SETOWN, master_pid)
+        with contextlib.suppress(AttributeError, OSError):  # without it: SIGIO (also handled)
+            fcntl.fcntl(read_fd, fcntl.F_SETSIG, WAKE_SIGNAL)
+        flags = fcntl.fcntl(read_fd, fcntl.F_GETFL)
+        fcntl.fcntl(read_fd, fcntl.F_SETFL, flags | os.O_ASYNC)
+    except BaseException:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
+    return read_fd, write_fd
+
+
+def send_report(fd: int, report: StageReport) -> None:
+    """Write one report to the master (worker side); blocks only if the master stopped reading."""
+    data = memoryview(encode_report(report))
+    while data:
+        try:
+            written = os.write(fd, data)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
+            continue
+        data = data[written:]
+
+
+class ReportReader:
+    """The master's end of one worker's report pipe: reads what arrived, returns checked reports.
+
+    Args:
+        fd: the read end (non-blocking); closed by ``close``.
+        max_bytes: what the worker may send in all.
+    """
+
+    def __init__(self, fd: int, *, max_bytes: int = MAX_REPORT_BYTES) -> None:
+        self.fd: int | None = fd
+        self.max_bytes = max_bytes
+        self.received = 0
+        self._buffer = b""
+        self.rejected: list[str] = []
+        """Why lines were refused since the last ``read`` (the caller logs them)."""
+
+    def read(self) -> list[StageReport]:
+        """Every complete, valid report that arrived since the last call."""
+        self.rejected = []
+        fd = self.fd
+        if fd is None:
+            return []
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EINTR:  # pragma: no cover
+                    continue
+                self.rejected.append(f"cannot read the report pipe: {exc}")
+                self.close()
+                break
+            if not chunk:
+                break
+            self.received += len(chunk)
+            if self.received > self.max_bytes:
+                self.rejected.append(
+                    f"the worker sent more than {self.max_bytes} bytes of reports; no more are read"
+                )
+                self._buffer = b""
+                self.close()
+                return []
+            self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        reports = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                reports.append(decode_report(line))
+            except ValueError as exc:
+                self.rejected.append(f"malformed report ({exc}): {line[:120]!r}")
+        return reports
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None

@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -20,7 +20,7 @@ import structlog
 from hotpatch.gunicorn._diagnose import describe_exception
 from hotpatch.gunicorn._releases import pin_worker
 from hotpatch.gunicorn._settings import Settings
-from hotpatch.gunicorn._state import WAKE_SIGNAL, StageReport, WorkerReport, write_report
+from hotpatch.gunicorn._state import WAKE_SIGNAL, StageReport, send_report
 from hotpatch.health import probe_wsgi
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
@@ -40,7 +40,7 @@ class SpawnPlan:
         release_dir: its snapshot.
         app_dir: the app directory the snapshot was taken from.
         roots: the spellings of ``app_dir`` on ``sys.path``.
-        state_dir: the master's state directory.
+        report_fd: the write end of this worker's report pipe (inherited through the fork).
         is_candidate: a rollout candidate: a failed load or check exits (with ``EXIT_*``) instead
             of serving; outside rollouts the checks only log.
         is_guarded: a failed load exits with ``EXIT_LOAD_FAILED`` rather than gunicorn's codes
@@ -52,7 +52,7 @@ class SpawnPlan:
     release_dir: Path
     app_dir: Path
     roots: tuple[Path, ...]
-    state_dir: Path
+    report_fd: int
     is_candidate: bool
     is_guarded: bool
     settings: Settings = field(default_factory=Settings)
@@ -61,8 +61,7 @@ class SpawnPlan:
 @dataclass
 class _WorkerState:
     plan: SpawnPlan
-    report: WorkerReport
-    master_pid: int
+    pid: int
 
 
 _current: _WorkerState | None = None
@@ -75,6 +74,7 @@ def prepare_worker(worker: Any, plan: SpawnPlan) -> None:
     # before it imports the app), a stop signal simply ends this not yet serving process.
     for sig in (
         WAKE_SIGNAL,
+        signal.SIGIO,
         signal.SIGALRM,
         signal.SIGTERM,
         signal.SIGINT,
@@ -82,7 +82,7 @@ def prepare_worker(worker: Any, plan: SpawnPlan) -> None:
         signal.SIGHUP,
     ):
         signal.signal(sig, signal.SIG_DFL)
-    _current = _WorkerState(plan, WorkerReport(pid=worker.pid, release=plan.release), worker.ppid)
+    _current = _WorkerState(plan, worker.pid)
     purged = pin_worker(plan.release_dir, plan.roots)
     if purged:
         log.debug("release.modules_purged", worker_pid=worker.pid, modules=purged)
@@ -221,8 +221,11 @@ def _run_with_deadline(fn: Callable[[], None], timeout_s: float) -> BaseExceptio
 
 def _publish(stage: StageReport) -> None:
     state = _require()
-    state.report.stages.append(stage)
-    write_report(state.plan.state_dir, state.report, state.master_pid)
+    report = replace(stage, release=state.plan.release)
+    try:
+        send_report(state.plan.report_fd, report)
+    except OSError as exc:  # the master is gone or stopped reading this worker: nothing to tell
+        log.warning("report.unsent", worker_pid=state.pid, stage=stage.stage, error=str(exc))
 
 
 def _require() -> _WorkerState:

@@ -174,6 +174,31 @@ def test_crash_after_passing_rolls_back() -> None:
     assert d.rollout.mode == "rollback"
 
 
+def test_death_during_the_health_check_is_stage_health() -> None:
+    d = Driver()
+    d.step()
+    new = d.last_spawned()
+    d.rollout.worker_loaded(new, d.now)  # the app loaded; its check is running
+    d.rollout.worker_exited(new, d.now + 0.1)
+    failure = d.rollout.failure
+    assert failure is not None and failure.stage == "health" and failure.pid == new
+    assert "during its health check" in failure.reason
+
+
+def test_abort_rolls_back_once_and_never_twice() -> None:
+    d = Driver()
+    d.step()
+    new = d.last_spawned()
+    d.boot(new)
+    d.exit_retired(d.step())
+    d.rollout.abort("hotpatch failed in the master: RuntimeError: boom")
+    failure = d.rollout.failure
+    assert failure is not None and failure.stage == "internal" and failure.pid is None
+    assert d.rollout.mode == "rollback"
+    d.rollout.abort("again")  # during the rollback: no change, the rollback goes on
+    assert d.rollout.failure is failure and d.rollout.mode == "rollback"
+
+
 def test_crash_during_settle_rolls_back() -> None:
     d = Driver(size=1)
     d.step()
