@@ -16,7 +16,7 @@ import importlib
 from collections.abc import Sequence
 
 from hotpatch._version import __version__
-from hotpatch.cli import _output
+from hotpatch.cli import _args, _output
 
 COMMANDS: tuple[str, ...] = (
     "hotpatch.cli._demo",
@@ -55,7 +55,7 @@ def _logging_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _args.Parser(
         prog="hotpatch",
         description="Zero-downtime code changes for Python applications.",
         epilog="Colours only on a terminal and never with NO_COLOR set.",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import NoReturn
 
 
 def positive_int(text: str) -> int:
@@ -41,3 +42,25 @@ def seconds(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
     return value
+
+
+def wait_seconds(text: str) -> float:
+    """How long to wait, in seconds: finite and at least 0 (0: do not wait)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number of seconds, not {text}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr and exit code 2.
+
+    argparse prints the whole usage before the error; a script or an operator reading a log wants
+    the one line that says which argument is wrong (``--help`` still shows the usage).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

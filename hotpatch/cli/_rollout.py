@@ -9,11 +9,11 @@ and the rollout is still running in the master.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from typing import Any
 
-from hotpatch.errors import ConfigError, HotpatchError
+from hotpatch.cli import _args
+from hotpatch.errors import HotpatchError
 from hotpatch.gunicorn._client import (
     RolloutStillRunning,
     read_pidfile,
@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_master_arguments(parser)
     parser.add_argument(
         "--timeout",
-        default="600",
+        type=_args.wait_seconds,
+        default=600.0,
         metavar="SECONDS",
         help="stop waiting after this long; the rollout goes on in the master and the exit code "
         "is 3, outcome unknown (default: 600; 0: do not wait)",
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_master_arguments(parser: argparse.ArgumentParser) -> None:
     """``--pid`` / ``--pidfile`` / ``--state-dir``, shared with ``hotpatch status``."""
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--pid", help="the gunicorn master's pid")
+    which.add_argument("--pid", type=_args.pid, help="the gunicorn master's pid")
     which.add_argument("--pidfile", help="gunicorn's pidfile (its -p option)")
     parser.add_argument(
         "--state-dir",
@@ -64,28 +65,7 @@ def master_pid(args: argparse.Namespace) -> int:
     """
     if args.pid is None:
         return read_pidfile(args.pidfile)
-    try:
-        pid = int(str(args.pid).strip())
-    except ValueError:
-        raise ConfigError(f"--pid: not a process id: {args.pid!r}") from None
-    if pid <= 0:
-        raise ConfigError(f"--pid: a process id is a positive number, got {pid}")
-    return pid
-
-
-def timeout_seconds(value: str) -> float:
-    """``--timeout`` as seconds.
-
-    Raises:
-        ConfigError: not a finite, non-negative number.
-    """
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ConfigError(f"--timeout: not a number of seconds: {value!r}") from None
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ConfigError(f"--timeout: expected a non-negative number of seconds, got {value!r}")
-    return seconds
+    return int(args.pid)
 
 
 def describe_event(event: dict[str, Any]) -> str:
@@ -118,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     try:
         pid = master_pid(args)
-        timeout_s = timeout_seconds(args.timeout)
+        timeout_s = args.timeout
         state_dir = args.state_dir
         rollout_id = start_rollout(pid, state_dir)
     except HotpatchError as exc:
