@@ -51,6 +51,12 @@ def _check_private_dir(path: Path, st: os.stat_result) -> None:
             f"is owned by uid {st.st_uid}, not by this process's uid {uid}; another user may have "
             "created it first: remove it (as its owner or root) or set HOTPATCH_RUNTIME_DIR",
         )
+    if st.st_mode & (stat.S_ISVTX | stat.S_IWOTH):
+        raise InsecurePath(
+            path,
+            f"is a shared directory (mode {stat.S_IMODE(st.st_mode):04o}); hotpatch needs a "
+            "private one (0700) of this uid: name a directory inside it, never the shared one",
+        )
     if st.st_mode & 0o077:
         raise InsecurePath(
             path,

@@ -184,3 +184,17 @@ def test_write_private_replaces_a_planted_link_without_writing_through_it(tmp_pa
     assert path.read_bytes() == b"new"
     assert mode_of(path) == 0o600
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_shared_directory_is_never_advised_to_be_chmodded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HOTPATCH_RUNTIME_DIR=/tmp must not produce the advice `chmod 700 /tmp`."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    monkeypatch.setenv(ENV_RUNTIME_DIR, str(shared))
+    with pytest.raises(InsecurePath, match="shared directory") as refused:
+        runtime_dir()
+    assert "chmod" not in str(refused.value)
+    assert mode_of(shared) == 0o1777
