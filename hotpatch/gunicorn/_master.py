@@ -35,6 +35,7 @@ from typing import Any
 
 import structlog
 
+from hotpatch.gunicorn._fileset import SnapshotRule
 from hotpatch.gunicorn._machine import (
     Action,
     FailStage,
@@ -49,7 +50,11 @@ from hotpatch.gunicorn._releases import (
     Release,
     SnapshotError,
     app_roots,
+    check_release,
+    master_releases_dir,
     prune_releases,
+    releases_root,
+    remove_stale,
     take_snapshot,
 )
 from hotpatch.gunicorn._settings import Settings, load_settings
@@ -82,6 +87,8 @@ GUNICORN_RELOAD_WARNING = (
     "replaces it with a rolling, health-checked reload"
 )
 _MAX_EVENTS = 200
+_RELEASE_CHECK_INTERVAL_S = 5.0
+"""How often the master checks, unasked, that the releases its workers run are intact."""
 
 
 class Controller:
@@ -118,6 +125,10 @@ class Controller:
         self.watcher: ChangeDetector | None = None
         self.watch_disabled_reason: str | None = None
         self.watch_stats: dict[str, Any] = {"rollouts_requested": 0, "changes_ignored": 0}
+        self.releases_dir: Path | None = None
+        self.rule = SnapshotRule.build(settings.snapshot_exclude)
+        self.damaged: dict[str, str] = {}
+        self._next_release_check = 0.0
 
     # -- installation -----------------------------------------------------------------------
 
@@ -135,11 +146,10 @@ class Controller:
             self._override("handle_hup", self.request_rollout)
             self.publish()
             return
+        self._prepare_releases()
         if self.settings.watch:  # baseline first: a save during the snapshot is not missed
             self._start_watching()
-        release = take_snapshot(
-            self.app_dir, self.state_dir / "releases", number=0, exclude=self.state_dir
-        )
+        release = self._snapshot(number=0)
         self.releases[release.id] = release
         self.known_good = self.spawn_release = release
         self._override("handle_hup", self.request_rollout)
@@ -170,6 +180,64 @@ class Controller:
             self._arm_timer(self.watcher.next_scan_at())
         self.publish()
 
+    def _prepare_releases(self) -> None:
+        """This master's releases directory (out of temp cleaners' reach); dead masters' removed."""
+        root, warning = releases_root(self.settings.releases_dir)
+        if warning is not None:
+            log.warning("releases.location_degraded", master_pid=self.arbiter.pid, reason=warning)
+        self.releases_dir = master_releases_dir(root, self.arbiter.pid)
+        removed = remove_stale(root, keep=self.releases_dir)
+        if removed:
+            log.info("releases.stale_removed", master_pid=self.arbiter.pid, directories=removed)
+        self.rule = SnapshotRule.build(
+            self.settings.snapshot_exclude,
+            exclude_paths=[os.path.realpath(self.state_dir), os.path.realpath(root)],
+        )
+
+    def _snapshot(self, *, number: int) -> Release:
+        assert self.releases_dir is not None
+        return take_snapshot(self.app_dir, self.releases_dir, number=number, rule=self.rule)
+
+    def release_problem(self, release: Release) -> str | None:
+        """Why ``release`` cannot be used (damaged), or ``None``; checked now unless known."""
+        if release.id not in self.damaged:
+            problem = check_release(release)
+            if problem is not None:
+                self.mark_damaged(release.id, f"release {release.id} is damaged: {problem}")
+        return self.damaged.get(release.id)
+
+    def mark_damaged(self, release_id: str, reason: str) -> None:
+        """Never spawn on ``release_id`` again; say so in the log and the published state."""
+        if release_id in self.damaged:
+            return
+        self.damaged[release_id] = reason
+        is_known_good = self.known_good is not None and self.known_good.id == release_id
+        log.error(
+            "release.damaged",
+            master_pid=self.arbiter.pid,
+            release=release_id,
+            reason=reason,
+            is_known_good=is_known_good,
+            consequence=(
+                "new workers cannot start until a rollout succeeds; the running workers serve"
+                if is_known_good
+                else "no worker is started on it"
+            ),
+        )
+        self.publish()
+
+    def _check_releases_in_use(self) -> None:
+        now = time.monotonic()
+        if now < self._next_release_check:
+            return
+        self._next_release_check = now + _RELEASE_CHECK_INTERVAL_S
+        in_use = {r.id: r for r in (self.known_good, self.spawn_release) if r is not None}
+        for rid in set(self.worker_release.values()):
+            if rid in self.releases:
+                in_use[rid] = self.releases[rid]
+        for release in in_use.values():
+            self.release_problem(release)
+
     def _override(self, name: str, fn: Callable[..., Any]) -> None:
         self._originals[name] = getattr(self.arbiter, name)
         setattr(self.arbiter, name, fn)
@@ -191,6 +259,7 @@ class Controller:
             is_candidate=self.spawn_is_candidate,
             is_guarded=self.has_served,
             settings=self.settings,
+            manifest=release.manifest,
         )
 
     # -- wrapped arbiter methods ------------------------------------------------------------
@@ -200,6 +269,8 @@ class Controller:
             if self._reap_in_loop is not None:
                 self._reap_in_loop()
             self.poll_sources_safely()
+            with contextlib.suppress(Exception):  # a check must never stop the loop
+                self._check_releases_in_use()
             self.tick()
             manage()
 
@@ -209,6 +280,8 @@ class Controller:
         def spawn_worker() -> Any:
             before = set(self.arbiter.WORKERS)
             release = self.spawn_release
+            if release is not None and self.release_problem(release) is not None:
+                return None  # never a worker on a damaged release: the others keep serving
             result = spawn()
             for pid in set(self.arbiter.WORKERS) - before:  # only the parent gets here
                 rid = release.id if release else "unknown"
@@ -290,16 +363,17 @@ class Controller:
         self.next_rollout_id += 1
         started = time.monotonic()
         try:
-            release = take_snapshot(
-                self.app_dir, self.state_dir / "releases", number=rollout_id, exclude=self.state_dir
-            )
-        except SnapshotError as exc:
-            log.error("rollout.failed", rollout_id=rollout_id, stage="snapshot", reason=str(exc))
+            release = self._snapshot(number=rollout_id)
+        except Exception as exc:  # anything: the rollout fails, the master keeps serving
+            reason = f"{exc} (stage: snapshot)"
+            if not isinstance(exc, SnapshotError):
+                reason = f"{type(exc).__name__}: {exc} (stage: snapshot)"
+            log.error("rollout.failed", rollout_id=rollout_id, stage="snapshot", reason=reason)
             self.last_rollout = {
                 "id": rollout_id,
                 "outcome": "failed",
                 "stage": "snapshot",
-                "reason": str(exc),
+                "reason": reason,
                 "rolled_back": True,
                 "events": [],
             }
@@ -374,14 +448,14 @@ class Controller:
 
     # -- watch mode -------------------------------------------------------------------------
 
-    def _scan_root(self) -> tuple[str, str]:
-        """The app directory and the state directory, resolved now (``current`` symlinks)."""
-        return os.path.realpath(self.app_dir), os.path.realpath(self.state_dir)
+    def _scan_root(self) -> str:
+        """The app directory, resolved now (``current`` symlinks)."""
+        return os.path.realpath(self.app_dir)
 
     def _start_watching(self) -> None:
-        root, exclude = self._scan_root()
+        root = self._scan_root()
         started = time.monotonic()
-        signature = scan_sources(root, exclude=exclude)
+        signature = scan_sources(root, rule=self.rule)
         scanned = time.monotonic()
         hashes = hash_sources(root, list(signature))
         self.watcher = ChangeDetector(
@@ -419,9 +493,9 @@ class Controller:
         watcher = self.watcher
         if watcher is None or not watcher.is_scan_due(time.monotonic()):
             return
-        root, exclude = self._scan_root()
+        root = self._scan_root()
         started = time.monotonic()
-        signature = scan_sources(root, exclude=exclude)
+        signature = scan_sources(root, rule=self.rule)
         now = time.monotonic()
         seen = watcher.observe(
             signature,
@@ -454,6 +528,10 @@ class Controller:
         assert rollout is not None
         if isinstance(action, Spawn):
             release = self.releases[action.release]
+            problem = self.release_problem(release)
+            if problem is not None:
+                rollout.spawn_failed(release.id, f"{problem} (stage: release)")
+                return
             self.spawn_release = release
             self.spawn_is_candidate = True
             self._set_num_workers(len(self.arbiter.WORKERS) + 1)
@@ -537,8 +615,9 @@ class Controller:
         self._set_num_workers(self.size)
         keep = {r for r in self.worker_release.values()}
         keep.update(r.id for r in (self.known_good, self.spawn_release) if r is not None)
-        for rid in prune_releases(self.state_dir / "releases", keep):
-            self.releases.pop(rid, None)
+        if self.releases_dir is not None:
+            for rid in prune_releases(self.releases_dir, keep):
+                self.releases.pop(rid, None)
         if self.pending:
             self.pending = False
             self.publish()
@@ -623,6 +702,8 @@ class Controller:
                     check_s=round(stage.duration_s, 3),
                 )
         elif name == "failed":
+            if stage.failed_at == "release":
+                self.mark_damaged(release, stage.reason)
             stage_name: FailStage = "health" if stage.failed_at == "health" else "load"
             if rollout is not None:
                 rollout.worker_failed(pid, stage_name, stage.reason, stage.error, now)
@@ -702,6 +783,8 @@ class Controller:
             "rollout": current,
             "last_rollout": self.last_rollout,
             "watch": self._watch_state(),
+            "releases_dir": str(self.releases_dir) if self.releases_dir else None,
+            "damaged_releases": dict(self.damaged),
         }
 
     def _watch_state(self) -> dict[str, Any] | None:
@@ -727,6 +810,8 @@ class Controller:
         """The master is exiting: stop the timer and remove the state directory."""
         with contextlib.suppress(Exception):
             self._arm_timer(None)
+        if self.releases_dir is not None:
+            shutil.rmtree(self.releases_dir, ignore_errors=True)
         if self.state_dir.is_dir() and self.state_dir.name.startswith("gunicorn-"):
             shutil.rmtree(self.state_dir, ignore_errors=True)
         elif self.state_dir.is_dir():
