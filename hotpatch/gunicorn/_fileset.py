@@ -104,7 +104,7 @@ def show_path(path: bytes | str) -> str:
     try:
         return path.decode("utf-8")
     except UnicodeDecodeError:
-        return repr(path)[1:]  # b'...' -> '...', with \xNN escapes for the undecodable bytes
+        return repr(path)[2:-1]  # b'...' -> ..., with \xNN escapes for the undecodable bytes
 
 
 @dataclass(frozen=True)

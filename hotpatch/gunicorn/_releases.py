@@ -213,7 +213,8 @@ def check_release(release: Release) -> str | None:
     """Cheap check (one ``lstat`` per entry): ``None`` when intact, else what is wrong.
 
     Catches a release or any of its entries deleted, replaced, truncated or rewritten (a new
-    inode, size or modification time). ``verify_release`` also reads every byte.
+    inode, size or modification time), and a link pointing elsewhere. ``verify_release`` also
+    reads every byte.
     """
     root = os.fsencode(release.path)
     try:
@@ -229,9 +230,18 @@ def check_release(release: Release) -> str | None:
         except OSError as exc:
             return f"{show_path(rel)} is missing ({exc.strerror})"
         problem = _compare_stat(record, st)
+        if problem is None and record.kind == "L" and _link_target(path) != record.digest:
+            problem = "points elsewhere"
         if problem:
             return f"{show_path(rel)} {problem}"
     return None
+
+
+def _link_target(path: bytes) -> str | None:
+    try:
+        return os.readlink(path).hex()
+    except OSError:
+        return None
 
 
 _KIND_OF = {stat.S_IFDIR: "D", stat.S_IFREG: "F", stat.S_IFLNK: "L"}
