@@ -90,11 +90,13 @@ class WalkError(Exception):
 
     Attributes:
         path: the path at fault (bytes, as on disk).
+        message: what is wrong with it.
     """
 
     def __init__(self, path: bytes, message: str) -> None:
         super().__init__(f"{show_path(path)}: {message}")
         self.path = path
+        self.message = message
 
 
 def show_path(path: bytes | str) -> str:
@@ -204,7 +206,7 @@ OnError = Callable[[bytes, OSError], None]
 def raise_error(path: bytes, exc: OSError) -> None:
     """The snapshot's error policy: an unreadable entry fails the walk (never a partial copy)."""
     reason = exc.strerror or str(exc)
-    raise WalkError(path, f"cannot read: {reason}") from exc
+    raise WalkError(path, f"cannot list or examine it: {reason}") from exc
 
 
 def walk(

@@ -149,7 +149,7 @@ class Controller:
         self._prepare_releases()
         if self.settings.watch:  # baseline first: a save during the snapshot is not missed
             self._start_watching()
-        release = self._snapshot(number=0)
+        release = self._new_release(0)
         self.releases[release.id] = release
         self.known_good = self.spawn_release = release
         self._override("handle_hup", self.request_rollout)
@@ -194,7 +194,7 @@ class Controller:
             exclude_paths=[os.path.realpath(self.state_dir), os.path.realpath(root)],
         )
 
-    def _snapshot(self, *, number: int) -> Release:
+    def _new_release(self, number: int) -> Release:
         assert self.releases_dir is not None
         return take_snapshot(self.app_dir, self.releases_dir, number=number, rule=self.rule)
 
@@ -363,7 +363,7 @@ class Controller:
         self.next_rollout_id += 1
         started = time.monotonic()
         try:
-            release = self._snapshot(number=rollout_id)
+            release = self._new_release(rollout_id)
         except Exception as exc:  # anything: the rollout fails, the master keeps serving
             reason = f"{exc} (stage: snapshot)"
             if not isinstance(exc, SnapshotError):

@@ -146,7 +146,7 @@ def take_snapshot(
                 )
     except WalkError as exc:
         _remove_tree(staging)
-        raise SnapshotError(f"cannot snapshot {exc}") from exc
+        raise SnapshotError(f"{show_path(exc.path)}: cannot snapshot: {exc.message}") from exc
     except OSError as exc:
         _remove_tree(staging)
         where = show_path(exc.filename) if isinstance(exc.filename, (str, bytes)) else source
@@ -265,6 +265,8 @@ def verify_release(release_dir: Path, manifest: Manifest) -> str | None:
     not in the manifest (byte code, anything the app writes next to its code) are not damage.
     Never raises for a damaged release; an unreadable entry is damage.
     """
+    if not os.path.isdir(release_dir):
+        return f"{show_path(str(release_dir))} is missing"
     seen: set[bytes] = set()
     try:
         for found in walk(str(release_dir)):
@@ -284,8 +286,6 @@ def verify_release(release_dir: Path, manifest: Manifest) -> str | None:
     if missing:
         extra = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         return f"{show_path(missing[0])} is missing{extra}"
-    if not os.path.isdir(release_dir):
-        return f"{show_path(str(release_dir))} is missing"
     return None
 
 
