@@ -134,16 +134,16 @@ def take_snapshot(
     total = 0
     try:
         for found in walk(str(source), rule):
-            record = _copy(found, os.fsencode(staging) + b"/" + found.rel)
-            manifest[found.rel] = record
-            total += record.size
-            if len(manifest) > MAX_FILES or total > MAX_BYTES:
+            if found.kind == "F":  # checked before copying: a huge file is never copied
+                total += found.st.st_size
+            if len(manifest) >= MAX_FILES or total > MAX_BYTES:
                 raise SnapshotError(
                     f"{show_path(str(source))}: more than {MAX_FILES} files or "
                     f"{MAX_BYTES // 2**20} MiB to copy; set HOTPATCH_APP_DIR (or "
                     "configure(app_dir=...)) to the app's own directory, or exclude what the app "
                     "does not need with HOTPATCH_SNAPSHOT_EXCLUDE"
                 )
+            manifest[found.rel] = _copy(found, os.fsencode(staging) + b"/" + found.rel)
     except WalkError as exc:
         _remove_tree(staging)
         raise SnapshotError(f"{show_path(exc.path)}: cannot snapshot: {exc.message}") from exc
@@ -183,8 +183,10 @@ def _copy(found: Found, dst: bytes) -> Record:
         dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         digest = hashlib.sha256()
         size = 0
-        try:
-            while chunk := os.read(src_fd, _CHUNK):
+        try:  # at most the size seen at open: a file written meanwhile cannot grow the copy
+            while size < src.st_size and (
+                chunk := os.read(src_fd, min(_CHUNK, src.st_size - size))
+            ):
                 digest.update(chunk)
                 size += len(chunk)
                 view = memoryview(chunk)
