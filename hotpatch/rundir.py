@@ -240,4 +240,6 @@ def durable_dir() -> Path:
     home = os.environ.get("HOME") or pwd.getpwuid(os.getuid()).pw_dir
     if not os.path.isabs(home):
         raise InsecurePath(Path(home), "the home directory is not an absolute path")
+    if not os.path.isdir(home):  # a service user's /nonexistent: never create a home
+        raise FileNotFoundError(errno.ENOENT, "the home directory does not exist", home)
     return trusted_private_dir(Path(home) / ".local" / "state" / "hotpatch")

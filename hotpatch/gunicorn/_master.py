@@ -618,6 +618,7 @@ class Controller:
         if self.releases_dir is not None:
             for rid in prune_releases(self.releases_dir, keep):
                 self.releases.pop(rid, None)
+                self.damaged.pop(rid, None)  # gone on purpose now: nothing left to warn about
         if self.pending:
             self.pending = False
             self.publish()

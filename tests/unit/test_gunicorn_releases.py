@@ -33,7 +33,7 @@ from hotpatch.gunicorn._releases import (
     verify_release,
 )
 from hotpatch.gunicorn._settings import load_settings, reset_configuration
-from hotpatch.rundir import trusted_private_dir
+from hotpatch.rundir import durable_dir, trusted_private_dir
 
 NOBODY = 65534
 as_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as a second user")
@@ -394,3 +394,18 @@ def test_snapshot_settings_from_the_environment(tmp_path: Path) -> None:
     assert settings.releases_dir == tmp_path / "rel"
     with pytest.raises(ConfigError, match="HOTPATCH_SNAPSHOT_EXCLUDE: '/' is not a pattern"):
         load_settings({"HOTPATCH_SNAPSHOT_EXCLUDE": "a,/"})
+
+
+def test_durable_dir_is_under_the_home_directory_and_never_creates_a_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    monkeypatch.setenv("HOME", str(home))
+    assert durable_dir() == home / ".local" / "state" / "hotpatch"
+    assert stat.S_IMODE((home / ".local" / "state" / "hotpatch").stat().st_mode) == 0o700
+    monkeypatch.setenv("HOME", str(tmp_path / "nonexistent"))
+    with pytest.raises(FileNotFoundError):
+        durable_dir()
+    assert not (tmp_path / "nonexistent").exists()
