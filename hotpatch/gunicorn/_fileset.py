@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import stat
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -51,6 +51,7 @@ IGNORED_DIRS = frozenset(
         ".ipynb_checkpoints",
         ".idea",
         ".vscode",
+        ".cache",
     }
 )
 """Directory names never part of a release, at any depth."""
@@ -135,8 +136,14 @@ class Pattern:
         return fnmatch.fnmatchcase(rel if self.is_anchored else name, self.glob)
 
 
+def _compile(globs: Iterable[str | bytes]) -> re.Pattern[bytes] | None:
+    """One regular expression matching any of ``globs`` (one match per name, not one per glob)."""
+    parts = [fnmatch.translate(os.fsdecode(g)) for g in globs]
+    return re.compile(os.fsencode("|".join(parts))) if parts else None
+
+
 _IGNORED_DIRS_B = frozenset(os.fsencode(n) for n in IGNORED_DIRS)
-_IGNORED_FILES_B = tuple(os.fsencode(p) for p in IGNORED_FILE_PATTERNS)
+_IGNORED_FILES_RE = _compile(IGNORED_FILE_PATTERNS)
 
 
 @dataclass(frozen=True)
@@ -175,7 +182,7 @@ class SnapshotRule:
         if is_dir:
             if name in _IGNORED_DIRS_B or name.endswith(b".egg-info"):
                 return False
-        elif any(fnmatch.fnmatchcase(name, p) for p in _IGNORED_FILES_B):
+        elif _IGNORED_FILES_RE is not None and _IGNORED_FILES_RE.match(name):
             return False
         return not any(p.matches(rel, name, is_dir=is_dir) for p in self.exclude)
 
@@ -191,13 +198,13 @@ class Found:
         rel: path relative to the root, ``/``-separated, bytes.
         path: the absolute path (bytes).
         kind: ``"F"`` regular file, ``"L"`` symbolic link (never followed), ``"D"`` directory.
-        st: its ``lstat``.
+        st: its ``lstat`` (``None`` for a directory: not needed, not asked).
     """
 
     rel: bytes
     path: bytes
     kind: str
-    st: os.stat_result
+    st: os.stat_result | None
 
 
 OnError = Callable[[bytes, OSError], None]
@@ -249,22 +256,24 @@ def walk(
         subdirs: list[tuple[bytes, bytes, int]] = []
         for entry in entries:
             rel = prefix + entry.name
-            try:
-                st = entry.stat(follow_symlinks=False)
+            st = None
+            try:  # the type comes from the directory listing; only files and links are stat'ed
+                if entry.is_symlink():
+                    kind = "L"
+                elif entry.is_dir(follow_symlinks=False):
+                    kind = "D"
+                elif entry.is_file(follow_symlinks=False):
+                    kind = "F"
+                else:
+                    continue  # sockets, FIFOs, devices: never code, never opened
+                if not rule.includes(rel, is_dir=kind == "D", full_path=entry.path):
+                    continue
+                if kind != "D":
+                    st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 on_error(entry.path, exc)
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                kind = "D"
-            elif stat.S_ISREG(st.st_mode):
-                kind = "F"
-            elif stat.S_ISLNK(st.st_mode):
-                kind = "L"
-            else:
-                continue  # sockets, FIFOs, devices: never code, never opened
-            if not rule.includes(rel, is_dir=kind == "D", full_path=entry.path):
                 continue
             if kind == "D":
                 if os.path.lexists(os.path.join(entry.path, VENV_MARKER)):

@@ -134,7 +134,7 @@ def take_snapshot(
     total = 0
     try:
         for found in walk(str(source), rule):
-            if found.kind == "F":  # checked before copying: a huge file is never copied
+            if found.st is not None and found.kind == "F":  # a huge file is never copied
                 total += found.st.st_size
             if len(manifest) >= MAX_FILES or total > MAX_BYTES:
                 raise SnapshotError(

@@ -69,8 +69,8 @@ def scan_sources(root: str, *, rule: SnapshotRule = BUILTIN_RULE) -> dict[str, F
     """
     signature: dict[str, FileStat] = {}
     for found in walk(root, rule, on_error=_skip):
-        if found.kind != "D":
-            st = found.st
+        st = found.st
+        if st is not None:
             signature[os.fsdecode(found.rel)] = FileStat(st.st_mtime_ns, st.st_size, st.st_ino)
     return signature
 
