@@ -414,3 +414,44 @@ def test_a_crashed_masters_releases_are_removed_by_the_next_master(
         assert_no_failures(stats)
     finally:
         second.close()
+
+
+def test_an_altered_release_is_refused_by_the_worker_that_would_load_it(site: Site) -> None:
+    site.start()
+    known_good = site.state()["known_good"]
+    site.start_load()
+    # Same size, same inode, same mtime: only reading the bytes can tell.
+    copy = site.release_path(known_good) / "app.py"
+    st = copy.stat()
+    text = copy.read_text(encoding="utf-8")
+    copy.chmod(0o600)
+    with copy.open("r+", encoding="utf-8") as fh:
+        fh.write(text.replace('VERSION = "v1"', 'VERSION = "v9"'))
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert copy.stat().st_ino == st.st_ino and copy.stat().st_size == st.st_size
+    assert_no_failures(site.stop_load())  # a SIGKILL loses the victim's own in-flight request
+    victim = site.workers()[0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(
+        lambda: known_good in (site.state().get("damaged_releases") or {}),
+        timeout_s=30,
+        what="the altered known-good release reported in state.json",
+        describe=lambda: site.srv.output()[-4000:],
+    )
+    reason = site.state()["damaged_releases"][known_good]
+    assert "app.py has changed content (stage: release)" in reason, reason
+    site.start_load()
+    wait_until(
+        lambda: (
+            len(site.srv.worker_pids()) == WORKERS - 1
+            and sorted(w["pid"] for w in site.workers()) == site.srv.worker_pids()
+        ),
+        timeout_s=20,
+        what="three workers left, none booting",
+    )
+    assert site.versions() == {"version=v1"}  # the altered code never answers
+    assert "is DAMAGED" in site.status()
+    stats = site.stop_load()
+    assert stats.bodies.get("version=v9", 0) == 0
+    assert_no_failures(stats)
+    site.assert_master_alive()
