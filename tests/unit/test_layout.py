@@ -28,17 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "control": {"engine", "errors", "rundir"},
     "gunicorn": {"errors", "health", "rundir", "watch"},
     "demo": {"engine", "errors", "health", "watch", "control", "gunicorn", "rundir"},
-    "cli": {
-        "engine",
-        "errors",
-        "health",
-        "watch",
-        "control",
-        "gunicorn",
-        "demo",
-        "rundir",
-        "_version",
-    },
+    "cli": {"engine", "errors", "health", "watch", "control", "gunicorn", "demo", "rundir", "_version"},
 }
 
 
