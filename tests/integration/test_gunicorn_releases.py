@@ -419,6 +419,7 @@ def test_a_crashed_masters_releases_are_removed_by_the_next_master(
 def test_an_altered_release_is_refused_by_the_worker_that_would_load_it(site: Site) -> None:
     site.start()
     known_good = site.state()["known_good"]
+    site.wait_settled(known_good)  # every worker has imported its code: alter it only now
     site.start_load()
     # Same size, same inode, same mtime: only reading the bytes can tell.
     copy = site.release_path(known_good) / "app.py"
