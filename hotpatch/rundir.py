@@ -20,6 +20,14 @@ Where: ``$HOTPATCH_RUNTIME_DIR`` when set (for systemd ``RuntimeDirectory=`` wit
 ``RuntimeDirectoryMode=0700``, or a container volume; it must pass the check itself), else
 ``$XDG_RUNTIME_DIR/hotpatch`` when ``$XDG_RUNTIME_DIR`` is a private directory of this uid (a
 ``sudo`` that kept another user's value is not), else ``<tmp>/hotpatch-<uid>``.
+
+What must outlive temp cleaners (gunicorn release snapshots: a worker respawned days later loads
+from them) goes in ``durable_dir()`` instead: ``$XDG_STATE_HOME/hotpatch``, else
+``~/.local/state/hotpatch``. Its ancestors are not ours to make private (``/home/me`` is often
+0755), so ``trusted_private_dir`` applies a weaker rule to them: each must be owned by this uid or
+root and not writable by group or others (a root-owned sticky directory such as ``/tmp`` is
+accepted: nobody else can rename what is in it); a missing one is created 0700; the last component
+must pass the full check above.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pwd
 import stat
 import tempfile
 from pathlib import Path
@@ -177,3 +186,66 @@ def write_private(path: str | os.PathLike[str], data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _check_trusted_ancestor(path: Path, st: os.stat_result) -> None:
+    uid = os.getuid()
+    if st.st_uid not in (0, uid):
+        raise InsecurePath(
+            path, f"is owned by uid {st.st_uid}: only this uid ({uid}) or root may own its parents"
+        )
+    if stat.S_ISLNK(st.st_mode):
+        return  # a link only its owner (us or root) can change; its target is checked too
+    if not stat.S_ISDIR(st.st_mode):
+        raise InsecurePath(path, "exists and is not a directory")
+    is_shared_sticky = st.st_uid == 0 and st.st_mode & stat.S_ISVTX
+    if st.st_mode & 0o022 and not is_shared_sticky:
+        raise InsecurePath(
+            path,
+            f"has mode {stat.S_IMODE(st.st_mode):04o}: other users could replace what is in it",
+        )
+
+
+def trusted_private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create (or accept) the private directory ``path`` below directories only we or root control.
+
+    Missing ancestors are created one at a time (mode 0700); existing ones are checked, never
+    changed (see the module docstring).
+
+    Raises:
+        InsecurePath: an ancestor or the directory itself fails its check.
+        OSError: a directory cannot be created.
+    """
+    path = Path(os.path.abspath(path))
+    if path == path.parent:
+        raise InsecurePath(path, "the root directory cannot be a private directory")
+    for ancestor in reversed(path.parents):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(ancestor, 0o700)
+        _check_trusted_ancestor(ancestor, os.lstat(ancestor))
+    real_parent = Path(os.path.realpath(path.parent))
+    for ancestor in [*reversed(real_parent.parents), real_parent]:
+        _check_trusted_ancestor(ancestor, os.lstat(ancestor))
+    return private_dir(path.parent, path.name)
+
+
+def durable_dir() -> Path:
+    """hotpatch's private directory for what temp cleaners must not remove (see the docstring).
+
+    ``$XDG_STATE_HOME/hotpatch`` when set to an absolute path, else ``<home>/.local/state/hotpatch``
+    with ``<home>`` from ``$HOME`` (or this uid's password entry when ``$HOME`` is unset).
+
+    Raises:
+        InsecurePath: the directory or one of its ancestors is not safe (e.g. a ``$HOME`` that
+            ``sudo`` kept from another user).
+        OSError: it cannot be created (a read-only or missing home directory).
+    """
+    xdg = os.environ.get("XDG_STATE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return trusted_private_dir(Path(xdg) / "hotpatch")
+    home = os.environ.get("HOME") or pwd.getpwuid(os.getuid()).pw_dir
+    if not os.path.isabs(home):
+        raise InsecurePath(Path(home), "the home directory is not an absolute path")
+    if not os.path.isdir(home):  # a service user's /nonexistent: never create a home
+        raise FileNotFoundError(errno.ENOENT, "the home directory does not exist", home)
+    return trusted_private_dir(Path(home) / ".local" / "state" / "hotpatch")

@@ -59,6 +59,15 @@ def describe_state(pid: int, state: dict[str, Any]) -> str:
         f"gunicorn master {pid}: known-good release {state.get('known_good')}, "
         f"{state.get('size')} workers, app {state.get('app_dir')}"
     )
+    damaged = state.get("damaged_releases") or {}
+    for release, reason in sorted(damaged.items()):
+        if release == state.get("known_good"):
+            print(
+                f"known-good release {release} is DAMAGED: new workers cannot start until a "
+                f"rollout succeeds ({reason})"
+            )
+        else:
+            print(f"release {release} is damaged: {reason}")
     if not state.get("rolling"):
         emit(f"rolling reload DISABLED: {state.get('disabled_reason')}")
     for worker in state.get("workers", []):

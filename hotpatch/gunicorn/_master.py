@@ -59,6 +59,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 import structlog
 
 from hotpatch.errors import ConfigError
+from hotpatch.gunicorn._fileset import SnapshotRule
 from hotpatch.gunicorn._machine import (
     Action,
     FailStage,
@@ -73,8 +74,12 @@ from hotpatch.gunicorn._releases import (
     Release,
     SnapshotError,
     app_roots,
+    check_release,
     grant_release_access,
+    master_releases_dir,
     prune_releases,
+    releases_root,
+    remove_stale,
     take_snapshot,
 )
 from hotpatch.gunicorn._settings import Settings, load_settings
@@ -115,6 +120,8 @@ MAX_INTERNAL_FAILURES = 3
 
 P = ParamSpec("P")
 R = TypeVar("R")
+_RELEASE_CHECK_INTERVAL_S = 5.0
+"""How often the master checks, unasked, that the releases its workers run are intact."""
 
 
 class Controller:
@@ -164,6 +171,10 @@ class Controller:
         self._internal_failures = 0
         self._errors_seen: set[tuple[str, str, str]] = set()
         self._publish_error = ""
+        self.releases_dir: Path | None = None
+        self.rule = SnapshotRule.build(settings.snapshot_exclude)
+        self.damaged: dict[str, str] = {}
+        self._next_release_check = 0.0
 
     # -- installation -----------------------------------------------------------------------
 
@@ -206,6 +217,7 @@ class Controller:
             self._override("handle_hup", self.contained("handle_hup", self.request_rollout, None))
             self.publish()
             return
+        self._prepare_releases()
         if self.settings.watch:  # baseline first: a save during the snapshot is not missed
             self._start_watching()
         release = self._new_release(0)
@@ -243,13 +255,66 @@ class Controller:
             self._arm_timer(self.watcher.next_scan_at())
         self.publish()
 
-    def _new_release(self, number: int) -> Release:
-        release = take_snapshot(
-            self.app_dir, self.state_dir / "releases", number=number, exclude=self.state_dir
+    def _prepare_releases(self) -> None:
+        """This master's releases directory (out of temp cleaners' reach); dead masters' removed."""
+        root, warning = releases_root(self.settings.releases_dir)
+        if warning is not None:
+            log.warning("releases.location_degraded", master_pid=self.arbiter.pid, reason=warning)
+        self.releases_dir = master_releases_dir(root, self.arbiter.pid)
+        removed = remove_stale(root, keep=self.releases_dir)
+        if removed:
+            log.info("releases.stale_removed", master_pid=self.arbiter.pid, directories=removed)
+        self.rule = SnapshotRule.build(
+            self.settings.snapshot_exclude,
+            exclude_paths=[os.path.realpath(self.state_dir), os.path.realpath(root)],
         )
+
+    def _new_release(self, number: int) -> Release:
+        assert self.releases_dir is not None
+        release = take_snapshot(self.app_dir, self.releases_dir, number=number, rule=self.rule)
         if self.worker_gid is not None:
             grant_release_access(release.path, gid=self.worker_gid)
         return release
+
+    def release_problem(self, release: Release) -> str | None:
+        """Why ``release`` cannot be used (damaged), or ``None``; checked now unless known."""
+        if release.id not in self.damaged:
+            problem = check_release(release)
+            if problem is not None:
+                self.mark_damaged(release.id, f"release {release.id} is damaged: {problem}")
+        return self.damaged.get(release.id)
+
+    def mark_damaged(self, release_id: str, reason: str) -> None:
+        """Never spawn on ``release_id`` again; say so in the log and the published state."""
+        if release_id in self.damaged:
+            return
+        self.damaged[release_id] = reason
+        is_known_good = self.known_good is not None and self.known_good.id == release_id
+        log.error(
+            "release.damaged",
+            master_pid=self.arbiter.pid,
+            release=release_id,
+            reason=reason,
+            is_known_good=is_known_good,
+            consequence=(
+                "new workers cannot start until a rollout succeeds; the running workers serve"
+                if is_known_good
+                else "no worker is started on it"
+            ),
+        )
+        self.publish()
+
+    def _check_releases_in_use(self) -> None:
+        now = time.monotonic()
+        if now < self._next_release_check:
+            return
+        self._next_release_check = now + _RELEASE_CHECK_INTERVAL_S
+        in_use = {r.id: r for r in (self.known_good, self.spawn_release) if r is not None}
+        for rid in set(self.worker_release.values()):
+            if rid in self.releases:
+                in_use[rid] = self.releases[rid]
+        for release in in_use.values():
+            self.release_problem(release)
 
     def _override(self, name: str, fn: Callable[..., Any]) -> None:
         self._originals.setdefault(name, getattr(self.arbiter, name))
@@ -283,6 +348,7 @@ class Controller:
             is_candidate=self.spawn_is_candidate,
             is_guarded=self.has_served,
             settings=self.settings,
+            manifest=release.manifest,
         )
 
     # -- the boundary with gunicorn's loop --------------------------------------------------
@@ -438,12 +504,18 @@ class Controller:
         if self._reap_in_loop is not None:
             self._reap_in_loop()
         self.poll_sources_safely()
+        try:
+            self._check_releases_in_use()
+        except Exception:  # a failed check is not a failed rollout: say so and go on
+            log.exception("release.check_failed", master_pid=self.master_pid)
         self.tick()
 
     def _recorded(self, spawn: Callable[[], Any]) -> Callable[[], Any]:
         def spawn_worker() -> Any:
             before = set(self.arbiter.WORKERS)
             release = self.spawn_release
+            if release is not None and self.release_problem(release) is not None:
+                return None  # never a worker on a damaged release: the others keep serving
             read_fd, write_fd = open_report_pipe(self.master_pid)
             release_fd = None
             try:
@@ -549,14 +621,17 @@ class Controller:
         self._starting = rollout_id  # an exception from here on fails this rollout (``contain``)
         try:
             release = self._new_release(rollout_id)
-        except SnapshotError as exc:
+        except Exception as exc:  # anything: the rollout fails, the master keeps serving
             self._starting = None
-            log.error("rollout.failed", rollout_id=rollout_id, stage="snapshot", reason=str(exc))
+            reason = f"{exc} (stage: snapshot)"
+            if not isinstance(exc, SnapshotError):
+                reason = f"{type(exc).__name__}: {exc} (stage: snapshot)"
+            log.error("rollout.failed", rollout_id=rollout_id, stage="snapshot", reason=reason)
             self.last_rollout = {
                 "id": rollout_id,
                 "outcome": "failed",
                 "stage": "snapshot",
-                "reason": str(exc),
+                "reason": reason,
                 "rolled_back": True,
                 "known_good": self.known_good.id,
                 "events": [],
@@ -634,14 +709,14 @@ class Controller:
 
     # -- watch mode -------------------------------------------------------------------------
 
-    def _scan_root(self) -> tuple[str, str]:
-        """The app directory and the state directory, resolved now (``current`` symlinks)."""
-        return os.path.realpath(self.app_dir), os.path.realpath(self.state_dir)
+    def _scan_root(self) -> str:
+        """The app directory, resolved now (``current`` symlinks)."""
+        return os.path.realpath(self.app_dir)
 
     def _start_watching(self) -> None:
-        root, exclude = self._scan_root()
+        root = self._scan_root()
         started = time.monotonic()
-        signature = scan_sources(root, exclude=exclude)
+        signature = scan_sources(root, rule=self.rule)
         scanned = time.monotonic()
         hashes = hash_sources(root, list(signature))
         self.watcher = ChangeDetector(
@@ -679,9 +754,9 @@ class Controller:
         watcher = self.watcher
         if watcher is None or not watcher.is_scan_due(time.monotonic()):
             return
-        root, exclude = self._scan_root()
+        root = self._scan_root()
         started = time.monotonic()
-        signature = scan_sources(root, exclude=exclude)
+        signature = scan_sources(root, rule=self.rule)
         now = time.monotonic()
         seen = watcher.observe(
             signature,
@@ -714,6 +789,10 @@ class Controller:
         assert rollout is not None
         if isinstance(action, Spawn):
             release = self.releases[action.release]
+            problem = self.release_problem(release)
+            if problem is not None:
+                rollout.spawn_failed(release.id, f"{problem} (stage: release)")
+                return
             self.spawn_release = release
             self.spawn_is_candidate = True
             self._set_num_workers(len(self.arbiter.WORKERS) + 1)
@@ -797,8 +876,10 @@ class Controller:
         self._set_num_workers(self.size)
         keep = {r for r in self.worker_release.values()}
         keep.update(r.id for r in (self.known_good, self.spawn_release) if r is not None)
-        for rid in prune_releases(self.state_dir / "releases", keep):
-            self.releases.pop(rid, None)
+        if self.releases_dir is not None:
+            for rid in prune_releases(self.releases_dir, keep):
+                self.releases.pop(rid, None)
+                self.damaged.pop(rid, None)  # gone on purpose now: nothing left to warn about
         if self.pending:
             self.pending = False
             self.publish()
@@ -895,6 +976,8 @@ class Controller:
                     check_s=round(stage.duration_s, 3),
                 )
         elif name == "failed":
+            if stage.failed_at == "release":
+                self.mark_damaged(release, stage.reason)
             stage_name: FailStage = "health" if stage.failed_at == "health" else "load"
             if rollout is not None:
                 rollout.worker_failed(pid, stage_name, stage.reason, stage.error, now)
@@ -977,6 +1060,8 @@ class Controller:
             "rollout": current,
             "last_rollout": self.last_rollout,
             "watch": self._watch_state(),
+            "releases_dir": str(self.releases_dir) if self.releases_dir else None,
+            "damaged_releases": dict(self.damaged),
         }
 
     def _watch_state(self) -> dict[str, Any] | None:
@@ -1014,6 +1099,8 @@ class Controller:
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
+        if self.releases_dir is not None:
+            shutil.rmtree(self.releases_dir, ignore_errors=True)
         if not self.has_state_dir:
             return
         if self.state_dir.is_dir() and self.state_dir.name.startswith("gunicorn-"):

@@ -28,6 +28,8 @@ ENV_VARS: dict[str, str] = {
     "state_dir": "HOTPATCH_STATE_DIR",
     "watch": "HOTPATCH_WATCH",
     "watch_interval_s": "HOTPATCH_WATCH_INTERVAL",
+    "releases_dir": "HOTPATCH_RELEASES_DIR",
+    "snapshot_exclude": "HOTPATCH_SNAPSHOT_EXCLUDE",
 }
 _SECONDS = ("boot_timeout_s", "health_timeout_s", "settle_s", "retire_timeout_s")
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -56,6 +58,10 @@ class Settings:
         watch: development mode: the master polls the app directory's Python sources and runs a
             rollout when one is saved with new content (instead of gunicorn's ``--reload``).
         watch_interval_s: the time between two polls of the app directory in watch mode.
+        releases_dir: where release snapshots are kept (``None``: ``$XDG_STATE_HOME/hotpatch/
+            releases`` or ``~/.local/state/hotpatch/releases``, out of temp cleaners' reach).
+        snapshot_exclude: gitignore-like patterns of what a release leaves out, on top of the
+            built-in rule (``hotpatch.gunicorn._fileset``); also never triggers watch mode.
     """
 
     health_path: str | None = None
@@ -68,6 +74,8 @@ class Settings:
     checks: tuple[HealthCheckFn, ...] = field(default=())
     watch: bool = False
     watch_interval_s: float = 0.25
+    releases_dir: Path | None = None
+    snapshot_exclude: tuple[str, ...] = ()
 
 
 _configured: dict[str, Any] = {}
@@ -85,6 +93,8 @@ def configure(
     checks: Sequence[HealthCheckFn] | None = None,
     watch: bool | None = None,
     watch_interval_s: float | None = None,
+    releases_dir: str | os.PathLike[str] | None = None,
+    snapshot_exclude: Sequence[str] | None = None,
 ) -> None:
     """Set rollout settings from a gunicorn config file (see ``Settings`` for each one).
 
@@ -103,6 +113,8 @@ def configure(
         "state_dir": state_dir,
         "watch": watch,
         "watch_interval_s": watch_interval_s,
+        "releases_dir": releases_dir,
+        "snapshot_exclude": snapshot_exclude,
     }
     for name, value in given.items():
         if value is not None:
@@ -153,7 +165,9 @@ def _validate(name: str, value: object, *, source: str) -> Any:
         return seconds
     if name in _SECONDS:
         return _seconds(value, source=source, allow_zero=name == "settle_s")
-    if name in ("app_dir", "state_dir"):
+    if name == "snapshot_exclude":
+        return _patterns(value, source=source)
+    if name in ("app_dir", "state_dir", "releases_dir"):
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             raise ConfigError(f"{source}: expected a directory path, got {value!r}")
         path = Path(value).expanduser().absolute()
@@ -161,6 +175,19 @@ def _validate(name: str, value: object, *, source: str) -> Any:
             raise ConfigError(f"{source}: {str(path)!r} is not a directory")
         return path
     raise ConfigError(f"{source}: unknown setting {name!r}")  # pragma: no cover
+
+
+def _patterns(value: object, *, source: str) -> tuple[str, ...]:
+    items: object = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+        raise ConfigError(f"{source}: expected a list of patterns (comma-separated), got {value!r}")
+    patterns = tuple(p.strip() for p in items if p.strip())
+    for pattern in patterns:
+        if not pattern.strip("/"):
+            raise ConfigError(
+                f"{source}: {pattern!r} is not a pattern (it would exclude everything)"
+            )
+    return patterns
 
 
 def _seconds(value: object, *, source: str, allow_zero: bool = False) -> float:

@@ -61,7 +61,7 @@ MAX_ERROR_CHARS = 32_000
 
 ReportStage = Literal["loaded", "healthy", "failed", "recycled"]
 _STAGES = frozenset({"loaded", "healthy", "failed", "recycled"})
-_FAILED_AT = frozenset({"", "load", "health"})
+_FAILED_AT = frozenset({"", "release", "load", "health"})
 
 
 class StateError(Exception):
@@ -164,7 +164,8 @@ class StageReport:
         stage: ``loaded`` (the app imported), ``healthy`` (checks passed), ``failed`` (load or
             health failed), ``recycled`` (leaving after ``max_requests``).
         release: the release the worker runs.
-        failed_at: for ``failed``: ``load`` or ``health``.
+        failed_at: for ``failed``: ``release`` (its release failed verification), ``load`` or
+            ``health``.
         reason: one line, naming the file and line when there is one.
         error: the error output (traceback text).
         duration_s: how long the step took.

@@ -2,13 +2,13 @@
 
 The master cannot run a watchdog observer (a thread in the master makes Python 3.12+ warn at every
 fork, and gunicorn forks all the time). Instead the controller polls: every ``interval_s`` it
-takes a stat *signature* of the app's Python sources (relative path -> mtime, size, inode), which
+takes a stat *signature* of the files a release would contain (relative path -> mtime, size, inode), which
 costs one ``stat`` per file and no reads, and feeds it to a ``ChangeDetector``:
 
-- ``scan_sources`` walks the app directory (the only part here that touches the disk), skipping
-  what ``hotpatch.watch.pathfilter`` says never triggers (``__pycache__``, ``.git``, virtual
-  environments, editor swap and backup files), what the release snapshot never copies, and the
-  state directory;
+- ``scan_sources`` walks the app directory (the only part here that touches the disk) with the
+  release snapshot's own rule and walk (``_fileset``): a file triggers a rollout exactly when a
+  release would contain it (sources, templates, static assets; not ``__pycache__``, ``.git``,
+  virtual environments, editor swap files, nor the log and pid files the server writes there);
 - ``changed_paths`` diffs two signatures (pure);
 - ``ChangeDetector`` (pure, clock and file hashing passed in) debounces with
   ``hotpatch.watch.debounce.Debouncer``: a path whose stat changed is released once a scan has seen
@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from hotpatch.gunicorn._releases import IGNORED_NAMES as SNAPSHOT_IGNORED_NAMES
+from hotpatch.gunicorn._fileset import BUILTIN_RULE, SnapshotRule, walk
 from hotpatch.watch.debounce import Debouncer
-from hotpatch.watch.pathfilter import IGNORED_DIRS, is_python_source
 
 QUIET_PERIOD_S = 0.2
 """A change is acted on once a scan has seen the tree unchanged for this long ..."""
@@ -35,9 +34,6 @@ MAX_DELAY_S = 2.0
 DEFAULT_INTERVAL_S = 0.25
 MAX_DUTY_CYCLE = 0.1
 """A scan that takes longer than this fraction of the interval stretches the interval."""
-
-_PRUNED_DIRS = IGNORED_DIRS | SNAPSHOT_IGNORED_NAMES
-_VENV_MARKER = "pyvenv.cfg"
 
 
 @dataclass(frozen=True)
@@ -53,52 +49,34 @@ Signature = Mapping[str, FileStat]
 """Relative path (``/``-separated) -> ``FileStat`` of every watched file."""
 
 
-def scan_sources(root: str, *, exclude: str | None = None) -> dict[str, FileStat]:
-    """The stat signature of the Python sources under ``root``.
+def scan_sources(root: str, *, rule: SnapshotRule = BUILTIN_RULE) -> dict[str, FileStat]:
+    """The stat signature of the files under ``root`` that a release would contain.
 
-    Directories are not followed through symlinks; ``root`` itself may be one (a ``current``
-    symlink is followed at each scan). Files that vanish during the scan are left out.
+    Links are recorded, not followed; ``root`` itself may be one (a ``current`` symlink is
+    followed at each scan). Files that vanish during the scan and directories that cannot be
+    listed are left out (the snapshot, not the scan, refuses an unreadable tree).
 
     Args:
         root: the app directory.
-        exclude: a directory never scanned (the state directory, when it is inside the app);
-            compared with the paths as the scan spells them, so pass both resolved.
+        rule: the snapshot rule (it excludes the state and releases directories).
 
     Returns:
-        The signature; empty when ``root`` is missing or is itself a virtual environment.
+        The signature (relative paths decoded with ``os.fsdecode``), empty when ``root`` is
+        missing.
+
+    Raises:
+        WalkError: the tree is nested deeper than the snapshot accepts.
     """
     signature: dict[str, FileStat] = {}
-    for rel, entry in _walk(root, "", exclude):
-        try:
-            st = entry.stat(follow_symlinks=True)
-        except OSError:
-            continue
-        signature[rel] = FileStat(st.st_mtime_ns, st.st_size, st.st_ino)
+    for found in walk(root, rule, on_error=_skip):
+        st = found.st
+        if st is not None:
+            signature[os.fsdecode(found.rel)] = FileStat(st.st_mtime_ns, st.st_size, st.st_ino)
     return signature
 
 
-def _walk(
-    directory: str, prefix: str, exclude: str | None
-) -> Iterator[tuple[str, os.DirEntry[str]]]:
-    try:
-        with os.scandir(directory) as it:
-            entries = list(it)
-    except OSError:
-        return
-    if any(e.name == _VENV_MARKER for e in entries):
-        return  # a virtual environment: nothing in it triggers (``_pathfilter.is_ignored``)
-    for entry in entries:
-        name = entry.name
-        try:
-            is_dir = entry.is_dir(follow_symlinks=False)
-        except OSError:
-            continue
-        if is_dir:
-            if name in _PRUNED_DIRS or name.endswith(".egg-info") or entry.path == exclude:
-                continue
-            yield from _walk(entry.path, f"{prefix}{name}/", exclude)
-        elif is_python_source(name):
-            yield f"{prefix}{name}", entry
+def _skip(_path: bytes, _exc: OSError) -> None:
+    return None
 
 
 def changed_paths(old: Signature, new: Signature) -> frozenset[str]:
@@ -109,10 +87,16 @@ def changed_paths(old: Signature, new: Signature) -> frozenset[str]:
 
 
 def hash_file(path: str) -> str | None:
-    """The SHA-256 of a file's bytes, ``None`` when it cannot be read (deleted meanwhile)."""
+    """The SHA-256 of a file's bytes (a link's target), ``None`` when it cannot be read."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        if os.path.islink(path):
+            return hashlib.sha256(os.fsencode(os.readlink(path))).hexdigest()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
     except OSError:
         return None
 

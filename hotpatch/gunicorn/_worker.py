@@ -1,4 +1,4 @@
-"""Worker side: pin the release, report the app load, health-check the loaded app, report.
+"""Worker side: verify and pin the release, report the app load, health-check the app, report.
 
 Runs in a freshly forked worker: ``prepare_worker`` from ``post_fork`` (before gunicorn imports the
 app), ``check_worker`` from ``post_worker_init`` (after it, before the first request),
@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import structlog
 
 from hotpatch.gunicorn._diagnose import describe_exception
-from hotpatch.gunicorn._releases import pin_worker
+from hotpatch.gunicorn._releases import Manifest, pin_worker, verify_release
 from hotpatch.gunicorn._settings import Settings
 from hotpatch.gunicorn._state import WAKE_SIGNAL, StageReport, send_report
 from hotpatch.health import probe_wsgi
@@ -46,6 +46,8 @@ class SpawnPlan:
         is_guarded: a failed load exits with ``EXIT_LOAD_FAILED`` rather than gunicorn's codes
             (set once the server has a known-good release that served).
         settings: the rollout settings.
+        manifest: what the release must hold; verified (every byte) before the worker pins
+            itself to it. Empty: not verified (a plan made without a snapshot).
     """
 
     release: str
@@ -56,6 +58,7 @@ class SpawnPlan:
     is_candidate: bool
     is_guarded: bool
     settings: Settings = field(default_factory=Settings)
+    manifest: Manifest = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -83,6 +86,22 @@ def prepare_worker(worker: Any, plan: SpawnPlan) -> None:
     ):
         signal.signal(sig, signal.SIG_DFL)
     _current = _WorkerState(plan, worker.pid)
+    if plan.manifest:
+        started = time.monotonic()
+        problem = verify_release(plan.release_dir, plan.manifest)
+        if problem is not None:  # never load from anywhere else: leave before the app import
+            reason = f"release {plan.release} is damaged: {problem} (stage: release)"
+            log.error("release.damaged", worker_pid=worker.pid, release=plan.release, reason=reason)
+            _publish(
+                StageReport(
+                    "failed",
+                    failed_at="release",
+                    reason=reason,
+                    error=reason,
+                    duration_s=time.monotonic() - started,
+                )
+            )
+            raise SystemExit(EXIT_LOAD_FAILED)
     purged = pin_worker(plan.release_dir, plan.roots)
     if purged:
         log.debug("release.modules_purged", worker_pid=worker.pid, modules=purged)

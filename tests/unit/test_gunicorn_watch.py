@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hotpatch.errors import ConfigError
+from hotpatch.gunicorn._fileset import SnapshotRule
 from hotpatch.gunicorn._settings import configure, load_settings, reset_configuration
 from hotpatch.gunicorn._watch import (
     ChangeDetector,
@@ -255,22 +256,38 @@ def make_tree(root: Path) -> None:
         "pkg.egg-info/setup.py",
         "state/releases/r0/app.py",
         "deep/a/b/c/mod.py",
+        "gunicorn.log",
+        "logs/access.log.1",
+        "gunicorn.pid",
     ]:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x = 1\n", encoding="utf-8")
 
 
-def test_scan_sees_python_sources_only_and_agrees_with_pathfilter(tmp_path: Path) -> None:
+def test_scan_sees_what_a_release_holds_and_agrees_with_pathfilter_on_sources(
+    tmp_path: Path,
+) -> None:
     make_tree(tmp_path)
-    signature = scan_sources(str(tmp_path), exclude=str(tmp_path / "state"))
-    assert sorted(signature) == ["app.py", "deep/a/b/c/mod.py", "pkg/__init__.py", "pkg/views.py"]
+    rule = SnapshotRule.build(exclude_paths=[tmp_path / "state"])
+    signature = scan_sources(str(tmp_path), rule=rule)
+    assert sorted(signature) == [
+        "app.py",
+        "build/lib/app.py",
+        "deep/a/b/c/mod.py",
+        "dist/x.py",
+        "pkg/__init__.py",
+        "pkg/notes.txt",
+        "pkg/views.py",
+        "templates/index.html",
+    ]
 
     def is_venv(directory: str) -> bool:
         return os.path.exists(os.path.join(directory, "pyvenv.cfg"))
 
     for rel in signature:
-        assert not is_ignored(str(tmp_path / rel), str(tmp_path), is_venv=is_venv), rel
+        if rel.endswith(".py") and not rel.startswith(("build/", "dist/")):
+            assert not is_ignored(str(tmp_path / rel), str(tmp_path), is_venv=is_venv), rel
 
 
 def test_scan_follows_a_root_symlink_but_no_inner_ones(tmp_path: Path) -> None:
@@ -280,7 +297,7 @@ def test_scan_follows_a_root_symlink_but_no_inner_ones(tmp_path: Path) -> None:
     (real / "loop").symlink_to(real, target_is_directory=True)
     current = tmp_path / "current"
     current.symlink_to(real, target_is_directory=True)
-    assert sorted(scan_sources(str(current))) == ["app.py"]
+    assert sorted(scan_sources(str(current))) == ["app.py", "loop"]  # the link, not its content
 
 
 def test_scan_of_a_missing_directory_is_empty(tmp_path: Path) -> None:

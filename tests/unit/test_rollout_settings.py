@@ -12,6 +12,7 @@ import pytest
 import hotpatch.gunicorn
 from hotpatch.errors import ConfigError
 from hotpatch.gunicorn._diagnose import describe_exception
+from hotpatch.gunicorn._fileset import SnapshotRule
 from hotpatch.gunicorn._releases import (
     app_roots,
     pin_sys_path,
@@ -106,14 +107,16 @@ def test_snapshot_copies_sources_and_skips_caches(tmp_path: Path) -> None:
     (app / "templates" / "index.html").write_text("<p>hi</p>")
     state = app / ".state"
     state.mkdir()
-    first = take_snapshot(app, tmp_path / "releases", number=0, exclude=state)
+    (tmp_path / "releases").mkdir()
+    rule = SnapshotRule.build(exclude_paths=[state])
+    first = take_snapshot(app, tmp_path / "releases", number=0, rule=rule)
     assert (first.path / "app.py").read_text() == "VERSION = 1\n"
     assert (first.path / "templates" / "index.html").exists()
     assert not (first.path / "pkg" / "__pycache__").exists()
     assert not (first.path / ".venv").exists()
     assert first.id.startswith("r0-") and first.files == 3
     (app / "app.py").write_text("VERSION = 2\n")
-    second = take_snapshot(app, tmp_path / "releases", number=1, exclude=state)
+    second = take_snapshot(app, tmp_path / "releases", number=1, rule=rule)
     assert second.sha256 != first.sha256
     assert (first.path / "app.py").read_text() == "VERSION = 1\n"  # pinned copy unchanged
     assert prune_releases(tmp_path / "releases", keep={second.id}) == [first.id]
@@ -125,10 +128,11 @@ def test_snapshot_follows_a_current_symlink_at_each_call(tmp_path: Path) -> None
         (tmp_path / name / "app.py").write_text(f"VERSION = {name!r}\n")
     current = tmp_path / "current"
     current.symlink_to(tmp_path / "v1")
-    r1 = take_snapshot(current, tmp_path / "releases", number=0, exclude=tmp_path / "none")
+    (tmp_path / "releases").mkdir()
+    r1 = take_snapshot(current, tmp_path / "releases", number=0)
     current.unlink()
     current.symlink_to(tmp_path / "v2")
-    r2 = take_snapshot(current, tmp_path / "releases", number=1, exclude=tmp_path / "none")
+    r2 = take_snapshot(current, tmp_path / "releases", number=1)
     assert "v1" in (r1.path / "app.py").read_text() and "v2" in (r2.path / "app.py").read_text()
 
 
