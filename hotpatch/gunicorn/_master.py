@@ -90,6 +90,7 @@ from hotpatch.gunicorn._state import (
     open_report_pipe,
     prepare_state_dir,
     process_start_time,
+    remove_stale_state_dirs,
     state_dir_for,
     write_state,
 )
@@ -205,6 +206,10 @@ class Controller:
     def _install(self) -> None:
         self.state_dir = prepare_state_dir(state_dir_for(self.arbiter.pid, self.settings.state_dir))
         self.has_state_dir = True
+        if self.settings.state_dir is None:  # the runtime directory: crashed masters' state goes
+            stale = remove_stale_state_dirs(self.state_dir.parent, keep=self.state_dir)
+            if stale:
+                log.info("state.stale_removed", master_pid=self.arbiter.pid, directories=stale)
         self.roots = app_roots(self.app_dir)
         if self.arbiter.cfg.preload_app:
             self.disabled_reason = PRELOAD_REFUSAL

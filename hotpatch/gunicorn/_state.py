@@ -41,7 +41,10 @@ import fcntl
 import json
 import math
 import os
+import re
+import shutil
 import signal
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +55,7 @@ WAKE_SIGNAL = signal.SIGURG
 """Ignored by default, unused by gunicorn: the kernel sends it to the master when a report arrives."""
 
 STATE_FILE = "state.json"
+_STATE_DIR_NAME = re.compile(r"gunicorn-([1-9][0-9]{0,9})")
 MAX_STATE_BYTES = 4 << 20
 """The state holds at most 200 events per rollout and one line per worker: far below this."""
 MAX_REPORT_BYTES = 256 << 10
@@ -124,6 +128,50 @@ def load_state_file(state_dir: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise StateError(f"{path}: not a JSON object")
     return data
+
+
+def remove_stale_state_dirs(parent: Path, *, keep: Path) -> list[str]:
+    """Remove the state directories of this uid's gunicorn masters that are gone; their names.
+
+    Only ``gunicorn-<pid>`` directories of this uid directly in ``parent`` (the runtime
+    directory) are considered. A master is gone when its recorded pid no longer runs with the
+    recorded start time (a reused pid is another process), or, without a readable record, when
+    no process has that pid. Links are never followed (``rmtree`` works on descriptors).
+    """
+    removed: list[str] = []
+    uid = os.getuid()
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return removed
+    for name in names:
+        match = _STATE_DIR_NAME.fullmatch(name)
+        path = parent / name
+        if match is None or path == keep:
+            continue
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+            continue
+        pid = int(match[1])
+        try:
+            record = load_state_file(path)
+        except StateError:
+            record = {}
+        recorded_start = record.get("master_start_time")
+        running_start = process_start_time(pid)
+        if running_start is not None and (
+            not isinstance(recorded_start, int) or recorded_start == running_start
+        ):
+            continue  # that master (or, with no record, some process with its pid) still runs
+        try:
+            shutil.rmtree(path)
+        except OSError:
+            continue
+        removed.append(name)
+    return removed
 
 
 # -- process identity -------------------------------------------------------------------------

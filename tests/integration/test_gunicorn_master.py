@@ -480,7 +480,7 @@ def test_user_and_group_workers_serve_and_roll(public_app_dir: Path) -> None:
         assert "uid=65534" in site.srv.get("/")[1]
         # The release is readable by the workers' group only; the state directory stays private.
         state_dir = state_dir_for(site.srv.pid)
-        release_dir = state_dir / "releases" / record["release"]
+        release_dir = Path(load_state(site.srv.pid)["releases_dir"]) / record["release"]
         st = os.lstat(release_dir)
         assert st.st_uid == 0 and st.st_gid == 65534
         assert stat.S_IMODE(st.st_mode) & 0o027 == 0

@@ -29,7 +29,7 @@ from hotpatch.demo.harness import (
 )
 from hotpatch.demo.harness import Site as BaseSite
 from hotpatch.gunicorn._client import read_state, start_rollout, wait_for_rollout
-from hotpatch.gunicorn._state import default_state_dir
+from hotpatch.gunicorn._state import state_dir_for
 
 APPS = Path(__file__).resolve().parents[1] / "apps"
 WORKERS = 4
@@ -160,7 +160,7 @@ class Site(BaseSite):
     def release_path(self, release: str) -> Path:
         """Where the master keeps ``release`` (the published ``releases_dir``, else the old place)."""
         state = self.state()
-        base = state.get("releases_dir") or default_state_dir(self.srv.pid) / "releases"
+        base = state.get("releases_dir") or state_dir_for(self.srv.pid) / "releases"
         return Path(base) / release
 
     def status(self) -> str:
@@ -389,7 +389,7 @@ def test_a_crashed_masters_releases_are_removed_by_the_next_master(
     def copies_left() -> list[Path]:
         """Release copies of the crashed master, wherever hotpatch keeps them."""
         found = list(site.state_home.glob(f"hotpatch/releases/gunicorn-{crashed}-*"))
-        legacy = default_state_dir(crashed) / "releases"
+        legacy = state_dir_for(crashed) / "releases"
         if legacy.is_dir():
             found += list(legacy.iterdir())
         return found
@@ -398,6 +398,7 @@ def test_a_crashed_masters_releases_are_removed_by_the_next_master(
     os.killpg(crashed, signal.SIGKILL)  # the master and its workers: no exit hook runs
     first.proc.wait(timeout=30)
     assert copies_left(), "a killed master cannot clean up"
+    assert state_dir_for(crashed).is_dir(), "a killed master leaves its state directory"
     second = Site(tmp_path / "second")
     second.state_home = site.state_home
     second.env = site.env
@@ -409,6 +410,7 @@ def test_a_crashed_masters_releases_are_removed_by_the_next_master(
         stats = second.stop_load()
         assert record["outcome"] == "completed", record
         assert copies_left() == []
+        assert not state_dir_for(crashed).exists(), "the crashed master's state is left behind"
         own = list(site.state_home.glob(f"hotpatch/releases/gunicorn-{second.srv.pid}-*"))
         assert len(own) == 1, own
         assert_no_failures(stats)
