@@ -63,7 +63,7 @@ def _check_private_dir(path: Path, st: os.stat_result) -> None:
     if st.st_mode & (stat.S_ISVTX | stat.S_IWOTH):
         raise InsecurePath(
             path,
-            f"is a shared directory (mode {stat.S_IMODE(st.st_mode):04o}); hotpatch needs a "
+            f"has mode {stat.S_IMODE(st.st_mode):04o}: a shared directory; hotpatch needs a "
             "private one (0700) of this uid: name a directory inside it, never the shared one",
         )
     if st.st_mode & 0o077:
