@@ -278,6 +278,14 @@ def build_candidate(
     for attr in _INHERITED_DUNDERS:
         if hasattr(live, attr):
             namespace[attr] = getattr(live, attr)
+    if hasattr(live, "__path__"):
+        # A package: the import system has bound each imported submodule as an attribute of the
+        # live package (``import pkg.sub`` sets ``pkg.sub``). A restarted ``__init__`` would see
+        # them as soon as its own imports ran; the candidate sees them from the start.
+        prefix = f"{name}."
+        for attr, value in list(live.__dict__.items()):
+            if isinstance(value, types.ModuleType) and value.__name__ == prefix + attr:
+                namespace[attr] = value
     live_builtins = live.__dict__.get("__builtins__", builtins)
     namespace["__builtins__"] = (
         _builtins_importing(live_builtins, siblings, namespace) if siblings else live_builtins

@@ -55,7 +55,7 @@ class FunctionState(NamedTuple):
         func.__qualname__ = self.qualname
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SetFunction:
     func: types.FunctionType
     state: FunctionState
@@ -68,7 +68,7 @@ class SetFunction:
         return SetFunction(self.func, state or FunctionState.capture(self.func))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SetName:
     """``namespace[name] = value``, or deletion when ``value`` is MISSING."""
 
@@ -86,7 +86,7 @@ class SetName:
         return SetName(self.namespace, self.name, self.namespace.get(self.name, MISSING))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SetAttr:
     """``setattr(cls, name, value)``, or ``delattr`` when ``value`` is MISSING."""
 
@@ -161,7 +161,24 @@ def functions_of(value: object) -> list[types.FunctionType]:
         ]
     if isinstance(value, functools.cached_property):
         return [value.func] if isinstance(value.func, types.FunctionType) else []
+    state = descriptor_dict(value)
+    if state is not None:  # a descriptor of another kind that keeps its functions as attributes
+        return [v for v in state.values() if isinstance(v, types.FunctionType)]
     return []
+
+
+def descriptor_dict(value: object) -> dict[str, object] | None:
+    """The instance dictionary of a descriptor (an object whose type defines ``__get__``), read
+    without running its code; ``None`` for anything else."""
+    if isinstance(value, type | types.FunctionType | types.ModuleType):
+        return None
+    if not any("__get__" in vars(klass) for klass in type(value).__mro__[:-1]):
+        return None
+    try:
+        state = object.__getattribute__(value, "__dict__")
+    except Exception:
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def codes_of(value: object) -> list[types.CodeType]:

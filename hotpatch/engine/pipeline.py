@@ -7,7 +7,9 @@ by the engine's lock; each one either commits whole (every module of a change se
 
 from __future__ import annotations
 
+import gc
 import linecache
+import sys
 import threading
 import time
 import types
@@ -30,9 +32,11 @@ from hotpatch.engine.candidate import (
     source_from_text,
     text_sha256,
 )
-from hotpatch.engine.changeset import ChangeSet
+from hotpatch.engine.changeset import ChangeSet, SetAttr, SetFunction, SetName, functions_of
+from hotpatch.engine.derived import Derivation, ModuleChange, derive, top_level_change
 from hotpatch.engine.guard import DeadlineExceeded, run_with_deadline
 from hotpatch.engine.history import Entry, ModuleHistory, Version, version_id
+from hotpatch.engine.modulemap import package_of
 from hotpatch.engine.safepoint import SafePointTimeout, commit_at_safe_point
 from hotpatch.engine.swap import Plan, plan_update
 from hotpatch.errors import HotpatchError, PatchRejected
@@ -56,6 +60,7 @@ class PatchResult:
     added: tuple[str, ...]
     removed: tuple[str, ...]
     duration_s: float
+    derived: tuple[str, ...] = ()  # names of other modules re-derived from this change
 
     @property
     def is_noop(self) -> bool:
@@ -226,16 +231,23 @@ class Engine:
                     )
                 todo = [p for p in prepared if p.plan is not None]
                 if todo:
+                    todo += self._prepare_dependents(todo, shared)
+                    _refuse_stale_references(todo)
                     self._commit(todo, timeout_s=timeout_s)
+                    self._check_fidelity(todo)
                     self._check_health(todo)
             except PatchRejected as exc:
                 self._record_rejection(exc)
                 raise
             duration = time.perf_counter() - started
             results = []
+            dependents = [p for p in todo if p.derived_from] if prepared else []
             for p in prepared:
-                result = self._record_applied(p, duration) if p.plan else p.noop_result(duration)
-                results.append(result)
+                if p.plan is None:
+                    results.append(p.noop_result(duration))
+                    continue
+                mine = [d for d in dependents if d.derived_from == p.name] if p is todo[0] else []
+                results.append(self._record_applied(p, duration, mine))
             return results
 
     def _prepare(
@@ -282,12 +294,25 @@ class Engine:
             forced=forced,
             remap=shared.remap,
         )
-        if plan.problems:
-            first = plan.problems[0]
-            more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
-            raise PatchRejected(
-                name, "compatibility", first.message + more, filename=filename, lineno=first.lineno
+        _raise_problems(name, plan, filename)
+        for _ in range(4):  # statements that derive values from what this plan changed
+            derivation = self._derivation(name, source, plan, shared, own=True)
+            _raise_derivation(name, derivation, filename, name)
+            if derivation.forced <= forced:
+                break
+            forced |= derivation.forced
+            plan = plan_update(
+                name,
+                module.__dict__,
+                candidate.namespace,
+                old_index=old_source.index if old_source else None,
+                new_index=source.index,
+                allow_removals=allow_removals,
+                forced=forced,
+                remap=shared.remap,
             )
+            _raise_problems(name, plan, filename)
+        shared.changes[name] = _module_change(plan)
         if not plan.changeset:
             # Identical down to line numbers: nothing to commit. A baseline that was unknown
             # (first contact after the file changed) is now known to be this source.
@@ -295,6 +320,117 @@ class Engine:
             return _Prepared(module, source, None, live_entry, None)
         self._verify(candidate)
         return _Prepared(module, source, plan, live_entry, candidate)
+
+    def _derivation(
+        self, name: str, source: Source, plan: Plan, shared: _ChangeSetContext, *, own: bool
+    ) -> Derivation:
+        """What the module's statements derive from names this change set changed."""
+
+        def exported(module_name: str) -> list[str]:
+            candidate = shared.candidates.get(module_name)
+            names = vars(candidate) if candidate is not None else {}
+            listed = names.get("__all__")
+            if isinstance(listed, list | tuple):
+                return [n for n in listed if isinstance(n, str)]
+            return [n for n in names if not n.startswith("_")]
+
+        return derive(
+            source.index.units,
+            package=package_of(name),
+            own=_module_change(plan) if own else None,
+            changed=shared.changes,
+            is_module=lambda n: n in sys.modules,
+            exported=exported,
+        )
+
+    def _prepare_dependents(
+        self, todo: list[_Prepared], shared: _ChangeSetContext
+    ) -> list[_Prepared]:
+        """Re-derive the live modules that derive state from what ``todo`` changes.
+
+        A module that imports from a changed module (``from .sub import *``, a table built from
+        its names) is found by the objects its namespace shares with the changed module, then
+        its statements are read (``derived.derive``); dirty ones are taken from a candidate
+        executed with the new versions, in dependency order, as a restart would compute them.
+        """
+        queue = [p.name for p in todo]
+        done = set(queue)
+        found: list[_Prepared] = []
+        while queue:
+            trigger = queue.pop(0)
+            for name in _possible_dependents(trigger, shared.changes[trigger]):
+                if name in done:
+                    continue
+                done.add(name)
+                p = self._rederive(name, trigger, shared)
+                if p is not None:
+                    p.derived_from = todo[0].name
+                    found.append(p)
+                    queue.append(name)
+        return found
+
+    def _rederive(self, name: str, trigger: str, shared: _ChangeSetContext) -> _Prepared | None:
+        module = sys.modules.get(name)
+        filename = getattr(module, "__file__", None)
+        if not isinstance(module, types.ModuleType) or not str(filename).endswith(".py"):
+            return None  # no Python source: nothing derived at import that hotpatch could read
+        record = self._ensure_history(name)
+        live_entry = record.live()
+        source = live_entry.source
+        if source is None:
+            raise PatchRejected(
+                trigger,
+                "compatibility",
+                f"needs a restart: {name} imports from {trigger}, which changed, and its live "
+                "source is unknown (its file changed before hotpatch first saw it)",
+                filename=str(filename),
+            )
+        plan = _empty_plan(name)
+        derivation = self._derivation(name, source, plan, shared, own=False)
+        _raise_derivation(trigger, derivation, source.filename, name)
+        if not derivation.forced:
+            return None
+        _, code = compile_source(name, source.text, source.filename, previous=source)
+        candidate = build_candidate(module, source, code, siblings=shared.candidates)
+        shared.candidates[name] = candidate.module
+        shared.remap[id(candidate.module)] = module
+        plan = plan_update(
+            name,
+            module.__dict__,
+            candidate.namespace,
+            old_index=source.index,
+            new_index=source.index,
+            allow_removals=True,
+            forced=derivation.forced,
+            remap=shared.remap,
+        )
+        _raise_problems(trigger, plan, source.filename, name)
+        if not plan.changeset:
+            return None
+        shared.changes[name] = _module_change(plan)
+        log.debug("patch.rederived", module=name, trigger=trigger, names=list(plan.changed))
+        return _Prepared(module, source, plan, live_entry, Candidate(name, source, candidate.module, candidate.namespace))
+
+    def _check_fidelity(self, todo: list[_Prepared]) -> None:
+        """After the commit: every name reported changed or added runs the candidate's code."""
+        for p in todo:
+            if p.plan is None or p.candidate is None:
+                continue
+            for path in (*p.plan.changed, *p.plan.added):
+                problem = _fidelity_problem(p.module.__dict__, p.candidate.namespace, path)
+                if problem is None:
+                    continue
+                reason = (
+                    f"after the commit, {p.name}.{path} {problem}; rolled back: a restart is "
+                    "needed for this change"
+                )
+                self._undo(todo, reason=reason)
+                raise PatchRejected(
+                    (p.derived_from or p.name),
+                    "compatibility",
+                    reason,
+                    filename=p.source.filename,
+                )
 
     def _migrate(self, candidate: Candidate, live: types.ModuleType) -> frozenset[str]:
         """Run the candidate's ``__hotpatch_migrate__(old_namespace)``; names it sets are taken."""
@@ -455,9 +591,19 @@ class Engine:
         self._histories[name] = record
         return record
 
-    def _record_applied(self, p: _Prepared, duration_s: float) -> PatchResult:
+    def _record_applied(
+        self, p: _Prepared, duration_s: float, dependents: list[_Prepared] | None = None
+    ) -> PatchResult:
         assert p.plan is not None and p.undo is not None
-        previous, version = self._histories[p.name].add_applied(p.source, p.undo)
+        undo = p.undo
+        derived: list[str] = []
+        for d in reversed(dependents or []):  # their undo rides on this version's: rollback
+            assert d.undo is not None and d.plan is not None  # restores them too
+            undo = ChangeSet(d.undo.assignments + undo.assignments)
+        for d in dependents or []:
+            assert d.plan is not None
+            derived += [f"{d.name}.{n}" for n in (*d.plan.changed, *d.plan.added, *d.plan.removed)]
+        previous, version = self._histories[p.name].add_applied(p.source, undo)
         log.info(
             "patch.applied",
             module=p.name,
@@ -466,6 +612,7 @@ class Engine:
             changed=list(p.plan.changed),
             added=list(p.plan.added),
             removed=list(p.plan.removed),
+            derived=derived,
             duration_s=round(duration_s, 6),
         )
         return PatchResult(
@@ -476,6 +623,7 @@ class Engine:
             p.plan.added,
             p.plan.removed,
             duration_s,
+            tuple(derived),
         )
 
     def _record_rejection(self, exc: PatchRejected) -> None:
@@ -497,6 +645,7 @@ class _ChangeSetContext:
 
     candidates: dict[str, types.ModuleType] = field(default_factory=dict)
     remap: dict[int, object] = field(default_factory=dict)
+    changes: dict[str, ModuleChange] = field(default_factory=dict)
 
 
 @dataclass
@@ -507,6 +656,7 @@ class _Prepared:
     live_entry: Entry
     candidate: Candidate | None
     undo: ChangeSet | None = None
+    derived_from: str | None = None  # re-derived (source unchanged) because this module changed
 
     @property
     def name(self) -> str:
@@ -538,6 +688,204 @@ def _rejection(
     return PatchRejected(
         candidate.name, stage, reason, filename=candidate.source.filename, lineno=lineno
     )
+
+
+def _raise_problems(name: str, plan: Plan, filename: str, where: str | None = None) -> None:
+    if not plan.problems:
+        return
+    first = plan.problems[0]
+    more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
+    prefix = f"{where} (re-derived): " if where and where != name else ""
+    raise PatchRejected(
+        name, "compatibility", prefix + first.message + more, filename=filename, lineno=first.lineno
+    )
+
+
+def _raise_derivation(name: str, derivation: Derivation, filename: str, where: str) -> None:
+    if derivation.refusal is None:
+        return
+    lineno, reason = derivation.refusal
+    prefix = "" if where == name else f"{where}: "
+    raise PatchRejected(
+        name,
+        "compatibility",
+        f"needs a restart: {prefix}{reason}; hotpatch cannot redo that in place",
+        filename=filename,
+        lineno=lineno,
+    )
+
+
+def _module_change(plan: Plan) -> ModuleChange:
+    return top_level_change(plan.changed, plan.added, plan.removed, plan.rebound)
+
+
+def _empty_plan(name: str) -> Plan:
+    return Plan(name, ChangeSet(()), (), (), (), frozenset(), ())
+
+
+# Objects every module shares (singletons, small ints): holding one says nothing about imports.
+_SHARED = (bool, type(None), type(Ellipsis), type(NotImplemented))
+
+
+def _possible_dependents(name: str, change: ModuleChange) -> list[str]:
+    """Live modules whose namespace holds the module ``name``, or objects it changed or defines.
+
+    Cheap and wide: the statements of each one found are read next (``derived.derive``).
+    """
+    if not change:
+        return []
+    live = sys.modules.get(name)
+    if not isinstance(live, types.ModuleType):
+        return []
+    ns = live.__dict__
+    watched = {id(live)}
+    for key in change.names:
+        value = ns.get(key)
+        if value is not None and not isinstance(value, _SHARED):
+            if not (isinstance(value, int) and -5 <= value <= 256):
+                watched.add(id(value))
+    if change.rebound:  # names added or removed: star imports of this module follow
+        for value in ns.values():
+            if isinstance(value, type | types.FunctionType) and value.__module__ == name:
+                watched.add(id(value))
+    found = []
+    parent = name.rpartition(".")[0]
+    for other, module in list(sys.modules.items()):
+        if other == name or not isinstance(module, types.ModuleType):
+            continue
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        if other == parent or not watched.isdisjoint(map(id, namespace.values())):
+            found.append(other)
+    return found
+
+
+def _refuse_stale_references(todo: list[_Prepared]) -> None:
+    """A function replaced rather than updated in place (it became a generator, a coroutine, or
+    the reverse) must have no reference the commit leaves pointing at it: module namespaces and
+    class attributes that the change set re-binds are fine; anything else (a registry, a
+    callback list, a closure, a bound method) would keep running the old code."""
+    pending = [
+        (p, path, old) for p in todo if p.plan is not None for path, old, _ in p.plan.replaced_definitions
+    ]
+    if not pending:
+        return
+    rebinding: dict[int, set[object]] = {}  # id(namespace or class) -> names re-bound there
+    for p in todo:
+        for op in p.plan.changeset.assignments if p.plan else ():
+            if isinstance(op, SetName):
+                rebinding.setdefault(id(op.namespace), set()).add(op.name)
+            elif isinstance(op, SetAttr):
+                rebinding.setdefault(id(op.cls), set()).add(op.name)
+    modules = {id(m.__dict__): m for m in list(sys.modules.values()) if hasattr(m, "__dict__")}
+    class_dicts: dict[int, int] = {}  # id(a class's own dict) -> id(the class)
+    for p in todo:
+        for op in p.plan.changeset.assignments if p.plan else ():
+            if isinstance(op, SetAttr):
+                for inner in gc.get_referents(op.cls):
+                    if type(inner) is dict and op.name in inner:
+                        class_dicts[id(inner)] = id(op.cls)
+    for p, path, old in pending:
+        holders = _foreign_holders(old, rebinding, modules, class_dicts)
+        if holders:
+            raise PatchRejected(
+                p.name,
+                "compatibility",
+                f"{path} cannot be updated in place (it became a generator or a coroutine, or the "
+                "reverse, or its shape changed), so the new version replaces it; references to "
+                f"the old one held elsewhere ({', '.join(sorted(set(holders))[:5])}) would keep "
+                "running the old code, where a restart re-creates them: a restart is needed",
+                filename=p.source.filename,
+            )
+
+
+def _foreign_holders(
+    old: object,
+    rebinding: dict[int, set[object]],
+    modules: dict[int, types.ModuleType],
+    class_dicts: dict[int, int],
+) -> list[str]:
+    """What holds ``old`` besides the places the change set re-binds and hotpatch's own records.
+
+    Written without comprehensions over ``old``: a comprehension's closure cell would hold it.
+    """
+    holders: list[str] = []
+    bookkeeping = (SetName, SetAttr, SetFunction, types.FrameType)
+    for ref in gc.get_referrers(old):
+        if isinstance(ref, bookkeeping):
+            continue
+        if (
+            isinstance(ref, tuple)
+            and len(ref) == 3
+            and (ref[1] is old and isinstance(ref[0], str) or ref[2] is old)
+            and isinstance(ref[0], str | _Prepared)
+        ):
+            continue  # (path, old, functions) records of the plan, and the pending list
+        if isinstance(ref, dict):
+            keys: set[object] = set()
+            only_int_keys = True
+            for key, value in ref.items():
+                if value is old:
+                    keys.add(key)
+                only_int_keys = only_int_keys and isinstance(key, int)
+            if id(ref) in modules:
+                if keys <= rebinding.get(id(ref), set()):
+                    continue
+                name = sorted(map(str, keys))[0]
+                holders.append(f"{modules[id(ref)].__name__}.{name}")
+                continue
+            owner = class_dicts.get(id(ref))
+            if owner is not None and keys <= rebinding.get(owner, set()):
+                continue
+            if only_int_keys:
+                continue  # a remap table of the planner (id -> live object)
+        elif isinstance(ref, type) and keys_rebound(ref, old, rebinding):
+            continue
+        holders.append(type(ref).__name__)
+    return holders
+
+
+def keys_rebound(cls: type, old: object, rebinding: dict[int, set[object]]) -> bool:
+    names = set()
+    for key, value in cls.__dict__.items():
+        if value is old:
+            names.add(key)
+    return names <= rebinding.get(id(cls), set())
+
+
+def _codes(value: object) -> list[types.CodeType]:
+    """The code objects a value runs: its functions, through ``__wrapped__`` chains."""
+    codes: list[types.CodeType] = []
+    for _ in range(16):
+        codes += [f.__code__ for f in functions_of(value)]
+        try:
+            inner = object.__getattribute__(value, "__dict__").get("__wrapped__")
+        except Exception:
+            inner = None
+        if inner is None:
+            break
+        value = inner
+    return codes
+
+
+def _fidelity_problem(live: dict[str, object], cand: dict[str, object], path: str) -> str | None:
+    """Why the live object at ``path`` does not run the candidate's code (``None``: it does)."""
+    first, *rest = path.split(".")
+    live_value, cand_value = live.get(first), cand.get(first)
+    for part in rest:
+        if not isinstance(live_value, type) or not isinstance(cand_value, type):
+            return None
+        live_value, cand_value = live_value.__dict__.get(part), cand_value.__dict__.get(part)
+    if isinstance(cand_value, type):
+        return None  # a class: its members are checked by their own names
+    want, have = _codes(cand_value), _codes(live_value)
+    if len(want) != len(have) or any(a is not b and a != b for a, b in zip(want, have)):
+        return "still runs code of the old version"
+    for func in functions_of(live_value):
+        if func.__globals__ is cand:
+            return "runs with the candidate's globals, not the live module's"
+    return None
 
 
 def _baseline_source(module: types.ModuleType, max_bytes: int) -> Source | None:

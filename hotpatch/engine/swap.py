@@ -101,6 +101,9 @@ class Plan:
     replaced_codes: frozenset[types.CodeType]
     problems: tuple[Problem, ...]
     after_commit: tuple[Callable[[], object], ...] = ()
+    rebound: tuple[str, ...] = ()  # module-level names bound to another object (not in place)
+    # (path, old object, ()) of definitions replaced rather than updated in place
+    replaced_definitions: tuple[tuple[str, object, tuple[()]], ...] = ()
 
 
 def _own_function(value: object, namespace: dict[str, object]) -> bool:
@@ -145,6 +148,10 @@ class _Planner:
     replaced: set[types.CodeType] = field(default_factory=set)
     problems: list[Problem] = field(default_factory=list)
     after_commit: list[Callable[[], object]] = field(default_factory=list)
+    rebound: list[str] = field(default_factory=list)
+    replaced_definitions: list[tuple[str, object, tuple[()]]] = field(
+        default_factory=list
+    )
     _funcs_done: set[int] = field(default_factory=set)
     _classes_done: set[int] = field(default_factory=set)
     _nested: dict[types.CodeType, types.CodeType] = field(default_factory=dict)
@@ -171,8 +178,8 @@ class _Planner:
 
     def take_new(self, scope: str, name: str, old: object, new: object) -> bool:
         """Whether a plain name takes its new value (else the live object is kept)."""
-        if not scope and name in self.forced:
-            return True
+        if (f"{scope}.{name}" if scope else name) in self.forced:
+            return True  # set by __hotpatch_migrate__, or derived from names that changed
         if self.old_index is not None and (
             self.old_index.binds(scope, name) or self.new_index.binds(scope, name)
         ):
@@ -190,8 +197,12 @@ class _Planner:
             if old is MISSING:
                 continue
             kind = self.kind(old, new)
-            if kind in ("function", "wrapped"):
-                self.remap[id(new)] = old
+            if kind == "function":
+                if self.can_update(old, new):  # else the new function replaces the old one
+                    self.remap[id(new)] = old
+            elif kind == "wrapped":
+                if self.can_update(_innermost_own(old, self.live), _innermost_own(new, self.cand)):
+                    self.remap[id(new)] = old
             elif kind == "class":
                 self._pair_class(old, new)  # type: ignore[arg-type]
             elif not isinstance(new, IMMUTABLE) and not self.take_new("", name, old, new):
@@ -204,8 +215,33 @@ class _Planner:
             if is_own_class(ov, self.module) and is_own_class(nv, self.module) and ov is not nv:
                 assert isinstance(ov, type) and isinstance(nv, type)
                 self._pair_class(ov, nv)
-            elif _own_function(ov, self.live) and _own_function(nv, self.cand):
+            elif self.can_update(ov, nv):
                 self.remap[id(nv)] = ov
+
+    def can_update(self, old: object, new: object, depth: int = 0) -> bool:
+        """Whether live function ``old`` can take ``new``'s code in place, with the functions its
+        closure and ``__wrapped__`` hold (decorators): same kind (not a plain function turned
+        generator or coroutine), same free variables. Otherwise the new function replaces it."""
+        if not (
+            isinstance(old, types.FunctionType)
+            and isinstance(new, types.FunctionType)
+            and _own_function(old, self.live)
+            and _own_function(new, self.cand)
+        ):
+            return False
+        if old.__code__.co_freevars != new.__code__.co_freevars:
+            return False
+        if not same_kind(old.__code__, new.__code__):
+            return False
+        if depth > 16 or id(old) in self._funcs_done:
+            return True
+        pairs = [(cell_value(o), cell_value(n)) for o, n in zip(old.__closure__ or (), new.__closure__ or ())]
+        pairs.append((old.__dict__.get("__wrapped__"), new.__dict__.get("__wrapped__")))
+        for o, n in pairs:
+            if _own_function(o, self.live) or _own_function(n, self.cand):
+                if not self.can_update(o, n, depth + 1):
+                    return False
+        return True
 
     def remap_value(self, value: object) -> object:
         return self.remap.get(id(value), value)
@@ -262,12 +298,16 @@ class _Planner:
                     )
                     continue
                 if self.take_new("", name, old, new) and not same_value(old, new):
+                    if name in self.forced and self.rebind(new) is old:
+                        continue  # re-derived to the very same object
                     self.replace_name(name, old, new)
 
         for name, old in self.live.items():
             if name in MODULE_SKIP or name in self.cand:
                 continue
-            if self.old_index is not None:
+            if name in self.forced and not self._is_definition(old):
+                pass  # re-derived, and a restart would not bind it any more (a star import)
+            elif self.old_index is not None:
                 if not self.old_index.binds("", name):
                     continue  # set at run time, not by the source: live state, kept
             elif not self._is_definition(old):
@@ -296,6 +336,22 @@ class _Planner:
         self.ops.append(SetName(self.live, name, self.rebind(new)))
         self.replaced.update(codes_of(old))
         self.changed.append(name)
+        self.rebound.append(name)
+        self._note_replaced_definition(name, old)
+
+    def _note_replaced_definition(self, path: str, old: object) -> None:
+        """A function of this module that is replaced, not updated in place (it became a
+        generator, a coroutine, or the reverse): references to it that the commit does not
+        re-bind would keep running the old code, so they must not exist."""
+        filename = self.live.get("__file__")
+        old_funcs = [f for f in functions_of(old) if _own_function(f, self.live)]
+        inner = _innermost_own(old, self.live)
+        if inner is not None and inner not in old_funcs:
+            old_funcs.append(inner)
+        # Functions generated by a decorator (a dataclass's __init__) are not in the source.
+        old_funcs = [f for f in old_funcs if f.__code__.co_filename == filename]
+        if old_funcs:
+            self.replaced_definitions.append((path, old, ()))
 
     def check_signature(self, old: types.FunctionType, new: types.FunctionType, path: str) -> None:
         if parameter_shape(old) == parameter_shape(new):
@@ -314,12 +370,8 @@ class _Planner:
         """Plan ``old`` to take ``new``'s code in place; ``False`` when that cannot be done."""
         if id(old) in self._funcs_done:
             return True
-        if not (_own_function(old, self.live) and _own_function(new, self.cand)):
-            return False
-        if old.__code__.co_freevars != new.__code__.co_freevars:
-            return False
-        if not same_kind(old.__code__, new.__code__):
-            return False  # a plain function became a generator (or the reverse): replace it
+        if not self.can_update(old, new):
+            return False  # e.g. a plain function became a generator: the new one replaces it
         self._funcs_done.add(id(old))
         self.remap[id(new)] = old
         state = FunctionState(
@@ -463,7 +515,7 @@ class _Planner:
                 self.ops.append(SetAttr(cls, name, self.rebind(nv)))
                 self.changed.append(member)
             return
-        same_shape = type(ov) is type(nv) and (
+        same_shape = self.remap_value(type(nv)) is type(ov) and (
             not isinstance(ov, property)
             or [f is None for f in (ov.fget, ov.fset, ov.fdel)]
             == [f is None for f in (nv.fget, nv.fset, nv.fdel)]  # type: ignore[attr-defined]
@@ -472,6 +524,11 @@ class _Planner:
             if public:
                 self.check_signature(old_funcs[0], new_funcs[0], member)
             if all(self.update_function(o, n, member) for o, n in zip(old_funcs, new_funcs)):
+                if not self._same_descriptor_state(ov, nv):
+                    # The functions run the new code in place; the descriptor's own state
+                    # (its doc, a subclass's attributes) is new: a copy around the live functions.
+                    self.ops.append(SetAttr(cls, name, self.rebind(nv)))
+                    self.changed.append(member)
                 return
             if all(same_generated(o, n) for o, n in zip(old_funcs, new_funcs)):
                 return  # made by a decorator (dataclass __init__...), identical: keep the live one
@@ -486,6 +543,41 @@ class _Planner:
         self.ops.append(SetAttr(cls, name, self.rebind(nv)))
         self.replaced.update(codes_of(ov))
         self.changed.append(member)
+        self._note_replaced_definition(member, ov)
+
+    def _same_descriptor_state(self, ov: object, nv: object) -> bool:
+        """Whether two descriptors carry the same state besides their functions."""
+        if isinstance(ov, types.FunctionType):
+            return True
+        old_state, new_state = _descriptor_state(ov), _descriptor_state(nv)
+        if old_state.keys() != new_state.keys():
+            return False
+        for key, old_value in old_state.items():
+            new_value = new_state[key]
+            if not (
+                old_value is new_value
+                or self.remap.get(id(new_value)) is old_value
+                or same_value(old_value, new_value)
+            ):
+                return False
+        return True
+
+
+def _descriptor_state(value: object) -> dict[str, object]:
+    """A descriptor's state besides its functions: doc, attribute name, a subclass's attributes."""
+    state: dict[str, object] = {}
+    if isinstance(value, property):
+        state["__doc__"] = value.__doc__
+    try:
+        own = object.__getattribute__(value, "__dict__")
+    except Exception:
+        own = None
+    if isinstance(own, dict):
+        for key, item in own.items():
+            if key in ("lock", "__wrapped__") or isinstance(item, types.FunctionType):
+                continue
+            state[key] = item
+    return state
 
 
 def _enum_internal(cls: type, name: str) -> bool:
@@ -534,4 +626,6 @@ def plan_update(
         replaced_codes=frozenset(planner.replaced),
         problems=tuple(planner.problems),
         after_commit=tuple(planner.after_commit),
+        rebound=tuple(planner.rebound),
+        replaced_definitions=tuple(planner.replaced_definitions),
     )

@@ -1,0 +1,193 @@
+"""State a module derives at import time from names that a patch changes: re-derive it or refuse.
+
+The idea: a restarted process runs every module's top-level code again, so a table that module B
+builds at import from module A's definitions (``TABLE = {k: f(k) for k in a.KINDS}``), a re-export
+(``from .sub import *`` in a package ``__init__``) or a value computed from a function of the same
+module (``LIMITS = compute()``) follows A's new version. An in-place patch keeps every live value
+whose own statement did not change, so without more care it keeps values derived from the old A:
+the patched process would differ from a restarted one while the patch reported success.
+
+The problem is to find those statements without running anything, and to redo only what a restart
+would redo. ``derive`` reads the statement index of a module (``statements.Reads``: the names each
+top-level statement reads, calls and changes at import) and the names a change set changed in each
+module, and marks a statement *dirty* when it reads a name that was re-bound (replaced, added or
+removed), calls a name whose behaviour changed, or star-imports from a module that gained or lost
+names. Dirty statements taint the names they bind, in source order, so derivation follows chains
+inside a module; the caller runs modules in dependency order, so it follows chains across modules.
+
+The mechanism: the names a dirty statement binds (and the module's own objects it changes through
+``name.method(...)`` or ``name[k] = v``) are *forced*: the commit takes their values from a
+candidate executed with the new versions, as a restart would. A dirty statement whose effect lands
+elsewhere (a bare call at import, a change to another module's object, a decorator that is a new
+object) cannot be redone in place: ``derive`` returns it as a refusal, with the line and the reason,
+and the patch is refused with "needs a restart". Pure logic: no imports are run here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from hotpatch.engine.statements import ImportRef, Unit
+
+
+@dataclass(frozen=True)
+class ModuleChange:
+    """What a patch changed in one module, by top-level name.
+
+    Attributes:
+        names: names whose object changed, in place or not, or that were added or removed.
+        rebound: the subset bound to another object (replaced, added or removed): a reference
+            taken before the patch no longer is the module's value.
+    """
+
+    names: frozenset[str]
+    rebound: frozenset[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """What re-deriving a module takes: forced names, or a refusal (line, reason)."""
+
+    forced: frozenset[str]
+    refusal: tuple[int, str] | None = None
+    dirty_lines: tuple[int, ...] = ()
+
+
+def top_level_change(
+    changed: Iterable[str], added: Iterable[str], removed: Iterable[str], rebound: Iterable[str]
+) -> ModuleChange:
+    """A ``ModuleChange`` from a plan's qualified names (``K.method`` counts as ``K``)."""
+    names = {n.partition(".")[0] for part in (changed, added, removed) for n in part}
+    hard = {n for n in rebound if "." not in n}
+    hard.update(n for n in (*added, *removed) if "." not in n)
+    return ModuleChange(frozenset(names), frozenset(hard))
+
+
+def resolve(ref: ImportRef, package: str) -> str | None:
+    """The absolute module an import statement reads from."""
+    if not ref.is_from:
+        return ref.name
+    if ref.level == 0:
+        return ref.module
+    parts = package.split(".") if package else []
+    if ref.level - 1 > len(parts):
+        return None
+    base = parts[: len(parts) - (ref.level - 1)]
+    if ref.module:
+        base.append(ref.module)
+    return ".".join(base) or None
+
+
+def derive(
+    units: Iterable[Unit],
+    *,
+    package: str,
+    own: ModuleChange | None,
+    changed: Mapping[str, ModuleChange],
+    is_module: Callable[[str], bool],
+    exported: Callable[[str], Iterable[str]],
+) -> Derivation:
+    """Find the statements of a module that a restart would compute differently (module docstring).
+
+    Args:
+        units: the module's top-level statements, in order (``StatementIndex.units``).
+        package: the module's ``__package__``, to resolve relative imports.
+        own: what the patch changed in this module itself, when it is part of the change set.
+        changed: what the patch changed in other modules, by module name.
+        is_module: whether a dotted name is an imported module.
+        exported: the names ``from module import *`` binds from a changed module.
+
+    Returns:
+        The names to take from the candidate, or the first statement that needs a restart.
+    """
+    soft: set[str] = set(own.names) if own else set()  # behaviour changed (identity may be kept)
+    hard: set[str] = set(own.rebound) if own else set()  # bound to another object
+    aliases: dict[str, str] = {}  # local name -> module it is bound to
+    own_names = {name for unit in units for scope, name in unit.bound if not scope}
+    forced: set[str] = set()
+    dirty_lines: list[int] = []
+    for unit in units:
+        reads = unit.reads
+        why_hard: list[str] = []
+        why_soft: list[str] = []
+        star_names: set[str] = set()
+        for ref in reads.imports:
+            source = resolve(ref, package)
+            if source is None:
+                continue
+            if not ref.is_from:
+                local = ref.asname or ref.name.partition(".")[0]
+                aliases[local] = ref.name if ref.asname else local
+                continue
+            change = changed.get(source)
+            if ref.name == "*":
+                if change is not None and change.rebound:
+                    why_hard.append(f"from {source} import *")
+                    star_names.update(exported(source))
+                continue
+            local = ref.asname or ref.name
+            full = f"{source}.{ref.name}"
+            if is_module(full):
+                aliases[local] = full
+            else:
+                aliases.pop(local, None)
+            if change is not None and ref.name in change.rebound:
+                why_hard.append(full)
+        for name in reads.names:
+            if name in hard:
+                why_hard.append(name)
+            elif name in soft and name in reads.calls:
+                why_soft.append(f"{name}()")
+            module = aliases.get(name)
+            change = changed.get(module) if module else None
+            if change and name in reads.bare and change.rebound:
+                why_hard.append(f"module {module}")
+        for base, attr in reads.attrs:
+            module = aliases.get(base)
+            change = changed.get(module) if module else None
+            if change is None:
+                continue
+            if attr in change.rebound:
+                why_hard.append(f"{module}.{attr}")
+            elif attr in change.names and base in reads.calls:
+                why_soft.append(f"{module}.{attr}")
+        if not why_hard and not why_soft:
+            continue
+        why = ", ".join(dict.fromkeys(why_hard + why_soft))
+        bound = {name for scope, name in unit.bound if not scope}
+        if reads.kind == "def":
+            if why_hard:  # a decorator or default made from a replaced object
+                return Derivation(
+                    frozenset(forced),
+                    (unit.start, f"the definition reads {why} at import, which changed"),
+                )
+            continue  # the function is updated in place; its defaults are taken new
+        dirty_lines.append(unit.start)
+        if reads.kind == "class":
+            forced.update(f"{scope}.{name}" for scope, name, _ in unit.texts if scope)
+            soft.update(bound)
+            continue
+        if reads.effect is not None:
+            return Derivation(
+                frozenset(forced),
+                (unit.start, f"{reads.effect} runs at import and reads {why}, which changed"),
+            )
+        for name in reads.mutates:
+            if name not in own_names or name in aliases:
+                return Derivation(
+                    frozenset(forced),
+                    (
+                        unit.start,
+                        f"the statement changes {name}, not a value of this module, at import "
+                        f"from {why}, which changed",
+                    ),
+                )
+        taken = bound | set(reads.mutates) | star_names
+        forced.update(taken)
+        soft.update(taken)
+        hard.update(taken)
+    return Derivation(frozenset(forced), None, tuple(dirty_lines))
