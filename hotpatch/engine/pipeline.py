@@ -301,6 +301,8 @@ class Engine:
             if derivation.forced <= forced:
                 break
             forced |= derivation.forced
+            for paired in plan.paired_plain:  # values kept live by that plan may now be forced
+                shared.remap.pop(paired, None)
             plan = plan_update(
                 name,
                 module.__dict__,
@@ -409,7 +411,13 @@ class Engine:
             return None
         shared.changes[name] = _module_change(plan)
         log.debug("patch.rederived", module=name, trigger=trigger, names=list(plan.changed))
-        return _Prepared(module, source, plan, live_entry, Candidate(name, source, candidate.module, candidate.namespace))
+        return _Prepared(
+            module,
+            source,
+            plan,
+            live_entry,
+            Candidate(name, source, candidate.module, candidate.namespace),
+        )
 
     def _check_fidelity(self, todo: list[_Prepared]) -> None:
         """After the commit: every name reported changed or added runs the candidate's code."""
@@ -741,9 +749,8 @@ def _possible_dependents(name: str, change: ModuleChange) -> list[str]:
     watched = {id(live)}
     for key in change.names:
         value = ns.get(key)
-        if value is not None and not isinstance(value, _SHARED):
-            if not (isinstance(value, int) and -5 <= value <= 256):
-                watched.add(id(value))
+        if not isinstance(value, _SHARED) and not (isinstance(value, int) and -5 <= value <= 256):
+            watched.add(id(value))
     if change.rebound:  # names added or removed: star imports of this module follow
         for value in ns.values():
             if isinstance(value, type | types.FunctionType) and value.__module__ == name:
@@ -767,7 +774,10 @@ def _refuse_stale_references(todo: list[_Prepared]) -> None:
     class attributes that the change set re-binds are fine; anything else (a registry, a
     callback list, a closure, a bound method) would keep running the old code."""
     pending = [
-        (p, path, old) for p in todo if p.plan is not None for path, old, _ in p.plan.replaced_definitions
+        (p, path, old)
+        for p in todo
+        if p.plan is not None
+        for path, old, _ in p.plan.replaced_definitions
     ]
     if not pending:
         return
@@ -778,6 +788,12 @@ def _refuse_stale_references(todo: list[_Prepared]) -> None:
                 rebinding.setdefault(id(op.namespace), set()).add(op.name)
             elif isinstance(op, SetAttr):
                 rebinding.setdefault(id(op.cls), set()).add(op.name)
+    for p in todo:  # old values the commit replaces (a list of the module that held it)
+        for op in p.plan.changeset.assignments if p.plan else ():
+            if isinstance(op, SetName):
+                rebinding.setdefault(id(op.namespace.get(op.name)), set()).add(_WHOLE)
+            elif isinstance(op, SetAttr):
+                rebinding.setdefault(id(op.cls.__dict__.get(op.name)), set()).add(_WHOLE)
     modules = {id(m.__dict__): m for m in list(sys.modules.values()) if hasattr(m, "__dict__")}
     class_dicts: dict[int, int] = {}  # id(a class's own dict) -> id(the class)
     for p in todo:
@@ -800,6 +816,9 @@ def _refuse_stale_references(todo: list[_Prepared]) -> None:
             )
 
 
+_WHOLE = object()  # marks an old value the change set replaces as a whole
+
+
 def _foreign_holders(
     old: object,
     rebinding: dict[int, set[object]],
@@ -813,12 +832,12 @@ def _foreign_holders(
     holders: list[str] = []
     bookkeeping = (SetName, SetAttr, SetFunction, types.FrameType)
     for ref in gc.get_referrers(old):
-        if isinstance(ref, bookkeeping):
+        if isinstance(ref, bookkeeping) or _WHOLE in rebinding.get(id(ref), ()):
             continue
         if (
             isinstance(ref, tuple)
             and len(ref) == 3
-            and (ref[1] is old and isinstance(ref[0], str) or ref[2] is old)
+            and ((ref[1] is old and isinstance(ref[0], str)) or ref[2] is old)
             and isinstance(ref[0], str | _Prepared)
         ):
             continue  # (path, old, functions) records of the plan, and the pending list

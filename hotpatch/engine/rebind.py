@@ -14,6 +14,7 @@ import contextlib
 import functools
 import types
 from dataclasses import dataclass, field
+from typing import Any
 
 from hotpatch.engine.changeset import MISSING, descriptor_dict
 from hotpatch.engine.compare import cell_value
@@ -21,7 +22,18 @@ from hotpatch.engine.compare import cell_value
 CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__"})
 
 # Values that cannot hold a candidate object: never walked.
-_SCALARS = (int, float, complex, str, bytes, bool, type(None), range, type(Ellipsis), types.ModuleType)
+_SCALARS = (
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    bool,
+    type(None),
+    range,
+    type(Ellipsis),
+    types.ModuleType,
+)
 _WALK_LIMIT = 1_000_000  # objects walked per module: beyond, the patch is refused
 
 
@@ -111,9 +123,7 @@ class Rebinder:
         if isinstance(live_type, type):
             with contextlib.suppress(TypeError):
                 value.__class__ = live_type  # an instance the candidate made of a class kept live
-        if isinstance(value, functools.cached_property) or is_own_class(
-            type(value), self.module
-        ):
+        if isinstance(value, functools.cached_property) or is_own_class(type(value), self.module):
             self._walk_dict(value)
         elif descriptor_dict(value) is not None:
             self._walk_dict(value)  # a descriptor with functions and state of its own
@@ -155,34 +165,33 @@ class Rebinder:
         """A property, staticmethod or classmethod (or a subclass) around candidate functions:
         a copy around the live functions, of the live class, with its own state kept."""
         cls = type(value)
-        if is_own_class(cls, self.module):
-            self._adopt_class(cls)
-        live_cls = self.remap.get(id(cls), cls)
+        live_cls = self.rebind(cls)  # the live twin of a class the module defines, or itself
         assert isinstance(live_cls, type)
         state = _slot_state(value)
         new_state = {k: self.rebind(v) for k, v in state.items()}
+        parts: list[Any]
         if isinstance(value, property):
             parts = [self.rebind(f) if f is not None else None for f in _property_parts(value)]
             same_parts = all(p is f for p, f in zip(parts, _property_parts(value)))
         else:
             parts = [self.rebind(value.__func__)]
             same_parts = parts[0] is value.__func__
-        if (
-            same_parts
-            and live_cls is cls
-            and all(new_state[k] is v for k, v in state.items())
-        ):
+        if same_parts and live_cls is cls and all(new_state[k] is v for k, v in state.items()):
             return value
-        base = property if isinstance(value, property) else type(value).__mro__[-2]
-        if isinstance(value, staticmethod):
-            base = staticmethod
-        elif isinstance(value, classmethod):
-            base = classmethod
-        rebuilt = base.__new__(live_cls)  # type: ignore[call-overload]
-        if isinstance(value, property):
-            property.__init__(rebuilt, *parts, value.__doc__)
+        # Made through the base type's own __new__/__init__: a subclass's __init__ may take
+        # other arguments; its extra state is copied below.
+        base: Any = (
+            property
+            if isinstance(value, property)
+            else staticmethod
+            if isinstance(value, staticmethod)
+            else classmethod
+        )
+        rebuilt = base.__new__(live_cls)
+        if base is property:
+            base.__init__(rebuilt, *parts, value.__doc__)  # type: ignore[call-arg]
         else:
-            base.__init__(rebuilt, parts[0])  # type: ignore[misc]
+            base.__init__(rebuilt, parts[0])
         if new_state:
             object.__getattribute__(rebuilt, "__dict__").update(new_state)
         self.remap[id(value)] = rebuilt

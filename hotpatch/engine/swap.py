@@ -102,6 +102,7 @@ class Plan:
     problems: tuple[Problem, ...]
     after_commit: tuple[Callable[[], object], ...] = ()
     rebound: tuple[str, ...] = ()  # module-level names bound to another object (not in place)
+    paired_plain: tuple[int, ...] = ()  # ids of candidate values this plan mapped to live ones
     # (path, old object, ()) of definitions replaced rather than updated in place
     replaced_definitions: tuple[tuple[str, object, tuple[()]], ...] = ()
 
@@ -149,9 +150,8 @@ class _Planner:
     problems: list[Problem] = field(default_factory=list)
     after_commit: list[Callable[[], object]] = field(default_factory=list)
     rebound: list[str] = field(default_factory=list)
-    replaced_definitions: list[tuple[str, object, tuple[()]]] = field(
-        default_factory=list
-    )
+    paired_plain: list[int] = field(default_factory=list)
+    replaced_definitions: list[tuple[str, object, tuple[()]]] = field(default_factory=list)
     _funcs_done: set[int] = field(default_factory=set)
     _classes_done: set[int] = field(default_factory=set)
     _nested: dict[types.CodeType, types.CodeType] = field(default_factory=dict)
@@ -207,6 +207,7 @@ class _Planner:
                 self._pair_class(old, new)  # type: ignore[arg-type]
             elif not isinstance(new, IMMUTABLE) and not self.take_new("", name, old, new):
                 self.remap[id(new)] = old
+                self.paired_plain.append(id(new))
 
     def _pair_class(self, old: type, new: type) -> None:
         self.remap[id(new)] = old
@@ -235,13 +236,16 @@ class _Planner:
             return False
         if depth > 16 or id(old) in self._funcs_done:
             return True
-        pairs = [(cell_value(o), cell_value(n)) for o, n in zip(old.__closure__ or (), new.__closure__ or ())]
+        pairs = [
+            (cell_value(o), cell_value(n))
+            for o, n in zip(old.__closure__ or (), new.__closure__ or ())
+        ]
         pairs.append((old.__dict__.get("__wrapped__"), new.__dict__.get("__wrapped__")))
-        for o, n in pairs:
-            if _own_function(o, self.live) or _own_function(n, self.cand):
-                if not self.can_update(o, n, depth + 1):
-                    return False
-        return True
+        return all(
+            self.can_update(o, n, depth + 1)
+            for o, n in pairs
+            if _own_function(o, self.live) or _own_function(n, self.cand)
+        )
 
     def remap_value(self, value: object) -> object:
         return self.remap.get(id(value), value)
@@ -627,5 +631,6 @@ def plan_update(
         problems=tuple(planner.problems),
         after_commit=tuple(planner.after_commit),
         rebound=tuple(planner.rebound),
+        paired_plain=tuple(planner.paired_plain),
         replaced_definitions=tuple(planner.replaced_definitions),
     )

@@ -1,0 +1,340 @@
+"""A patched process behaves like one restarted on the new code, or the patch is refused (issue 8).
+
+One test (or two) per defect class, each on a minimal module pair: a function that changes kind,
+descriptors with state of their own, re-exports, a package's own submodules, state derived at
+import from other names, and the check after the commit that what is reported changed runs the
+candidate's code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import textwrap
+import types
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hotpatch import Engine, PatchRejected
+from hotpatch.engine import swap
+
+MakePackage = Callable[..., str]
+
+
+@pytest.fixture(name="make_package")
+def _make_package(tmp_path: Path) -> Iterator[MakePackage]:
+    """Write a package (file name -> source) to tmp_path; return its unique name."""
+    made: list[str] = []
+    sys.path.insert(0, str(tmp_path))
+
+    def make(files: dict[str, str]) -> str:
+        name = f"hp_fid_{uuid.uuid4().hex[:10]}"
+        root = tmp_path / name
+        root.mkdir()
+        for filename, source in files.items():
+            (root / filename).write_text(textwrap.dedent(source), encoding="utf-8")
+        made.append(name)
+        return name
+
+    yield make
+    sys.path.remove(str(tmp_path))
+    for name in [n for n in sys.modules if n.split(".")[0] in made]:
+        del sys.modules[name]
+
+
+def _source(module: types.ModuleType) -> str:
+    return Path(str(module.__file__)).read_text(encoding="utf-8")
+
+
+# -- 1. a function that becomes a generator or a coroutine ------------------------------------------
+
+
+KIND_OLD = """
+def _legacy():
+    return [1, 2]
+
+def items(limit=2):
+    return _legacy()[:limit]
+"""
+
+KIND_NEW = """
+def _produce(limit, step):
+    return range(0, limit * step, step)
+
+def items(limit=2, *, step=1):
+    yield from _produce(limit, step)
+"""
+
+
+def test_a_function_that_becomes_a_generator_runs_the_new_code_everywhere(make_module) -> None:
+    lib = make_module(KIND_OLD)
+    user = make_module(
+        f"from {lib.__name__} import items\n\ndef total():\n    return sum(items(3, step=2))\n"
+    )
+    engine = Engine()
+    result = engine.patch(lib.__name__, source=KIND_NEW, allow_removals=True)
+    assert "items" in result.changed
+    assert inspect.isgeneratorfunction(lib.items) and list(lib.items(2, step=5)) == [0, 5]
+    # The module that did `from lib import items` binds the new function, as a restart would.
+    assert user.items is lib.items and user.total() == 0 + 2 + 4
+    assert f"{user.__name__}.items" in result.derived
+    engine.rollback(lib.__name__)
+    assert lib.items() == [1, 2] and user.items is lib.items
+
+
+def test_a_kind_change_with_references_a_restart_would_remake_is_refused(make_module) -> None:
+    lib = make_module(KIND_OLD)
+    callbacks = [lib.items]  # e.g. a framework's registry, filled at start-up
+    engine = Engine()
+    with pytest.raises(PatchRejected, match=r"items cannot be updated in place.*\(list\)") as info:
+        engine.patch(lib.__name__, source=KIND_NEW, allow_removals=True)
+    assert info.value.stage == "compatibility"
+    assert lib.items() == [1, 2] and callbacks[0] is lib.items  # nothing changed
+
+
+def test_a_kind_change_rebuilds_a_list_of_the_same_module(make_module) -> None:
+    lib = make_module(KIND_OLD + "\nHANDLERS = [items]\n")
+    Engine().patch(lib.__name__, source=KIND_NEW + "\nHANDLERS = [items]\n", allow_removals=True)
+    assert [lib.items] == lib.HANDLERS and inspect.isgeneratorfunction(lib.items)
+
+
+def test_a_coroutine_that_becomes_a_plain_function(make_module) -> None:
+    import asyncio
+
+    mod = make_module("async def fetch():\n    return 'old'\n")
+    Engine().patch(mod.__name__, source="def fetch():\n    return 'new'\n")
+    assert not inspect.iscoroutinefunction(mod.fetch) and mod.fetch() == "new"
+    del asyncio
+
+
+# -- 2. descriptors with state of their own ---------------------------------------------------------
+
+
+def test_a_property_subclass_keeps_its_state_and_points_at_live_objects(make_module) -> None:
+    source = textwrap.dedent(
+        """
+        STATE = {"calls": 0}
+
+        class tagged(property):
+            def __init__(self, fget, *, tag):
+                super().__init__(fget)
+                self.tag = tag
+
+        def _get(self):
+            return STATE["calls"]
+
+        class K:
+            value = tagged(_get, tag="v1")
+        """
+    )
+    mod = make_module(source)
+    live_tagged, live_state = mod.tagged, mod.STATE
+    live_state["calls"] = 5  # live state the patch must keep
+    new = source.replace(
+        'class K:\n    value = tagged(_get, tag="v1")\n',
+        "def _get_more(self):\n"
+        '    return STATE["calls"] * 10\n\n'
+        "class K:\n"
+        '    value = tagged(_get, tag="v1 renamed")\n'
+        '    more = tagged(_get_more, tag="v2")\n',
+    )
+    assert new != source
+    Engine().patch(mod.__name__, source=new)
+    more, value = mod.K.__dict__["more"], mod.K.__dict__["value"]
+    assert type(more) is live_tagged and type(value) is live_tagged  # not the candidate's class
+    assert more.tag == "v2" and value.tag == "v1 renamed"  # a subclass's own state, new
+    assert mod.STATE is live_state and mod.K().more == 50 and mod.K().value == 5  # live globals
+
+
+def test_staticmethod_classmethod_and_cached_property_run_with_live_globals(make_module) -> None:
+    source = """
+        import functools
+
+        SEEN = []
+
+        def tag(descriptor):
+            descriptor.tag = "tagged"
+            return descriptor
+
+        class bound_later:
+            \"\"\"A descriptor of another kind: it keeps its function as an attribute.\"\"\"
+
+            def __init__(self, func):
+                self.func = func
+                self.calls = 0
+
+            def __get__(self, obj, owner=None):
+                return self.func(owner)
+
+        class K:
+            @staticmethod
+            def s():
+                return len(SEEN)
+        """
+    mod = make_module(source)
+    seen = mod.SEEN
+    seen.append(1)
+    new = textwrap.dedent(source) + textwrap.indent(
+        textwrap.dedent(
+            """
+            @tag
+            @classmethod
+            def c(cls):
+                \"\"\"Counted.\"\"\"
+                return len(SEEN) + 10
+
+            @functools.cached_property
+            def cp(self):
+                return len(SEEN) + 100
+
+            @bound_later
+            def later(cls):
+                return len(SEEN) + 1000
+            """
+        ),
+        "    ",
+    )
+    Engine().patch(mod.__name__, source=new)
+    seen.append(2)
+    assert mod.K.c() == 12 and mod.K().cp == 102 and mod.K.s() == 2
+    assert mod.K.__dict__["c"].__func__.__globals__ is mod.__dict__
+    assert mod.K.__dict__["cp"].func.__globals__ is mod.__dict__
+    assert mod.K.c.__doc__ == "Counted." and mod.K.__dict__["c"].tag == "tagged"
+    assert mod.K.later == 1002 and mod.K.__dict__["later"].func.__globals__ is mod.__dict__
+    assert type(mod.K.__dict__["later"]) is mod.bound_later
+
+
+def test_a_property_docstring_change_is_taken(make_module) -> None:
+    source = 'class K:\n    @property\n    def p(self):\n        """old doc"""\n        return 1\n'
+    mod = make_module(source)
+    live_prop = mod.K.__dict__["p"]
+    Engine().patch(mod.__name__, source=source.replace("old doc", "new doc").replace("1\n", "2\n"))
+    assert mod.K.p.__doc__ == "new doc" and mod.K().p == 2
+    assert mod.K.__dict__["p"].fget is live_prop.fget  # the live function, updated in place
+
+
+# -- 3. re-exports follow -----------------------------------------------------------------------------
+
+
+def test_a_star_reexport_follows_names_the_submodule_gains(make_package) -> None:
+    pkg = make_package(
+        {
+            "__init__.py": "from .sub import *\n",
+            "sub.py": "__all__ = ['a']\n\ndef a():\n    return 'a'\n",
+        }
+    )
+    __import__(f"{pkg}.sub")
+    package = sys.modules[pkg]
+    engine = Engine()
+    result = engine.patch(
+        f"{pkg}.sub",
+        source="__all__ = ['a', 'b']\n\ndef a():\n    return 'a'\n\ndef b():\n    return 'b'\n",
+    )
+    assert package.b() == "b" and f"{pkg}.b" in result.derived
+    # A module importing the new name from the package is not refused any more.
+    user = types.ModuleType(f"{pkg}_user")
+    user.__file__ = str(Path(str(package.__file__)).parent.parent / f"{pkg}_user.py")
+    Path(user.__file__).write_text(f"from {pkg} import a\n", encoding="utf-8")
+    sys.modules[user.__name__] = user
+    exec(compile(f"from {pkg} import a\n", user.__file__, "exec"), user.__dict__)
+    engine.patch(
+        user.__name__, source=f"from {pkg} import a, b\n\ndef both():\n    return a() + b()\n"
+    )
+    assert user.both() == "ab"
+    engine.rollback(f"{pkg}.sub")
+    assert not hasattr(package, "b")  # the re-derivation is rolled back with the submodule
+
+
+def test_a_named_reexport_follows_a_replaced_value(make_package) -> None:
+    pkg = make_package(
+        {"__init__.py": "from .sub import LIMITS as limits\n", "sub.py": "LIMITS = (1, 2)\n"}
+    )
+    __import__(pkg)
+    Engine().patch(f"{pkg}.sub", source="LIMITS = (1, 2, 3)\n")
+    assert sys.modules[pkg].limits == (1, 2, 3)
+
+
+# -- 4. a package's candidate sees its own submodules ------------------------------------------------
+
+
+def test_a_package_candidate_sees_its_submodules(make_package) -> None:
+    pkg = make_package(
+        {
+            "__init__.py": "from .sub import helper\nVERSION = 1\ndel sub\n",
+            "sub.py": "def helper():\n    return 1\n",
+        }
+    )
+    package = __import__(pkg)
+    assert not hasattr(package, "sub")  # `del sub` ran at import, as it would after a restart
+    __import__(f"{pkg}.sub")  # the import system binds pkg.sub again
+    Engine().patch(pkg, source="from .sub import helper\nVERSION = 2\ndel sub\n")
+    assert package.VERSION == 2 and not hasattr(package, "sub")
+
+
+# -- 5. state derived at import from names that changed ---------------------------------------------
+
+
+def test_a_table_built_from_another_module_is_rebuilt(make_module) -> None:
+    kinds = make_module("KINDS = ['a', 'b']\n\ndef label(kind):\n    return kind.upper()\n")
+    table = make_module(
+        f"import {kinds.__name__} as kinds\n\n"
+        "TABLE = {k: kinds.label(k) for k in kinds.KINDS}\n"
+        "CACHE = {}\n"
+        "COUNT = len(TABLE)\n"
+    )
+    cache = table.CACHE
+    cache["kept"] = True
+    result = Engine().patch(
+        kinds.__name__,
+        source="KINDS = ['a', 'b', 'c']\n\ndef label(kind):\n    return kind.upper()\n",
+    )
+    assert table.TABLE == {"a": "A", "b": "B", "c": "C"} and table.COUNT == 3
+    assert table.CACHE is cache  # a value that reads nothing that changed is kept
+    assert {f"{table.__name__}.TABLE", f"{table.__name__}.COUNT"} <= set(result.derived)
+
+
+def test_a_value_computed_from_a_changed_function_of_the_same_module_is_recomputed(
+    make_module,
+) -> None:
+    source = (
+        "def compute():\n    return 1\n\nVALUE = compute()\nREGISTRY = []\nREGISTRY.append(VALUE)\n"
+    )
+    mod = make_module(source)
+    result = Engine().patch(mod.__name__, source=source.replace("return 1", "return 2"))
+    assert mod.VALUE == 2 and mod.REGISTRY == [2]
+    assert {"compute", "VALUE", "REGISTRY"} <= set(result.changed)
+
+
+def test_derived_state_with_effects_elsewhere_needs_a_restart(make_module) -> None:
+    kinds = make_module("KINDS = ['a']\n")
+    sink = make_module("SEEN = []\n")
+    user = make_module(
+        f"import {kinds.__name__} as kinds\nimport {sink.__name__} as sink\n\n"
+        "sink.SEEN.extend(kinds.KINDS)\n"
+    )
+    with pytest.raises(PatchRejected, match=r"needs a restart: .*changes sink") as info:
+        Engine().patch(kinds.__name__, source="KINDS = ['a', 'b']\n")
+    assert info.value.filename == user.__file__ and info.value.lineno == 4
+    assert kinds.KINDS == ["a"] and sink.SEEN == ["a"]
+
+
+# -- 6. the promise: what is reported changed runs the candidate's code -------------------------------
+
+
+def test_a_commit_that_leaves_old_code_live_is_rolled_back(make_module, monkeypatch) -> None:
+    """Fault injection: a planner that maps the new function back onto the old one (the defect
+    of class 1) must not produce a success."""
+    mod = make_module("def f():\n    return 'old'\n")
+    original = swap._Planner.replace_name
+
+    def faulty(self: swap._Planner, name: str, old: object, new: object) -> None:
+        self.remap[id(new)] = old
+        original(self, name, old, new)
+
+    monkeypatch.setattr(swap._Planner, "replace_name", faulty)
+    with pytest.raises(PatchRejected, match=r"f still runs code of the old version") as info:
+        Engine().patch(mod.__name__, source="def f():\n    yield 'new'\n")
+    assert info.value.stage == "compatibility" and mod.f() == "old"
