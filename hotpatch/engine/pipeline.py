@@ -99,6 +99,7 @@ class Engine:
         self._verifiers: dict[str | None, list[Verifier]] = {}
         self._health_checks: dict[str | None, list[HealthCheck]] = {}
         self._attempted: dict[str, str] = {}  # module -> sha256 of the source being tried
+        self._namespace_ids = _NamespaceIds()
 
     # -- registration ----------------------------------------------------------------------------
     def verifier(self, module: str | None = None) -> Callable[[F], F]:
@@ -233,6 +234,7 @@ class Engine:
                 if todo:
                     todo += self._prepare_dependents(todo, shared)
                     _refuse_stale_references(todo)
+                    self._namespace_ids.forget(p.name for p in todo)
                     self._commit(todo, timeout_s=timeout_s)
                     self._check_fidelity(todo)
                     self._check_health(todo)
@@ -360,7 +362,7 @@ class Engine:
         found: list[_Prepared] = []
         while queue:
             trigger = queue.pop(0)
-            for name in _possible_dependents(trigger, shared.changes[trigger]):
+            for name in self._namespace_ids.holders(trigger, shared.changes[trigger]):
                 if name in done:
                     continue
                 done.add(name)
@@ -392,6 +394,16 @@ class Engine:
         _raise_derivation(trigger, derivation, source.filename, name)
         if not derivation.forced:
             return None
+        if name == "__main__":
+            raise PatchRejected(
+                trigger,
+                "compatibility",
+                f"needs a restart: the program's script computes {sorted(derivation.forced)[0]!r} "
+                f"at start-up from {trigger}, which changed, and hotpatch does not run a script "
+                "again to re-derive it",
+                filename=source.filename,
+                lineno=derivation.dirty_lines[0] if derivation.dirty_lines else None,
+            )
         _, code = compile_source(name, source.text, source.filename, previous=source)
         candidate = build_candidate(module, source, code, siblings=shared.candidates)
         shared.candidates[name] = candidate.module
@@ -735,37 +747,58 @@ def _empty_plan(name: str) -> Plan:
 _SHARED = (bool, type(None), type(Ellipsis), type(NotImplemented))
 
 
-def _possible_dependents(name: str, change: ModuleChange) -> list[str]:
-    """Live modules whose namespace holds the module ``name``, or objects it changed or defines.
+class _NamespaceIds:
+    """Which objects each live module's namespace holds, by id, to find possible dependents.
 
-    Cheap and wide: the statements of each one found are read next (``derived.derive``).
+    Reading every namespace on every patch would cost more than the patch itself in a large
+    process, so each module's set of ids is kept and read again only when its namespace is
+    another dict or has another size (an import binds new names), or after hotpatch committed
+    to it. A module that re-binds a name at run time to another module's object without adding
+    one is not seen: import-time derivation is what this is for.
     """
-    if not change:
-        return []
-    live = sys.modules.get(name)
-    if not isinstance(live, types.ModuleType):
-        return []
-    ns = live.__dict__
-    watched = {id(live)}
-    for key in change.names:
-        value = ns.get(key)
-        if not isinstance(value, _SHARED) and not (isinstance(value, int) and -5 <= value <= 256):
-            watched.add(id(value))
-    if change.rebound:  # names added or removed: star imports of this module follow
-        for value in ns.values():
-            if isinstance(value, type | types.FunctionType) and value.__module__ == name:
+
+    def __init__(self) -> None:
+        self._ids: dict[str, tuple[int, int, frozenset[int]]] = {}
+
+    def forget(self, names: Iterable[str]) -> None:
+        for name in names:
+            self._ids.pop(name, None)
+
+    def holders(self, name: str, change: ModuleChange) -> list[str]:
+        """Live modules whose namespace holds the module ``name``, or objects it changed or
+        defines (cheap and wide: the statements of each one are read next)."""
+        if not change:
+            return []
+        live = sys.modules.get(name)
+        if not isinstance(live, types.ModuleType):
+            return []
+        ns = live.__dict__
+        watched = {id(live)}
+        for key in change.names:
+            value = ns.get(key)
+            if not isinstance(value, _SHARED) and not (
+                isinstance(value, int) and -5 <= value <= 256
+            ):
                 watched.add(id(value))
-    found = []
-    parent = name.rpartition(".")[0]
-    for other, module in list(sys.modules.items()):
-        if other == name or not isinstance(module, types.ModuleType):
-            continue
-        namespace = getattr(module, "__dict__", None)
-        if not isinstance(namespace, dict):
-            continue
-        if other == parent or not watched.isdisjoint(map(id, namespace.values())):
-            found.append(other)
-    return found
+        if change.rebound:  # names added or removed: star imports of this module follow
+            for value in ns.values():
+                if isinstance(value, type | types.FunctionType) and value.__module__ == name:
+                    watched.add(id(value))
+        found = []
+        parent = name.rpartition(".")[0]
+        for other, module in list(sys.modules.items()):
+            if other == name:
+                continue
+            namespace = getattr(module, "__dict__", None)
+            if not isinstance(namespace, dict):
+                continue
+            known = self._ids.get(other)
+            if known is None or known[0] != id(namespace) or known[1] != len(namespace):
+                known = (id(namespace), len(namespace), frozenset(map(id, namespace.values())))
+                self._ids[other] = known
+            if other == parent or not watched.isdisjoint(known[2]):
+                found.append(other)
+        return found
 
 
 def _refuse_stale_references(todo: list[_Prepared]) -> None:
