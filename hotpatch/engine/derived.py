@@ -110,6 +110,17 @@ def derive(
     own_names = {name for unit in units for scope, name in unit.bound if not scope}
     forced: set[str] = set()
     dirty_lines: list[int] = []
+
+    def _module_reads(names: frozenset[str]) -> set[str]:
+        """Decorators read through a module alias whose names were replaced (``@m.deco``)."""
+        found = set()
+        for base, attr in unit.reads.attrs:
+            module = aliases.get(base)
+            change = changed.get(module) if module else None
+            if base in names and change is not None and attr in change.rebound:
+                found.add(f"{module}.{attr}")
+        return found
+
     for unit in units:
         reads = unit.reads
         why_hard: list[str] = []
@@ -159,18 +170,28 @@ def derive(
             continue
         why = ", ".join(dict.fromkeys(why_hard + why_soft))
         bound = {name for scope, name in unit.bound if not scope}
-        if reads.kind == "def":
-            if why_hard:  # a decorator or default made from a replaced object
+        if reads.kind in ("def", "class"):
+            replaced = sorted((reads.decorators & hard) | _module_reads(reads.decorators))
+            if replaced:  # the decorator itself is another object now: what it made differs
                 return Derivation(
                     frozenset(forced),
-                    (unit.start, f"the definition reads {why} at import, which changed"),
+                    (
+                        unit.start,
+                        f"the decorator of {sorted(bound)[0]} reads {', '.join(replaced)}, "
+                        "which was replaced",
+                    ),
                 )
-            continue  # the function is updated in place; its defaults are taken new
-        dirty_lines.append(unit.start)
-        if reads.kind == "class":
+            if reads.kind == "def":
+                # Updated in place with the defaults and annotations a candidate computes:
+                # named, so that the module is re-derived (the function itself keeps its identity).
+                forced.update(bound)
+                dirty_lines.append(unit.start)
+                continue
+            dirty_lines.append(unit.start)
             forced.update(f"{scope}.{name}" for scope, name, _ in unit.texts if scope)
             soft.update(bound)
             continue
+        dirty_lines.append(unit.start)
         if reads.effect is not None:
             return Derivation(
                 frozenset(forced),

@@ -47,6 +47,7 @@ class Reads:
     mutates: frozenset[str] = frozenset()
     effect: str | None = None
     imports: tuple[ImportRef, ...] = ()
+    decorators: frozenset[str] = frozenset()  # names read by a def's or class's decorators
 
 
 @dataclass(frozen=True)
@@ -204,8 +205,16 @@ def _reads(stmt: ast.stmt) -> Reads:
     mutates: set[str] = set()
     effects: list[str] = []
     imports: list[ImportRef] = []
+    decorators: set[str] = set()
     if kind == "plain":
         _effects(stmt, mutates, effects, imports)
+    else:
+        for decorator in getattr(stmt, "decorator_list", ()):
+            decorators.update(
+                n.id
+                for n in ast.walk(decorator)
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+            )
     return Reads(
         kind,
         frozenset(names),
@@ -215,6 +224,7 @@ def _reads(stmt: ast.stmt) -> Reads:
         frozenset(mutates),
         effects[0] if effects else None,
         tuple(imports),
+        frozenset(decorators),
     )
 
 

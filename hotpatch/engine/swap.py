@@ -42,6 +42,7 @@ from hotpatch.engine.compare import (
     cell_value,
     nested_codes,
     parameter_shape,
+    safe_equal,
     same_behavior,
     same_generated,
     same_kind,
@@ -240,6 +241,9 @@ class _Planner:
             (cell_value(o), cell_value(n))
             for o, n in zip(old.__closure__ or (), new.__closure__ or ())
         ]
+        for o, n in pairs:
+            if not _same_cell(o, n, self.remap):
+                return False  # made by a factory with other arguments: a restart differs
         pairs.append((old.__dict__.get("__wrapped__"), new.__dict__.get("__wrapped__")))
         return all(
             self.can_update(o, n, depth + 1)
@@ -582,6 +586,36 @@ def _descriptor_state(value: object) -> dict[str, object]:
                 continue
             state[key] = item
     return state
+
+
+def _same_cell(old: object, new: object, remap: dict[int, object], depth: int = 0) -> bool:
+    """Whether a closure cell of a live function may stay as it is when its code is updated.
+
+    Values of known types must be equal (a factory called with another argument,
+    ``make_handler("v2")``, makes another function); functions and classes match their
+    counterpart by qualified name (they are paired on their own); objects of other types are
+    kept when they are of the same type (a lock, a client): their equality is unknown, and the
+    live one carries the process's state.
+    """
+    if old is new or remap.get(id(new)) is old:
+        return True
+    if type(old) is not type(new):
+        return False
+    if isinstance(old, types.FunctionType | type):
+        return getattr(old, "__qualname__", None) == getattr(new, "__qualname__", None)
+    if depth > 4:
+        return True
+    if isinstance(old, dict) and isinstance(new, dict):
+        return old.keys() == new.keys() and all(
+            _same_cell(v, new[k], remap, depth + 1) for k, v in old.items()
+        )
+    if isinstance(old, list | tuple) and isinstance(new, list | tuple):
+        return len(old) == len(new) and all(
+            _same_cell(a, b, remap, depth + 1) for a, b in zip(old, new)
+        )
+    if isinstance(old, (*IMMUTABLE, set)):
+        return safe_equal(old, new)
+    return True
 
 
 def _enum_internal(cls: type, name: str) -> bool:

@@ -296,6 +296,34 @@ def test_a_table_built_from_another_module_is_rebuilt(make_module) -> None:
     assert {f"{table.__name__}.TABLE", f"{table.__name__}.COUNT"} <= set(result.derived)
 
 
+CONF = """
+DEFAULT = 1
+
+def make_deco(tag):
+    def deco(fn):
+        fn.tag = tag
+        return fn
+    return deco
+
+deco = make_deco("v1")
+"""
+
+
+def test_defaults_follow_and_a_replaced_decorator_needs_a_restart(make_module) -> None:
+    conf = make_module(CONF)
+    user = make_module(f"import {conf.__name__} as conf\n\ndef f(x=conf.DEFAULT):\n    return x\n")
+    engine = Engine()
+    result = engine.patch(conf.__name__, source=CONF.replace("DEFAULT = 1", "DEFAULT = 2"))
+    assert user.f() == 2 and f"{user.__name__}.f" in result.derived
+    decorated = make_module(f"from {conf.__name__} import deco\n\n@deco\ndef g():\n    return 1\n")
+    with pytest.raises(
+        PatchRejected, match=r"needs a restart: .*decorator of g reads deco"
+    ) as info:
+        engine.patch(conf.__name__, source=CONF.replace('"v1"', '"v2"'))
+    assert info.value.filename == decorated.__file__ and info.value.lineno == 3
+    assert decorated.g.tag == "v1" and conf.deco is decorated.deco  # nothing changed
+
+
 def test_a_value_computed_from_a_changed_function_of_the_same_module_is_recomputed(
     make_module,
 ) -> None:
