@@ -8,6 +8,7 @@ everything a change set is about to touch, so applying the inverse restores the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from collections.abc import Mapping
@@ -126,8 +127,19 @@ class ChangeSet:
         return [a.func for a in self.assignments if isinstance(a, SetFunction)]
 
     def apply(self) -> None:
-        for assignment in self.assignments:
-            assignment.apply()
+        """Make every assignment, or none: one that raises (a class whose metaclass refuses the
+        attribute) undoes those made before it, and the error propagates."""
+        done: list[Assignment] = []
+        try:
+            for assignment in self.assignments:
+                inverse = assignment.inverse()
+                assignment.apply()
+                done.append(inverse)
+        except BaseException:
+            for inverse in reversed(done):
+                with contextlib.suppress(Exception):
+                    inverse.apply()
+            raise
 
     def replaced_codes(self) -> set[types.CodeType]:
         """Code objects that applying ``self`` now would take out of service (read live state)."""

@@ -225,15 +225,31 @@ class Engine:
             prepared: list[_Prepared] = []
             shared = _ChangeSetContext()
             try:
-                for name, given in changes.items():
-                    log.debug("patch.started", module=name)
-                    prepared.append(
-                        self._prepare(name, given, allow_removals=allow_removals, change_set=shared)
-                    )
-                todo = [p for p in prepared if p.plan is not None]
+                current = ""
+                try:
+                    for name, given in changes.items():
+                        current = name
+                        log.debug("patch.started", module=name)
+                        prepared.append(
+                            self._prepare(
+                                name, given, allow_removals=allow_removals, change_set=shared
+                            )
+                        )
+                    todo = [p for p in prepared if p.plan is not None]
+                    if todo:
+                        current = todo[0].name
+                        todo += self._prepare_dependents(todo, shared)
+                        _refuse_stale_references(todo)
+                except (PatchRejected, KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as exc:  # a defect or a limit of the planner: refuse, say so
+                    raise PatchRejected(
+                        current,
+                        "compatibility",
+                        f"hotpatch could not plan this change ({type(exc).__name__}: {exc}); "
+                        "nothing was changed",
+                    ) from None
                 if todo:
-                    todo += self._prepare_dependents(todo, shared)
-                    _refuse_stale_references(todo)
                     self._namespace_ids.forget(p.name for p in todo)
                     self._commit(todo, timeout_s=timeout_s)
                     self._check_fidelity(todo)
@@ -404,8 +420,18 @@ class Engine:
                 filename=source.filename,
                 lineno=derivation.dirty_lines[0] if derivation.dirty_lines else None,
             )
-        _, code = compile_source(name, source.text, source.filename, previous=source)
-        candidate = build_candidate(module, source, code, siblings=shared.candidates)
+        try:
+            _, code = compile_source(name, source.text, source.filename, previous=source)
+            candidate = build_candidate(module, source, code, siblings=shared.candidates)
+        except PatchRejected as exc:
+            raise PatchRejected(
+                trigger,
+                "compatibility",
+                f"needs a restart: {name} derives values from {trigger}, which changed, and "
+                f"running it again with the new version failed at {exc.stage}: {exc.reason}",
+                filename=exc.filename,
+                lineno=exc.lineno,
+            ) from None
         shared.candidates[name] = candidate.module
         shared.remap[id(candidate.module)] = module
         plan = plan_update(
@@ -489,18 +515,33 @@ class Engine:
         plans = [p.plan for p in todo if p.plan is not None]
         codes = frozenset().union(*(plan.replaced_codes for plan in plans))
         waited_from = time.perf_counter()
+        # One change set for all modules, so that an assignment that fails undoes them all
+        # (``ChangeSet.apply``); its inverse is split back per module below.
+        merged = ChangeSet(tuple(a for plan in plans for a in plan.changeset.assignments))
         try:
-            undos = commit_at_safe_point(
-                [plan.changeset for plan in plans], codes=codes, timeout_s=timeout_s
-            )
-        except SafePointTimeout as exc:
+            (merged_undo,) = commit_at_safe_point([merged], codes=codes, timeout_s=timeout_s)
+        except Exception as exc:
+            if isinstance(exc, SafePointTimeout):
+                raise PatchRejected(
+                    todo[0].name,
+                    "safepoint",
+                    str(exc),
+                    filename=exc.busy.filename,
+                    lineno=exc.busy.lineno,
+                ) from None
             raise PatchRejected(
                 todo[0].name,
-                "safepoint",
-                str(exc),
-                filename=exc.busy.filename,
-                lineno=exc.busy.lineno,
+                "compatibility",
+                f"the commit could not make an assignment ({type(exc).__name__}: {exc}); "
+                "nothing was changed",
+                filename=todo[0].source.filename,
             ) from None
+        undos: list[ChangeSet] = []
+        rest = merged_undo.assignments  # the inverse runs backwards: the last module first
+        for plan in reversed(plans):
+            count = len(plan.changeset)
+            undos.insert(0, ChangeSet(rest[:count]))
+            rest = rest[count:]
         log.debug(
             "patch.committed",
             modules=[p.name for p in todo],

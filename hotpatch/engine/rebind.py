@@ -35,6 +35,7 @@ _SCALARS = (
     types.ModuleType,
 )
 _WALK_LIMIT = 1_000_000  # objects walked per module: beyond, the patch is refused
+_DEPTH_LIMIT = 120  # nesting walked (each level takes a few stack frames)
 
 
 def _property_parts(value: property) -> tuple[object, object, object]:
@@ -68,6 +69,7 @@ class Rebinder:
     _adopted: set[int] = field(default_factory=set)
     _walked: set[int] = field(default_factory=set)
     _visits: int = 0
+    _depth: int = 0
 
     def rebind(self, value: object) -> object:
         """The object to make live for a candidate value: nothing live may point into the candidate."""
@@ -87,6 +89,25 @@ class Rebinder:
             return self._rebind_descriptor(value)
         if isinstance(value, _SCALARS) or id(value) in self._walked:
             return value
+        if self._depth >= _DEPTH_LIMIT:
+            self._too_deep()
+            return value
+        self._depth += 1
+        try:
+            return self._rebind_object(value)
+        finally:
+            self._depth -= 1
+
+    def _too_deep(self) -> None:
+        message = (
+            f"new values nest objects more than {_DEPTH_LIMIT} levels deep; hotpatch cannot "
+            "show that none of them points into the candidate: a restart is needed"
+        )
+        if message not in self.problems:
+            self.problems.append(message)
+
+    def _rebind_object(self, value: object) -> object:
+        """``rebind`` for containers, descriptors and instances (walked, cycles cut)."""
         self._walked.add(id(value))
         self._visits += 1
         if self._visits > _WALK_LIMIT:

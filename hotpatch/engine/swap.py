@@ -82,6 +82,10 @@ _CLASS_TAKE_NEW = frozenset(
 )
 
 
+# Class attributes that ``setattr`` on a class treats specially: never assigned by a commit.
+_CLASS_NEVER_SET = frozenset({"__class__", "__bases__", "__mro__", "__name__"})
+
+
 @dataclass(frozen=True)
 class Problem:
     """Why part of a change cannot be made in place."""
@@ -484,7 +488,11 @@ class _Planner:
                 continue
             member = f"{path}.{name}"
             ov = old.__dict__.get(name, MISSING)
-            if ov is MISSING:
+            if ov is MISSING and name in _CLASS_NEVER_SET:
+                self.problems.append(
+                    Problem(f"{member} was added: a restart or rolling reload is needed")
+                )
+            elif ov is MISSING:
                 self.ops.append(SetAttr(old, name, self.rebind(nv)))
                 self.added.append(member)
             else:
@@ -509,6 +517,24 @@ class _Planner:
             self.removed.append(f"{path}.{name}")
 
     def update_member(
+        self, cls: type, name: str, ov: object, nv: object, scope: str, *, public: bool
+    ) -> None:
+        member = f"{scope}.{name}"
+        if name in _CLASS_NEVER_SET:
+            before = len(self.ops)
+            self._update_member(cls, name, ov, nv, scope, public=public)
+            if len(self.ops) > before:
+                del self.ops[before:]
+                self.problems.append(
+                    Problem(
+                        f"{member} changed: assigning {name} on a live class would change what "
+                        "the class itself is; a restart or rolling reload is needed"
+                    )
+                )
+            return
+        self._update_member(cls, name, ov, nv, scope, public=public)
+
+    def _update_member(
         self, cls: type, name: str, ov: object, nv: object, scope: str, *, public: bool
     ) -> None:
         member = f"{scope}.{name}"

@@ -366,3 +366,26 @@ def test_a_commit_that_leaves_old_code_live_is_rolled_back(make_module, monkeypa
     with pytest.raises(PatchRejected, match=r"f still runs code of the old version") as info:
         Engine().patch(mod.__name__, source="def f():\n    yield 'new'\n")
     assert info.value.stage == "compatibility" and mod.f() == "old"
+
+
+def test_a_commit_that_fails_halfway_changes_nothing(make_module) -> None:
+    source = textwrap.dedent(
+        """
+        def f():
+            return "old"
+
+        class Meta(type):
+            def __setattr__(cls, name, value):
+                if name == "frozen":
+                    raise TypeError("frozen is frozen")
+                super().__setattr__(name, value)
+
+        class K(metaclass=Meta):
+            frozen = 1
+        """
+    )
+    mod = make_module(source)
+    new = source.replace('"old"', '"new"').replace("frozen = 1", "frozen = 2")
+    with pytest.raises(PatchRejected, match=r"could not make an assignment.*frozen is frozen"):
+        Engine().patch(mod.__name__, source=new)
+    assert mod.f() == "old" and mod.K.frozen == 1
