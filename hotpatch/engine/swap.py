@@ -190,8 +190,9 @@ class _Planner:
         ):
             return self.old_index.statement_changed(self.new_index, scope, name)
         # No statement to go by: the baseline source is unknown, or the name was set by a
-        # decorator or a metaclass. Immutable values take the new value, live state is kept.
-        return type(old) is not type(new) or isinstance(new, IMMUTABLE)
+        # decorator or a metaclass. Immutable values take the new value, live state is kept
+        # (an instance of a class of this module is of the same type once classes are paired).
+        return self.remap_value(type(new)) is not type(old) or isinstance(new, IMMUTABLE)
 
     def pair_names(self) -> None:
         """First pass: map candidate objects to the live objects they will become."""
@@ -215,6 +216,8 @@ class _Planner:
                 self.paired_plain.append(id(new))
 
     def _pair_class(self, old: type, new: type) -> None:
+        if self.remap.get(id(new)) is old:
+            return  # paired already (a class attribute that refers back to its class)
         self.remap[id(new)] = old
         for name, nv in new.__dict__.items():
             ov = old.__dict__.get(name, MISSING)
