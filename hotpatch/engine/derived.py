@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from hotpatch.engine.statements import ImportRef, Unit
+from hotpatch.engine.statements import ImportRef, Reads, Unit
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,27 @@ def top_level_change(
     hard = {n for n in rebound if "." not in n}
     hard.update(n for n in (*added, *removed) if "." not in n)
     return ModuleChange(frozenset(names), frozenset(hard))
+
+
+def _reads_changed(
+    reads: Reads,
+    soft: set[str],
+    hard: set[str],
+    aliases: Mapping[str, str],
+    changed: Mapping[str, ModuleChange],
+) -> bool:
+    """Whether one statement reads a re-bound name or calls a changed one (class bodies)."""
+    for name in reads.names:
+        if name in hard or (name in soft and name in reads.calls):
+            return True
+    for base, attr in reads.attrs:
+        module = aliases.get(base)
+        change = changed.get(module) if module else None
+        if change is not None and (
+            attr in change.rebound or (attr in change.names and base in reads.calls)
+        ):
+            return True
+    return False
 
 
 def resolve(ref: ImportRef, package: str) -> str | None:
@@ -187,9 +208,15 @@ def derive(
                 forced.update(bound)
                 dirty_lines.append(unit.start)
                 continue
-            dirty_lines.append(unit.start)
-            forced.update(f"{scope}.{name}" for scope, name, _ in unit.texts if scope)
-            soft.update(bound)
+            members = [
+                member
+                for member, member_reads in reads.members
+                if _reads_changed(member_reads, soft, hard, aliases, changed)
+            ]
+            if members:
+                dirty_lines.append(unit.start)
+                forced.update(members)
+                soft.update(bound)
             continue
         dirty_lines.append(unit.start)
         if reads.effect is not None:

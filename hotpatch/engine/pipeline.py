@@ -788,6 +788,9 @@ def _empty_plan(name: str) -> Plan:
 _SHARED = (bool, type(None), type(Ellipsis), type(NotImplemented))
 
 
+_ABSENT = object()
+
+
 class _NamespaceIds:
     """Which objects each live module's namespace holds, by id, to find possible dependents.
 
@@ -815,11 +818,14 @@ class _NamespaceIds:
             return []
         ns = live.__dict__
         watched = {id(live)}
+        by_name: dict[str, object] = {}  # shared objects (None, True, 3) are matched by name too
         for key in change.names:
-            value = ns.get(key)
-            if not isinstance(value, _SHARED) and not (
-                isinstance(value, int) and -5 <= value <= 256
-            ):
+            value = ns.get(key, _ABSENT)
+            if value is _ABSENT:
+                continue
+            if isinstance(value, _SHARED) or (isinstance(value, int) and -5 <= value <= 256):
+                by_name[key] = value
+            else:
                 watched.add(id(value))
         if change.rebound:  # names added or removed: star imports of this module follow
             for value in ns.values():
@@ -837,7 +843,11 @@ class _NamespaceIds:
             if known is None or known[0] != id(namespace) or known[1] != len(namespace):
                 known = (id(namespace), len(namespace), frozenset(map(id, namespace.values())))
                 self._ids[other] = known
-            if other == parent or not watched.isdisjoint(known[2]):
+            if (
+                other == parent
+                or not watched.isdisjoint(known[2])
+                or any(namespace.get(k, _ABSENT) is v for k, v in by_name.items())
+            ):
                 found.append(other)
         return found
 

@@ -48,6 +48,9 @@ class Reads:
     effect: str | None = None
     imports: tuple[ImportRef, ...] = ()
     decorators: frozenset[str] = frozenset()  # names read by a def's or class's decorators
+    # For a class: each plain statement of its body (nested classes too), as
+    # ("Class.name" it binds, what it reads), so that only those reading changed names are redone.
+    members: tuple[tuple[str, Reads], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,10 @@ def _reads(stmt: ast.stmt) -> Reads:
     decorators: set[str] = set()
     if kind == "plain":
         _effects(stmt, mutates, effects, imports)
-    else:
+    members: list[tuple[str, Reads]] = []
+    if isinstance(stmt, ast.ClassDef):
+        _class_members(stmt, stmt.name, members)
+    if kind != "plain":
         for decorator in getattr(stmt, "decorator_list", ()):
             decorators.update(
                 n.id
@@ -225,7 +231,17 @@ def _reads(stmt: ast.stmt) -> Reads:
         effects[0] if effects else None,
         tuple(imports),
         frozenset(decorators),
+        tuple(members),
     )
+
+
+def _class_members(node: ast.ClassDef, scope: str, out: list[tuple[str, Reads]]) -> None:
+    for child in node.body:
+        if isinstance(child, ast.ClassDef):
+            _class_members(child, f"{scope}.{child.name}", out)
+        elif not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+            reads = _reads(child)
+            out.extend((f"{scope}.{name}", reads) for name in sorted(bound_names(child)))
 
 
 def _root_name(node: ast.expr) -> str | None:

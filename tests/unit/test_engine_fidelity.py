@@ -336,6 +336,18 @@ def test_a_value_computed_from_a_changed_function_of_the_same_module_is_recomput
     assert {"compute", "VALUE", "REGISTRY"} <= set(result.changed)
 
 
+def test_class_attributes_derived_from_a_changed_value_are_recomputed(make_module) -> None:
+    conf = make_module("LIMIT = 1\n")
+    user = make_module(
+        f"from {conf.__name__} import LIMIT\n\nclass K:\n    cap = LIMIT * 2\n    seen = []\n"
+    )
+    seen = user.K.seen
+    result = Engine().patch(conf.__name__, source="LIMIT = 5\n")
+    assert user.K.cap == 10 and user.K.seen is seen  # only what reads the changed value
+    assert f"{user.__name__}.K.cap" in result.derived
+    assert f"{user.__name__}.K.seen" not in result.derived
+
+
 def test_derived_state_with_effects_elsewhere_needs_a_restart(make_module) -> None:
     kinds = make_module("KINDS = ['a']\n")
     sink = make_module("SEEN = []\n")
