@@ -36,7 +36,7 @@ from hotpatch.engine.changeset import ChangeSet, SetAttr, SetFunction, SetName, 
 from hotpatch.engine.derived import Derivation, ModuleChange, derive, top_level_change
 from hotpatch.engine.guard import DeadlineExceeded, run_with_deadline
 from hotpatch.engine.history import Entry, ModuleHistory, Version, version_id
-from hotpatch.engine.modulemap import package_of
+from hotpatch.engine.modulemap import in_dependency_order, package_of
 from hotpatch.engine.safepoint import SafePointTimeout, commit_at_safe_point
 from hotpatch.engine.swap import Plan, plan_update
 from hotpatch.errors import HotpatchError, PatchRejected
@@ -227,7 +227,7 @@ class Engine:
             try:
                 current = ""
                 try:
-                    for name, given in changes.items():
+                    for name, given in self._in_dependency_order(changes):
                         current = name
                         log.debug("patch.started", module=name)
                         prepared.append(
@@ -258,15 +258,15 @@ class Engine:
                 self._record_rejection(exc)
                 raise
             duration = time.perf_counter() - started
-            results = []
+            by_name: dict[str, PatchResult] = {}
             dependents = [p for p in todo if p.derived_from] if prepared else []
             for p in prepared:
                 if p.plan is None:
-                    results.append(p.noop_result(duration))
+                    by_name[p.name] = p.noop_result(duration)
                     continue
                 mine = [d for d in dependents if d.derived_from == p.name] if p is todo[0] else []
-                results.append(self._record_applied(p, duration, mine))
-            return results
+                by_name[p.name] = self._record_applied(p, duration, mine)
+            return [by_name[name] for name in changes]
 
     def _prepare(
         self,
@@ -313,33 +313,67 @@ class Engine:
             remap=shared.remap,
         )
         _raise_problems(name, plan, filename)
-        for _ in range(4):  # statements that derive values from what this plan changed
-            derivation = self._derivation(name, source, plan, shared, own=True)
-            _raise_derivation(name, derivation, filename, name)
-            if derivation.forced <= forced:
-                break
-            forced |= derivation.forced
-            for paired in plan.paired_plain:  # values kept live by that plan may now be forced
-                shared.remap.pop(paired, None)
-            plan = plan_update(
-                name,
-                module.__dict__,
-                candidate.namespace,
-                old_index=old_source.index if old_source else None,
-                new_index=source.index,
-                allow_removals=allow_removals,
-                forced=forced,
-                remap=shared.remap,
-            )
-            _raise_problems(name, plan, filename)
-        shared.changes[name] = _module_change(plan)
-        if not plan.changeset:
+        prepared = _Prepared(module, source, plan, live_entry, candidate, forced=forced)
+        self._replan_derived(prepared, shared, allow_removals=allow_removals)
+        if prepared.plan is None or not prepared.plan.changeset:
             # Identical down to line numbers: nothing to commit. A baseline that was unknown
             # (first contact after the file changed) is now known to be this source.
             record.learn_live_source(source)
             return _Prepared(module, source, None, live_entry, None)
         self._verify(candidate)
-        return _Prepared(module, source, plan, live_entry, candidate)
+        return prepared
+
+    def _in_dependency_order(
+        self, changes: Mapping[str, SourceInput]
+    ) -> list[tuple[str, SourceInput]]:
+        """The change set's modules, each after those of them it imports, so that a module's
+        candidate imports the new versions and its derived values follow them."""
+        if len(changes) < 2:
+            return list(changes.items())
+        texts: dict[str, str] = {}
+        for name, given in changes.items():
+            try:
+                filename = str(live_module(name).__file__)
+                data = given
+                if data is None:
+                    data = read_source_file(name, filename, max_bytes=self.max_source_bytes)
+                texts[name] = decode_source(name, data, filename, max_bytes=self.max_source_bytes)
+            except PatchRejected:
+                return list(changes.items())  # _prepare refuses it, in the order given
+        return [(name, texts[name]) for name in in_dependency_order(texts)]
+
+    def _replan_derived(
+        self, p: _Prepared, shared: _ChangeSetContext, *, allow_removals: bool
+    ) -> bool:
+        """Plan again while statements derive values from what the change set changed.
+
+        Returns:
+            Whether the plan changed.
+        """
+        assert p.plan is not None and p.candidate is not None
+        replanned = False
+        for _ in range(4):
+            derivation = self._derivation(p.name, p.source, p.plan, shared, own=True)
+            _raise_derivation(p.name, derivation, p.source.filename, p.name)
+            if derivation.forced <= p.forced:
+                break
+            p.forced |= derivation.forced
+            for paired in p.plan.paired_plain:  # values kept live by that plan may be forced now
+                shared.remap.pop(paired, None)
+            p.plan = plan_update(
+                p.name,
+                p.module.__dict__,
+                p.candidate.namespace,
+                old_index=p.live_entry.source.index if p.live_entry.source else None,
+                new_index=p.source.index,
+                allow_removals=allow_removals,
+                forced=p.forced,
+                remap=shared.remap,
+            )
+            _raise_problems(p.name, p.plan, p.source.filename)
+            replanned = True
+        shared.changes[p.name] = _module_change(p.plan)
+        return replanned
 
     def _derivation(
         self, name: str, source: Source, plan: Plan, shared: _ChangeSetContext, *, own: bool
@@ -718,6 +752,7 @@ class _Prepared:
     candidate: Candidate | None
     undo: ChangeSet | None = None
     derived_from: str | None = None  # re-derived (source unchanged) because this module changed
+    forced: frozenset[str] = frozenset()  # names taken from the candidate whatever the statements
 
     @property
     def name(self) -> str:

@@ -87,7 +87,12 @@ class Rebinder:
             return value
         if isinstance(value, property | staticmethod | classmethod):
             return self._rebind_descriptor(value)
-        if isinstance(value, _SCALARS) or id(value) in self._walked:
+        if (
+            isinstance(value, _SCALARS)
+            or id(value) in self._walked
+            or value is self.cand
+            or value is self.live
+        ):
             return value
         if self._depth >= _DEPTH_LIMIT:
             self._too_deep()

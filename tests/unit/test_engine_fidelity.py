@@ -336,6 +336,19 @@ def test_a_value_computed_from_a_changed_function_of_the_same_module_is_recomput
     assert {"compute", "VALUE", "REGISTRY"} <= set(result.changed)
 
 
+def test_a_change_set_given_out_of_dependency_order_still_re_derives(make_module) -> None:
+    kinds = make_module("KINDS = ['a']\n")
+    user_source = f"import {kinds.__name__} as kinds\n\nTABLE = list(kinds.KINDS)\nX = 1\n"
+    user = make_module(user_source)
+    Engine().patch_many(
+        {
+            user.__name__: user_source.replace("X = 1", "X = 2"),
+            kinds.__name__: "KINDS = ['a', 'b']\n",
+        }
+    )
+    assert user.X == 2 and user.TABLE == ["a", "b"]
+
+
 def test_class_attributes_derived_from_a_changed_value_are_recomputed(make_module) -> None:
     conf = make_module("LIMIT = 1\n")
     user = make_module(
