@@ -827,21 +827,59 @@ _ABSENT = object()
 
 
 class _NamespaceIds:
-    """Which objects each live module's namespace holds, by id, to find possible dependents.
+    """Which live modules hold which objects, by id, to find the modules that may depend on a
+    changed one.
 
-    Reading every namespace on every patch would cost more than the patch itself in a large
-    process, so each module's set of ids is kept and read again only when its namespace is
-    another dict or has another size (an import binds new names), or after hotpatch committed
-    to it. A module that re-binds a name at run time to another module's object without adding
-    one is not seen: import-time derivation is what this is for.
+    Reading every namespace on every patch would cost more than a small patch itself in a large
+    process, so a reverse index (object id -> names of the modules holding it) is kept. It is
+    brought up to date when ``sys.modules`` gained or lost modules (each module's namespace is
+    read again when it is another dict or has another size) and for the modules hotpatch
+    commits to. Not seen until then: a module that binds another module's object at run time,
+    after its import, without any module being imported since.
     """
 
     def __init__(self) -> None:
-        self._ids: dict[str, tuple[int, int, frozenset[int]]] = {}
+        self._state: dict[str, tuple[int, int, frozenset[int]]] = {}
+        self._holding: dict[int, set[str]] = {}
+        self._modules_seen: tuple[int, int] = (-1, -1)  # len(sys.modules), id of its last key
 
     def forget(self, names: Iterable[str]) -> None:
         for name in names:
-            self._ids.pop(name, None)
+            self._drop(name)
+        self._modules_seen = (-1, -1)
+
+    def _drop(self, name: str) -> None:
+        state = self._state.pop(name, None)
+        if state is None:
+            return
+        for key in state[2]:
+            holders = self._holding.get(key)
+            if holders is not None:
+                holders.discard(name)
+                if not holders:
+                    del self._holding[key]
+
+    def _refresh(self) -> None:
+        modules = sys.modules
+        last = next(reversed(modules), None) if modules else None
+        seen = (len(modules), id(last))
+        if seen == self._modules_seen:
+            return
+        for name in [n for n in self._state if n not in modules]:
+            self._drop(name)
+        for name, module in list(modules.items()):
+            namespace = getattr(module, "__dict__", None)
+            if not isinstance(namespace, dict):
+                continue
+            state = self._state.get(name)
+            if state is not None and state[0] == id(namespace) and state[1] == len(namespace):
+                continue
+            self._drop(name)
+            ids = frozenset(map(id, namespace.values()))
+            self._state[name] = (id(namespace), len(namespace), ids)
+            for key in ids:
+                self._holding.setdefault(key, set()).add(name)
+        self._modules_seen = seen
 
     def holders(self, name: str, change: ModuleChange) -> list[str]:
         """Live modules whose namespace holds the module ``name``, or objects it changed or
@@ -851,6 +889,7 @@ class _NamespaceIds:
         live = sys.modules.get(name)
         if not isinstance(live, types.ModuleType):
             return []
+        self._refresh()
         ns = live.__dict__
         watched = {id(live)}
         by_name: dict[str, object] = {}  # shared objects (None, True, 3) are matched by name too
@@ -866,25 +905,19 @@ class _NamespaceIds:
             for value in ns.values():
                 if isinstance(value, type | types.FunctionType) and value.__module__ == name:
                     watched.add(id(value))
-        found = []
+        found: set[str] = set()
+        for watched_id in watched:
+            found.update(self._holding.get(watched_id, ()))
+        for key, value in by_name.items():
+            for holder in self._holding.get(id(value), set()):
+                namespace = getattr(sys.modules.get(holder), "__dict__", None)
+                if isinstance(namespace, dict) and namespace.get(key, _ABSENT) is value:
+                    found.add(holder)
         parent = name.rpartition(".")[0]
-        for other, module in list(sys.modules.items()):
-            if other == name:
-                continue
-            namespace = getattr(module, "__dict__", None)
-            if not isinstance(namespace, dict):
-                continue
-            known = self._ids.get(other)
-            if known is None or known[0] != id(namespace) or known[1] != len(namespace):
-                known = (id(namespace), len(namespace), frozenset(map(id, namespace.values())))
-                self._ids[other] = known
-            if (
-                other == parent
-                or not watched.isdisjoint(known[2])
-                or any(namespace.get(k, _ABSENT) is v for k, v in by_name.items())
-            ):
-                found.append(other)
-        return found
+        if parent in sys.modules:
+            found.add(parent)
+        found.discard(name)
+        return sorted(found)
 
 
 def _refuse_stale_references(todo: list[_Prepared]) -> None:
