@@ -158,6 +158,7 @@ class _Planner:
     paired_plain: list[int] = field(default_factory=list)
     replaced_definitions: list[tuple[str, object, tuple[()]]] = field(default_factory=list)
     _funcs_done: set[int] = field(default_factory=set)
+    _can: dict[tuple[int, int], bool] = field(default_factory=dict)
     _classes_done: set[int] = field(default_factory=set)
     _nested: dict[types.CodeType, types.CodeType] = field(default_factory=dict)
     rebinder: Rebinder = field(init=False)
@@ -238,6 +239,13 @@ class _Planner:
             and _own_function(new, self.cand)
         ):
             return False
+        key = (id(old), id(new))
+        known = self._can.get(key)
+        if known is None:  # decided once per plan, so pairing and updating agree
+            known = self._can[key] = self._can_update(old, new, depth)
+        return known
+
+    def _can_update(self, old: types.FunctionType, new: types.FunctionType, depth: int) -> bool:
         if old.__code__.co_freevars != new.__code__.co_freevars:
             return False
         if not same_kind(old.__code__, new.__code__):
