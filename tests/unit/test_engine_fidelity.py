@@ -110,6 +110,18 @@ def test_a_coroutine_that_becomes_a_plain_function(make_module) -> None:
     del asyncio
 
 
+def test_a_method_that_becomes_a_coroutine_runs_the_new_code(make_module) -> None:
+    import asyncio
+
+    source = "class K:\n    def fetch(self):\n        return 'old'\n"
+    mod = make_module(source)
+    k = mod.K()
+    Engine().patch(
+        mod.__name__, source="class K:\n    async def fetch(self):\n        return 'new'\n"
+    )
+    assert inspect.iscoroutinefunction(k.fetch) and asyncio.run(k.fetch()) == "new"
+
+
 # -- 2. descriptors with state of their own ---------------------------------------------------------
 
 
@@ -414,3 +426,11 @@ def test_a_commit_that_fails_halfway_changes_nothing(make_module) -> None:
     with pytest.raises(PatchRejected, match=r"could not make an assignment.*frozen is frozen"):
         Engine().patch(mod.__name__, source=new)
     assert mod.f() == "old" and mod.K.frozen == 1
+
+
+def test_a_class_attribute_that_redefines_class_is_never_assigned(make_module) -> None:
+    source = "class Proxy:\n    __class__ = property(lambda self: int)\n"
+    mod = make_module(source)
+    with pytest.raises(PatchRejected, match=r"Proxy.__class__ changed.*restart"):
+        Engine().patch(mod.__name__, source=source.replace("int", "str"))
+    assert type(mod.Proxy) is type and mod.Proxy().__class__ is int
