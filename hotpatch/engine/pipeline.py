@@ -3,6 +3,14 @@
 ``Engine`` holds the history, the registered verifiers and health checks, and the settings. The
 module-level functions (``hotpatch.patch`` and friends) use a default engine. Patches are serialized
 by the engine's lock; each one either commits whole (every module of a change set) or not at all.
+
+A success is a promise that the process behaves like one restarted on the new code. So the modules
+of a change set are prepared in dependency order; values a module derives at import from names
+that changed are re-derived, in that module and in live modules that depend on it (found through
+a reverse index of namespace ids, then ``derived.derive`` on their statements), or the patch is
+refused with "needs a restart"; a replaced function must leave no reference the commit cannot
+re-bind; and after the commit, every name reported changed or added is checked to run the
+candidate's code, else the commit is rolled back and refused.
 """
 
 from __future__ import annotations

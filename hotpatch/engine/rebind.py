@@ -3,9 +3,12 @@
 A function the candidate defined has the candidate's namespace as its globals; made live as it is,
 it would read stale globals forever. ``Rebinder.rebind`` gives each new object its live form:
 functions re-created over the live namespace (closures, defaults and ``__wrapped__`` re-bound as
-well), descriptors rebuilt around them, new classes re-based onto the live classes they derive
-from, and instances the candidate made of a class that stays live re-typed to it. ``remap`` maps
-``id(candidate object)`` to its live twin and is shared by every plan of a change set.
+well), descriptors copied around them with their own state (a ``property`` subclass's attributes,
+its doc) as instances of the live descriptor class, new classes re-based onto the live classes they
+derive from, and instances the candidate made of a class that stays live re-typed to it. New
+containers, instances of the module's classes and descriptors are walked (depth and size bounded)
+so that a candidate function inside a dict of handlers is replaced by its live twin too. ``remap``
+maps ``id(candidate object)`` to its live twin and is shared by every plan of a change set.
 """
 
 from __future__ import annotations

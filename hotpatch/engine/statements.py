@@ -4,6 +4,10 @@ A commit keeps the live object of every module-level (or class-level) name whose
 did not change between the live version and the new one: a cache dict keeps its contents, a Flask app
 stays the same object. A name whose statement changed takes the new value. This module is pure logic:
 it reads two parsed sources and answers "did the statement that binds this name change?".
+
+Each top-level statement also records what it does at import time (``Reads``: the names it reads,
+calls, imports and changes), so that ``derived`` can tell which statements a restart would compute
+differently after other names changed, without parsing the module again.
 """
 
 from __future__ import annotations

@@ -8,10 +8,16 @@ The plan pairs every live object with its twin in the candidate and turns the di
   by a factory) runs the new code;
 - a live class keeps its identity (instances stay ``isinstance`` of it) and gets its members updated
   the same way;
+- a function that cannot take the new code in place (it became a generator or a coroutine, or the
+  reverse; a factory made it with other closure values) is *replaced*: the new function is bound
+  where the old one was, never mapped back onto it, and the plan lists it in
+  ``replaced_definitions`` so that the pipeline refuses when references it cannot re-bind remain;
 - a plain value keeps its live object unless the statement that assigns it changed
-  (``statements.StatementIndex``);
+  (``statements.StatementIndex``) or is *forced* (``__hotpatch_migrate__``, or ``derived``: it is
+  computed from names that changed);
 - new objects are re-bound to the live module namespace (``rebind.Rebinder``), so that nothing
-  live points into the candidate.
+  live points into the candidate; a descriptor whose own state changed is copied around the live
+  functions.
 
 Planning reads live objects but changes none: the commit applies the change set later, at a safe
 point. Changes that cannot be made in place are reported as compatibility problems.
