@@ -850,11 +850,13 @@ class _NamespaceIds:
         self._state: dict[str, tuple[int, int, frozenset[int]]] = {}
         self._holding: dict[int, set[str]] = {}
         self._modules_seen: tuple[int, int] = (-1, -1)  # len(sys.modules), id of its last key
+        self._stale: set[str] = set()
 
     def forget(self, names: Iterable[str]) -> None:
+        """Read these modules' namespaces again before the next question (a commit changed them)."""
         for name in names:
             self._drop(name)
-        self._modules_seen = (-1, -1)
+            self._stale.add(name)
 
     def _drop(self, name: str) -> None:
         state = self._state.pop(name, None)
@@ -872,10 +874,14 @@ class _NamespaceIds:
         last = next(reversed(modules), None) if modules else None
         seen = (len(modules), id(last))
         if seen == self._modules_seen:
-            return
-        for name in [n for n in self._state if n not in modules]:
-            self._drop(name)
-        for name, module in list(modules.items()):
+            names = [n for n in self._stale if n in modules]
+        else:
+            for name in [n for n in self._state if n not in modules]:
+                self._drop(name)
+            names = list(modules)
+        self._stale.clear()
+        for name in names:
+            module = modules.get(name)
             namespace = getattr(module, "__dict__", None)
             if not isinstance(namespace, dict):
                 continue
