@@ -15,7 +15,6 @@ candidate's code, else the commit is rolled back and refused.
 
 from __future__ import annotations
 
-import gc
 import linecache
 import sys
 import threading
@@ -40,8 +39,15 @@ from hotpatch.engine.candidate import (
     source_from_text,
     text_sha256,
 )
-from hotpatch.engine.changeset import ChangeSet, SetAttr, SetFunction, SetName, functions_of
-from hotpatch.engine.derived import Derivation, ModuleChange, derive, top_level_change
+from hotpatch.engine.changeset import ChangeSet
+from hotpatch.engine.derived import Derivation, ModuleChange, derive
+from hotpatch.engine.fidelity import (
+    NamespaceIndex,
+    empty_plan,
+    fidelity_problem,
+    module_change,
+    refuse_stale_references,
+)
 from hotpatch.engine.guard import DeadlineExceeded, run_with_deadline
 from hotpatch.engine.history import Entry, ModuleHistory, Version, version_id
 from hotpatch.engine.modulemap import in_dependency_order, package_of
@@ -107,7 +113,7 @@ class Engine:
         self._verifiers: dict[str | None, list[Verifier]] = {}
         self._health_checks: dict[str | None, list[HealthCheck]] = {}
         self._attempted: dict[str, str] = {}  # module -> sha256 of the source being tried
-        self._namespace_ids = _NamespaceIds()
+        self._namespace_ids = NamespaceIndex()
 
     # -- registration ----------------------------------------------------------------------------
     def verifier(self, module: str | None = None) -> Callable[[F], F]:
@@ -247,7 +253,9 @@ class Engine:
                     if todo:
                         current = todo[0].name
                         todo += self._prepare_dependents(todo, shared)
-                        _refuse_stale_references(todo)
+                        refuse_stale_references(
+                            [(p.name, p.plan, p.source.filename) for p in todo if p.plan]
+                        )
                 except (PatchRejected, KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as exc:  # a defect or a limit of the planner: refuse, say so
@@ -380,7 +388,7 @@ class Engine:
             )
             _raise_problems(p.name, p.plan, p.source.filename)
             replanned = True
-        shared.changes[p.name] = _module_change(p.plan)
+        shared.changes[p.name] = module_change(p.plan)
         return replanned
 
     def _derivation(
@@ -399,7 +407,7 @@ class Engine:
         return derive(
             source.index.units,
             package=package_of(name),
-            own=_module_change(plan) if own else None,
+            own=module_change(plan) if own else None,
             changed=shared.changes,
             is_module=lambda n: n in sys.modules,
             exported=exported,
@@ -447,7 +455,7 @@ class Engine:
                 "source is unknown (its file changed before hotpatch first saw it)",
                 filename=str(filename),
             )
-        plan = _empty_plan(name)
+        plan = empty_plan(name)
         derivation = self._derivation(name, source, plan, shared, own=False)
         _raise_derivation(trigger, derivation, source.filename, name)
         if not derivation.forced:
@@ -489,7 +497,7 @@ class Engine:
         _raise_problems(trigger, plan, source.filename, name)
         if not plan.changeset:
             return None
-        shared.changes[name] = _module_change(plan)
+        shared.changes[name] = module_change(plan)
         log.debug("patch.rederived", module=name, trigger=trigger, names=list(plan.changed))
         return _Prepared(
             module,
@@ -505,7 +513,7 @@ class Engine:
             if p.plan is None or p.candidate is None:
                 continue
             for path in (*p.plan.changed, *p.plan.added):
-                problem = _fidelity_problem(p.module.__dict__, p.candidate.namespace, path)
+                problem = fidelity_problem(p.module.__dict__, p.candidate.namespace, path)
                 if problem is None:
                     continue
                 reason = (
@@ -817,260 +825,6 @@ def _raise_derivation(name: str, derivation: Derivation, filename: str, where: s
         filename=filename,
         lineno=lineno,
     )
-
-
-def _module_change(plan: Plan) -> ModuleChange:
-    return top_level_change(plan.changed, plan.added, plan.removed, plan.rebound)
-
-
-def _empty_plan(name: str) -> Plan:
-    return Plan(name, ChangeSet(()), (), (), (), frozenset(), ())
-
-
-# Objects every module shares (singletons, small ints): holding one says nothing about imports.
-_SHARED = (bool, type(None), type(Ellipsis), type(NotImplemented))
-
-
-_ABSENT = object()
-
-
-class _NamespaceIds:
-    """Which live modules hold which objects, by id, to find the modules that may depend on a
-    changed one.
-
-    Reading every namespace on every patch would cost more than a small patch itself in a large
-    process, so a reverse index (object id -> names of the modules holding it) is kept. It is
-    brought up to date when ``sys.modules`` gained or lost modules (each module's namespace is
-    read again when it is another dict or has another size) and for the modules hotpatch
-    commits to. Not seen until then: a module that binds another module's object at run time,
-    after its import, without any module being imported since.
-    """
-
-    def __init__(self) -> None:
-        self._state: dict[str, tuple[int, int, frozenset[int]]] = {}
-        self._holding: dict[int, set[str]] = {}
-        self._modules_seen: tuple[int, int] = (-1, -1)  # len(sys.modules), id of its last key
-        self._stale: set[str] = set()
-
-    def forget(self, names: Iterable[str]) -> None:
-        """Read these modules' namespaces again before the next question (a commit changed them)."""
-        for name in names:
-            self._drop(name)
-            self._stale.add(name)
-
-    def _drop(self, name: str) -> None:
-        state = self._state.pop(name, None)
-        if state is None:
-            return
-        for key in state[2]:
-            holders = self._holding.get(key)
-            if holders is not None:
-                holders.discard(name)
-                if not holders:
-                    del self._holding[key]
-
-    def _refresh(self) -> None:
-        modules = sys.modules
-        last = next(reversed(modules), None) if modules else None
-        seen = (len(modules), id(last))
-        if seen == self._modules_seen:
-            names = [n for n in self._stale if n in modules]
-        else:
-            for name in [n for n in self._state if n not in modules]:
-                self._drop(name)
-            names = list(modules)
-        self._stale.clear()
-        for name in names:
-            module = modules.get(name)
-            namespace = getattr(module, "__dict__", None)
-            if not isinstance(namespace, dict):
-                continue
-            state = self._state.get(name)
-            if state is not None and state[0] == id(namespace) and state[1] == len(namespace):
-                continue
-            self._drop(name)
-            ids = frozenset(map(id, namespace.values()))
-            self._state[name] = (id(namespace), len(namespace), ids)
-            for key in ids:
-                self._holding.setdefault(key, set()).add(name)
-        self._modules_seen = seen
-
-    def holders(self, name: str, change: ModuleChange) -> list[str]:
-        """Live modules whose namespace holds the module ``name``, or objects it changed or
-        defines (cheap and wide: the statements of each one are read next)."""
-        if not change:
-            return []
-        live = sys.modules.get(name)
-        if not isinstance(live, types.ModuleType):
-            return []
-        self._refresh()
-        ns = live.__dict__
-        watched = {id(live)}
-        by_name: dict[str, object] = {}  # shared objects (None, True, 3) are matched by name too
-        for key in change.names:
-            value = ns.get(key, _ABSENT)
-            if value is _ABSENT:
-                continue
-            if isinstance(value, _SHARED) or (isinstance(value, int) and -5 <= value <= 256):
-                by_name[key] = value
-            else:
-                watched.add(id(value))
-        if change.rebound:  # names added or removed: star imports of this module follow
-            for value in ns.values():
-                if isinstance(value, type | types.FunctionType) and value.__module__ == name:
-                    watched.add(id(value))
-        found: set[str] = set()
-        for watched_id in watched:
-            found.update(self._holding.get(watched_id, ()))
-        for key, value in by_name.items():
-            for holder in self._holding.get(id(value), set()):
-                namespace = getattr(sys.modules.get(holder), "__dict__", None)
-                if isinstance(namespace, dict) and namespace.get(key, _ABSENT) is value:
-                    found.add(holder)
-        parent = name.rpartition(".")[0]
-        if parent in sys.modules:
-            found.add(parent)
-        found.discard(name)
-        return sorted(found)
-
-
-def _refuse_stale_references(todo: list[_Prepared]) -> None:
-    """A function replaced rather than updated in place (it became a generator, a coroutine, or
-    the reverse) must have no reference the commit leaves pointing at it: module namespaces and
-    class attributes that the change set re-binds are fine; anything else (a registry, a
-    callback list, a closure, a bound method) would keep running the old code."""
-    pending = [
-        (p, path, old)
-        for p in todo
-        if p.plan is not None
-        for path, old, _ in p.plan.replaced_definitions
-    ]
-    if not pending:
-        return
-    rebinding: dict[int, set[object]] = {}  # id(namespace or class) -> names re-bound there
-    for p in todo:
-        for op in p.plan.changeset.assignments if p.plan else ():
-            if isinstance(op, SetName):
-                rebinding.setdefault(id(op.namespace), set()).add(op.name)
-            elif isinstance(op, SetAttr):
-                rebinding.setdefault(id(op.cls), set()).add(op.name)
-    for p in todo:  # old values the commit replaces (a list of the module that held it)
-        for op in p.plan.changeset.assignments if p.plan else ():
-            if isinstance(op, SetName):
-                rebinding.setdefault(id(op.namespace.get(op.name)), set()).add(_WHOLE)
-            elif isinstance(op, SetAttr):
-                rebinding.setdefault(id(op.cls.__dict__.get(op.name)), set()).add(_WHOLE)
-    modules = {id(m.__dict__): m for m in list(sys.modules.values()) if hasattr(m, "__dict__")}
-    class_dicts: dict[int, int] = {}  # id(a class's own dict) -> id(the class)
-    for p in todo:
-        for op in p.plan.changeset.assignments if p.plan else ():
-            if isinstance(op, SetAttr):
-                for inner in gc.get_referents(op.cls):
-                    if type(inner) is dict and op.name in inner:
-                        class_dicts[id(inner)] = id(op.cls)
-    for p, path, old in pending:
-        holders = _foreign_holders(old, rebinding, modules, class_dicts)
-        if holders:
-            raise PatchRejected(
-                p.name,
-                "compatibility",
-                f"{path} cannot be updated in place (it became a generator or a coroutine, or the "
-                "reverse, or its shape changed), so the new version replaces it; references to "
-                f"the old one held elsewhere ({', '.join(sorted(set(holders))[:5])}) would keep "
-                "running the old code, where a restart re-creates them: a restart is needed",
-                filename=p.source.filename,
-            )
-
-
-_WHOLE = object()  # marks an old value the change set replaces as a whole
-
-
-def _foreign_holders(
-    old: object,
-    rebinding: dict[int, set[object]],
-    modules: dict[int, types.ModuleType],
-    class_dicts: dict[int, int],
-) -> list[str]:
-    """What holds ``old`` besides the places the change set re-binds and hotpatch's own records.
-
-    Written without comprehensions over ``old``: a comprehension's closure cell would hold it.
-    """
-    holders: list[str] = []
-    bookkeeping = (SetName, SetAttr, SetFunction, types.FrameType)
-    for ref in gc.get_referrers(old):
-        if isinstance(ref, bookkeeping) or _WHOLE in rebinding.get(id(ref), ()):
-            continue
-        if (
-            isinstance(ref, tuple)
-            and len(ref) == 3
-            and ((ref[1] is old and isinstance(ref[0], str)) or ref[2] is old)
-            and isinstance(ref[0], str | _Prepared)
-        ):
-            continue  # (path, old, functions) records of the plan, and the pending list
-        if isinstance(ref, dict):
-            keys: set[object] = set()
-            only_int_keys = True
-            for key, value in ref.items():
-                if value is old:
-                    keys.add(key)
-                only_int_keys = only_int_keys and isinstance(key, int)
-            if id(ref) in modules:
-                if keys <= rebinding.get(id(ref), set()):
-                    continue
-                name = sorted(map(str, keys))[0]
-                holders.append(f"{modules[id(ref)].__name__}.{name}")
-                continue
-            owner = class_dicts.get(id(ref))
-            if owner is not None and keys <= rebinding.get(owner, set()):
-                continue
-            if only_int_keys:
-                continue  # a remap table of the planner (id -> live object)
-        elif isinstance(ref, type) and keys_rebound(ref, old, rebinding):
-            continue
-        holders.append(type(ref).__name__)
-    return holders
-
-
-def keys_rebound(cls: type, old: object, rebinding: dict[int, set[object]]) -> bool:
-    names = set()
-    for key, value in cls.__dict__.items():
-        if value is old:
-            names.add(key)
-    return names <= rebinding.get(id(cls), set())
-
-
-def _codes(value: object) -> list[types.CodeType]:
-    """The code objects a value runs: its functions, through ``__wrapped__`` chains."""
-    codes: list[types.CodeType] = []
-    for _ in range(16):
-        codes += [f.__code__ for f in functions_of(value)]
-        try:
-            inner = object.__getattribute__(value, "__dict__").get("__wrapped__")
-        except Exception:
-            inner = None
-        if inner is None:
-            break
-        value = inner
-    return codes
-
-
-def _fidelity_problem(live: dict[str, object], cand: dict[str, object], path: str) -> str | None:
-    """Why the live object at ``path`` does not run the candidate's code (``None``: it does)."""
-    first, *rest = path.split(".")
-    live_value, cand_value = live.get(first), cand.get(first)
-    for part in rest:
-        if not isinstance(live_value, type) or not isinstance(cand_value, type):
-            return None
-        live_value, cand_value = live_value.__dict__.get(part), cand_value.__dict__.get(part)
-    if isinstance(cand_value, type):
-        return None  # a class: its members are checked by their own names
-    want, have = _codes(cand_value), _codes(live_value)
-    if len(want) != len(have) or any(a is not b and a != b for a, b in zip(want, have)):
-        return "still runs code of the old version"
-    for func in functions_of(live_value):
-        if func.__globals__ is cand:
-            return "runs with the candidate's globals, not the live module's"
-    return None
 
 
 def _baseline_source(module: types.ModuleType, max_bytes: int) -> Source | None:
