@@ -275,7 +275,7 @@ class Engine:
                 raise
             duration = time.perf_counter() - started
             by_name: dict[str, PatchResult] = {}
-            dependents = [p for p in todo if p.derived_from] if prepared else []
+            dependents = [p for p in todo if p.derived_from]
             for p in prepared:
                 if p.plan is None:
                     by_name[p.name] = p.noop_result(duration)
@@ -499,13 +499,7 @@ class Engine:
             return None
         shared.changes[name] = module_change(plan)
         log.debug("patch.rederived", module=name, trigger=trigger, names=list(plan.changed))
-        return _Prepared(
-            module,
-            source,
-            plan,
-            live_entry,
-            Candidate(name, source, candidate.module, candidate.namespace),
-        )
+        return _Prepared(module, source, plan, live_entry, candidate)
 
     def _check_fidelity(self, todo: list[_Prepared]) -> None:
         """After the commit: every name reported changed or added runs the candidate's code."""
@@ -708,8 +702,8 @@ class Engine:
         assert p.plan is not None and p.undo is not None
         undo = p.undo
         derived: list[str] = []
-        for d in reversed(dependents or []):  # their undo rides on this version's: rollback
-            assert d.undo is not None and d.plan is not None  # restores them too
+        for d in dependents or []:  # their undo rides on this version's, so that a rollback
+            assert d.undo is not None  # restores them too (the last committed, first undone)
             undo = ChangeSet(d.undo.assignments + undo.assignments)
         for d in dependents or []:
             assert d.plan is not None
