@@ -631,33 +631,25 @@ def _descriptor_state(value: object) -> dict[str, object]:
     return state
 
 
-def _same_cell(old: object, new: object, remap: dict[int, object], depth: int = 0) -> bool:
+def _same_cell(old: object, new: object, remap: dict[int, object]) -> bool:
     """Whether a closure cell of a live function may stay as it is when its code is updated.
 
-    Values of known types must be equal (a factory called with another argument,
-    ``make_handler("v2")``, makes another function); functions and classes match their
-    counterpart by qualified name (they are paired on their own); objects of other types are
-    kept when they are of the same type (a lock, a client): their equality is unknown, and the
-    live one carries the process's state.
+    Immutable values must be equal: they are a factory's or a decorator's arguments
+    (``make_handler("v2")``, ``@retry(times=5)``), and a function made with others is another
+    function. Functions and classes match their counterpart by qualified name (they are paired on
+    their own). Containers and other objects are state (a decorator's cache, a lock, a client):
+    the live one is kept, as for a module-level value whose statement did not change.
     """
     if old is new or remap.get(id(new)) is old:
         return True
-    if type(old) is not type(new):
-        return False
-    if isinstance(old, types.FunctionType | type):
-        return getattr(old, "__qualname__", None) == getattr(new, "__qualname__", None)
-    if depth > 4:
-        return True
-    if isinstance(old, dict) and isinstance(new, dict):
-        return old.keys() == new.keys() and all(
-            _same_cell(v, new[k], remap, depth + 1) for k, v in old.items()
+    if isinstance(old, types.FunctionType | type) or isinstance(new, types.FunctionType | type):
+        return type(old) is type(new) and getattr(old, "__qualname__", None) == getattr(
+            new, "__qualname__", None
         )
-    if isinstance(old, list | tuple) and isinstance(new, list | tuple):
-        return len(old) == len(new) and all(
-            _same_cell(a, b, remap, depth + 1) for a, b in zip(old, new)
-        )
-    if isinstance(old, (*IMMUTABLE, set)):
-        return safe_equal(old, new)
+    if type(old) is tuple and type(new) is tuple:
+        return len(old) == len(new) and all(_same_cell(a, b, remap) for a, b in zip(old, new))
+    if isinstance(old, IMMUTABLE) or isinstance(new, IMMUTABLE):
+        return type(old) is type(new) and safe_equal(old, new)
     return True
 
 

@@ -122,6 +122,37 @@ def test_a_method_that_becomes_a_coroutine_runs_the_new_code(make_module) -> Non
     assert inspect.iscoroutinefunction(k.fetch) and asyncio.run(k.fetch()) == "new"
 
 
+RETRY = """
+import functools
+
+def retry(times):
+    def decorate(fn):
+        cache = {}
+
+        @functools.wraps(fn)
+        def wrapper(*args):
+            cache[args] = True
+            return (times, fn(*args))
+        wrapper.cache = cache
+        return wrapper
+    return decorate
+
+@retry(3)
+def fetch(x):
+    return x
+"""
+
+
+def test_a_decorator_argument_change_makes_a_new_function(make_module) -> None:
+    mod = make_module(RETRY)
+    assert mod.fetch(1) == (3, 1)
+    engine = Engine()
+    engine.patch(mod.__name__, source=RETRY.replace("return x", "return x * 10"))
+    assert mod.fetch(1) == (3, 10) and mod.fetch.cache == {(1,): True}  # in place, state kept
+    result = engine.patch(mod.__name__, source=RETRY.replace("retry(3)", "retry(5)"))
+    assert "fetch" in result.changed and mod.fetch(1) == (5, 1)  # as a restart would make it
+
+
 # -- 2. descriptors with state of their own ---------------------------------------------------------
 
 
