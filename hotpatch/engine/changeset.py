@@ -175,6 +175,9 @@ def functions_of(value: object) -> list[types.FunctionType]:
         return [value.func] if isinstance(value.func, types.FunctionType) else []
     state = descriptor_dict(value)
     if state is not None:  # a descriptor of another kind that keeps its functions as attributes
+        wrapped = state.get("__wrapped__")
+        if wrapped is not None:  # a functools.wraps-style wrapper (lru_cache): what it wraps
+            return [wrapped] if isinstance(wrapped, types.FunctionType) else []
         return [v for v in state.values() if isinstance(v, types.FunctionType)]
     return []
 

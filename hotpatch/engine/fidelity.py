@@ -268,7 +268,9 @@ def fidelity_problem(live: dict[str, object], cand: dict[str, object], path: str
         live_value, cand_value = live_value.__dict__.get(part), cand_value.__dict__.get(part)
     if isinstance(cand_value, type):
         return None  # a class: its members are checked by their own names
-    want, have = _codes(cand_value), _codes(live_value)
+    filename = live.get("__file__")
+    want = [c for c in _codes(cand_value) if c.co_filename == filename]
+    have = [c for c in _codes(live_value) if c.co_filename == filename]
     if len(want) != len(have) or any(a is not b and a != b for a, b in zip(want, have)):
         return "still runs code of the old version"
     for func in functions_of(live_value):

@@ -164,6 +164,8 @@ def _units(body: list[ast.stmt], lines: list[str]) -> list[Unit]:
 
 def _reads(stmt: ast.stmt) -> Reads:
     """What ``stmt`` reads, calls and changes when the module is imported (``Reads``)."""
+    if _runs_only_as_script(stmt):
+        return Reads()  # ``if __name__ == "__main__":`` does nothing when the module is imported
     names: set[str] = set()
     bare: set[str] = set()
     attrs: set[tuple[str, str]] = set()
@@ -246,6 +248,19 @@ def _class_members(node: ast.ClassDef, scope: str, out: list[tuple[str, Reads]])
         elif not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
             reads = _reads(child)
             out.extend((f"{scope}.{name}", reads) for name in sorted(bound_names(child)))
+
+
+def _runs_only_as_script(stmt: ast.stmt) -> bool:
+    """``if __name__ == "__main__":`` (either way round)."""
+    if not isinstance(stmt, ast.If) or not isinstance(stmt.test, ast.Compare):
+        return False
+    test = stmt.test
+    if len(test.ops) != 1 or not isinstance(test.ops[0], ast.Eq):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return any(isinstance(s, ast.Name) and s.id == "__name__" for s in sides) and any(
+        isinstance(s, ast.Constant) and s.value == "__main__" for s in sides
+    )
 
 
 def _root_name(node: ast.expr) -> str | None:

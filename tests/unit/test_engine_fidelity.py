@@ -404,6 +404,29 @@ def test_class_attributes_derived_from_a_changed_value_are_recomputed(make_modul
     assert f"{user.__name__}.K.seen" not in result.derived
 
 
+def test_a_main_guard_and_an_lru_cache_are_not_derived_state(make_module) -> None:
+    source = textwrap.dedent(
+        """
+        import functools
+
+        @functools.lru_cache()
+        def version():
+            return (1,)
+
+        def main():
+            return version()
+
+        if __name__ == "__main__":
+            print(main())
+        """
+    )
+    mod = make_module(source)
+    assert mod.main() == (1,)
+    new = source.replace("(1,)", "(2,)").replace("lru_cache()", "lru_cache")
+    result = Engine().patch(mod.__name__, source=new)
+    assert mod.main() == (2,) and "version" in result.changed
+
+
 def test_derived_state_with_effects_elsewhere_needs_a_restart(make_module) -> None:
     kinds = make_module("KINDS = ['a']\n")
     sink = make_module("SEEN = []\n")
