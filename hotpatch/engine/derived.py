@@ -55,6 +55,7 @@ class Derivation:
     forced: frozenset[str]
     refusal: tuple[int, str] | None = None
     dirty_lines: tuple[int, ...] = ()
+    callers: frozenset[str] = frozenset()  # definitions that call changed names (changed too)
 
 
 def top_level_change(
@@ -86,6 +87,48 @@ def _reads_changed(
         ):
             return True
     return False
+
+
+def _taint_callers(
+    units: list[Unit],
+    soft: set[str],
+    hard: set[str],
+    changed: Mapping[str, ModuleChange],
+    package: str,
+) -> None:
+    """Functions and classes whose bodies use a changed name behave differently too: calling them
+    at import (``CURRENT = main()``, where ``main`` calls a changed ``version``) is derivation."""
+    aliases: dict[str, str] = {}
+    imported: set[str] = set()  # local names bound to changed names of other modules
+    for unit in units:
+        for ref in unit.reads.imports:
+            source = resolve(ref, package)
+            if source is None:
+                continue
+            if not ref.is_from:
+                local = ref.asname or ref.name.partition(".")[0]
+                aliases[local] = ref.name if ref.asname else local
+                continue
+            change = changed.get(source)
+            if change is not None and ref.name in change.names:
+                imported.add(ref.asname or ref.name)
+            aliases[ref.asname or ref.name] = f"{source}.{ref.name}"
+    definitions = [u for u in units if u.reads.kind in ("def", "class")]
+    grew = True
+    while grew:
+        grew = False
+        for unit in definitions:
+            bound = {name for scope, name in unit.bound if not scope}
+            if bound <= soft:
+                continue
+            body = unit.reads.body
+            uses_changed = bool(body & (soft | hard | imported)) or any(
+                (change := changed.get(aliases.get(base, ""))) is not None and attr in change.names
+                for base, attr in unit.reads.body_attrs
+            )
+            if uses_changed:
+                soft.update(bound)
+                grew = True
 
 
 def resolve(ref: ImportRef, package: str) -> str | None:
@@ -128,7 +171,11 @@ def derive(
     soft: set[str] = set(own.names) if own else set()  # behaviour changed (identity may be kept)
     hard: set[str] = set(own.rebound) if own else set()  # bound to another object
     aliases: dict[str, str] = {}  # local name -> module it is bound to
+    units = list(units)
     own_names = {name for unit in units for scope, name in unit.bound if not scope}
+    before = set(soft)
+    _taint_callers(units, soft, hard, changed, package)
+    callers = frozenset(soft - before)
     forced: set[str] = set()
     dirty_lines: list[int] = []
 
@@ -238,4 +285,4 @@ def derive(
         forced.update(taken)
         soft.update(taken)
         hard.update(taken)
-    return Derivation(frozenset(forced), None, tuple(dirty_lines))
+    return Derivation(frozenset(forced), None, tuple(dirty_lines), callers)

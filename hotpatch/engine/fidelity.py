@@ -28,8 +28,11 @@ from hotpatch.engine.swap import Plan
 from hotpatch.errors import PatchRejected
 
 
-def module_change(plan: Plan) -> ModuleChange:
-    return top_level_change(plan.changed, plan.added, plan.removed, plan.rebound)
+def module_change(plan: Plan, *, also: Iterable[str] = ()) -> ModuleChange:
+    """What a plan changes, by top-level name; ``also``: names whose behaviour changed with it."""
+    change = top_level_change(plan.changed, plan.added, plan.removed, plan.rebound)
+    extra = frozenset(also)
+    return ModuleChange(change.names | extra, change.rebound) if extra else change
 
 
 def empty_plan(name: str) -> Plan:

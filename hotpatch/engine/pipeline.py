@@ -388,7 +388,8 @@ class Engine:
             )
             _raise_problems(p.name, p.plan, p.source.filename)
             replanned = True
-        shared.changes[p.name] = module_change(p.plan)
+        # Functions that call what changed behave differently as well (for other modules).
+        shared.changes[p.name] = module_change(p.plan, also=derivation.callers)
         return replanned
 
     def _derivation(
@@ -497,7 +498,7 @@ class Engine:
         _raise_problems(trigger, plan, source.filename, name)
         if not plan.changeset:
             return None
-        shared.changes[name] = module_change(plan)
+        shared.changes[name] = module_change(plan, also=derivation.callers)
         log.debug("patch.rederived", module=name, trigger=trigger, names=list(plan.changed))
         return _Prepared(module, source, plan, live_entry, candidate)
 

@@ -55,6 +55,10 @@ class Reads:
     # For a class: each plain statement of its body (nested classes too), as
     # ("Class.name" it binds, what it reads), so that only those reading changed names are redone.
     members: tuple[tuple[str, Reads], ...] = ()
+    # For a def or class: the global names and ``name.attr`` pairs its function bodies read when
+    # called, so that a function calling a changed one counts as changed too.
+    body: frozenset[str] = frozenset()
+    body_attrs: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,10 @@ def _reads(stmt: ast.stmt) -> Reads:
     members: list[tuple[str, Reads]] = []
     if isinstance(stmt, ast.ClassDef):
         _class_members(stmt, stmt.name, members)
+    body: set[str] = set()
+    body_attrs: set[tuple[str, str]] = set()
     if kind != "plain":
+        _body_reads(stmt, body, body_attrs)
         for decorator in getattr(stmt, "decorator_list", ()):
             decorators.update(
                 n.id
@@ -238,7 +245,18 @@ def _reads(stmt: ast.stmt) -> Reads:
         tuple(imports),
         frozenset(decorators),
         tuple(members),
+        frozenset(body),
+        frozenset(body_attrs),
     )
+
+
+def _body_reads(stmt: ast.stmt, names: set[str], attrs: set[tuple[str, str]]) -> None:
+    """Names (and ``name.attr``) read anywhere inside a definition, function bodies included."""
+    for node in ast.walk(stmt):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            attrs.add((node.value.id, node.attr))
 
 
 def _class_members(node: ast.ClassDef, scope: str, out: list[tuple[str, Reads]]) -> None:

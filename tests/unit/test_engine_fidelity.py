@@ -416,6 +416,8 @@ def test_a_main_guard_and_an_lru_cache_are_not_derived_state(make_module) -> Non
         def main():
             return version()
 
+        CURRENT = main()
+
         if __name__ == "__main__":
             print(main())
         """
@@ -424,7 +426,17 @@ def test_a_main_guard_and_an_lru_cache_are_not_derived_state(make_module) -> Non
     assert mod.main() == (1,)
     new = source.replace("(1,)", "(2,)").replace("lru_cache()", "lru_cache")
     result = Engine().patch(mod.__name__, source=new)
-    assert mod.main() == (2,) and "version" in result.changed
+    assert mod.main() == (2,) and mod.CURRENT == (2,)  # the guard's print(main()) never runs
+    assert {"version", "CURRENT"} <= set(result.changed)
+
+
+def test_a_value_computed_through_an_unchanged_caller_in_another_module(make_module) -> None:
+    lib = make_module("def version():\n    return 1\n\ndef main():\n    return version()\n")
+    user = make_module(f"import {lib.__name__} as lib\n\nCURRENT = lib.main()\n")
+    result = Engine().patch(
+        lib.__name__, source="def version():\n    return 2\n\ndef main():\n    return version()\n"
+    )
+    assert user.CURRENT == 2 and f"{user.__name__}.CURRENT" in result.derived
 
 
 def test_derived_state_with_effects_elsewhere_needs_a_restart(make_module) -> None:
