@@ -30,6 +30,19 @@ from dataclasses import dataclass
 
 from hotpatch.engine.statements import ImportRef, Reads, Unit
 
+_DESCRIPTIVE = frozenset(
+    {
+        "__doc__",
+        "__annotations__",
+        "__firstlineno__",
+        "__static_attributes__",
+        "__orig_bases__",
+        "__parameters__",
+        "__type_params__",
+        "__match_args__",
+    }
+)
+
 
 @dataclass(frozen=True)
 class ModuleChange:
@@ -61,8 +74,14 @@ class Derivation:
 def top_level_change(
     changed: Iterable[str], added: Iterable[str], removed: Iterable[str], rebound: Iterable[str]
 ) -> ModuleChange:
-    """A ``ModuleChange`` from a plan's qualified names (``K.method`` counts as ``K``)."""
-    names = {n.partition(".")[0] for part in (changed, added, removed) for n in part}
+    """A ``ModuleChange`` from a plan's qualified names (``K.method`` counts as ``K``; a class's
+    descriptive attributes, ``K.__doc__`` or ``K.__annotations__``, change no behaviour)."""
+    names = {
+        n.partition(".")[0]
+        for part in (changed, added, removed)
+        for n in part
+        if n.rpartition(".")[2] not in _DESCRIPTIVE or "." not in n
+    }
     hard = {n for n in rebound if "." not in n}
     hard.update(n for n in (*added, *removed) if "." not in n)
     return ModuleChange(frozenset(names), frozenset(hard))
