@@ -30,16 +30,18 @@ from dataclasses import dataclass
 
 from hotpatch.engine.statements import ImportRef, Reads, Unit
 
-_DESCRIPTIVE = frozenset(
+# Members that decide what calling a class makes (``K(...)``).
+_MAKING = frozenset(
     {
-        "__doc__",
-        "__annotations__",
-        "__firstlineno__",
-        "__static_attributes__",
-        "__orig_bases__",
-        "__parameters__",
-        "__type_params__",
-        "__match_args__",
+        "__init__",
+        "__new__",
+        "__post_init__",
+        "__attrs_post_init__",
+        "__init_subclass__",
+        "__set_name__",
+        "__call__",
+        "__class_getitem__",
+        "__dataclass_fields__",
     }
 )
 
@@ -56,6 +58,7 @@ class ModuleChange:
 
     names: frozenset[str]
     rebound: frozenset[str]
+    members: frozenset[str] = frozenset()  # "Class.member" paths that changed
 
     def __bool__(self) -> bool:
         return bool(self.names)
@@ -76,15 +79,31 @@ def top_level_change(
 ) -> ModuleChange:
     """A ``ModuleChange`` from a plan's qualified names (``K.method`` counts as ``K``; a class's
     descriptive attributes, ``K.__doc__`` or ``K.__annotations__``, change no behaviour)."""
-    names = {
-        n.partition(".")[0]
-        for part in (changed, added, removed)
-        for n in part
-        if n.rpartition(".")[2] not in _DESCRIPTIVE or "." not in n
-    }
+    paths = [n for part in (changed, added, removed) for n in part]
+    # A class counts as changed when what makes its instances changed: ``K()`` at import then
+    # builds another object. Another method changed in place changes no value built before.
+    names = {n.partition(".")[0] for n in paths if "." not in n or n.rpartition(".")[2] in _MAKING}
     hard = {n for n in rebound if "." not in n}
     hard.update(n for n in (*added, *removed) if "." not in n)
-    return ModuleChange(frozenset(names), frozenset(hard))
+    members = frozenset(n for n in paths if "." in n)
+    return ModuleChange(frozenset(names), frozenset(hard), members)
+
+
+def _member_changed(
+    base: str,
+    attr: str,
+    own: ModuleChange | None,
+    changed: Mapping[str, ModuleChange],
+    origins: Mapping[str, tuple[str, str]],
+) -> bool:
+    """Whether ``base.attr`` is a changed member of a class of this module or an imported one."""
+    if own is not None and f"{base}.{attr}" in own.members:
+        return True
+    origin = origins.get(base)
+    if origin is None:
+        return False
+    change = changed.get(origin[0])
+    return change is not None and f"{origin[1]}.{attr}" in change.members
 
 
 def _reads_changed(
@@ -190,6 +209,7 @@ def derive(
     soft: set[str] = set(own.names) if own else set()  # behaviour changed (identity may be kept)
     hard: set[str] = set(own.rebound) if own else set()  # bound to another object
     aliases: dict[str, str] = {}  # local name -> module it is bound to
+    origins: dict[str, tuple[str, str]] = {}  # local name -> (module, name) it was imported as
     units = list(units)
     own_names = {name for unit in units for scope, name in unit.bound if not scope}
     before = set(soft)
@@ -233,6 +253,7 @@ def derive(
                 aliases[local] = full
             else:
                 aliases.pop(local, None)
+                origins[local] = (source, ref.name)
             if change is not None and ref.name in change.rebound:
                 why_hard.append(full)
         for name in reads.names:
@@ -248,6 +269,8 @@ def derive(
             module = aliases.get(base)
             change = changed.get(module) if module else None
             if change is None:
+                if base in reads.calls and _member_changed(base, attr, own, changed, origins):
+                    why_soft.append(f"{base}.{attr}()")  # a class's method called at import
                 continue
             if attr in change.rebound:
                 why_hard.append(f"{module}.{attr}")

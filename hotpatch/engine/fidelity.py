@@ -32,7 +32,7 @@ def module_change(plan: Plan, *, also: Iterable[str] = ()) -> ModuleChange:
     """What a plan changes, by top-level name; ``also``: names whose behaviour changed with it."""
     change = top_level_change(plan.changed, plan.added, plan.removed, plan.rebound)
     extra = frozenset(also)
-    return ModuleChange(change.names | extra, change.rebound) if extra else change
+    return ModuleChange(change.names | extra, change.rebound, change.members) if extra else change
 
 
 def empty_plan(name: str) -> Plan:

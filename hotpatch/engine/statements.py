@@ -250,9 +250,22 @@ def _reads(stmt: ast.stmt) -> Reads:
     )
 
 
+# Methods that run when a class is called: a class whose instances they make uses what they read.
+_MAKING_METHODS = frozenset({"__init__", "__new__", "__post_init__", "__attrs_post_init__"})
+
+
 def _body_reads(stmt: ast.stmt, names: set[str], attrs: set[tuple[str, str]]) -> None:
-    """Names (and ``name.attr``) read anywhere inside a definition, function bodies included."""
-    for node in ast.walk(stmt):
+    """Names (and ``name.attr``) read when a definition is called: a function's whole body, a
+    class's construction methods (its other methods run on instances made before the patch)."""
+    roots: list[ast.AST] = [stmt]
+    if isinstance(stmt, ast.ClassDef):
+        roots = [
+            child
+            for child in stmt.body
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+            and child.name in _MAKING_METHODS
+        ]
+    for node in (inner for root in roots for inner in ast.walk(root)):
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             names.add(node.id)
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):

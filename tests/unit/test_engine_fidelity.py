@@ -439,6 +439,35 @@ def test_a_value_computed_through_an_unchanged_caller_in_another_module(make_mod
     assert user.CURRENT == 2 and f"{user.__name__}.CURRENT" in result.derived
 
 
+DB = """
+class DB:
+    def __init__(self):
+        self.rows = []
+
+    def query(self):
+        return "old"
+
+    @classmethod
+    def default_limit(cls):
+        return 10
+
+db = DB()
+LIMIT = DB.default_limit()
+"""
+
+
+def test_an_instance_is_kept_when_a_method_changes_but_a_class_call_is_redone(
+    make_module,
+) -> None:
+    mod = make_module(DB)
+    db = mod.db
+    db.rows.append("live state")
+    new = DB.replace('return "old"', 'return "new"').replace("return 10", "return 20")
+    result = Engine().patch(mod.__name__, source=new)
+    assert mod.db is db and db.query() == "new" and db.rows == ["live state"]
+    assert mod.LIMIT == 20 and "LIMIT" in result.changed and "db" not in result.changed
+
+
 def test_derived_state_with_effects_elsewhere_needs_a_restart(make_module) -> None:
     kinds = make_module("KINDS = ['a']\n")
     sink = make_module("SEEN = []\n")
