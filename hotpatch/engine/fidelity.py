@@ -24,6 +24,7 @@ from collections.abc import Iterable
 
 from hotpatch.engine.changeset import ChangeSet, SetAttr, SetFunction, SetName, functions_of
 from hotpatch.engine.derived import ModuleChange, top_level_change
+from hotpatch.engine.statements import Unit
 from hotpatch.engine.swap import Plan
 from hotpatch.errors import PatchRejected
 
@@ -280,3 +281,30 @@ def fidelity_problem(live: dict[str, object], cand: dict[str, object], path: str
         if func.__globals__ is cand:
             return "runs with the candidate's globals, not the live module's"
     return None
+
+
+def completed_units(filename: str, units: Iterable[Unit]) -> list[Unit]:
+    """The top-level statements of a running script that have finished.
+
+    A script's module code may still be running (``while True: serve()`` at top level): the
+    statement it is in is the program, not a value computed at start-up, and the statements
+    after it have not run yet (they will run the new code). Only the statements before the
+    line any thread's module-level frame of ``filename`` is at count; all of them when none is.
+    """
+    lines = [line for frame in _module_frames(filename) if isinstance(line := frame.f_lineno, int)]
+    if not lines:
+        return list(units)
+    first = min(lines)
+    return [unit for unit in units if unit.end < first]
+
+
+def _module_frames(filename: str) -> list[types.FrameType]:
+    found = []
+    for frame in sys._current_frames().values():
+        current: types.FrameType | None = frame
+        while current is not None:
+            code = current.f_code
+            if code.co_name == "<module>" and code.co_filename == filename:
+                found.append(current)
+            current = current.f_back
+    return found

@@ -43,6 +43,7 @@ from hotpatch.engine.changeset import ChangeSet
 from hotpatch.engine.derived import Derivation, ModuleChange, derive
 from hotpatch.engine.fidelity import (
     NamespaceIndex,
+    completed_units,
     empty_plan,
     fidelity_problem,
     module_change,
@@ -405,8 +406,11 @@ class Engine:
                 return [n for n in listed if isinstance(n, str)]
             return [n for n in names if not n.startswith("_")]
 
+        units = source.index.units
+        if name == "__main__":  # the program itself: only what its start-up already computed
+            units = tuple(completed_units(source.filename, units))
         return derive(
-            source.index.units,
+            units,
             package=package_of(name),
             own=module_change(plan) if own else None,
             changed=shared.changes,

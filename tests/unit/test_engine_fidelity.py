@@ -9,6 +9,7 @@ candidate's code.
 from __future__ import annotations
 
 import inspect
+import subprocess
 import sys
 import textwrap
 import types
@@ -529,3 +530,47 @@ def test_a_class_attribute_that_redefines_class_is_never_assigned(make_module) -
     with pytest.raises(PatchRejected, match=r"Proxy.__class__ changed.*restart"):
         Engine().patch(mod.__name__, source=source.replace("int", "str"))
     assert type(mod.Proxy) is type and mod.Proxy().__class__ is int
+
+
+def test_a_running_scripts_loop_is_the_program_not_derived_state(tmp_path: Path) -> None:
+    """`__main__` whose top-level loop calls a changed function: the patch applies (the loop
+    runs the new code from its next call on); a value the script computed before the loop is
+    derived state a restart would recompute: refused."""
+    (tmp_path / "hp_fid_lib.py").write_text("def value():\n    return 1\n", encoding="utf-8")
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import structlog
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+        import hp_fid_lib
+        from hotpatch import Engine, PatchRejected
+        START
+        engine = Engine()
+        seen = []
+        for step in range(2):
+            seen.append(hp_fid_lib.value())
+            if step == 0:
+                try:
+                    engine.patch("hp_fid_lib", source="def value():\\n    return 2\\n")
+                    print("applied")
+                except PatchRejected as exc:
+                    print("refused", exc.reason)
+        print(seen)
+        """
+    )
+    outputs = []
+    for start in ("", "START = hp_fid_lib.value()"):
+        path = tmp_path / "script.py"
+        path.write_text(script.replace("START", start), encoding="utf-8")
+        done = subprocess.run(
+            [sys.executable, str(path), str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        outputs.append(done.stdout.splitlines())
+    assert outputs[0] == ["applied", "[1, 2]"]
+    assert outputs[1][0].startswith("refused needs a restart: the program's script computes")
+    assert outputs[1][1] == "[1, 1]"
