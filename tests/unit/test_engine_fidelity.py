@@ -9,6 +9,7 @@ candidate's code.
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import hotpatch
 from hotpatch import Engine, PatchRejected
 from hotpatch.engine import swap
 
@@ -569,6 +571,7 @@ def test_a_running_scripts_loop_is_the_program_not_derived_state(tmp_path: Path)
             text=True,
             timeout=120,
             check=False,
+            env={**os.environ, "PYTHONPATH": str(Path(hotpatch.__file__).parent.parent)},
         )
         outputs.append(done.stdout.splitlines())
     assert outputs[0] == ["applied", "[1, 2]"]
