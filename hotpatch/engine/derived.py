@@ -61,7 +61,7 @@ class ModuleChange:
     members: frozenset[str] = frozenset()  # "Class.member" paths that changed
 
     def __bool__(self) -> bool:
-        return bool(self.names)
+        return bool(self.names or self.members)
 
 
 @dataclass(frozen=True)
@@ -151,21 +151,25 @@ def _taint_callers(
             if change is not None and ref.name in change.names:
                 imported.add(ref.asname or ref.name)
             aliases[ref.asname or ref.name] = f"{source}.{ref.name}"
-    definitions = [u for u in units if u.reads.kind in ("def", "class")]
+    definitions = [
+        ({name for scope, name in u.bound if not scope}, u.reads)
+        for u in units
+        if u.reads.kind in ("def", "class")
+    ]
     grew = True
     while grew:
         grew = False
-        for unit in definitions:
-            bound = {name for scope, name in unit.bound if not scope}
+        tainted = soft | hard | imported
+        for bound, reads in definitions:
             if bound <= soft:
                 continue
-            body = unit.reads.body
-            uses_changed = bool(body & (soft | hard | imported)) or any(
+            uses_changed = not reads.body.isdisjoint(tainted) or any(
                 (change := changed.get(aliases.get(base, ""))) is not None and attr in change.names
-                for base, attr in unit.reads.body_attrs
+                for base, attr in reads.body_attrs
             )
             if uses_changed:
                 soft.update(bound)
+                tainted.update(bound)
                 grew = True
 
 
@@ -217,6 +221,7 @@ def derive(
     callers = frozenset(soft - before)
     forced: set[str] = set()
     dirty_lines: list[int] = []
+    classes = {member.partition(".")[0] for member in own.members} if own is not None else set()
 
     def _module_reads(names: frozenset[str]) -> set[str]:
         """Decorators read through a module alias whose names were replaced (``@m.deco``)."""
@@ -230,6 +235,15 @@ def derive(
 
     for unit in units:
         reads = unit.reads
+        names = reads.names
+        if not reads.imports and (
+            names.isdisjoint(soft)
+            and names.isdisjoint(hard)
+            and names.isdisjoint(aliases)
+            and names.isdisjoint(origins)
+            and names.isdisjoint(classes)
+        ):
+            continue  # reads nothing that changed (the common case, kept cheap)
         why_hard: list[str] = []
         why_soft: list[str] = []
         star_names: set[str] = set()

@@ -120,7 +120,7 @@ class NamespaceIndex:
         ns = live.__dict__
         watched = {id(live)}
         by_name: dict[str, object] = {}  # shared objects (None, True, 3) are matched by name too
-        for key in change.names:
+        for key in {*change.names, *(m.partition(".")[0] for m in change.members)}:
             value = ns.get(key, _ABSENT)
             if value is _ABSENT:
                 continue
