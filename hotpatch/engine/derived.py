@@ -11,8 +11,9 @@ The problem is to find those statements without running anything, and to redo on
 would redo. ``derive`` reads the statement index of a module (``statements.Reads``: the names each
 top-level statement reads, calls and changes at import) and the names a change set changed in each
 module, and marks a statement *dirty* when it reads a name that was re-bound (replaced, added or
-removed), calls a name whose behaviour changed, or star-imports from a module that gained or lost
-names. Dirty statements taint the names they bind, in source order, so derivation follows chains
+removed), calls a name whose behaviour changed (a function whose code changed or that calls one
+that did, a class whose construction changed, a changed method called on a class), or
+star-imports from a module that gained or lost names. Dirty statements taint the names they bind, in source order, so derivation follows chains
 inside a module; the caller runs modules in dependency order, so it follows chains across modules.
 
 The mechanism: the names a dirty statement binds (and the module's own objects it changes through
@@ -51,9 +52,11 @@ class ModuleChange:
     """What a patch changed in one module, by top-level name.
 
     Attributes:
-        names: names whose object changed, in place or not, or that were added or removed.
+        names: names whose object changed, in place or not, or that were added or removed (a
+            class only when what makes its instances changed, ``__init__`` and the like).
         rebound: the subset bound to another object (replaced, added or removed): a reference
             taken before the patch no longer is the module's value.
+        members: ``Class.member`` paths that changed, were added or were removed.
     """
 
     names: frozenset[str]
