@@ -13,8 +13,9 @@ top-level statement reads, calls and changes at import) and the names a change s
 module, and marks a statement *dirty* when it reads a name that was re-bound (replaced, added or
 removed), calls a name whose behaviour changed (a function whose code changed or that calls one
 that did, a class whose construction changed, a changed method called on a class), or
-star-imports from a module that gained or lost names. Dirty statements taint the names they bind, in source order, so derivation follows chains
-inside a module; the caller runs modules in dependency order, so it follows chains across modules.
+star-imports from a module that gained or lost names. Dirty statements taint the names they
+bind, in source order, so derivation follows chains inside a module; the caller runs modules in
+dependency order, so it follows chains across modules.
 
 The mechanism: the names a dirty statement binds (and the module's own objects it changes through
 ``name.method(...)`` or ``name[k] = v``) are *forced*: the commit takes their values from a
