@@ -7,6 +7,9 @@ Owns everything that changes code inside this process, one stage per module:
 - ``guard``: API compatibility (signatures, classes) and the deadline runner for user checks;
 - ``swap`` (pairing and planning), ``compare`` (what counts as changed), ``rebind`` (the
   candidate's objects re-pointed at the live ones): the plan of the commit;
+- ``derived``: which statements compute values from names a change set changed (re-derive them,
+  or refuse with "needs a restart");
+- ``fidelity``: which live modules depend on a change, stale references, the post-commit check;
 - ``changeset``: the commit's assignments and their exact inverse;
 - ``safepoint``: the moment no thread is inside replaced code, and the gates that make it come;
 - ``history``: every version of every module, for rollback;

@@ -307,6 +307,7 @@ def build_candidate(
     for attr in _INHERITED_DUNDERS:
         if hasattr(live, attr):
             namespace[attr] = getattr(live, attr)
+    seeded = _seed_submodules(live, namespace)
     live_builtins = live.__dict__.get("__builtins__", builtins)
     namespace["__builtins__"] = (
         _builtins_importing(live_builtins, siblings, namespace) if siblings else live_builtins
@@ -319,7 +320,33 @@ def build_candidate(
         namespace["__builtins__"] = live_builtins
         if on_executed is not None:
             on_executed(namespace)
+    for attr, submodule in seeded.items():
+        if namespace.get(attr) is submodule and attr not in live.__dict__:
+            del namespace[attr]  # not bound on the live package either (its own code deleted it)
     return Candidate(name, source, module, namespace)
+
+
+def _seed_submodules(live: types.ModuleType, namespace: dict[str, object]) -> dict[str, object]:
+    """A package's candidate sees its imported submodules as attributes, as ``__init__`` does.
+
+    In a restart, ``from .sub import x`` in ``__init__`` imports ``pkg.sub``, and the import system
+    binds ``sub`` on the package before the next line runs (so ``del sub`` or ``sub.y`` work).
+    In the candidate, ``pkg.sub`` is already in ``sys.modules``, so the import binds nothing: the
+    candidate gets every imported direct submodule beforehand. Those the candidate's code did not
+    re-bind and the live package does not have are taken out again after it ran.
+    """
+    if not hasattr(live, "__path__"):
+        return {}
+    prefix = f"{live.__name__}."
+    seeded: dict[str, object] = {}
+    for full, submodule in list(sys.modules.items()):
+        if not full.startswith(prefix) or "." in full[len(prefix) :]:
+            continue
+        if isinstance(submodule, types.ModuleType):
+            seeded[full[len(prefix) :]] = submodule
+    for attr, found in seeded.items():
+        namespace.setdefault(attr, found)
+    return seeded
 
 
 def _builtins_importing(

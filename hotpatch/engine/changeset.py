@@ -8,6 +8,7 @@ everything a change set is about to touch, so applying the inverse restores the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from collections.abc import Mapping
@@ -55,7 +56,7 @@ class FunctionState(NamedTuple):
         func.__qualname__ = self.qualname
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SetFunction:
     func: types.FunctionType
     state: FunctionState
@@ -68,7 +69,7 @@ class SetFunction:
         return SetFunction(self.func, state or FunctionState.capture(self.func))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SetName:
     """``namespace[name] = value``, or deletion when ``value`` is MISSING."""
 
@@ -86,7 +87,7 @@ class SetName:
         return SetName(self.namespace, self.name, self.namespace.get(self.name, MISSING))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SetAttr:
     """``setattr(cls, name, value)``, or ``delattr`` when ``value`` is MISSING."""
 
@@ -126,8 +127,19 @@ class ChangeSet:
         return [a.func for a in self.assignments if isinstance(a, SetFunction)]
 
     def apply(self) -> None:
-        for assignment in self.assignments:
-            assignment.apply()
+        """Make every assignment, or none: one that raises (a class whose metaclass refuses the
+        attribute) undoes those made before it, and the error propagates."""
+        done: list[Assignment] = []
+        try:
+            for assignment in self.assignments:
+                inverse = assignment.inverse()
+                assignment.apply()
+                done.append(inverse)
+        except BaseException:
+            for inverse in reversed(done):
+                with contextlib.suppress(Exception):
+                    inverse.apply()
+            raise
 
     def replaced_codes(self) -> set[types.CodeType]:
         """Code objects that applying ``self`` now would take out of service (read live state)."""
@@ -161,7 +173,27 @@ def functions_of(value: object) -> list[types.FunctionType]:
         ]
     if isinstance(value, functools.cached_property):
         return [value.func] if isinstance(value.func, types.FunctionType) else []
+    state = descriptor_dict(value)
+    if state is not None:  # a descriptor of another kind that keeps its functions as attributes
+        wrapped = state.get("__wrapped__")
+        if wrapped is not None:  # a functools.wraps-style wrapper (lru_cache): what it wraps
+            return [wrapped] if isinstance(wrapped, types.FunctionType) else []
+        return [v for v in state.values() if isinstance(v, types.FunctionType)]
     return []
+
+
+def descriptor_dict(value: object) -> dict[str, object] | None:
+    """The instance dictionary of a descriptor (an object whose type defines ``__get__``), read
+    without running its code; ``None`` for anything else."""
+    if isinstance(value, type | types.FunctionType | types.ModuleType):
+        return None
+    if not any("__get__" in vars(klass) for klass in type(value).__mro__[:-1]):
+        return None
+    try:
+        state = object.__getattribute__(value, "__dict__")
+    except Exception:
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def codes_of(value: object) -> list[types.CodeType]:

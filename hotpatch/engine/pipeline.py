@@ -3,11 +3,20 @@
 ``Engine`` holds the history, the registered verifiers and health checks, and the settings. The
 module-level functions (``hotpatch.patch`` and friends) use a default engine. Patches are serialized
 by the engine's lock; each one either commits whole (every module of a change set) or not at all.
+
+A success is a promise that the process behaves like one restarted on the new code. So the modules
+of a change set are prepared in dependency order; values a module derives at import from names
+that changed are re-derived, in that module and in live modules that depend on it (found through
+a reverse index of namespace ids, then ``derived.derive`` on their statements), or the patch is
+refused with "needs a restart"; a replaced function must leave no reference the commit cannot
+re-bind; and after the commit, every name reported changed or added is checked to run the
+candidate's code, else the commit is rolled back and refused.
 """
 
 from __future__ import annotations
 
 import linecache
+import sys
 import threading
 import time
 import types
@@ -39,8 +48,18 @@ from hotpatch.engine.candidate import (
     text_sha256,
 )
 from hotpatch.engine.changeset import ChangeSet
+from hotpatch.engine.derived import Derivation, ModuleChange, derive
+from hotpatch.engine.fidelity import (
+    NamespaceIndex,
+    completed_units,
+    empty_plan,
+    fidelity_problem,
+    module_change,
+    refuse_stale_references,
+)
 from hotpatch.engine.guard import DeadlineExceeded, run_with_deadline
 from hotpatch.engine.history import Entry, ModuleHistory, Version, version_id
+from hotpatch.engine.modulemap import in_dependency_order, package_of
 from hotpatch.engine.registrations import Registrations
 from hotpatch.engine.registrations import snapshot as snapshot_registrations
 from hotpatch.engine.safepoint import SafePointTimeout, commit_at_safe_point
@@ -66,6 +85,7 @@ class PatchResult:
     added: tuple[str, ...]
     removed: tuple[str, ...]
     duration_s: float
+    derived: tuple[str, ...] = ()  # names of other modules re-derived from this change
 
     @property
     def is_noop(self) -> bool:
@@ -107,6 +127,7 @@ class Engine:
         self._health_checks: dict[str | None, list[HealthCheck]] = {}
         self._attempted: dict[str, str] = {}  # module -> sha256 of the source being tried
         self._busy = threading.local()  # .patching: this thread is inside patch/check
+        self._namespace_ids = NamespaceIndex()
 
     # -- registration ----------------------------------------------------------------------------
     def verifier(self, module: str | None = None) -> Callable[[F], F]:
@@ -270,24 +291,50 @@ class Engine:
             prepared: list[_Prepared] = []
             shared = _ChangeSetContext()
             try:
-                for name, given in changes.items():
-                    log.debug("patch.started", module=name)
-                    prepared.append(
-                        self._prepare(name, given, allow_removals=allow_removals, change_set=shared)
-                    )
-                todo = [p for p in prepared if p.plan is not None]
+                current = ""
+                try:
+                    for name, given in self._in_dependency_order(changes):
+                        current = name
+                        log.debug("patch.started", module=name)
+                        prepared.append(
+                            self._prepare(
+                                name, given, allow_removals=allow_removals, change_set=shared
+                            )
+                        )
+                    todo = [p for p in prepared if p.plan is not None]
+                    if todo:
+                        current = todo[0].name
+                        todo += self._prepare_dependents(todo, shared)
+                        refuse_stale_references(
+                            [(p.name, p.plan, p.source.filename) for p in todo if p.plan]
+                        )
+                except (PatchRejected, KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as exc:  # a defect or a limit of the planner: refuse, say so
+                    raise PatchRejected(
+                        current,
+                        "compatibility",
+                        f"hotpatch could not plan this change ({type(exc).__name__}: {exc}); "
+                        "nothing was changed",
+                    ) from None
                 if todo:
+                    self._namespace_ids.forget(p.name for p in todo)
                     self._commit(todo, timeout_s=timeout_s)
+                    self._check_fidelity(todo)
                     self._check_health(todo)
             except PatchRejected as exc:
                 self._record_rejection(exc)
                 raise
             duration = time.perf_counter() - started
-            results = []
+            by_name: dict[str, PatchResult] = {}
+            dependents = [p for p in todo if p.derived_from]
             for p in prepared:
-                result = self._record_applied(p, duration) if p.plan else p.noop_result(duration)
-                results.append(result)
-            return results
+                if p.plan is None:
+                    by_name[p.name] = p.noop_result(duration)
+                    continue
+                mine = [d for d in dependents if d.derived_from == p.name] if p is todo[0] else []
+                by_name[p.name] = self._record_applied(p, duration, mine)
+            return [by_name[name] for name in changes]
 
     @contextmanager
     def _not_reentered(self, changes: Mapping[str, object]) -> Iterator[None]:
@@ -342,19 +389,7 @@ class Engine:
             return _Prepared(module, old_source, None, live_entry, None)
         source, code = compile_source(name, text, filename, previous=old_source)
         shared = change_set or _ChangeSetContext()
-        live_containers = snapshot_registrations(module)
-        made: list[Registrations] = []
-        try:
-            candidate = build_candidate(
-                module,
-                source,
-                code,
-                siblings=shared.candidates,
-                on_executed=lambda namespace: made.append(live_containers.collect(namespace)),
-            )
-        finally:
-            for registrations in made:
-                registrations.undo()  # nothing live sees a candidate object (redone if applied)
+        candidate, registrations = self._execute_candidate(module, source, code, shared)
         shared.candidates[name] = candidate.module
         shared.remap[id(candidate.module)] = module
         forced = self._migrate(candidate, module)
@@ -368,21 +403,247 @@ class Engine:
             forced=forced,
             remap=shared.remap,
         )
-        if plan.problems:
-            first = plan.problems[0]
-            more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
-            raise PatchRejected(
-                name, "compatibility", first.message + more, filename=filename, lineno=first.lineno
-            )
-        if not plan.changeset:
+        _raise_problems(name, plan, filename)
+        prepared = _Prepared(
+            module,
+            source,
+            plan,
+            live_entry,
+            candidate,
+            forced=forced,
+            registrations=registrations,
+            remap=shared.remap,
+        )
+        self._replan_derived(prepared, shared, allow_removals=allow_removals)
+        if prepared.plan is None or not prepared.plan.changeset:
             # Identical down to line numbers: nothing to commit. A baseline that was unknown
             # (first contact after the file changed) is now known to be this source.
             record.learn_live_source(source)
             return _Prepared(module, source, None, live_entry, None)
         self._verify(candidate)
-        return _Prepared(
-            module, source, plan, live_entry, candidate, registrations=made[0], remap=shared.remap
+        return prepared
+
+    def _execute_candidate(
+        self,
+        module: types.ModuleType,
+        source: Source,
+        code: types.CodeType,
+        shared: _ChangeSetContext,
+    ) -> tuple[Candidate, Registrations]:
+        """Build the candidate; what its execution registered in live containers is undone at once.
+
+        Nothing live sees a candidate object: the registrations are redone with the live objects
+        only when the patch is applied (``_commit``).
+        """
+        live_containers = snapshot_registrations(module)
+        made: list[Registrations] = []
+        try:
+            candidate = build_candidate(
+                module,
+                source,
+                code,
+                siblings=shared.candidates,
+                on_executed=lambda namespace: made.append(live_containers.collect(namespace)),
+            )
+        finally:
+            for registrations in made:
+                registrations.undo()
+        return candidate, made[0] if made else Registrations()
+
+    def _in_dependency_order(
+        self, changes: Mapping[str, SourceInput]
+    ) -> list[tuple[str, SourceInput]]:
+        """The change set's modules, each after those of them it imports, so that a module's
+        candidate imports the new versions and its derived values follow them."""
+        if len(changes) < 2:
+            return list(changes.items())
+        texts: dict[str, str] = {}
+        for name, given in changes.items():
+            try:
+                filename = str(live_module(name).__file__)
+                data = given
+                if data is None:
+                    data = read_source_file(name, filename, max_bytes=self.max_source_bytes)
+                texts[name] = decode_source(name, data, filename, max_bytes=self.max_source_bytes)
+            except PatchRejected:
+                return list(changes.items())  # _prepare refuses it, in the order given
+        return [(name, texts[name]) for name in in_dependency_order(texts)]
+
+    def _replan_derived(
+        self, p: _Prepared, shared: _ChangeSetContext, *, allow_removals: bool
+    ) -> bool:
+        """Plan again while statements derive values from what the change set changed.
+
+        Returns:
+            Whether the plan changed.
+        """
+        assert p.plan is not None and p.candidate is not None
+        replanned = False
+        for _ in range(4):
+            derivation = self._derivation(p.name, p.source, p.plan, shared, own=True)
+            _raise_derivation(p.name, derivation, p.source.filename, p.name)
+            if derivation.forced <= p.forced:
+                break
+            p.forced |= derivation.forced
+            for paired in p.plan.paired_plain:  # values kept live by that plan may be forced now
+                shared.remap.pop(paired, None)
+            p.plan = plan_update(
+                p.name,
+                p.module.__dict__,
+                p.candidate.namespace,
+                old_index=p.live_entry.source.index if p.live_entry.source else None,
+                new_index=p.source.index,
+                allow_removals=allow_removals,
+                forced=p.forced,
+                remap=shared.remap,
+            )
+            _raise_problems(p.name, p.plan, p.source.filename)
+            replanned = True
+        # Functions that call what changed behave differently as well (for other modules).
+        shared.changes[p.name] = module_change(p.plan, also=derivation.callers)
+        return replanned
+
+    def _derivation(
+        self, name: str, source: Source, plan: Plan, shared: _ChangeSetContext, *, own: bool
+    ) -> Derivation:
+        """What the module's statements derive from names this change set changed."""
+
+        def exported(module_name: str) -> list[str]:
+            candidate = shared.candidates.get(module_name)
+            names = vars(candidate) if candidate is not None else {}
+            listed = names.get("__all__")
+            if isinstance(listed, list | tuple):
+                return [n for n in listed if isinstance(n, str)]
+            return [n for n in names if not n.startswith("_")]
+
+        units = source.index.units
+        if name == "__main__":  # the program itself: only what its start-up already computed
+            units = tuple(completed_units(source.filename, units))
+        return derive(
+            units,
+            package=package_of(name),
+            own=module_change(plan) if own else None,
+            changed=shared.changes,
+            is_module=lambda n: n in sys.modules,
+            exported=exported,
         )
+
+    def _prepare_dependents(
+        self, todo: list[_Prepared], shared: _ChangeSetContext
+    ) -> list[_Prepared]:
+        """Re-derive the live modules that derive state from what ``todo`` changes.
+
+        A module that imports from a changed module (``from .sub import *``, a table built from
+        its names) is found by the objects its namespace shares with the changed module, then
+        its statements are read (``derived.derive``); dirty ones are taken from a candidate
+        executed with the new versions, in dependency order, as a restart would compute them.
+        """
+        queue = [p.name for p in todo]
+        done = set(queue)
+        found: list[_Prepared] = []
+        while queue:
+            trigger = queue.pop(0)
+            for name in self._namespace_ids.holders(trigger, shared.changes[trigger]):
+                if name in done:
+                    continue
+                done.add(name)
+                p = self._rederive(name, trigger, shared)
+                if p is not None:
+                    p.derived_from = todo[0].name
+                    found.append(p)
+                    queue.append(name)
+        return found
+
+    def _rederive(self, name: str, trigger: str, shared: _ChangeSetContext) -> _Prepared | None:
+        module = sys.modules.get(name)
+        filename = getattr(module, "__file__", None)
+        if not isinstance(module, types.ModuleType) or not str(filename).endswith(".py"):
+            return None  # no Python source: nothing derived at import that hotpatch could read
+        record = self._ensure_history(name)
+        live_entry = record.live()
+        source = live_entry.source
+        if source is None:
+            raise PatchRejected(
+                trigger,
+                "compatibility",
+                f"needs a restart: {name} imports from {trigger}, which changed, and its live "
+                "source is unknown (its file changed before hotpatch first saw it)",
+                filename=str(filename),
+            )
+        plan = empty_plan(name)
+        derivation = self._derivation(name, source, plan, shared, own=False)
+        _raise_derivation(trigger, derivation, source.filename, name)
+        if not derivation.forced:
+            return None
+        if name == "__main__":
+            raise PatchRejected(
+                trigger,
+                "compatibility",
+                f"needs a restart: the program's script computes {sorted(derivation.forced)[0]!r} "
+                f"at start-up from {trigger}, which changed, and hotpatch does not run a script "
+                "again to re-derive it",
+                filename=source.filename,
+                lineno=derivation.dirty_lines[0] if derivation.dirty_lines else None,
+            )
+        try:
+            _, code = compile_source(name, source.text, source.filename, previous=source)
+            candidate, registrations = self._execute_candidate(module, source, code, shared)
+        except PatchRejected as exc:
+            raise PatchRejected(
+                trigger,
+                "compatibility",
+                f"needs a restart: {name} derives values from {trigger}, which changed, and "
+                f"running it again with the new version failed at {exc.stage}: {exc.reason}",
+                filename=exc.filename,
+                lineno=exc.lineno,
+            ) from None
+        shared.candidates[name] = candidate.module
+        shared.remap[id(candidate.module)] = module
+        plan = plan_update(
+            name,
+            module.__dict__,
+            candidate.namespace,
+            old_index=source.index,
+            new_index=source.index,
+            allow_removals=True,
+            forced=derivation.forced,
+            remap=shared.remap,
+        )
+        _raise_problems(trigger, plan, source.filename, name)
+        if not plan.changeset:
+            return None
+        shared.changes[name] = module_change(plan, also=derivation.callers)
+        log.debug("patch.rederived", module=name, trigger=trigger, names=list(plan.changed))
+        return _Prepared(
+            module,
+            source,
+            plan,
+            live_entry,
+            candidate,
+            registrations=registrations,
+            remap=shared.remap,
+        )
+
+    def _check_fidelity(self, todo: list[_Prepared]) -> None:
+        """After the commit: every name reported changed or added runs the candidate's code."""
+        for p in todo:
+            if p.plan is None or p.candidate is None:
+                continue
+            for path in (*p.plan.changed, *p.plan.added):
+                problem = fidelity_problem(p.module.__dict__, p.candidate.namespace, path)
+                if problem is None:
+                    continue
+                reason = (
+                    f"after the commit, {p.name}.{path} {problem}; rolled back: a restart is "
+                    "needed for this change"
+                )
+                self._undo(todo, reason=reason)
+                raise PatchRejected(
+                    (p.derived_from or p.name),
+                    "compatibility",
+                    reason,
+                    filename=p.source.filename,
+                )
 
     def _migrate(self, candidate: Candidate, live: types.ModuleType) -> frozenset[str]:
         """Run the candidate's ``__hotpatch_migrate__(old_namespace)``; names it sets are taken."""
@@ -421,18 +682,33 @@ class Engine:
         plans = [p.plan for p in todo if p.plan is not None]
         codes = frozenset().union(*(plan.replaced_codes for plan in plans))
         waited_from = time.perf_counter()
+        # One change set for all modules, so that an assignment that fails undoes them all
+        # (``ChangeSet.apply``); its inverse is split back per module below.
+        merged = ChangeSet(tuple(a for plan in plans for a in plan.changeset.assignments))
         try:
-            undos = commit_at_safe_point(
-                [plan.changeset for plan in plans], codes=codes, timeout_s=timeout_s
-            )
-        except SafePointTimeout as exc:
+            (merged_undo,) = commit_at_safe_point([merged], codes=codes, timeout_s=timeout_s)
+        except Exception as exc:
+            if isinstance(exc, SafePointTimeout):
+                raise PatchRejected(
+                    todo[0].name,
+                    "safepoint",
+                    str(exc),
+                    filename=exc.busy.filename,
+                    lineno=exc.busy.lineno,
+                ) from None
             raise PatchRejected(
                 todo[0].name,
-                "safepoint",
-                str(exc),
-                filename=exc.busy.filename,
-                lineno=exc.busy.lineno,
+                "compatibility",
+                f"the commit could not make an assignment ({type(exc).__name__}: {exc}); "
+                "nothing was changed",
+                filename=todo[0].source.filename,
             ) from None
+        undos: list[ChangeSet] = []
+        rest = merged_undo.assignments  # the inverse runs backwards: the last module first
+        for plan in reversed(plans):
+            count = len(plan.changeset)
+            undos.insert(0, ChangeSet(rest[:count]))
+            rest = rest[count:]
         log.debug(
             "patch.committed",
             modules=[p.name for p in todo],
@@ -553,9 +829,19 @@ class Engine:
         self._histories[name] = record
         return record
 
-    def _record_applied(self, p: _Prepared, duration_s: float) -> PatchResult:
+    def _record_applied(
+        self, p: _Prepared, duration_s: float, dependents: list[_Prepared] | None = None
+    ) -> PatchResult:
         assert p.plan is not None and p.undo is not None
-        previous, version = self._histories[p.name].add_applied(p.source, p.undo)
+        undo = p.undo
+        derived: list[str] = []
+        for d in dependents or []:  # their undo rides on this version's, so that a rollback
+            assert d.undo is not None  # restores them too (the last committed, first undone)
+            undo = ChangeSet(d.undo.assignments + undo.assignments)
+        for d in dependents or []:
+            assert d.plan is not None
+            derived += [f"{d.name}.{n}" for n in (*d.plan.changed, *d.plan.added, *d.plan.removed)]
+        previous, version = self._histories[p.name].add_applied(p.source, undo)
         log.info(
             "patch.applied",
             module=p.name,
@@ -564,6 +850,7 @@ class Engine:
             changed=list(p.plan.changed),
             added=list(p.plan.added),
             removed=list(p.plan.removed),
+            derived=derived,
             duration_s=round(duration_s, 6),
         )
         return PatchResult(
@@ -574,6 +861,7 @@ class Engine:
             p.plan.added,
             p.plan.removed,
             duration_s,
+            tuple(derived),
         )
 
     def _record_rejection(self, exc: PatchRejected) -> None:
@@ -595,6 +883,7 @@ class _ChangeSetContext:
 
     candidates: dict[str, types.ModuleType] = field(default_factory=dict)
     remap: dict[int, object] = field(default_factory=dict)
+    changes: dict[str, ModuleChange] = field(default_factory=dict)
 
 
 @dataclass
@@ -608,6 +897,8 @@ class _Prepared:
     registrations: Registrations = field(default_factory=Registrations)  # undone after execute
     remap: dict[int, object] = field(default_factory=dict)
     registered: Registrations = field(default_factory=Registrations)  # redone after commit
+    derived_from: str | None = None  # re-derived (source unchanged) because this module changed
+    forced: frozenset[str] = frozenset()  # names taken from the candidate whatever the statements
 
     @property
     def name(self) -> str:
@@ -638,6 +929,31 @@ def _rejection(
         tb = tb.tb_next
     return PatchRejected(
         candidate.name, stage, reason, filename=candidate.source.filename, lineno=lineno
+    )
+
+
+def _raise_problems(name: str, plan: Plan, filename: str, where: str | None = None) -> None:
+    if not plan.problems:
+        return
+    first = plan.problems[0]
+    more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
+    prefix = f"{where} (re-derived): " if where and where != name else ""
+    raise PatchRejected(
+        name, "compatibility", prefix + first.message + more, filename=filename, lineno=first.lineno
+    )
+
+
+def _raise_derivation(name: str, derivation: Derivation, filename: str, where: str) -> None:
+    if derivation.refusal is None:
+        return
+    lineno, reason = derivation.refusal
+    prefix = "" if where == name else f"{where}: "
+    raise PatchRejected(
+        name,
+        "compatibility",
+        f"needs a restart: {prefix}{reason}; hotpatch cannot redo that in place",
+        filename=filename,
+        lineno=lineno,
     )
 
 

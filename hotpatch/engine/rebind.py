@@ -3,9 +3,12 @@
 A function the candidate defined has the candidate's namespace as its globals; made live as it is,
 it would read stale globals forever. ``Rebinder.rebind`` gives each new object its live form:
 functions re-created over the live namespace (closures, defaults and ``__wrapped__`` re-bound as
-well), descriptors rebuilt around them, new classes re-based onto the live classes they derive
-from, and instances the candidate made of a class that stays live re-typed to it. ``remap`` maps
-``id(candidate object)`` to its live twin and is shared by every plan of a change set.
+well), descriptors copied around them with their own state (a ``property`` subclass's attributes,
+its doc) as instances of the live descriptor class, new classes re-based onto the live classes they
+derive from, and instances the candidate made of a class that stays live re-typed to it. New
+containers, instances of the module's classes and descriptors are walked (depth and size bounded)
+so that a candidate function inside a dict of handlers is replaced by its live twin too. ``remap``
+maps ``id(candidate object)`` to its live twin and is shared by every plan of a change set.
 """
 
 from __future__ import annotations
@@ -14,11 +17,41 @@ import contextlib
 import functools
 import types
 from dataclasses import dataclass, field
+from typing import Any
 
-from hotpatch.engine.changeset import MISSING
+from hotpatch.engine.changeset import MISSING, descriptor_dict
 from hotpatch.engine.compare import cell_value
 
 CLASS_SKIP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__"})
+
+# Values that cannot hold a candidate object: never walked.
+_SCALARS = (
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    bool,
+    type(None),
+    range,
+    type(Ellipsis),
+    types.ModuleType,
+)
+_WALK_LIMIT = 1_000_000  # objects walked per module: beyond, the patch is refused
+_DEPTH_LIMIT = 120  # nesting walked (each level takes a few stack frames)
+
+
+def _property_parts(value: property) -> tuple[object, object, object]:
+    return (value.fget, value.fset, value.fdel)
+
+
+def _slot_state(value: object) -> dict[str, object]:
+    """The instance dictionary of a descriptor (a subclass's extra state, ``__doc__``...)."""
+    try:
+        state = object.__getattribute__(value, "__dict__")
+    except Exception:
+        return {}
+    return dict(state) if isinstance(state, dict) else {}
 
 
 def is_own_class(value: object, module: str) -> bool:
@@ -37,6 +70,9 @@ class Rebinder:
     problems: list[str] = field(default_factory=list)
     _cells: dict[int, types.CellType] = field(default_factory=dict)
     _adopted: set[int] = field(default_factory=set)
+    _walked: set[int] = field(default_factory=set)
+    _visits: int = 0
+    _depth: int = 0
 
     def rebind(self, value: object) -> object:
         """The object to make live for a candidate value: nothing live may point into the candidate."""
@@ -44,33 +80,151 @@ class Rebinder:
         if mapped is not MISSING:
             return mapped
         if isinstance(value, types.FunctionType):
-            return self._rebind_function(value) if value.__globals__ is self.cand else value
-        if isinstance(value, staticmethod | classmethod):
-            inner = self.rebind(value.__func__)
-            return value if inner is value.__func__ else type(value)(inner)  # type: ignore[arg-type]
-        if isinstance(value, property):
-            parts = [
-                self.rebind(f) if f is not None else None
-                for f in (value.fget, value.fset, value.fdel)
-            ]
-            if all(p is f for p, f in zip(parts, (value.fget, value.fset, value.fdel))):
-                return value
-            return type(value)(parts[0], parts[1], parts[2], value.__doc__)  # type: ignore[arg-type]
-        if isinstance(value, functools.cached_property):
-            inner = self.rebind(value.func)
-            if inner is value.func:
-                return value
-            rebuilt: functools.cached_property[object] = functools.cached_property(inner)  # type: ignore[arg-type]
-            rebuilt.attrname = value.attrname
-            return rebuilt
-        if isinstance(value, type) and is_own_class(value, self.module):
-            self._adopt_class(value)
+            if value.__globals__ is self.cand:
+                return self._rebind_function(value)
+            self._walk_function(value)  # e.g. a decorator's wrapper around a candidate function
+            return value
+        if isinstance(value, type):
+            if is_own_class(value, self.module):
+                self._adopt_class(value)
+            return value
+        if isinstance(value, property | staticmethod | classmethod):
+            return self._rebind_descriptor(value)
+        if (
+            isinstance(value, _SCALARS)
+            or id(value) in self._walked
+            or value is self.cand
+            or value is self.live
+        ):
+            return value
+        if self._depth >= _DEPTH_LIMIT:
+            self._too_deep()
+            return value
+        self._depth += 1
+        try:
+            return self._rebind_object(value)
+        finally:
+            self._depth -= 1
+
+    def _too_deep(self) -> None:
+        message = (
+            f"new values nest objects more than {_DEPTH_LIMIT} levels deep; hotpatch cannot "
+            "show that none of them points into the candidate: a restart is needed"
+        )
+        if message not in self.problems:
+            self.problems.append(message)
+
+    def _rebind_object(self, value: object) -> object:
+        """``rebind`` for containers, descriptors and instances (walked, cycles cut)."""
+        self._walked.add(id(value))
+        self._visits += 1
+        if self._visits > _WALK_LIMIT:
+            if self._visits == _WALK_LIMIT + 1:
+                self.problems.append(
+                    f"new values hold more than {_WALK_LIMIT:,} objects to re-bind to the live "
+                    "module; a restart is needed"
+                )
+            return value
+        if type(value) is tuple:
+            items = tuple(self.rebind(v) for v in value)
+            return value if all(a is b for a, b in zip(items, value)) else items
+        if type(value) is list:
+            for i, item in enumerate(value):
+                rebound = self.rebind(item)
+                if rebound is not item:
+                    value[i] = rebound
+            return value
+        if type(value) is dict:
+            pairs = [(self.rebind(k), self.rebind(v)) for k, v in value.items()]
+            if any(a is not k or b is not v for (a, b), (k, v) in zip(pairs, value.items())):
+                value.clear()
+                value.update(pairs)
+            return value
+        if type(value) in (set, frozenset):
+            items_set = [self.rebind(v) for v in value]  # type: ignore[attr-defined]
+            if any(a is not b for a, b in zip(items_set, value)):  # type: ignore[call-overload]
+                if type(value) is frozenset:
+                    return frozenset(items_set)
+                value.clear()  # type: ignore[attr-defined]
+                value.update(items_set)  # type: ignore[attr-defined]
             return value
         live_type = self.remap.get(id(type(value)))
-        if isinstance(live_type, type) and not isinstance(value, type):
+        if isinstance(live_type, type):
             with contextlib.suppress(TypeError):
                 value.__class__ = live_type  # an instance the candidate made of a class kept live
+        if isinstance(value, functools.cached_property) or is_own_class(type(value), self.module):
+            self._walk_dict(value)
+        elif descriptor_dict(value) is not None:
+            self._walk_dict(value)  # a descriptor with functions and state of its own
         return value
+
+    def _walk_dict(self, value: object) -> None:
+        """Re-bind the attributes of an object the candidate made, in place."""
+        try:
+            state = object.__getattribute__(value, "__dict__")
+        except Exception:
+            return
+        if not isinstance(state, dict):
+            return
+        for key, item in list(state.items()):
+            rebound = self.rebind(item)
+            if rebound is not item:
+                state[key] = rebound
+
+    def _walk_function(self, func: types.FunctionType) -> None:
+        """A function of another module made by the candidate (a decorator's wrapper): its cells,
+        defaults and attributes may hold candidate objects; they get their live twins."""
+        if id(func) in self._walked:
+            return
+        self._walked.add(id(func))
+        for cell in func.__closure__ or ():
+            content = cell_value(cell)
+            if content is not MISSING:
+                rebound = self.rebind(content)
+                if rebound is not content:
+                    cell.cell_contents = rebound
+        if func.__defaults__:
+            func.__defaults__ = self.rebind_tuple(func.__defaults__)
+        for key, item in list(func.__dict__.items()):
+            rebound = self.rebind(item)
+            if rebound is not item:
+                func.__dict__[key] = rebound
+
+    def _rebind_descriptor(self, value: property | staticmethod | classmethod) -> object:  # type: ignore[type-arg]
+        """A property, staticmethod or classmethod (or a subclass) around candidate functions:
+        a copy around the live functions, of the live class, with its own state kept."""
+        cls = type(value)
+        live_cls = self.rebind(cls)  # the live twin of a class the module defines, or itself
+        assert isinstance(live_cls, type)
+        state = _slot_state(value)
+        new_state = {k: self.rebind(v) for k, v in state.items()}
+        parts: list[Any]
+        if isinstance(value, property):
+            parts = [self.rebind(f) if f is not None else None for f in _property_parts(value)]
+            same_parts = all(p is f for p, f in zip(parts, _property_parts(value)))
+        else:
+            parts = [self.rebind(value.__func__)]
+            same_parts = parts[0] is value.__func__
+        if same_parts and live_cls is cls and all(new_state[k] is v for k, v in state.items()):
+            return value
+        # Made through the base type's own __new__/__init__: a subclass's __init__ may take
+        # other arguments; its extra state is copied below.
+        base: Any = (
+            property
+            if isinstance(value, property)
+            else staticmethod
+            if isinstance(value, staticmethod)
+            else classmethod
+        )
+        rebuilt = base.__new__(live_cls)
+        if base is property:
+            base.__init__(rebuilt, *parts, value.__doc__)  # type: ignore[call-arg]
+        else:
+            base.__init__(rebuilt, parts[0])
+        if new_state:
+            object.__getattribute__(rebuilt, "__dict__").update(new_state)
+        self.remap[id(value)] = rebuilt
+        return rebuilt
 
     def rebind_tuple(self, values: tuple[object, ...] | None) -> tuple[object, ...] | None:
         return None if values is None else tuple(self.rebind(v) for v in values)

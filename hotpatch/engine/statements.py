@@ -4,16 +4,61 @@ A commit keeps the live object of every module-level (or class-level) name whose
 did not change between the live version and the new one: a cache dict keeps its contents, a Flask app
 stays the same object. A name whose statement changed takes the new value. This module is pure logic:
 it reads two parsed sources and answers "did the statement that binds this name change?".
+
+Each top-level statement also records what it does at import time (``Reads``: the names it reads,
+calls, imports and changes), so that ``derived`` can tell which statements a restart would compute
+differently after other names changed, without parsing the module again.
 """
 
 from __future__ import annotations
 
 import ast
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _NESTED_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
+
+
+@dataclass(frozen=True)
+class ImportRef:
+    """One name an import statement binds: ``from module import name as asname`` or
+    ``import name as asname`` (``is_from`` false; ``module`` is then ``None``)."""
+
+    module: str | None
+    level: int
+    name: str
+    asname: str | None
+    is_from: bool
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What one top-level statement does at import time, for ``derived`` (see that module).
+
+    ``names``: names it reads (outside function bodies: decorators, defaults, class bodies
+    included); ``bare``: those read other than as ``name.attr``; ``attrs``: ``(name, attr)``
+    pairs read; ``calls``: names it calls (``name(...)`` or ``name.attr(...)``); ``mutates``:
+    names whose object it changes (``name.m(...)``, ``name[k] = v``, ``name.a = v``);
+    ``effect``: a call whose effect is not an assignment (``print(...)``), if any.
+    """
+
+    kind: str = "plain"  # "def", "class" or "plain"
+    names: frozenset[str] = frozenset()
+    bare: frozenset[str] = frozenset()
+    attrs: frozenset[tuple[str, str]] = frozenset()
+    calls: frozenset[str] = frozenset()
+    mutates: frozenset[str] = frozenset()
+    effect: str | None = None
+    imports: tuple[ImportRef, ...] = ()
+    decorators: frozenset[str] = frozenset()  # names read by a def's or class's decorators
+    # For a class: each plain statement of its body (nested classes too), as
+    # ("Class.name" it binds, what it reads), so that only those reading changed names are redone.
+    members: tuple[tuple[str, Reads], ...] = ()
+    # For a def or class: the global names and ``name.attr`` pairs its function bodies read when
+    # called, so that a function calling a changed one counts as changed too.
+    body: frozenset[str] = frozenset()
+    body_attrs: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -24,11 +69,12 @@ class Unit:
     end: int  # last line
     texts: tuple[tuple[str, str, str], ...]  # (scope, name, statement text) of plain statements
     bound: tuple[tuple[str, str], ...]  # (scope, name) of every name bound
+    reads: Reads = Reads()
 
     def shifted(self, delta: int) -> Unit:
         if not delta:
             return self
-        return Unit(self.start + delta, self.end + delta, self.texts, self.bound)
+        return replace(self, start=self.start + delta, end=self.end + delta)
 
 
 @dataclass(frozen=True)
@@ -114,8 +160,189 @@ def _units(body: list[ast.stmt], lines: list[str]) -> list[Unit]:
         _index_statement(stmt, "", lines, texts, bound)
         decorators = getattr(stmt, "decorator_list", [])
         start = min([stmt.lineno] + [d.lineno for d in decorators])
-        units.append(Unit(start, stmt.end_lineno or stmt.lineno, tuple(texts), tuple(bound)))
+        units.append(
+            Unit(start, stmt.end_lineno or stmt.lineno, tuple(texts), tuple(bound), _reads(stmt))
+        )
     return units
+
+
+def _reads(stmt: ast.stmt) -> Reads:
+    """What ``stmt`` reads, calls and changes when the module is imported (``Reads``)."""
+    if _runs_only_as_script(stmt):
+        return Reads()  # ``if __name__ == "__main__":`` does nothing when the module is imported
+    names: set[str] = set()
+    bare: set[str] = set()
+    attrs: set[tuple[str, str]] = set()
+    calls: set[str] = set()
+    todo: list[ast.AST] = [stmt]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            args = node.args
+            todo.extend(node.decorator_list)
+            todo.extend(args.defaults)
+            todo.extend(d for d in args.kw_defaults if d is not None)
+            todo.extend(
+                a.annotation
+                for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg)
+                if a is not None and a.annotation is not None
+            )
+            if node.returns is not None:
+                todo.append(node.returns)
+            continue  # the body runs when called, not at import
+        if isinstance(node, ast.Lambda):
+            todo.extend(node.args.defaults)
+            todo.extend(d for d in node.args.kw_defaults if d is not None)
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+            bare.add(node.id)
+            continue
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            names.add(node.value.id)
+            if isinstance(node.ctx, ast.Load):
+                attrs.add((node.value.id, node.attr))
+            continue
+        if isinstance(node, ast.Call):
+            root = _root_name(node.func)
+            if root is not None:
+                calls.add(root)
+        todo.extend(ast.iter_child_nodes(node))
+    kind = (
+        "def"
+        if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef)
+        else "class"
+        if isinstance(stmt, ast.ClassDef)
+        else "plain"
+    )
+    mutates: set[str] = set()
+    effects: list[str] = []
+    imports: list[ImportRef] = []
+    decorators: set[str] = set()
+    if kind == "plain":
+        _effects(stmt, mutates, effects, imports)
+    members: list[tuple[str, Reads]] = []
+    if isinstance(stmt, ast.ClassDef):
+        _class_members(stmt, stmt.name, members)
+    body: set[str] = set()
+    body_attrs: set[tuple[str, str]] = set()
+    if kind != "plain":
+        _body_reads(stmt, body, body_attrs)
+        for decorator in getattr(stmt, "decorator_list", ()):
+            decorators.update(
+                n.id
+                for n in ast.walk(decorator)
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+            )
+    return Reads(
+        kind,
+        frozenset(names),
+        frozenset(bare),
+        frozenset(attrs),
+        frozenset(calls),
+        frozenset(mutates),
+        effects[0] if effects else None,
+        tuple(imports),
+        frozenset(decorators),
+        tuple(members),
+        frozenset(body),
+        frozenset(body_attrs),
+    )
+
+
+# Methods that run when a class is called: a class whose instances they make uses what they read.
+_MAKING_METHODS = frozenset({"__init__", "__new__", "__post_init__", "__attrs_post_init__"})
+
+
+def _body_reads(stmt: ast.stmt, names: set[str], attrs: set[tuple[str, str]]) -> None:
+    """Names (and ``name.attr``) read when a definition is called: a function's whole body, a
+    class's construction methods (its other methods run on instances made before the patch)."""
+    roots: list[ast.AST] = [stmt]
+    if isinstance(stmt, ast.ClassDef):
+        roots = [
+            child
+            for child in stmt.body
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+            and child.name in _MAKING_METHODS
+        ]
+    for node in (inner for root in roots for inner in ast.walk(root)):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            attrs.add((node.value.id, node.attr))
+
+
+def _class_members(node: ast.ClassDef, scope: str, out: list[tuple[str, Reads]]) -> None:
+    for child in node.body:
+        if isinstance(child, ast.ClassDef):
+            _class_members(child, f"{scope}.{child.name}", out)
+        elif not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+            reads = _reads(child)
+            out.extend((f"{scope}.{name}", reads) for name in sorted(bound_names(child)))
+
+
+def _runs_only_as_script(stmt: ast.stmt) -> bool:
+    """``if __name__ == "__main__":`` (either way round)."""
+    if not isinstance(stmt, ast.If) or not isinstance(stmt.test, ast.Compare):
+        return False
+    test = stmt.test
+    if len(test.ops) != 1 or not isinstance(test.ops[0], ast.Eq):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return any(isinstance(s, ast.Name) and s.id == "__name__" for s in sides) and any(
+        isinstance(s, ast.Constant) and s.value == "__main__" for s in sides
+    )
+
+
+def _root_name(node: ast.expr) -> str | None:
+    while isinstance(node, ast.Attribute | ast.Subscript):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _effects(
+    stmt: ast.stmt, mutates: set[str], effects: list[str], imports: list[ImportRef]
+) -> None:
+    """Collect the objects a plain statement changes and the calls whose effect is unknown."""
+    todo: list[ast.stmt] = [stmt]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            imports.extend(ImportRef(None, 0, a.name, a.asname, False) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imports.extend(
+                ImportRef(node.module, node.level, a.name, a.asname, True) for a in node.names
+            )
+        elif isinstance(node, ast.Expr):
+            value = node.value
+            if isinstance(value, ast.Await):
+                value = value.value
+            if isinstance(value, ast.Call):
+                func = value.func
+                root = _root_name(func)
+                if isinstance(func, ast.Attribute) and root is not None:
+                    mutates.add(root)  # name.method(...): assume it changes name's object
+                else:
+                    effects.append(f"the call {ast.unparse(func)}(...)")
+            elif not isinstance(value, ast.Constant):
+                effects.append(f"the expression {ast.unparse(value)[:60]}")
+        elif isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign | ast.Delete):
+            targets = node.targets if isinstance(node, ast.Assign | ast.Delete) else [node.target]
+            for target in targets:
+                for sub in ast.walk(target):
+                    if isinstance(sub, ast.Attribute | ast.Subscript):
+                        root = _root_name(sub)
+                        if root is not None:
+                            mutates.add(root)
+        elif isinstance(node, _DEFS):
+            continue
+        else:
+            for field_name in ("body", "orelse", "finalbody", "handlers", "cases"):
+                for child in getattr(node, field_name, ()):
+                    if isinstance(child, ast.ExceptHandler | getattr(ast, "match_case", ())):
+                        todo.extend(child.body)
+                    elif isinstance(child, ast.stmt):
+                        todo.append(child)
 
 
 def _index_statement(

@@ -8,10 +8,16 @@ The plan pairs every live object with its twin in the candidate and turns the di
   by a factory) runs the new code;
 - a live class keeps its identity (instances stay ``isinstance`` of it) and gets its members updated
   the same way;
+- a function that cannot take the new code in place (it became a generator or a coroutine, or the
+  reverse; a factory made it with other closure values) is *replaced*: the new function is bound
+  where the old one was, never mapped back onto it, and the plan lists it in
+  ``replaced_definitions`` so that the pipeline refuses when references it cannot re-bind remain;
 - a plain value keeps its live object unless the statement that assigns it changed
-  (``statements.StatementIndex``);
+  (``statements.StatementIndex``) or is *forced* (``__hotpatch_migrate__``, or ``derived``: it is
+  computed from names that changed);
 - new objects are re-bound to the live module namespace (``rebind.Rebinder``), so that nothing
-  live points into the candidate.
+  live points into the candidate; a descriptor whose own state changed is copied around the live
+  functions.
 
 Planning reads live objects but changes none: the commit applies the change set later, at a safe
 point. Changes that cannot be made in place are reported as compatibility problems.
@@ -42,6 +48,7 @@ from hotpatch.engine.compare import (
     cell_value,
     nested_codes,
     parameter_shape,
+    safe_equal,
     same_behavior,
     same_generated,
     same_kind,
@@ -81,6 +88,10 @@ _CLASS_TAKE_NEW = frozenset(
 )
 
 
+# Class attributes that ``setattr`` on a class treats specially: never assigned by a commit.
+_CLASS_NEVER_SET = frozenset({"__class__", "__bases__", "__mro__", "__name__"})
+
+
 @dataclass(frozen=True)
 class Problem:
     """Why part of a change cannot be made in place."""
@@ -101,6 +112,10 @@ class Plan:
     replaced_codes: frozenset[types.CodeType]
     problems: tuple[Problem, ...]
     after_commit: tuple[Callable[[], object], ...] = ()
+    rebound: tuple[str, ...] = ()  # module-level names bound to another object (not in place)
+    paired_plain: tuple[int, ...] = ()  # ids of candidate values this plan mapped to live ones
+    # (path, old object, ()) of definitions replaced rather than updated in place
+    replaced_definitions: tuple[tuple[str, object, tuple[()]], ...] = ()
 
 
 def _own_function(value: object, namespace: dict[str, object]) -> bool:
@@ -145,7 +160,11 @@ class _Planner:
     replaced: set[types.CodeType] = field(default_factory=set)
     problems: list[Problem] = field(default_factory=list)
     after_commit: list[Callable[[], object]] = field(default_factory=list)
+    rebound: list[str] = field(default_factory=list)
+    paired_plain: list[int] = field(default_factory=list)
+    replaced_definitions: list[tuple[str, object, tuple[()]]] = field(default_factory=list)
     _funcs_done: set[int] = field(default_factory=set)
+    _can: dict[tuple[int, int], bool] = field(default_factory=dict)
     _classes_done: set[int] = field(default_factory=set)
     _nested: dict[types.CodeType, types.CodeType] = field(default_factory=dict)
     rebinder: Rebinder = field(init=False)
@@ -171,15 +190,16 @@ class _Planner:
 
     def take_new(self, scope: str, name: str, old: object, new: object) -> bool:
         """Whether a plain name takes its new value (else the live object is kept)."""
-        if not scope and name in self.forced:
-            return True
+        if (f"{scope}.{name}" if scope else name) in self.forced:
+            return True  # set by __hotpatch_migrate__, or derived from names that changed
         if self.old_index is not None and (
             self.old_index.binds(scope, name) or self.new_index.binds(scope, name)
         ):
             return self.old_index.statement_changed(self.new_index, scope, name)
         # No statement to go by: the baseline source is unknown, or the name was set by a
-        # decorator or a metaclass. Immutable values take the new value, live state is kept.
-        return type(old) is not type(new) or isinstance(new, IMMUTABLE)
+        # decorator or a metaclass. Immutable values take the new value, live state is kept
+        # (an instance of a class of this module is of the same type once classes are paired).
+        return self.remap_value(type(new)) is not type(old) or isinstance(new, IMMUTABLE)
 
     def pair_names(self) -> None:
         """First pass: map candidate objects to the live objects they will become."""
@@ -190,22 +210,67 @@ class _Planner:
             if old is MISSING:
                 continue
             kind = self.kind(old, new)
-            if kind in ("function", "wrapped"):
-                self.remap[id(new)] = old
+            if kind == "function":
+                if self.can_update(old, new):  # else the new function replaces the old one
+                    self.remap[id(new)] = old
+            elif kind == "wrapped":
+                if self.can_update(_innermost_own(old, self.live), _innermost_own(new, self.cand)):
+                    self.remap[id(new)] = old
             elif kind == "class":
                 self._pair_class(old, new)  # type: ignore[arg-type]
             elif not isinstance(new, IMMUTABLE) and not self.take_new("", name, old, new):
                 self.remap[id(new)] = old
+                self.paired_plain.append(id(new))
 
     def _pair_class(self, old: type, new: type) -> None:
+        if self.remap.get(id(new)) is old:
+            return  # paired already (a class attribute that refers back to its class)
         self.remap[id(new)] = old
         for name, nv in new.__dict__.items():
             ov = old.__dict__.get(name, MISSING)
             if is_own_class(ov, self.module) and is_own_class(nv, self.module) and ov is not nv:
                 assert isinstance(ov, type) and isinstance(nv, type)
                 self._pair_class(ov, nv)
-            elif _own_function(ov, self.live) and _own_function(nv, self.cand):
+            elif self.can_update(ov, nv):
                 self.remap[id(nv)] = ov
+
+    def can_update(self, old: object, new: object, depth: int = 0) -> bool:
+        """Whether live function ``old`` can take ``new``'s code in place, with the functions its
+        closure and ``__wrapped__`` hold (decorators): same kind (not a plain function turned
+        generator or coroutine), same free variables. Otherwise the new function replaces it."""
+        if not (
+            isinstance(old, types.FunctionType)
+            and isinstance(new, types.FunctionType)
+            and _own_function(old, self.live)
+            and _own_function(new, self.cand)
+        ):
+            return False
+        key = (id(old), id(new))
+        known = self._can.get(key)
+        if known is None:  # decided once per plan, so pairing and updating agree
+            known = self._can[key] = self._can_update(old, new, depth)
+        return known
+
+    def _can_update(self, old: types.FunctionType, new: types.FunctionType, depth: int) -> bool:
+        if old.__code__.co_freevars != new.__code__.co_freevars:
+            return False
+        if not same_kind(old.__code__, new.__code__):
+            return False
+        if depth > 16 or id(old) in self._funcs_done:
+            return True
+        pairs = [
+            (cell_value(o), cell_value(n))
+            for o, n in zip(old.__closure__ or (), new.__closure__ or ())
+        ]
+        for o, n in pairs:
+            if not _same_cell(o, n, self.remap):
+                return False  # made by a factory with other arguments: a restart differs
+        pairs.append((old.__dict__.get("__wrapped__"), new.__dict__.get("__wrapped__")))
+        return all(
+            self.can_update(o, n, depth + 1)
+            for o, n in pairs
+            if _own_function(o, self.live) or _own_function(n, self.cand)
+        )
 
     def remap_value(self, value: object) -> object:
         return self.remap.get(id(value), value)
@@ -262,12 +327,16 @@ class _Planner:
                     )
                     continue
                 if self.take_new("", name, old, new) and not same_value(old, new):
+                    if name in self.forced and self.rebind(new) is old:
+                        continue  # re-derived to the very same object
                     self.replace_name(name, old, new)
 
         for name, old in self.live.items():
             if name in MODULE_SKIP or name in self.cand:
                 continue
-            if self.old_index is not None:
+            if name in self.forced and not self._is_definition(old):
+                pass  # re-derived, and a restart would not bind it any more (a star import)
+            elif self.old_index is not None:
                 if not self.old_index.binds("", name):
                     continue  # set at run time, not by the source: live state, kept
             elif not self._is_definition(old):
@@ -296,6 +365,22 @@ class _Planner:
         self.ops.append(SetName(self.live, name, self.rebind(new)))
         self.replaced.update(codes_of(old))
         self.changed.append(name)
+        self.rebound.append(name)
+        self._note_replaced_definition(name, old)
+
+    def _note_replaced_definition(self, path: str, old: object) -> None:
+        """A function of this module that is replaced, not updated in place (it became a
+        generator, a coroutine, or the reverse): references to it that the commit does not
+        re-bind would keep running the old code, so they must not exist."""
+        filename = self.live.get("__file__")
+        old_funcs = [f for f in functions_of(old) if _own_function(f, self.live)]
+        inner = _innermost_own(old, self.live)
+        if inner is not None and inner not in old_funcs:
+            old_funcs.append(inner)
+        # Functions generated by a decorator (a dataclass's __init__) are not in the source.
+        old_funcs = [f for f in old_funcs if f.__code__.co_filename == filename]
+        if old_funcs:
+            self.replaced_definitions.append((path, old, ()))
 
     def check_signature(self, old: types.FunctionType, new: types.FunctionType, path: str) -> None:
         if parameter_shape(old) == parameter_shape(new):
@@ -314,12 +399,8 @@ class _Planner:
         """Plan ``old`` to take ``new``'s code in place; ``False`` when that cannot be done."""
         if id(old) in self._funcs_done:
             return True
-        if not (_own_function(old, self.live) and _own_function(new, self.cand)):
-            return False
-        if old.__code__.co_freevars != new.__code__.co_freevars:
-            return False
-        if not same_kind(old.__code__, new.__code__):
-            return False  # a plain function became a generator (or the reverse): replace it
+        if not self.can_update(old, new):
+            return False  # e.g. a plain function became a generator: the new one replaces it
         self._funcs_done.add(id(old))
         self.remap[id(new)] = old
         state = FunctionState(
@@ -424,7 +505,11 @@ class _Planner:
                 continue
             member = f"{path}.{name}"
             ov = old.__dict__.get(name, MISSING)
-            if ov is MISSING:
+            if ov is MISSING and name in _CLASS_NEVER_SET:
+                self.problems.append(
+                    Problem(f"{member} was added: a restart or rolling reload is needed")
+                )
+            elif ov is MISSING:
                 self.ops.append(SetAttr(old, name, self.rebind(nv)))
                 self.added.append(member)
             else:
@@ -452,6 +537,24 @@ class _Planner:
         self, cls: type, name: str, ov: object, nv: object, scope: str, *, public: bool
     ) -> None:
         member = f"{scope}.{name}"
+        if name in _CLASS_NEVER_SET:
+            before = len(self.ops)
+            self._update_member(cls, name, ov, nv, scope, public=public)
+            if len(self.ops) > before:
+                del self.ops[before:]
+                self.problems.append(
+                    Problem(
+                        f"{member} changed: assigning {name} on a live class would change what "
+                        "the class itself is; a restart or rolling reload is needed"
+                    )
+                )
+            return
+        self._update_member(cls, name, ov, nv, scope, public=public)
+
+    def _update_member(
+        self, cls: type, name: str, ov: object, nv: object, scope: str, *, public: bool
+    ) -> None:
+        member = f"{scope}.{name}"
         old_funcs, new_funcs = functions_of(ov), functions_of(nv)
         if is_own_class(ov, self.module) and is_own_class(nv, self.module) and ov is not nv:
             assert isinstance(ov, type) and isinstance(nv, type)
@@ -463,7 +566,7 @@ class _Planner:
                 self.ops.append(SetAttr(cls, name, self.rebind(nv)))
                 self.changed.append(member)
             return
-        same_shape = type(ov) is type(nv) and (
+        same_shape = self.remap_value(type(nv)) is type(ov) and (
             not isinstance(ov, property)
             or [f is None for f in (ov.fget, ov.fset, ov.fdel)]
             == [f is None for f in (nv.fget, nv.fset, nv.fdel)]  # type: ignore[attr-defined]
@@ -472,6 +575,11 @@ class _Planner:
             if public:
                 self.check_signature(old_funcs[0], new_funcs[0], member)
             if all(self.update_function(o, n, member) for o, n in zip(old_funcs, new_funcs)):
+                if not self._same_descriptor_state(ov, nv):
+                    # The functions run the new code in place; the descriptor's own state
+                    # (its doc, a subclass's attributes) is new: a copy around the live functions.
+                    self.ops.append(SetAttr(cls, name, self.rebind(nv)))
+                    self.changed.append(member)
                 return
             if all(same_generated(o, n) for o, n in zip(old_funcs, new_funcs)):
                 return  # made by a decorator (dataclass __init__...), identical: keep the live one
@@ -486,6 +594,63 @@ class _Planner:
         self.ops.append(SetAttr(cls, name, self.rebind(nv)))
         self.replaced.update(codes_of(ov))
         self.changed.append(member)
+        self._note_replaced_definition(member, ov)
+
+    def _same_descriptor_state(self, ov: object, nv: object) -> bool:
+        """Whether two descriptors carry the same state besides their functions."""
+        if isinstance(ov, types.FunctionType):
+            return True
+        old_state, new_state = _descriptor_state(ov), _descriptor_state(nv)
+        if old_state.keys() != new_state.keys():
+            return False
+        for key, old_value in old_state.items():
+            new_value = new_state[key]
+            if not (
+                old_value is new_value
+                or self.remap.get(id(new_value)) is old_value
+                or same_value(old_value, new_value)
+            ):
+                return False
+        return True
+
+
+def _descriptor_state(value: object) -> dict[str, object]:
+    """A descriptor's state besides its functions: doc, attribute name, a subclass's attributes."""
+    state: dict[str, object] = {}
+    if isinstance(value, property):
+        state["__doc__"] = value.__doc__
+    try:
+        own = object.__getattribute__(value, "__dict__")
+    except Exception:
+        own = None
+    if isinstance(own, dict):
+        for key, item in own.items():
+            if key in ("lock", "__wrapped__") or isinstance(item, types.FunctionType):
+                continue
+            state[key] = item
+    return state
+
+
+def _same_cell(old: object, new: object, remap: dict[int, object]) -> bool:
+    """Whether a closure cell of a live function may stay as it is when its code is updated.
+
+    Immutable values must be equal: they are a factory's or a decorator's arguments
+    (``make_handler("v2")``, ``@retry(times=5)``), and a function made with others is another
+    function. Functions and classes match their counterpart by qualified name (they are paired on
+    their own). Containers and other objects are state (a decorator's cache, a lock, a client):
+    the live one is kept, as for a module-level value whose statement did not change.
+    """
+    if old is new or remap.get(id(new)) is old:
+        return True
+    if isinstance(old, types.FunctionType | type) or isinstance(new, types.FunctionType | type):
+        return type(old) is type(new) and getattr(old, "__qualname__", None) == getattr(
+            new, "__qualname__", None
+        )
+    if type(old) is tuple and type(new) is tuple:
+        return len(old) == len(new) and all(_same_cell(a, b, remap) for a, b in zip(old, new))
+    if isinstance(old, IMMUTABLE) or isinstance(new, IMMUTABLE):
+        return type(old) is type(new) and safe_equal(old, new)
+    return True
 
 
 def _enum_internal(cls: type, name: str) -> bool:
@@ -534,4 +699,7 @@ def plan_update(
         replaced_codes=frozenset(planner.replaced),
         problems=tuple(planner.problems),
         after_commit=tuple(planner.after_commit),
+        rebound=tuple(planner.rebound),
+        paired_plain=tuple(planner.paired_plain),
+        replaced_definitions=tuple(planner.replaced_definitions),
     )

@@ -1,0 +1,310 @@
+"""Keeping the promise: a patched process behaves like one restarted on the new code.
+
+The idea: the planner pairs objects module by module, but a restart re-creates *every* reference:
+the ``from m import f`` binding in another module, the table another module built from ``m``'s
+names at import, the registry that holds ``f``. An in-place patch that updates ``m`` alone can
+leave any of those on the old version while reporting success.
+
+The problem is to find what else depends on a change, cheaply enough to do it on every patch, and
+to check the result instead of trusting the plan. The mechanism, in three parts used by the
+pipeline: ``NamespaceIndex`` answers "which live modules hold this module or these objects?" from
+a reverse index of namespace ids (those modules' statements are then read by ``derived``);
+``refuse_stale_references`` walks the garbage collector's referrers of every function that is
+replaced rather than updated in place and refuses when something the commit does not re-bind
+still holds it; ``fidelity_problem`` checks after the commit that a name reported changed or
+added runs the candidate's code with the live module's globals.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import types
+from collections.abc import Iterable
+
+from hotpatch.engine.changeset import ChangeSet, SetAttr, SetFunction, SetName, functions_of
+from hotpatch.engine.derived import ModuleChange, top_level_change
+from hotpatch.engine.statements import Unit
+from hotpatch.engine.swap import Plan
+from hotpatch.errors import PatchRejected
+
+
+def module_change(plan: Plan, *, also: Iterable[str] = ()) -> ModuleChange:
+    """What a plan changes, by top-level name; ``also``: names whose behaviour changed with it."""
+    change = top_level_change(plan.changed, plan.added, plan.removed, plan.rebound)
+    extra = frozenset(also)
+    return ModuleChange(change.names | extra, change.rebound, change.members) if extra else change
+
+
+def empty_plan(name: str) -> Plan:
+    return Plan(name, ChangeSet(()), (), (), (), frozenset(), ())
+
+
+# Objects every module shares (singletons, small ints): holding one says nothing about imports.
+_SHARED = (bool, type(None), type(Ellipsis), type(NotImplemented))
+
+
+_ABSENT = object()
+
+
+class NamespaceIndex:
+    """Which live modules hold which objects, by id, to find the modules that may depend on a
+    changed one.
+
+    Reading every namespace on every patch would cost more than a small patch itself in a large
+    process, so a reverse index (object id -> names of the modules holding it) is kept. It is
+    brought up to date when ``sys.modules`` gained or lost modules (each module's namespace is
+    read again when it is another dict or has another size) and for the modules hotpatch
+    commits to. Not seen until then: a module that binds another module's object at run time,
+    after its import, without any module being imported since.
+    """
+
+    def __init__(self) -> None:
+        self._state: dict[str, tuple[int, int, frozenset[int]]] = {}
+        self._holding: dict[int, set[str]] = {}
+        self._modules_seen: tuple[int, int] = (-1, -1)  # len(sys.modules), id of its last key
+        self._stale: set[str] = set()
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Read these modules' namespaces again before the next question (a commit changed them)."""
+        for name in names:
+            self._drop(name)
+            self._stale.add(name)
+
+    def _drop(self, name: str) -> None:
+        state = self._state.pop(name, None)
+        if state is None:
+            return
+        for key in state[2]:
+            holders = self._holding.get(key)
+            if holders is not None:
+                holders.discard(name)
+                if not holders:
+                    del self._holding[key]
+
+    def _refresh(self) -> None:
+        modules = sys.modules
+        last = next(reversed(modules), None) if modules else None
+        seen = (len(modules), id(last))
+        if seen == self._modules_seen:
+            names = [n for n in self._stale if n in modules]
+        else:
+            for name in [n for n in self._state if n not in modules]:
+                self._drop(name)
+            names = list(modules)
+        self._stale.clear()
+        for name in names:
+            module = modules.get(name)
+            namespace = getattr(module, "__dict__", None)
+            if not isinstance(namespace, dict):
+                continue
+            state = self._state.get(name)
+            if state is not None and state[0] == id(namespace) and state[1] == len(namespace):
+                continue
+            self._drop(name)
+            ids = frozenset(map(id, namespace.values()))
+            self._state[name] = (id(namespace), len(namespace), ids)
+            for key in ids:
+                self._holding.setdefault(key, set()).add(name)
+        self._modules_seen = seen
+
+    def holders(self, name: str, change: ModuleChange) -> list[str]:
+        """Live modules whose namespace holds the module ``name``, or objects it changed or
+        defines (cheap and wide: the statements of each one are read next)."""
+        if not change:
+            return []
+        live = sys.modules.get(name)
+        if not isinstance(live, types.ModuleType):
+            return []
+        self._refresh()
+        ns = live.__dict__
+        watched = {id(live)}
+        by_name: dict[str, object] = {}  # shared objects (None, True, 3) are matched by name too
+        for key in {*change.names, *(m.partition(".")[0] for m in change.members)}:
+            value = ns.get(key, _ABSENT)
+            if value is _ABSENT:
+                continue
+            if isinstance(value, _SHARED) or (isinstance(value, int) and -5 <= value <= 256):
+                by_name[key] = value
+            else:
+                watched.add(id(value))
+        if change.rebound:  # names added or removed: star imports of this module follow
+            for value in ns.values():
+                if isinstance(value, type | types.FunctionType) and value.__module__ == name:
+                    watched.add(id(value))
+        found: set[str] = set()
+        for watched_id in watched:
+            found.update(self._holding.get(watched_id, ()))
+        for key, value in by_name.items():
+            for holder in self._holding.get(id(value), set()):
+                namespace = getattr(sys.modules.get(holder), "__dict__", None)
+                if isinstance(namespace, dict) and namespace.get(key, _ABSENT) is value:
+                    found.add(holder)
+        parent = name.rpartition(".")[0]
+        if parent in sys.modules:
+            found.add(parent)
+        found.discard(name)
+        return sorted(found)
+
+
+def refuse_stale_references(plans: list[tuple[str, Plan, str]]) -> None:
+    """A function replaced rather than updated in place (it became a generator, a coroutine, or
+    the reverse) must have no reference the commit leaves pointing at it: module namespaces and
+    class attributes that the change set re-binds are fine; anything else (a registry, a
+    callback list, a closure, a bound method) would keep running the old code.
+
+    Args:
+        plans: (module name, plan, file name) of every module the change set commits.
+
+    Raises:
+        PatchRejected: stage ``compatibility``, naming what holds the old function.
+    """
+    if not any(plan.replaced_definitions for _, plan, _ in plans):
+        return
+    rebinding: dict[int, set[object]] = {}  # id(namespace or class) -> names re-bound there
+    for _, plan, _ in plans:
+        for op in plan.changeset.assignments:
+            if isinstance(op, SetName):
+                rebinding.setdefault(id(op.namespace), set()).add(op.name)
+                # the old value is replaced as a whole (a list of the module that held it)
+                rebinding.setdefault(id(op.namespace.get(op.name)), set()).add(_WHOLE)
+            elif isinstance(op, SetAttr):
+                rebinding.setdefault(id(op.cls), set()).add(op.name)
+                rebinding.setdefault(id(op.cls.__dict__.get(op.name)), set()).add(_WHOLE)
+    modules = {id(m.__dict__): m for m in list(sys.modules.values()) if hasattr(m, "__dict__")}
+    class_dicts: dict[int, int] = {}  # id(a class's own dict) -> id(the class)
+    for _, plan, _ in plans:
+        for op in plan.changeset.assignments:
+            if isinstance(op, SetAttr):
+                for inner in gc.get_referents(op.cls):
+                    if type(inner) is dict and op.name in inner:
+                        class_dicts[id(inner)] = id(op.cls)
+    for name, plan, filename in plans:
+        for path, old, _ in plan.replaced_definitions:
+            holders = _foreign_holders(old, rebinding, modules, class_dicts)
+            if holders:
+                raise PatchRejected(
+                    name,
+                    "compatibility",
+                    f"{path} cannot be updated in place (it became a generator or a coroutine, "
+                    "or the reverse, or its shape changed), so the new version replaces it; "
+                    f"references to the old one held elsewhere ({', '.join(sorted(set(holders))[:5])}) "
+                    "would keep running the old code, where a restart re-creates them: a restart "
+                    "is needed",
+                    filename=filename,
+                )
+
+
+_WHOLE = object()  # marks an old value the change set replaces as a whole
+
+
+def _foreign_holders(
+    old: object,
+    rebinding: dict[int, set[object]],
+    modules: dict[int, types.ModuleType],
+    class_dicts: dict[int, int],
+) -> list[str]:
+    """What holds ``old`` besides the places the change set re-binds and hotpatch's own records.
+
+    Written without comprehensions over ``old``: a comprehension's closure cell would hold it.
+    """
+    holders: list[str] = []
+    bookkeeping = (SetName, SetAttr, SetFunction, types.FrameType)
+    for ref in gc.get_referrers(old):
+        if isinstance(ref, bookkeeping) or _WHOLE in rebinding.get(id(ref), ()):
+            continue
+        if isinstance(ref, tuple) and len(ref) == 3 and ref[1] is old and isinstance(ref[0], str):
+            continue  # the plan's (path, old, ()) record
+        if isinstance(ref, dict):
+            keys: set[object] = set()
+            only_int_keys = True
+            for key, value in ref.items():
+                if value is old:
+                    keys.add(key)
+                only_int_keys = only_int_keys and isinstance(key, int)
+            if id(ref) in modules:
+                if keys <= rebinding.get(id(ref), set()):
+                    continue
+                name = sorted(map(str, keys))[0]
+                holders.append(f"{modules[id(ref)].__name__}.{name}")
+                continue
+            owner = class_dicts.get(id(ref))
+            if owner is not None and keys <= rebinding.get(owner, set()):
+                continue
+            if only_int_keys:
+                continue  # a remap table of the planner (id -> live object)
+        elif isinstance(ref, type) and _keys_rebound(ref, old, rebinding):
+            continue
+        holders.append(type(ref).__name__)
+    return holders
+
+
+def _keys_rebound(cls: type, old: object, rebinding: dict[int, set[object]]) -> bool:
+    names = set()
+    for key, value in cls.__dict__.items():
+        if value is old:
+            names.add(key)
+    return names <= rebinding.get(id(cls), set())
+
+
+def _codes(value: object) -> list[types.CodeType]:
+    """The code objects a value runs: its functions, through ``__wrapped__`` chains."""
+    codes: list[types.CodeType] = []
+    for _ in range(16):
+        codes += [f.__code__ for f in functions_of(value)]
+        try:
+            inner = object.__getattribute__(value, "__dict__").get("__wrapped__")
+        except Exception:
+            inner = None
+        if inner is None:
+            break
+        value = inner
+    return codes
+
+
+def fidelity_problem(live: dict[str, object], cand: dict[str, object], path: str) -> str | None:
+    """Why the live object at ``path`` does not run the candidate's code (``None``: it does)."""
+    first, *rest = path.split(".")
+    live_value, cand_value = live.get(first), cand.get(first)
+    for part in rest:
+        if not isinstance(live_value, type) or not isinstance(cand_value, type):
+            return None
+        live_value, cand_value = live_value.__dict__.get(part), cand_value.__dict__.get(part)
+    if isinstance(cand_value, type):
+        return None  # a class: its members are checked by their own names
+    filename = live.get("__file__")
+    want = [c for c in _codes(cand_value) if c.co_filename == filename]
+    have = [c for c in _codes(live_value) if c.co_filename == filename]
+    if len(want) != len(have) or any(a is not b and a != b for a, b in zip(want, have)):
+        return "still runs code of the old version"
+    for func in functions_of(live_value):
+        if func.__globals__ is cand:
+            return "runs with the candidate's globals, not the live module's"
+    return None
+
+
+def completed_units(filename: str, units: Iterable[Unit]) -> list[Unit]:
+    """The top-level statements of a running script that have finished.
+
+    A script's module code may still be running (``while True: serve()`` at top level): the
+    statement it is in is the program, not a value computed at start-up, and the statements
+    after it have not run yet (they will run the new code). Only the statements before the
+    line any thread's module-level frame of ``filename`` is at count; all of them when none is.
+    """
+    lines = [line for frame in _module_frames(filename) if isinstance(line := frame.f_lineno, int)]
+    if not lines:
+        return list(units)
+    first = min(lines)
+    return [unit for unit in units if unit.end < first]
+
+
+def _module_frames(filename: str) -> list[types.FrameType]:
+    found = []
+    for frame in sys._current_frames().values():
+        current: types.FrameType | None = frame
+        while current is not None:
+            code = current.f_code
+            if code.co_name == "<module>" and code.co_filename == filename:
+                found.append(current)
+            current = current.f_back
+    return found
