@@ -41,8 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
+from hotpatch._log import get_logger
 from hotpatch.control.protocol import (
     MAX_REQUEST_BYTES,
     PROTOCOL_VERSION,
@@ -59,7 +58,7 @@ from hotpatch.engine.modulemap import in_dependency_order
 from hotpatch.errors import ConfigError, HotpatchError, InsecurePath, PatchRejected
 from hotpatch.rundir import runtime_dir
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SOCKET_PREFIX = "process-"
 SOCKET_SUFFIX = ".sock"

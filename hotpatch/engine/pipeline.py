@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
-import structlog
-
+from hotpatch._log import get_logger
 from hotpatch.engine.arguments import (
     check_count,
     check_module_name,
@@ -66,7 +65,7 @@ from hotpatch.engine.safepoint import SafePointTimeout, commit_at_safe_point
 from hotpatch.engine.swap import Plan, plan_update
 from hotpatch.errors import HotpatchError, PatchRejected
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SourceInput = str | bytes | None
 Verifier = Callable[[types.ModuleType], object]

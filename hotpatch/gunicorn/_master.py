@@ -56,8 +56,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
-import structlog
-
+from hotpatch._log import get_logger
 from hotpatch.errors import ConfigError
 from hotpatch.gunicorn._fileset import SnapshotRule
 from hotpatch.gunicorn._machine import (
@@ -98,7 +97,7 @@ from hotpatch.gunicorn._watch import ChangeDetector, hash_sources, scan_sources
 from hotpatch.gunicorn._worker import SpawnPlan
 from hotpatch.rundir import ENV_RUNTIME_DIR, check_private_dir, runtime_dir
 
-log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 PRELOAD_REFUSAL = (
     "rolling reload is disabled: preload_app is on, so every worker would run the code the master "

@@ -15,15 +15,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-import structlog
-
+from hotpatch._log import get_logger
 from hotpatch.gunicorn._diagnose import describe_exception
 from hotpatch.gunicorn._releases import Manifest, pin_worker, verify_release
 from hotpatch.gunicorn._settings import Settings
 from hotpatch.gunicorn._state import WAKE_SIGNAL, StageReport, send_report
 from hotpatch.health import probe_wsgi
 
-log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 EXIT_LOAD_FAILED = 70
 """A rollout candidate that cannot load the app exits with this (never gunicorn's 3 or 4, which

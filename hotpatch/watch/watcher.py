@@ -28,7 +28,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-import structlog
 from watchdog.events import (
     EVENT_TYPE_CLOSED,
     EVENT_TYPE_CREATED,
@@ -40,6 +39,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+from hotpatch._log import get_logger
 from hotpatch.engine import Engine, PatchResult, default_engine
 from hotpatch.engine.arguments import check_count, check_optional_seconds, check_seconds
 from hotpatch.engine.modulemap import (
@@ -52,7 +52,7 @@ from hotpatch.errors import ConfigError, HotpatchError, PatchRejected
 from hotpatch.watch.debounce import Batch, Debouncer
 from hotpatch.watch.pathfilter import is_ignored
 
-log: structlog.typing.FilteringBoundLogger = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 EventKind = Literal["applied", "refused", "deleted", "ignored"]
 
