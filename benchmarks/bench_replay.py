@@ -386,7 +386,10 @@ def _verdict_line(step: dict[str, Any]) -> str:
         first = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in list(diff.items())[:3])
         return f"APPLIED BUT DIFFERENT ({len(diff)} tests: {first})"
     if v in ("refused", "failed", "error"):
-        return f"{v} ({step['group']})"
+        detail = step.get("refusal") or step.get("failure") or {"reason": step.get("error", "")}
+        text = str(detail.get("reason") or detail.get("error") or "").splitlines()[0][:160]
+        where = detail.get("module", "")
+        return f"{v} ({where}: {step.get('refusal', {}).get('stage', '')} {text})"
     if v == "unknown":
         return f"unknown ({step['why']})"
     return f"matching a restart ({step['duration_s'] * 1000:.1f} ms)"
@@ -507,6 +510,7 @@ def print_report(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--packages", default=",".join(PACKAGES), help="comma-separated, from: " + ", ".join(PACKAGES))
+    parser.add_argument("--from", dest="start", default=None, help="start at this release (one package only)")
     parser.add_argument("--steps", type=int, default=None, help="replay only the first N steps of each package")
     parser.add_argument("--sdists", action="append", default=[], help="another folder of sdists to look in")
     parser.add_argument("--offline", action="store_true", help="never download; use the folders only")
@@ -521,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in PACKAGES]
     if unknown:
         parser.error(f"unknown package(s) {unknown}; known: {', '.join(PACKAGES)}")
+    if args.start is not None and (len(names) != 1 or args.start not in PACKAGES[names[0]].versions):
+        parser.error(f"--from needs one package and one of its releases, got {names} {args.start!r}")
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be at least 1")
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="hotpatch-replay-"))  # private: mode 0700, ours
     try:
@@ -533,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             pkg = PACKAGES[name]
             versions = list(pkg.versions)
+            if args.start is not None:
+                versions = versions[versions.index(args.start) :]
             if args.steps is not None:
                 versions = versions[: args.steps + 1]
             pkg_work = work / pkg.stem
