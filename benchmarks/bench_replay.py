@@ -61,7 +61,7 @@ class Package:
     """A package to replay: where its code and tests are in the sdist, and which releases."""
 
     dist: str  # the name on PyPI
-    stem: str  # the sdist's file name stem (``more_itertools`` for ``more_itertools-11.2.1.tar.gz``)
+    stem: str  # the sdist file name stem: ``more_itertools`` in ``more_itertools-11.2.1.tar.gz``
     import_names: tuple[str, ...]
     src: str  # the folder holding the import packages inside the sdist ("" for the top)
     tests: tuple[str, ...]
@@ -169,7 +169,7 @@ def extract(sdist: Path, dest: Path) -> Path:
         if hasattr(tarfile, "data_filter"):
             tar.extractall(dest, members=members, filter="data")
         else:  # pragma: no cover - Python 3.10 before 3.10.12: members were checked above
-            tar.extractall(dest, members=members)  # noqa: S202
+            tar.extractall(dest, members=members)
     tops = [p for p in dest.iterdir() if p.is_dir()]
     if len(tops) != 1:
         raise RuntimeError(f"{sdist.name}: expected one top folder, found {len(tops)}")
@@ -254,7 +254,10 @@ def reason_class(stage: str, reason: str) -> str:
 def judge_step(record: dict[str, Any] | None, fresh: dict[str, Any] | None) -> dict[str, Any]:
     """The verdict of one step in one mode: matching, different, refused, failed or unknown."""
     if record is None:
-        return {"verdict": "unknown", "why": "the replay did not reach this step (killed or crashed)"}
+        return {
+            "verdict": "unknown",
+            "why": "the replay did not reach this step (killed or crashed)",
+        }
     if not record["applied"]:
         if "refusal" in record:
             r = record["refusal"]
@@ -275,7 +278,9 @@ def judge_step(record: dict[str, Any] | None, fresh: dict[str, Any] | None) -> d
 
 
 # -- one package -------------------------------------------------------------------------------------
-def replay_package(pkg: Package, versions: list[str], work: Path, args: argparse.Namespace) -> dict[str, Any]:
+def replay_package(
+    pkg: Package, versions: list[str], work: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     print(f"[{pkg.dist}] releases {', '.join(versions)}", flush=True)
     search = [DATA, *(Path(d) for d in args.sdists)]
     downloads = work / "downloads"
@@ -302,19 +307,25 @@ def replay_package(pkg: Package, versions: list[str], work: Path, args: argparse
         plan = {**base_plan, "mode": "fresh", "versions": [t]}
         label = f"{pkg.stem}-{t['version']}-fresh"
         run = run_worker(plan, work, label, timeout_s=args.run_timeout)
-        if run["records"]:
-            fresh[t["version"]] = run["records"][0]
-        else:
-            print(f"  fresh {t['version']}: no result (killed={run['killed']})\n{run['log_tail']}")
-        record = fresh.get(t["version"])
-        again = ""
-        if record is not None:
-            unrepeatable = differences(record["outcomes"], record["outcomes_again"])
-            again = f"; {len(unrepeatable)} tests differ on a second run in the same process"
-        print(f"  fresh {t['version']}: {_summary(record)}{again}", flush=True)
+        if not run["records"]:
+            why = f"killed at its {args.run_timeout:g} s deadline" if run["killed"] else "crashed"
+            print(f"  fresh {t['version']}: no result ({why})\n{run['log_tail']}", flush=True)
+            continue
+        record = fresh[t["version"]] = run["records"][0]
+        unrepeatable = differences(record["outcomes"], record["outcomes_again"])
+        print(
+            f"  fresh {t['version']}: {_summary(record)}; {len(unrepeatable)} tests differ on a "
+            "second run in the same process",
+            flush=True,
+        )
     modes: dict[str, Any] = {}
     for mode in MODES:
-        plan = {**base_plan, "mode": mode, "versions": trees, "live": str(work / f"live-{pkg.stem}-{mode}")}
+        plan = {
+            **base_plan,
+            "mode": mode,
+            "versions": trees,
+            "live": str(work / f"live-{pkg.stem}-{mode}"),
+        }
         deadline = args.run_timeout * len(trees)
         run = run_worker(plan, work, f"{pkg.stem}-{mode}", timeout_s=deadline)
         by_step = {r["step"]: r for r in run["records"]}
@@ -363,11 +374,11 @@ def replay_package(pkg: Package, versions: list[str], work: Path, args: argparse
     }
 
 
-def _summary(record: dict[str, Any] | None) -> str:
-    if record is None:
-        return "no result"
+def _summary(record: dict[str, Any]) -> str:
     counts = Counter(record["outcomes"].values())
-    return ", ".join(f"{n} {o}" for o, n in sorted(counts.items())) + f" in {record['tests_s']:.1f} s"
+    return (
+        ", ".join(f"{n} {o}" for o, n in sorted(counts.items())) + f" in {record['tests_s']:.1f} s"
+    )
 
 
 def _fresh_summary(record: dict[str, Any]) -> dict[str, Any]:
@@ -398,8 +409,12 @@ def _verdict_line(step: dict[str, Any]) -> str:
 # -- the report --------------------------------------------------------------------------------------
 def tally(steps: list[dict[str, Any]]) -> dict[str, Any]:
     verdicts = Counter(s["verdict"] for s in steps)
-    applied = verdicts["matching"] + verdicts["different"] + sum(
-        1 for s in steps if s["verdict"] == "unknown" and "duration_s" in s and "group" not in s
+    applied = (
+        verdicts["matching"]
+        + verdicts["different"]
+        + sum(
+            1 for s in steps if s["verdict"] == "unknown" and "duration_s" in s and "group" not in s
+        )
     )
     return {
         "steps": len(steps),
@@ -420,7 +435,12 @@ def latency(pkg_results: list[dict[str, Any]]) -> dict[str, Any]:
         hp = res["modes"]["hotpatch"]["steps"]
         rl = res["modes"]["reload"]["steps"]
         for a, b in zip(hp, rl):
-            if "duration_s" in a and "duration_s" in b and a.get("group") is None and b.get("group") is None:
+            if (
+                "duration_s" in a
+                and "duration_s" in b
+                and a.get("group") is None
+                and b.get("group") is None
+            ):
                 patch_s.append(a["duration_s"])
                 reload_s.append(b["duration_s"])
                 ratios.append(a["duration_s"] / b["duration_s"])
@@ -440,11 +460,15 @@ def print_report(report: dict[str, Any]) -> None:
         t = {m: tally(res["modes"][m]["steps"]) for m in MODES}
         lat = latency([res])
         rows.append((res["package"], t, lat, res))
-    total = {m: tally([s for r in report["packages"] for s in r["modes"][m]["steps"]]) for m in MODES}
+    total = {
+        m: tally([s for r in report["packages"] for s in r["modes"][m]["steps"]]) for m in MODES
+    }
     lat_total = latency(report["packages"])
     print()
-    print("| package | steps | hotpatch applied | refused | matching | **applied but different** | unknown "
-          "| reload applied | failed | matching | applied but different | unknown | patch / reload (median) |")
+    print(
+        "| package | steps | hotpatch applied | refused | matching | **applied but different** | unknown "
+        "| reload applied | failed | matching | applied but different | unknown | patch / reload (median) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def row(name: str, t: dict[str, Any], lat: dict[str, Any]) -> str:
@@ -495,7 +519,9 @@ def print_report(report: dict[str, Any]) -> None:
             for s in res["modes"][m]["steps"]:
                 if s["verdict"] == "different":
                     any_diff = True
-                    print(f"  {m:8} {res['package']} {s['from']} -> {s['to']}: {len(s['differences'])} tests")
+                    print(
+                        f"  {m:8} {res['package']} {s['from']} -> {s['to']}: {len(s['differences'])} tests"
+                    )
                     for k, (a, b) in list(s["differences"].items())[:3]:
                         print(f"      {k}: restart {a}, live {b}")
     if not any_diff:
@@ -503,21 +529,43 @@ def print_report(report: dict[str, Any]) -> None:
     for res in report["packages"]:
         for m in MODES:
             if res["modes"][m]["baseline_matches"] is False:
-                print(f"\nNOTE {res['package']} {m}: step 0 (no patch yet) already differs from a fresh "
-                      f"run: {list(res['modes'][m]['baseline_differences'].items())[:3]}")
+                print(
+                    f"\nNOTE {res['package']} {m}: step 0 (no patch yet) already differs from a fresh "
+                    f"run: {list(res['modes'][m]['baseline_differences'].items())[:3]}"
+                )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--packages", default=",".join(PACKAGES), help="comma-separated, from: " + ", ".join(PACKAGES))
-    parser.add_argument("--from", dest="start", default=None, help="start at this release (one package only)")
-    parser.add_argument("--steps", type=int, default=None, help="replay only the first N steps of each package")
-    parser.add_argument("--sdists", action="append", default=[], help="another folder of sdists to look in")
-    parser.add_argument("--offline", action="store_true", help="never download; use the folders only")
-    parser.add_argument("--json", default=None, help="write the full report as JSON to this file ('-': stdout)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (its path is printed)")
-    parser.add_argument("--refuse-removals", action="store_true", help="patch without allow_removals")
-    parser.add_argument("--run-timeout", type=float, default=600.0, help="deadline per release run, s")
+    parser.add_argument(
+        "--packages",
+        default=",".join(PACKAGES),
+        help="comma-separated, from: " + ", ".join(PACKAGES),
+    )
+    parser.add_argument(
+        "--from", dest="start", default=None, help="start at this release (one package only)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="replay only the first N steps of each package"
+    )
+    parser.add_argument(
+        "--sdists", action="append", default=[], help="another folder of sdists to look in"
+    )
+    parser.add_argument(
+        "--offline", action="store_true", help="never download; use the folders only"
+    )
+    parser.add_argument(
+        "--json", default=None, help="write the full report as JSON to this file ('-': stdout)"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (its path is printed)"
+    )
+    parser.add_argument(
+        "--refuse-removals", action="store_true", help="patch without allow_removals"
+    )
+    parser.add_argument(
+        "--run-timeout", type=float, default=600.0, help="deadline per release run, s"
+    )
     parser.add_argument("--test-timeout", type=float, default=60.0, help="deadline per test, s")
     parser.add_argument("--download-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
@@ -525,8 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in PACKAGES]
     if unknown:
         parser.error(f"unknown package(s) {unknown}; known: {', '.join(PACKAGES)}")
-    if args.start is not None and (len(names) != 1 or args.start not in PACKAGES[names[0]].versions):
-        parser.error(f"--from needs one package and one of its releases, got {names} {args.start!r}")
+    if args.start is not None and (
+        len(names) != 1 or args.start not in PACKAGES[names[0]].versions
+    ):
+        parser.error(
+            f"--from needs one package and one of its releases, got {names} {args.start!r}"
+        )
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1")
     started = time.monotonic()
@@ -554,7 +606,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         report["latency"] = latency(report["packages"])
         print_report(report)
-        print(f"\n{report['elapsed_s']:.0f} s, Python {report['python']}, hotpatch at {report['commit']}")
+        print(
+            f"\n{report['elapsed_s']:.0f} s, Python {report['python']}, hotpatch at {report['commit']}"
+        )
         if args.json == "-":
             print(json.dumps(report, indent=1))
         elif args.json:
@@ -571,7 +625,10 @@ def _commit() -> str:
     try:
         done = subprocess.run(
             ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-            capture_output=True, text=True, timeout=10, check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"

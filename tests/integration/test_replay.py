@@ -39,7 +39,9 @@ def check_complete(report: dict[str, Any], *, steps: int) -> None:
     hp = report["totals"]["hotpatch"]
     assert hp["steps"] == steps, report["totals"]
     assert hp["unknown"] == 0, report["packages"]
-    assert hp["errors"] == 0, [s for p in report["packages"] for s in p["modes"]["hotpatch"]["steps"]]
+    assert hp["errors"] == 0, [
+        s for p in report["packages"] for s in p["modes"]["hotpatch"]["steps"]
+    ]
     assert hp["matching"] + hp["different"] + hp["refused"] == steps
     for package in report["packages"]:
         for mode in ("hotpatch", "reload"):
