@@ -9,8 +9,11 @@ and holds the engine to its promise: no step may be applied and then behave diff
 
 from __future__ import annotations
 
+import io
 import json
 import sys
+import tarfile
+import types
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +22,17 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def run_replay(tmp_path: Path, *args: str) -> dict[str, Any]:
+def load_bench() -> types.ModuleType:
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import bench_replay
     finally:
         sys.path.remove(str(BENCHMARKS))
+    return bench_replay
+
+
+def run_replay(tmp_path: Path, *args: str) -> dict[str, Any]:
+    bench_replay = load_bench()
     out = tmp_path / "replay.json"
     code = bench_replay.main(
         [*args, "--offline", "--run-timeout", "240", "--test-timeout", "60", "--json", str(out)]
@@ -75,3 +83,61 @@ def test_cachetools_8_0_0_is_never_applied_but_different(tmp_path: Path) -> None
     report = run_replay(tmp_path, "--packages", "cachetools", "--from", "7.3.3", "--steps", "1")
     check_complete(report, steps=1)
     assert different_steps(report) == []
+
+
+def make_sdist(path: Path, members: list[tarfile.TarInfo]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info in members:
+            data = b"x = 1\n" if info.isfile() else b""
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "target"),
+    [
+        ("pkg-1.0/link.py", tarfile.SYMTYPE, "/etc/passwd"),
+        ("pkg-1.0/hard.py", tarfile.LNKTYPE, "pkg-1.0/a.py"),
+        ("../escaped.py", tarfile.REGTYPE, ""),
+        ("/tmp/absolute.py", tarfile.REGTYPE, ""),
+    ],
+)
+def test_a_hostile_sdist_is_refused_before_anything_is_written(
+    tmp_path: Path, name: str, kind: bytes, target: str
+) -> None:
+    bench_replay = load_bench()
+    good = tarfile.TarInfo("pkg-1.0/a.py")
+    bad = tarfile.TarInfo(name)
+    bad.type = kind
+    bad.linkname = target
+    sdist = make_sdist(tmp_path / "pkg-1.0.tar.gz", [good, bad])
+    dest = tmp_path / "out" / "tree"
+    with pytest.raises(RuntimeError, match="refusing member"):
+        bench_replay.extract(sdist, dest)
+    assert list(dest.iterdir()) == []
+    assert not (tmp_path / "escaped.py").exists()
+
+
+def test_a_step_is_judged_only_on_what_happened() -> None:
+    bench_replay = load_bench()
+    fresh = {"outcomes": {"t::a": "passed"}, "outcomes_again": {"t::a": "passed", "t::b": "failed"}}
+    applied = {"applied": True, "duration_s": 0.01, "files": {}}
+    same = {**applied, "outcomes": {"t::a": "passed", "t::b": "failed"}}
+    assert bench_replay.judge_step(same, fresh)["verdict"] == "matching"
+    other = {**applied, "outcomes": {"t::a": "failed", "t::b": "failed"}}
+    verdict = bench_replay.judge_step(other, fresh)
+    assert verdict == {"verdict": "different", "differences": {"t::a": ["passed", "failed"]}}
+    # no guesses: a step never reached, tests that never finished, or no restart to compare with
+    assert bench_replay.judge_step(None, fresh)["verdict"] == "unknown"
+    assert bench_replay.judge_step(applied, fresh)["verdict"] == "unknown"
+    assert bench_replay.judge_step(same, None)["verdict"] == "unknown"
+    refused = {
+        "applied": False,
+        "duration_s": 0.01,
+        "refusal": {"stage": "compatibility", "reason": "class 'Info': its base classes changed"},
+    }
+    assert bench_replay.judge_step(refused, fresh) == {
+        "verdict": "refused",
+        "group": "compatibility: class '...': its base classes changed",
+    }
