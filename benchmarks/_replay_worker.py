@@ -160,7 +160,13 @@ def run_tests(root: Path, plan: dict[str, Any]) -> dict[str, Any]:
     for nodeid in plan.get("deselect", []):
         args += ["--deselect", nodeid]
     started = time.perf_counter()
-    code = pytest.main(args, plugins=[collector])
+    try:
+        code = pytest.main(args, plugins=[collector])
+    finally:
+        # The suite is a client of the package, imported afresh by the next run: left in
+        # sys.modules, the previous release's test modules would count as live dependents of the
+        # next patch (whose files the next release replaced), which no restarted process has.
+        purge_test_modules(root)
     return {
         "outcomes": collector.outcomes,
         "pytest_exit": int(code),
