@@ -217,12 +217,12 @@ class _Planner:
                 if self.can_update(_innermost_own(old, self.live), _innermost_own(new, self.cand)):
                     self.remap[id(new)] = old
             elif kind == "class":
-                self._pair_class(old, new)  # type: ignore[arg-type]
+                self._pair_class(old, new, name)  # type: ignore[arg-type]
             elif not isinstance(new, IMMUTABLE) and not self.take_new("", name, old, new):
                 self.remap[id(new)] = old
                 self.paired_plain.append(id(new))
 
-    def _pair_class(self, old: type, new: type) -> None:
+    def _pair_class(self, old: type, new: type, path: str) -> None:
         if self.remap.get(id(new)) is old:
             return  # paired already (a class attribute that refers back to its class)
         self.remap[id(new)] = old
@@ -230,9 +230,24 @@ class _Planner:
             ov = old.__dict__.get(name, MISSING)
             if is_own_class(ov, self.module) and is_own_class(nv, self.module) and ov is not nv:
                 assert isinstance(ov, type) and isinstance(nv, type)
-                self._pair_class(ov, nv)
+                self._pair_class(ov, nv, f"{path}.{name}")
             elif self.can_update(ov, nv):
                 self.remap[id(nv)] = ov
+            elif (
+                ov is not MISSING
+                and name not in CLASS_SKIP
+                and name not in _CLASS_TAKE_NEW
+                and not isinstance(nv, IMMUTABLE)
+                and not functions_of(ov)
+                and not functions_of(nv)
+                and not isinstance(nv, type)
+                and not self.take_new(path, name, ov, nv)
+            ):
+                # A plain class-body value kept live (a sentinel ``__marker = object()``): what
+                # the candidate's methods refer to (defaults, kw-defaults, closure cells) is
+                # re-bound to it, as for a module-level value.
+                self.remap[id(nv)] = ov
+                self.paired_plain.append(id(nv))
 
     def can_update(self, old: object, new: object, depth: int = 0) -> bool:
         """Whether live function ``old`` can take ``new``'s code in place, with the functions its
