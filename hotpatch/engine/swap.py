@@ -272,12 +272,14 @@ class _Planner:
             return False
         if (old.__name__, old.__qualname__) != (new.__name__, new.__qualname__):
             return False
-        if tuple(self.remap_value(b) for b in new.__bases__) != old.__bases__:
-            if len(old.__bases__) != len(new.__bases__) or not all(
+        if tuple(self.remap_value(b) for b in new.__bases__) != old.__bases__ and (
+            len(old.__bases__) != len(new.__bases__)
+            or not all(
                 ob is nb or self._same_generated_class(ob, nb, depth=depth + 1)
                 for ob, nb in zip(old.__bases__, new.__bases__)
-            ):
-                return False
+            )
+        ):
+            return False
         if old.__dict__.keys() != new.__dict__.keys():
             return False
         for name, nv in new.__dict__.items():
