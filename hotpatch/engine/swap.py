@@ -94,10 +94,17 @@ _CLASS_NEVER_SET = frozenset({"__class__", "__bases__", "__mro__", "__name__"})
 
 @dataclass(frozen=True)
 class Problem:
-    """Why part of a change cannot be made in place."""
+    """Why part of a change cannot be made in place.
+
+    ``policy`` marks a compatibility-policy refusal (a public name or parameter removed, a call
+    the old signature took that the new one refuses): a restart would break the same callers, so
+    ``allow_removals=True`` lifts it. Every other problem means the process would not behave like
+    one restarted on the new code: a restart (or rolling reload) is needed.
+    """
 
     message: str
     lineno: int | None = None
+    policy: bool = False
 
 
 @dataclass
@@ -419,9 +426,7 @@ class _Planner:
             elif not self._is_definition(old):
                 continue  # no baseline source: only definitions are known to come from it
             if public(name) and self._is_api(old) and not self.allow_removals:
-                self.problems.append(
-                    Problem(f"public name {name!r} was removed (pass allow_removals=True)")
-                )
+                self.problems.append(Problem(f"public name {name!r} was removed", policy=True))
                 continue
             self.ops.append(SetName(self.live, name, MISSING))
             self.replaced.update(codes_of(old))
@@ -460,7 +465,7 @@ class _Planner:
             self.replaced_definitions.append((path, old, ()))
 
     def check_signature(self, old: types.FunctionType, new: types.FunctionType, path: str) -> None:
-        if parameter_shape(old) == parameter_shape(new):
+        if self.allow_removals or parameter_shape(old) == parameter_shape(new):
             return  # same names, kinds and defaults present: every old call still binds
         reason = signature_incompatibility(old, new)
         if reason:
@@ -468,6 +473,7 @@ class _Planner:
                 Problem(
                     f"{path}(): {reason}, so existing callers could break",
                     new.__code__.co_firstlineno,
+                    policy=True,
                 )
             )
 
@@ -603,7 +609,7 @@ class _Planner:
                 continue  # set at run time or by a decorator: live state, kept
             if public and is_public(name) and not self.allow_removals:
                 self.problems.append(
-                    Problem(f"public member {path}.{name} was removed (pass allow_removals=True)")
+                    Problem(f"public member {path}.{name} was removed", policy=True)
                 )
                 continue
             self.ops.append(SetAttr(old, name, MISSING))
