@@ -266,7 +266,8 @@ class Engine:
         Args:
             changes: module name -> new source (``None`` reads the module's file again); or an
                 iterable of module names, each read from its file.
-            allow_removals: let public names disappear instead of refusing at ``compatibility``.
+            allow_removals: lift the compatibility policy (a public name removed, a signature
+                that refuses calls the old one took) instead of refusing at ``compatibility``.
             safepoint_timeout_s: how long to wait for threads to leave the replaced code.
 
         Returns:
@@ -1009,7 +1010,8 @@ def patch(
     Args:
         module: the name of an imported module, e.g. ``"pkg.mod"``.
         source: the new source text or bytes; ``None`` reads the module's file again.
-        allow_removals: let public names disappear instead of refusing at ``compatibility``.
+        allow_removals: lift the compatibility policy (a public name removed, a signature
+            that refuses calls the old one took) instead of refusing at ``compatibility``.
         safepoint_timeout_s: how long to wait for threads to leave the replaced code.
 
     Returns:
