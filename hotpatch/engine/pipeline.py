@@ -266,7 +266,8 @@ class Engine:
         Args:
             changes: module name -> new source (``None`` reads the module's file again); or an
                 iterable of module names, each read from its file.
-            allow_removals: let public names disappear instead of refusing at ``compatibility``.
+            allow_removals: lift the compatibility policy (a public name removed, a signature
+                that refuses calls the old one took) instead of refusing at ``compatibility``.
             safepoint_timeout_s: how long to wait for threads to leave the replaced code.
 
         Returns:
@@ -934,12 +935,17 @@ def _rejection(
 def _raise_problems(name: str, plan: Plan, filename: str, where: str | None = None) -> None:
     if not plan.problems:
         return
-    first = plan.problems[0]
+    # A problem that needs a restart comes first: allow_removals=True would not lift it.
+    first = min(plan.problems, key=lambda problem: problem.policy)
     more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
     prefix = f"{where} (re-derived): " if where and where != name else ""
-    raise PatchRejected(
-        name, "compatibility", prefix + first.message + more, filename=filename, lineno=first.lineno
-    )
+    message = prefix + first.message + more
+    if first.policy:
+        message = (
+            f"compatibility policy, not a restart: {message}; the same callers would break "
+            "after a restart (pass allow_removals=True to apply it)"
+        )
+    raise PatchRejected(name, "compatibility", message, filename=filename, lineno=first.lineno)
 
 
 def _raise_derivation(name: str, derivation: Derivation, filename: str, where: str) -> None:
@@ -1004,7 +1010,8 @@ def patch(
     Args:
         module: the name of an imported module, e.g. ``"pkg.mod"``.
         source: the new source text or bytes; ``None`` reads the module's file again.
-        allow_removals: let public names disappear instead of refusing at ``compatibility``.
+        allow_removals: lift the compatibility policy (a public name removed, a signature
+            that refuses calls the old one took) instead of refusing at ``compatibility``.
         safepoint_timeout_s: how long to wait for threads to leave the replaced code.
 
     Returns:

@@ -266,7 +266,9 @@ class Rebinder:
             try:
                 cls.__bases__ = bases  # type: ignore[assignment]
             except TypeError as exc:
-                self.problems.append(f"new class {cls.__qualname__}: cannot re-base it: {exc}")
+                self.problems.append(
+                    f"new class {cls.__qualname__}: cannot re-base it: {exc}; a restart is needed"
+                )
         for name, value in list(cls.__dict__.items()):
             if name in CLASS_SKIP:
                 continue

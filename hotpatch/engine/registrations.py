@@ -22,6 +22,15 @@ those objects (an edited function is the live one, a new function its re-bound c
 itself); a rollback after a failed health check undoes that again. Entries changed by other threads
 meanwhile are left alone.
 
+The import system's process-wide lists (``sys.meta_path``, ``sys.path_hooks``, ``sys.path``) are
+copied as well, and whatever the candidate did to them is undone: six takes the importer an earlier
+run installed out of ``sys.meta_path`` and appends its own, so a refused candidate used to leave
+its importer there instead of the live one. A list is put back only when nobody changed it since
+the candidate ran. When the patch is applied, each list is set as the candidate's execution left it,
+with the live twin of every candidate object (the live importer when its statement did not change):
+what a restart has when the module's code is idempotent, as six's is; a module that appends
+unconditionally gets a second entry, as after ``importlib.reload``.
+
 What this cannot see is documented in docs/in-process.md ("Limits and refusals"): containers not
 reachable that way (a registry two attributes away, a C extension's table), containers over
 ``MAX_ENTRIES`` entries (caches), registrations of plain values (a string, a count), other side
@@ -57,13 +66,45 @@ class _Found:
 
 
 @dataclass
+class _ListState:
+    """A process-wide list of the import system, before and after a candidate ran."""
+
+    container: list[object]
+    before: list[object]
+    after: list[object]
+
+
+def _same_items(a: list[object], b: list[object]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _import_lists() -> list[list[object]]:
+    """``sys.meta_path``, ``sys.path_hooks`` and ``sys.path`` (those that are lists)."""
+    lists = (
+        getattr(sys, "meta_path", None),
+        getattr(sys, "path_hooks", None),
+        getattr(sys, "path", None),
+    )
+    return [value for value in lists if type(value) is list]
+
+
+@dataclass
 class Registrations:
-    """What one candidate added to live containers (``snapshot(...).collect(...)``)."""
+    """What one candidate added to live containers (``snapshot(...).collect(...)``), and how it
+    left the import system's lists (``sys.meta_path``, ``sys.path_hooks``, ``sys.path``)."""
 
     found: list[_Found] = field(default_factory=list)
+    lists: list[_ListState] = field(default_factory=list)
 
     def undo(self) -> None:
-        """Take the candidate's entries out again, newest first; others' changes are kept."""
+        """Take the candidate's entries out again, newest first; others' changes are kept.
+
+        An import-system list is put back as it was before the candidate ran (a hook the
+        candidate took out is back, its own one gone) when nobody changed it since."""
+        for state in reversed(self.lists):
+            with contextlib.suppress(Exception):
+                if _same_items(state.container, state.after):
+                    state.container[:] = state.before
         for entry in reversed(self.found):
             _remove(entry)
 
@@ -75,6 +116,12 @@ class Registrations:
         it did not bind to a name) is not registered again.
         """
         done = Registrations()
+        for state in self.lists:  # as the candidate left them, with live twins: as a restart
+            with contextlib.suppress(Exception):
+                if _same_items(state.container, state.before):
+                    current = list(state.container)
+                    state.container[:] = [remap.get(id(item), item) for item in state.after]
+                    done.lists.append(_ListState(state.container, current, list(state.container)))
         for entry in self.found:
             with contextlib.suppress(Exception):  # a hostile key or a changed container: skip it
                 self._redo_one(entry, remap, done)
@@ -125,11 +172,15 @@ class Snapshot:
     module: str
     live_ids: frozenset[int]
     copies: list[tuple[Container, Container]]
+    import_lists: list[tuple[list[object], list[object]]] = field(default_factory=list)
 
     def collect(self, namespace: dict[str, object]) -> Registrations:
         """The registrations the candidate whose namespace is ``namespace`` made."""
         owned = _Ownership(self.module, namespace, self.live_ids)
         found = Registrations()
+        for import_list, before in self.import_lists:
+            if not _same_items(import_list, before):
+                found.lists.append(_ListState(import_list, before, list(import_list)))
         for container, copy in self.copies:
             try:
                 _compare(container, copy, owned, found.found)
@@ -205,7 +256,8 @@ def snapshot(live: types.ModuleType) -> Snapshot:
         except Exception:  # an object that resists being looked at is no registry of ours
             continue
     live_ids = frozenset(id(v) for v in namespace.values())
-    return Snapshot(live.__name__, live_ids, copies)
+    import_lists = [(value, list(value)) for value in _import_lists()]
+    return Snapshot(live.__name__, live_ids, copies, import_lists)
 
 
 def _add_instance(value: object, add: object, add_class: object) -> None:

@@ -94,10 +94,17 @@ _CLASS_NEVER_SET = frozenset({"__class__", "__bases__", "__mro__", "__name__"})
 
 @dataclass(frozen=True)
 class Problem:
-    """Why part of a change cannot be made in place."""
+    """Why part of a change cannot be made in place.
+
+    ``policy`` marks a compatibility-policy refusal (a public name or parameter removed, a call
+    the old signature took that the new one refuses): a restart would break the same callers, so
+    ``allow_removals=True`` lifts it. Every other problem means the process would not behave like
+    one restarted on the new code: a restart (or rolling reload) is needed.
+    """
 
     message: str
     lineno: int | None = None
+    policy: bool = False
 
 
 @dataclass
@@ -217,22 +224,99 @@ class _Planner:
                 if self.can_update(_innermost_own(old, self.live), _innermost_own(new, self.cand)):
                     self.remap[id(new)] = old
             elif kind == "class":
-                self._pair_class(old, new)  # type: ignore[arg-type]
+                self._pair_class(old, new, name)  # type: ignore[arg-type]
             elif not isinstance(new, IMMUTABLE) and not self.take_new("", name, old, new):
                 self.remap[id(new)] = old
                 self.paired_plain.append(id(new))
 
-    def _pair_class(self, old: type, new: type) -> None:
+    def _pair_class(self, old: type, new: type, path: str) -> None:
         if self.remap.get(id(new)) is old:
             return  # paired already (a class attribute that refers back to its class)
         self.remap[id(new)] = old
+        self._pair_generated_bases(old, new)
         for name, nv in new.__dict__.items():
             ov = old.__dict__.get(name, MISSING)
             if is_own_class(ov, self.module) and is_own_class(nv, self.module) and ov is not nv:
                 assert isinstance(ov, type) and isinstance(nv, type)
-                self._pair_class(ov, nv)
+                self._pair_class(ov, nv, f"{path}.{name}")
             elif self.can_update(ov, nv):
                 self.remap[id(nv)] = ov
+            elif (
+                ov is not MISSING
+                and name not in CLASS_SKIP
+                and name not in _CLASS_TAKE_NEW
+                and not isinstance(nv, IMMUTABLE)
+                and not functions_of(ov)
+                and not functions_of(nv)
+                and not isinstance(nv, type)
+                and not self.take_new(path, name, ov, nv)
+            ):
+                # A plain class-body value kept live (a sentinel ``__marker = object()``): what
+                # the candidate's methods refer to (defaults, kw-defaults, closure cells) is
+                # re-bound to it, as for a module-level value.
+                self.remap[id(nv)] = ov
+                self.paired_plain.append(id(nv))
+
+    def _pair_generated_bases(self, old: type, new: type) -> None:
+        """Pair base classes generated in the class statement itself (``class Info(namedtuple(
+        "Info", "hits misses"))``): the candidate's base is a new class, but when it is the same
+        generated class as the live one (same metaclass, name, module, bases and members, none of
+        them a function of this module), a restart would build the same class: the live base is
+        kept and the candidate's is its twin. A base that differs stays unpaired (refused)."""
+        if len(old.__bases__) != len(new.__bases__):
+            return
+        for ob, nb in zip(old.__bases__, new.__bases__):
+            if (
+                ob is not nb
+                and id(nb) not in self.remap
+                and is_own_class(nb, self.module)
+                and self._same_generated_class(ob, nb, depth=0)
+            ):
+                self.remap[id(nb)] = ob
+
+    def _same_generated_class(self, old: type, new: type, *, depth: int) -> bool:
+        if depth > 8 or type(old) is not type(new):
+            return False
+        if (old.__name__, old.__qualname__) != (new.__name__, new.__qualname__):
+            return False
+        if tuple(self.remap_value(b) for b in new.__bases__) != old.__bases__ and (
+            len(old.__bases__) != len(new.__bases__)
+            or not all(
+                ob is nb or self._same_generated_class(ob, nb, depth=depth + 1)
+                for ob, nb in zip(old.__bases__, new.__bases__)
+            )
+        ):
+            return False
+        if old.__dict__.keys() != new.__dict__.keys():
+            return False
+        for name, nv in new.__dict__.items():
+            if name in ("__dict__", "__weakref__"):
+                continue
+            if not self._same_generated_member(old.__dict__[name], nv):
+                return False
+        return True
+
+    def _same_generated_member(self, ov: object, nv: object) -> bool:
+        if ov is nv or same_value(ov, nv) or same_repr(ov, nv):
+            return True
+        if type(ov) is not type(nv):
+            return False
+        if isinstance(ov, tuple) and isinstance(nv, tuple):  # _fields, __slots__, __match_args__
+            return len(ov) == len(nv) and all(map(self._same_generated_member, ov, nv))
+        old_funcs, new_funcs = functions_of(ov), functions_of(nv)
+        if old_funcs or new_funcs:
+            return (
+                len(old_funcs) == len(new_funcs)
+                and not any(f.__globals__ in (self.live, self.cand) for f in old_funcs + new_funcs)
+                and all(same_generated(o, n) for o, n in zip(old_funcs, new_funcs))
+            )
+        reduce_old = getattr(type(ov), "__reduce__", None)
+        if type(ov).__module__ in ("builtins", "collections", "_collections") and reduce_old:
+            try:  # a field accessor (_tuplegetter): its index and doc
+                return safe_equal(ov.__reduce__(), nv.__reduce__())
+            except Exception:
+                return False
+        return False
 
     def can_update(self, old: object, new: object, depth: int = 0) -> bool:
         """Whether live function ``old`` can take ``new``'s code in place, with the functions its
@@ -342,9 +426,7 @@ class _Planner:
             elif not self._is_definition(old):
                 continue  # no baseline source: only definitions are known to come from it
             if public(name) and self._is_api(old) and not self.allow_removals:
-                self.problems.append(
-                    Problem(f"public name {name!r} was removed (pass allow_removals=True)")
-                )
+                self.problems.append(Problem(f"public name {name!r} was removed", policy=True))
                 continue
             self.ops.append(SetName(self.live, name, MISSING))
             self.replaced.update(codes_of(old))
@@ -383,7 +465,7 @@ class _Planner:
             self.replaced_definitions.append((path, old, ()))
 
     def check_signature(self, old: types.FunctionType, new: types.FunctionType, path: str) -> None:
-        if parameter_shape(old) == parameter_shape(new):
+        if self.allow_removals or parameter_shape(old) == parameter_shape(new):
             return  # same names, kinds and defaults present: every old call still binds
         reason = signature_incompatibility(old, new)
         if reason:
@@ -391,6 +473,7 @@ class _Planner:
                 Problem(
                     f"{path}(): {reason}, so existing callers could break",
                     new.__code__.co_firstlineno,
+                    policy=True,
                 )
             )
 
@@ -526,7 +609,7 @@ class _Planner:
                 continue  # set at run time or by a decorator: live state, kept
             if public and is_public(name) and not self.allow_removals:
                 self.problems.append(
-                    Problem(f"public member {path}.{name} was removed (pass allow_removals=True)")
+                    Problem(f"public member {path}.{name} was removed", policy=True)
                 )
                 continue
             self.ops.append(SetAttr(old, name, MISSING))

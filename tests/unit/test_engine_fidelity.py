@@ -577,3 +577,142 @@ def test_a_running_scripts_loop_is_the_program_not_derived_state(tmp_path: Path)
     assert outputs[0] == ["applied", "[1, 2]"]
     assert outputs[1][0].startswith("refused needs a restart: the program's script computes")
     assert outputs[1][1] == "[1, 1]"
+
+
+# -- replay follow-up: defects the replay benchmark found -------------------------------------------
+
+
+MARKER_SOURCE = """
+class C:
+    __marker = object()
+
+    def pop(self, key, default=__marker, *, other=__marker):
+        if default is self.__marker:
+            raise KeyError(key)
+        return default
+
+    def other(self, *, default=__marker):
+        return default is self.__marker
+"""
+
+
+def test_a_method_default_from_the_class_body_is_the_live_value(make_module) -> None:
+    mod = make_module(MARKER_SOURCE)
+    Engine().patch(mod.__name__, source=MARKER_SOURCE.replace("return default\n", "return 2\n"))
+    with pytest.raises(KeyError):
+        mod.C().pop(1)  # the default is the live sentinel, as the body compares it with
+    assert mod.C().pop(1, 5) == 2 and mod.C().other() is True
+
+
+def test_a_class_built_on_a_namedtuple_can_be_patched(make_module) -> None:
+    source = (
+        "import collections\n\n"
+        "class Info(collections.namedtuple('Info', 'hits misses')):\n"
+        "    __slots__ = ()\n\n"
+        "def f():\n    return 1\n"
+    )
+    mod = make_module(source)
+    live_class, info = mod.Info, mod.Info(1, 2)
+    result = Engine().patch(mod.__name__, source=source.replace("return 1", "return 2"))
+    assert "f" in result.changed and mod.f() == 2
+    assert mod.Info is live_class and isinstance(info, mod.Info) and mod.Info(3, 4).misses == 4
+
+
+def test_a_namedtuple_base_whose_statement_changed_is_refused(make_module) -> None:
+    source = (
+        "import collections\n\n"
+        "class Info(collections.namedtuple('Info', 'hits misses')):\n"
+        "    __slots__ = ()\n"
+    )
+    mod = make_module(source)
+    with pytest.raises(PatchRejected, match="base classes changed"):
+        Engine().patch(mod.__name__, source=source.replace("hits misses", "hits misses size"))
+    assert mod.Info._fields == ("hits", "misses")
+
+
+IMPORTER_SOURCE = """
+import sys
+
+class Importer:
+    def find_spec(self, name, path=None, target=None):
+        return None
+
+IMPORTER = Importer()
+# six's pattern: take out the importer an earlier execution of this module installed.
+if sys.meta_path:
+    for i, importer in enumerate(sys.meta_path):
+        if type(importer).__name__ == "Importer" and type(importer).__module__ == __name__:
+            del sys.meta_path[i]
+            break
+    del i, importer
+sys.meta_path.append(IMPORTER)
+sys.path_hooks.append(IMPORTER.find_spec)
+sys.path.append("/nonexistent/hp-" + __name__)
+"""
+
+
+@pytest.mark.parametrize("outcome", ["refused", "dry-run", "applied"])
+def test_import_system_changes_of_a_candidate_are_undone_unless_applied(
+    make_module, outcome: str
+) -> None:
+    before = (list(sys.meta_path), list(sys.path_hooks), list(sys.path))
+    mod = make_module(IMPORTER_SOURCE)
+    live = (list(sys.meta_path), list(sys.path_hooks), list(sys.path))
+    assert mod.IMPORTER in sys.meta_path
+    engine = Engine()
+    try:
+        new = IMPORTER_SOURCE + "\nVALUE = 2\n"
+        if outcome == "refused":
+            with pytest.raises(PatchRejected):
+                engine.patch(mod.__name__, source=new + "raise RuntimeError('broken')\n")
+        elif outcome == "dry-run":
+            engine.check(mod.__name__, source=new)
+        else:
+            engine.patch(mod.__name__, source=new)
+        after = (list(sys.meta_path), list(sys.path_hooks), list(sys.path))
+        if outcome == "applied":
+            # What a restart would have: the module's importer installed once, the new one.
+            assert [h for h in sys.meta_path if type(h).__name__ == "Importer"] == [
+                sys.meta_path[-1]
+            ]
+            assert mod.IMPORTER is sys.meta_path[-1] and mod.VALUE == 2
+        else:
+            assert [list(map(id, x)) for x in after] == [list(map(id, x)) for x in live]
+    finally:
+        sys.meta_path[:], sys.path_hooks[:], sys.path[:] = before
+
+
+def test_changed_values_follow_re_exports(make_package) -> None:
+    for names in (["data", ""], ["data"]):
+        name = make_package(
+            {"__init__.py": "from .data import VERSION\n", "data.py": 'VERSION = "1"\n'}
+        )
+        import importlib
+
+        pkg = importlib.import_module(name)
+        data = importlib.import_module(f"{name}.data")
+        Path(str(data.__file__)).write_text('VERSION = "2"\n', encoding="utf-8")
+        modules = [f"{name}.{n}" if n else name for n in names]
+        Engine().patch_many(modules)
+        assert data.VERSION == "2" and pkg.VERSION == "2", names
+
+
+def test_policy_refusals_say_they_are_policy_not_restart(make_module) -> None:
+    mod = make_module("def f(a, b):\n    return a\n\ndef g():\n    return 1\n")
+    with pytest.raises(PatchRejected) as info:
+        Engine().patch(mod.__name__, source="def f(a):\n    return a\n")
+    assert info.value.reason.startswith("compatibility policy, not a restart: f(): ")
+    assert "allow_removals=True" in info.value.reason and "needs a restart" not in str(info.value)
+    assert mod.f(1, 2) == 1 and mod.g() == 1
+    with pytest.raises(PatchRejected, match=r"compatibility policy.*'g' was removed"):
+        Engine().patch(mod.__name__, source="def f(a, b):\n    return b\n")
+    # A problem that needs a restart is named first: allow_removals=True would not lift it.
+    source = "class K:\n    __slots__ = ('a',)\n\ndef f(a, b):\n    return a\n"
+    both = make_module(source)
+    new = source.replace("('a',)", "('a', 'b')").replace("f(a, b)", "f(a)")
+    with pytest.raises(PatchRejected) as info:
+        Engine().patch(both.__name__, source=new)
+    assert "restart" in info.value.reason and "policy" not in info.value.reason
+    assert info.value.reason.endswith("(and 1 more)") and both.K.__slots__ == ("a",)
+    result = Engine().patch(mod.__name__, source="def f(a):\n    return -a\n", allow_removals=True)
+    assert mod.f(3) == -3 and "g" in result.removed
