@@ -485,8 +485,9 @@ def watch(
         quiet_period_s: how long after the last file event a burst counts as over.
         max_delay_s: the longest a change waits while events keep coming.
         on_event: called with a ``WatchEvent`` after each outcome, in the watcher's thread.
-        allow_removals: let public names disappear (development policy: on, with a
-            ``watch.names_removed`` warning).
+        allow_removals: apply changes the compatibility policy would refuse: public names
+            that disappear, signatures that callers may not fit (development policy: on, with a
+            ``watch.names_removed`` warning for removed names).
         safepoint_timeout_s: how long to wait for threads to leave replaced code (engine
             default when ``None``).
         report_unimported: log ``watch.file_ignored`` at info level (and call ``on_event``) for
