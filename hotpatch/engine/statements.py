@@ -240,6 +240,26 @@ def _hunks(old: list[str], new: list[str]) -> list[tuple[int, int, int, int]]:
     """
     if old == new:
         return []
+    # The common first and last lines, found by comparing slices (in C, a few times over).
+    lo, hi = 0, min(len(old), len(new))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if old[:mid] == new[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    prefix = lo
+    lo, hi = 0, min(len(old), len(new)) - prefix
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if old[len(old) - mid :] == new[len(new) - mid :]:
+            lo = mid
+        else:
+            hi = mid - 1
+    suffix = lo
+    if prefix or suffix:
+        inner = _hunks(old[prefix : len(old) - suffix], new[prefix : len(new) - suffix])
+        return [(a + prefix, b + prefix, c + prefix, d + prefix) for a, b, c, d in inner]
     count_old = Counter(old)
     count_new = Counter(new)
     where_new = {text: j for j, text in enumerate(new) if count_new[text] == 1}
