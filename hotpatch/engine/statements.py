@@ -19,7 +19,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _NESTED_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
@@ -66,7 +66,7 @@ class Reads:
     body_attrs: frozenset[tuple[str, str]] = frozenset()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unit:
     """One top-level statement: its lines and what it binds, in the module and in class bodies."""
 
@@ -79,7 +79,7 @@ class Unit:
     def shifted(self, delta: int) -> Unit:
         if not delta:
             return self
-        return replace(self, start=self.start + delta, end=self.end + delta)
+        return Unit(self.start + delta, self.end + delta, self.texts, self.bound, self.reads)
 
 
 @dataclass(frozen=True)
@@ -303,6 +303,28 @@ def _hunks(old: list[str], new: list[str]) -> list[tuple[int, int, int, int]]:
     return hunks
 
 
+def _children(node: ast.AST) -> list[ast.AST]:
+    """``ast.iter_child_nodes`` without its two generators, and without the ``Load``/``Store``
+    markers (no reader here looks at them as nodes): the index reads every node it keeps."""
+    found: list[ast.AST] = []
+    for name in node._fields:
+        value = getattr(node, name, None)
+        if isinstance(value, list):
+            found.extend([item for item in value if isinstance(item, ast.AST)])
+        elif isinstance(value, ast.AST) and not isinstance(value, ast.expr_context):
+            found.append(value)
+    return found
+
+
+def _walk(root: ast.AST) -> list[ast.AST]:
+    """Every node under ``root`` (``root`` included, ``ctx`` markers left out), in no particular
+    order: what ``ast.walk`` yields, for readers that only collect into sets."""
+    found = [root]
+    for node in found:  # the list grows while it is read
+        found.extend(_children(node))
+    return found
+
+
 def _units(body: list[ast.stmt], lines: list[str]) -> list[Unit]:
     units = []
     for stmt in body:
@@ -358,7 +380,7 @@ def _reads(stmt: ast.stmt) -> Reads:
             root = _root_name(node.func)
             if root is not None:
                 calls.add(root)
-        todo.extend(ast.iter_child_nodes(node))
+        todo.extend(_children(node))
     kind = (
         "def"
         if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef)
@@ -382,7 +404,7 @@ def _reads(stmt: ast.stmt) -> Reads:
         for decorator in getattr(stmt, "decorator_list", ()):
             decorators.update(
                 n.id
-                for n in ast.walk(decorator)
+                for n in _walk(decorator)
                 if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
             )
     return Reads(
@@ -416,7 +438,7 @@ def _body_reads(stmt: ast.stmt, names: set[str], attrs: set[tuple[str, str]]) ->
             if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
             and child.name in _MAKING_METHODS
         ]
-    for node in (inner for root in roots for inner in ast.walk(root)):
+    for node in (inner for root in roots for inner in _walk(root)):
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             names.add(node.id)
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
@@ -546,5 +568,5 @@ def bound_names(stmt: ast.stmt) -> set[str]:
             node, (_NESTED_SCOPES, ast.ListComp | ast.SetComp | ast.DictComp | ast.GeneratorExp)
         ):
             continue
-        todo.extend(ast.iter_child_nodes(node))
+        todo.extend(_children(node))
     return found
