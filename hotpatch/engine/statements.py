@@ -168,9 +168,12 @@ class StatementIndex:
         reaches beyond its stretch. ``widen`` adds the statements either side of each hunk.
         """
         starts = [u.start for u in self.units]
+        ends = [u.end for u in self.units]  # in order too: the units do not overlap
         regions: list[list[int]] = []
         for first, last, new_first, new_last in hunks:
-            touched = [u for u in self.units if u.start <= last and u.end >= first]
+            touched = list(
+                self.units[bisect.bisect_left(ends, first) : bisect.bisect_right(starts, last)]
+            )
             if widen:
                 before = bisect.bisect_left(starts, first) - 1
                 after = bisect.bisect_right(starts, last)
@@ -195,10 +198,12 @@ class StatementIndex:
         except (SyntaxError, ValueError, RecursionError, MemoryError):
             return None
         body: list[ast.stmt] = []
+        new_ends = [r[3] for r in regions]
         for stmt in tree.body:
             start = min([stmt.lineno] + [d.lineno for d in getattr(stmt, "decorator_list", ())])
             end = stmt.end_lineno or stmt.lineno
-            if not any(r[2] <= start and end <= r[3] for r in regions):
+            k = bisect.bisect_left(new_ends, start)  # the first stretch not over before it starts
+            if k == len(regions) or not regions[k][2] <= start <= end <= regions[k][3]:
                 return None  # one statement across two stretches: the blanked lines were in it
             if keep is None or keep(stmt):
                 body.append(stmt)
