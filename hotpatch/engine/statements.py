@@ -13,8 +13,13 @@ differently after other names changed, without parsing the module again.
 from __future__ import annotations
 
 import ast
+import bisect
+import itertools
+import re
+import sys
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _NESTED_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
@@ -61,7 +66,7 @@ class Reads:
     body_attrs: frozenset[tuple[str, str]] = frozenset()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unit:
     """One top-level statement: its lines and what it binds, in the module and in class bodies."""
 
@@ -74,7 +79,7 @@ class Unit:
     def shifted(self, delta: int) -> Unit:
         if not delta:
             return self
-        return replace(self, start=self.start + delta, end=self.end + delta)
+        return Unit(self.start + delta, self.end + delta, self.texts, self.bound, self.reads)
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ class StatementIndex:
 
     @classmethod
     def build(cls, tree: ast.Module, text: str) -> StatementIndex:
-        return cls.from_units(_units(tree.body, text.splitlines()))
+        return cls.from_units(_units(tree.body, _lines(text)))
 
     @classmethod
     def from_units(cls, units: list[Unit]) -> StatementIndex:
@@ -112,35 +117,97 @@ class StatementIndex:
     ) -> StatementIndex | None:
         """The index of ``new_text``, re-parsing only the top-level statements that changed.
 
-        Lines before the first and after the last changed line are the same statements as in
-        ``old_text`` (shifted); the statements the edit touched are parsed again. ``None`` when
-        that stretch does not parse on its own (the caller parses the whole text).
+        The two texts are aligned line by line (``_hunks``); each changed stretch is widened to the
+        whole top-level statements it touches, and only those stretches are parsed again, in one
+        ``ast.parse`` of ``new_text`` with every other line blanked (so line numbers come out
+        right without ``ast.increment_lineno``, and no unchanged statement is re-read). The other
+        statements are the previous index's, shifted. ``None`` when a stretch does not parse on
+        its own, or a statement it yields reaches beyond it (the caller parses the whole text).
         """
-        old = old_text.splitlines()
-        new = new_text.splitlines()
-        shortest = min(len(old), len(new))
-        prefix = 0
-        while prefix < shortest and old[prefix] == new[prefix]:
-            prefix += 1
-        suffix = 0
-        while suffix < shortest - prefix and old[-1 - suffix] == new[-1 - suffix]:
-            suffix += 1
-        first = prefix + 1  # first changed line of old_text
-        last = max(len(old) - suffix, first - 1)  # last changed line (first - 1: an insertion)
-        delta = len(new) - len(old)
-        touched = [u for u in self.units if u.start <= last and u.end >= first]
-        lo = min([u.start for u in touched] + [first])
-        hi = max([u.end for u in touched] + [last])
+        old = _lines(old_text)
+        new = _lines(new_text)
+        hunks = _hunks(old, new)
+        # A stretch that does not parse alone usually continues a neighbouring statement (a method
+        # added at the end of a class, a decorator put on a def, an ``else:``): widen to those.
+        found = self._reparse(hunks, new, keep, widen=False)
+        if found is None:
+            found = self._reparse(hunks, new, keep, widen=True)
+        if found is None:
+            return None
+        regions, body = found
+        units: list[Unit] = []
+        fresh = iter(_units(body, new))
+        pending = next(fresh, None)
+        delta = 0
+        old_units = iter(self.units)
+        unit = next(old_units, None)
+        for lo, hi, _, new_hi in [*regions, [sys.maxsize, sys.maxsize, 0, 0]]:
+            while unit is not None and unit.end < lo:
+                units.append(unit.shifted(delta))
+                unit = next(old_units, None)
+            while unit is not None and unit.start <= hi:
+                unit = next(old_units, None)  # re-read below
+            while pending is not None and pending.start <= new_hi:
+                units.append(pending)
+                pending = next(fresh, None)
+            delta = new_hi - hi
+        return StatementIndex.from_units(units)
+
+    def _reparse(
+        self,
+        hunks: list[tuple[int, int, int, int]],
+        new: list[str],
+        keep: Callable[[ast.stmt], bool] | None,
+        *,
+        widen: bool,
+    ) -> tuple[list[list[int]], list[ast.stmt]] | None:
+        """Parse the stretches of ``new`` that ``hunks`` touch, widened to whole statements.
+
+        Returns the stretches, as ``[old lo, old hi, new lo, new hi]`` (1-based, inclusive), and
+        the statements parsed in them, or ``None`` when that does not parse or a statement
+        reaches beyond its stretch. ``widen`` adds the statements either side of each hunk.
+        """
+        starts = [u.start for u in self.units]
+        ends = [u.end for u in self.units]  # in order too: the units do not overlap
+        regions: list[list[int]] = []
+        for first, last, new_first, new_last in hunks:
+            touched = list(
+                self.units[bisect.bisect_left(ends, first) : bisect.bisect_right(starts, last)]
+            )
+            if widen:
+                before = bisect.bisect_left(starts, first) - 1
+                after = bisect.bisect_right(starts, last)
+                touched += [self.units[k] for k in (before, after) if 0 <= k < len(self.units)]
+            lo = min([u.start for u in touched] + [first])
+            hi = max([u.end for u in touched] + [last])
+            if regions and lo <= regions[-1][1] + 1:
+                region = regions[-1]
+                region[1] = max(region[1], hi)
+            else:
+                region = [lo, hi, lo + (new_first - first), 0]  # lo..first-1: equal lines
+                regions.append(region)
+            region[3] = region[1] + (new_last - last)  # last+1..hi: equal lines after this hunk
+        pieces: list[str] = []
+        line = 1
+        for _, _, new_lo, new_hi in regions:
+            pieces.append("\n" * (new_lo - line))
+            pieces.extend(text + "\n" for text in new[new_lo - 1 : new_hi])
+            line = max(line, new_hi + 1)
         try:
-            tree = ast.parse("\n".join(new[lo - 1 : hi + delta]))
+            tree = ast.parse("".join(pieces))
         except (SyntaxError, ValueError, RecursionError, MemoryError):
             return None
-        ast.increment_lineno(tree, lo - 1)
-        body = [stmt for stmt in tree.body if keep is None or keep(stmt)]
-        units = [u for u in self.units if u.end < lo]
-        units += _units(body, new)
-        units += [u.shifted(delta) for u in self.units if u.start > hi]
-        return StatementIndex.from_units(units)
+        body: list[ast.stmt] = []
+        new_ends = [r[3] for r in regions]
+        for stmt in tree.body:
+            start = min([stmt.lineno] + [d.lineno for d in getattr(stmt, "decorator_list", ())])
+            end = stmt.end_lineno or stmt.lineno
+            k = bisect.bisect_left(new_ends, start)  # the first stretch not over before it starts
+            if k == len(regions) or not regions[k][2] <= start <= end <= regions[k][3]:
+                return None  # one statement across two stretches: the blanked lines were in it
+            if keep is None or keep(stmt):
+                body.append(stmt)
+        return regions, body
 
     def statement_changed(self, new: StatementIndex, scope: str, name: str) -> bool:
         """Whether the plain statements binding ``name`` in ``scope`` differ in ``new``."""
@@ -150,6 +217,127 @@ class StatementIndex:
 
     def binds(self, scope: str, name: str) -> bool:
         return name in self.bound.get(scope, frozenset())
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of ``text`` as the Python tokenizer counts them (``\\n``, ``\\r\\n``, ``\\r``).
+
+    ``str.splitlines`` also splits at form feeds, ``\\x1c``-``\\x1e``, ``\\x85`` and ``\\u2028``,
+    which would put line numbers out of step with the parser's.
+    """
+    lines = _NEWLINE.split(text) if "\r" in text else text.split("\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the text ends with a newline: no empty last line (as splitlines)
+    return lines
+
+
+_NEWLINE = re.compile(r"\r\n|\r|\n")
+
+
+def _hunks(old: list[str], new: list[str]) -> list[tuple[int, int, int, int]]:
+    """The changed stretches between two line lists, as (first, last) lines (1-based) of ``old``
+    and (first, last) of ``new``; ``last == first - 1`` for an empty side (an insertion).
+
+    Any alignment in which paired lines are equal and in order is correct here (the changed
+    stretches are parsed again); a small one keeps that cheap. Lines unique to both sides anchor
+    it (the longest in-order run of them, as in patience diff), equal neighbours extend it; the
+    whole costs a few dictionary passes, where ``difflib`` takes seconds on a 5,000-line module.
+    """
+    if old == new:
+        return []
+    # The common first and last lines, found by comparing slices (in C, a few times over).
+    lo, hi = 0, min(len(old), len(new))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if old[:mid] == new[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    prefix = lo
+    lo, hi = 0, min(len(old), len(new)) - prefix
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if old[len(old) - mid :] == new[len(new) - mid :]:
+            lo = mid
+        else:
+            hi = mid - 1
+    suffix = lo
+    if prefix or suffix:
+        inner = _hunks(old[prefix : len(old) - suffix], new[prefix : len(new) - suffix])
+        return [(a + prefix, b + prefix, c + prefix, d + prefix) for a, b, c, d in inner]
+    count_old = Counter(old)
+    count_new = Counter(new)
+    where_new = {text: j for j, text in enumerate(new) if count_new[text] == 1}
+    anchors = [
+        (i, where_new[text])
+        for i, text in enumerate(old)
+        if count_old[text] == 1 and text in where_new
+    ]
+    # Longest run of anchors in order on both sides (patience sorting on the new positions).
+    tails: list[int] = []  # tails[k]: index in anchors of the smallest end of a run of k + 1
+    ends: list[int] = []  # ends[k]: that anchor's new position
+    parent: list[int] = []
+    for k, (_, j) in enumerate(anchors):
+        pos = bisect.bisect_left(ends, j)
+        parent.append(tails[pos - 1] if pos else -1)
+        if pos == len(tails):
+            tails.append(k)
+            ends.append(j)
+        else:
+            tails[pos] = k
+            ends[pos] = j
+    chain: list[tuple[int, int]] = [(len(old), len(new))]
+    k = tails[-1] if tails else -1
+    while k >= 0:
+        chain.append(anchors[k])
+        k = parent[k]
+    chain.append((-1, -1))
+    chain.reverse()
+    # Between two anchors: equal lines from either end, the rest (if any) is one hunk.
+    hunks: list[tuple[int, int, int, int]] = []
+    for (i, j), (i2, j2) in itertools.pairwise(chain):
+        if i2 - i == j2 - j and old[i + 1 : i2] == new[j + 1 : j2]:
+            continue
+        a, b = i + 1, j + 1
+        while a < i2 and b < j2 and old[a] == new[b]:
+            a, b = a + 1, b + 1
+        c, d = i2 - 1, j2 - 1
+        while c >= a and d >= b and old[c] == new[d]:
+            c, d = c - 1, d - 1
+        hunks.append((a + 1, c + 1, b + 1, d + 1))  # 1-based; an empty side has last = first - 1
+    return hunks
+
+
+def _children(node: ast.AST) -> list[ast.AST]:
+    """``ast.iter_child_nodes`` without its two generators, and without the ``Load``/``Store``
+    markers (no reader here looks at them as nodes): the index reads every node it keeps."""
+    found: list[ast.AST] = []
+    for name in node._fields:
+        value = getattr(node, name, None)
+        if isinstance(value, list):
+            found.extend([item for item in value if isinstance(item, ast.AST)])
+        elif isinstance(value, ast.AST) and not isinstance(value, ast.expr_context):
+            found.append(value)
+    return found
+
+
+def _walk(root: ast.AST) -> list[ast.AST]:
+    """Every node under ``root`` (``root`` included, ``ctx`` markers left out), in no particular
+    order: what ``ast.walk`` yields, for readers that only collect into sets."""
+    found = [root]
+    for node in found:  # the list grows while it is read (``_children``, inlined: a hot loop)
+        if type(node) in _LEAVES:
+            continue
+        for name in node._fields:
+            value = getattr(node, name, None)
+            if isinstance(value, list):
+                found.extend([item for item in value if isinstance(item, ast.AST)])
+            elif isinstance(value, ast.AST) and not isinstance(value, ast.expr_context):
+                found.append(value)
+    return found
+
+
+_LEAVES = frozenset({ast.Name, ast.Constant})  # nodes with no child nodes but their ctx marker
 
 
 def _units(body: list[ast.stmt], lines: list[str]) -> list[Unit]:
@@ -207,7 +395,7 @@ def _reads(stmt: ast.stmt) -> Reads:
             root = _root_name(node.func)
             if root is not None:
                 calls.add(root)
-        todo.extend(ast.iter_child_nodes(node))
+        todo.extend(_children(node))
     kind = (
         "def"
         if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef)
@@ -231,7 +419,7 @@ def _reads(stmt: ast.stmt) -> Reads:
         for decorator in getattr(stmt, "decorator_list", ()):
             decorators.update(
                 n.id
-                for n in ast.walk(decorator)
+                for n in _walk(decorator)
                 if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
             )
     return Reads(
@@ -265,7 +453,7 @@ def _body_reads(stmt: ast.stmt, names: set[str], attrs: set[tuple[str, str]]) ->
             if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
             and child.name in _MAKING_METHODS
         ]
-    for node in (inner for root in roots for inner in ast.walk(root)):
+    for node in (inner for root in roots for inner in _walk(root)):
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             names.add(node.id)
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
@@ -395,5 +583,5 @@ def bound_names(stmt: ast.stmt) -> set[str]:
             node, (_NESTED_SCOPES, ast.ListComp | ast.SetComp | ast.DictComp | ast.GeneratorExp)
         ):
             continue
-        todo.extend(ast.iter_child_nodes(node))
+        todo.extend(_children(node))
     return found

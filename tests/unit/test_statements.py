@@ -87,3 +87,117 @@ def test_index_contents() -> None:
     assert index.binds("C", "m") and not index.binds("C", "Z")
     assert index.statement_changed(full(BASE.replace("LIMIT = 3", "LIMIT = 4")), "", "LIMIT")
     assert not index.statement_changed(full(BASE.replace("x + LIMIT", "x - LIMIT")), "", "LIMIT")
+
+
+# Several edits at once, as in a release: each is re-read on its own, the rest is kept.
+MULTI_EDITS = {
+    "constant and method": [
+        ("LIMIT = 3", "LIMIT = 4"),
+        ("        return self.A", "        return 1"),
+    ],
+    "insert at start, change at end": [
+        ('"""Doc."""', '"""Doc."""\nFIRST = 0\n'),
+        ("    pass\n", "    pass\nLAST = 9\n"),
+    ],
+    "delete and insert": [
+        ("from json import dumps as to_json\n", ""),
+        ("        Z = 0", "        Z = 1\n        Y = 2"),
+    ],
+    "method appended at the end of a class": [
+        ("        Z = 0\n", "        Z = 0\n\n    def added(self):\n        return 2\n"),
+    ],
+    "decorator put on a def": [("\n\nclass C:", "\n\n@decorate\nclass C:")],
+    "else branch added": [
+        ("for _i in range(2):\n    pass\n", "for _i in range(2):\n    pass\nelse:\n    DONE = 1\n")
+    ],
+    "string opened in one place, closed in another": [
+        ("LIMIT = 3", 'LIMIT = """3'),
+        ("@decorator", '"""\n@decorator'),
+    ],
+    "lines swapped": [
+        (
+            "import os\nfrom json import dumps as to_json",
+            "from json import dumps as to_json\nimport os",
+        )
+    ],
+}
+
+
+def _apply(text: str, edits: list[tuple[str, str]]) -> str:
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    return text
+
+
+@pytest.mark.parametrize("edit", MULTI_EDITS)
+def test_incremental_update_of_several_edits_matches_a_full_index(edit: str) -> None:
+    edited = _apply(BASE, MULTI_EDITS[edit])
+    for old_text, new_text in ((BASE, edited), (edited, BASE)):
+        updated = full(old_text).updated(old_text, new_text)
+        expected = full(new_text)
+        assert updated is not None
+        assert updated.units == expected.units  # lines, texts, bindings and what each reads
+        assert updated.texts == expected.texts
+        assert updated.bound == expected.bound
+
+
+def test_statements_between_two_edits_are_not_read_again() -> None:
+    edited = _apply(BASE, [("LIMIT = 3", "LIMIT = 4"), ("    pass\n", "    pass\nLAST = 9\n")])
+    before = full(BASE)
+    updated = before.updated(BASE, edited)
+    assert updated is not None and updated.units == full(edited).units
+    kept = {id(u) for u in before.units}
+    # f, C and the if statement lie between the two edits: the same Unit objects, not re-read.
+    between = [u for u in updated.units if u.bound and u.bound[0][1] in {"f", "C", "FLAG"}]
+    assert len(between) == 3
+    assert all(id(u) in kept for u in between)
+
+
+def test_a_bracket_opened_in_one_edit_and_closed_in_another() -> None:
+    # The unchanged lines between the two edits move into the list: they must be read again.
+    old_text = "A = 1\nf(x),\ng(y),\nB = 2\n"
+    new_text = "A = [1,\nf(x),\ng(y),\n]\n"
+    for a, b in ((old_text, new_text), (new_text, old_text)):
+        updated = full(a).updated(a, b)
+        assert updated is not None
+        assert updated.units == full(b).units
+
+
+def test_many_scattered_edits_in_a_long_module() -> None:
+    blocks = [
+        f"def f{i}(x):\n    y = x + {i}\n    return y\n\n\nV{i} = f{i}(1)\n" for i in range(300)
+    ]
+    old_text = "\n\n".join(blocks)
+    new_blocks = list(blocks)
+    for i in range(0, 300, 7):
+        new_blocks[i] = new_blocks[i].replace(f"x + {i}", f"x * {i}\n    y += 1")
+    for i in range(3, 300, 50):
+        new_blocks[i] += "\n\nEXTRA = 1\n"
+    del new_blocks[150]
+    new_text = "\n\n".join(new_blocks)
+    updated = full(old_text).updated(old_text, new_text)
+    assert updated is not None
+    assert updated.units == full(new_text).units
+
+
+@pytest.mark.parametrize("newline", ["\r\n", "\r"])
+def test_other_line_endings(newline: str) -> None:
+    old_text = BASE.replace("\n", newline)
+    new_text = _apply(BASE, MULTI_EDITS["constant and method"]).replace("\n", newline)
+    updated = full(old_text).updated(old_text, new_text)
+    assert updated is not None
+    assert updated.units == full(new_text).units
+    assert updated.texts[""]["LIMIT"] == ("LIMIT = 4",)
+
+
+def test_lines_are_counted_as_python_counts_them() -> None:
+    # A form feed (and \x1c, \x85, \u2028) ends a line for str.splitlines, not for Python.
+    text = 'A = 1\nS = "a\x0cb\u2028c"\n\x0cB = 2\n'
+    index = full(text)
+    assert index.texts[""]["S"] == ('S = "a\x0cb\u2028c"',)
+    assert index.texts[""]["B"] == ("\x0cB = 2",)
+    assert [(u.start, u.end) for u in index.units] == [(1, 1), (2, 2), (3, 3)]
+    edited = text.replace("A = 1", "A = 2")
+    updated = index.updated(text, edited)
+    assert updated is not None and updated.units == full(edited).units
