@@ -36,8 +36,10 @@ import contextlib
 import errno
 import os
 import pwd
+import re
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from hotpatch.errors import InsecurePath
@@ -249,3 +251,28 @@ def durable_dir() -> Path:
     if not os.path.isdir(home):  # a service user's /nonexistent: never create a home
         raise FileNotFoundError(errno.ENOENT, "the home directory does not exist", home)
     return trusted_private_dir(Path(home) / ".local" / "state" / "hotpatch")
+
+
+def own_subdirs(parent: Path, pattern: re.Pattern[str]) -> Iterator[tuple[Path, re.Match[str]]]:
+    """The real directories of this uid directly in ``parent`` whose whole name matches ``pattern``.
+
+    For clean-ups of hotpatch's own leftovers: a link, a file, or anything of another uid under a
+    matching name is never yielded. Entries that vanish while listed are skipped; an unlistable
+    ``parent`` yields nothing.
+    """
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return
+    uid = os.getuid()
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None:
+            continue
+        path = parent / name
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
+            yield path, match

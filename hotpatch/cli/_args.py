@@ -1,58 +1,61 @@
 """Argument types shared by the commands: each rejects a bad value with a one-line error.
 
-argparse turns the ``ArgumentTypeError`` into ``hotpatch CMD: error: argument --x: <message>`` and
-exit code 2, before anything runs.
+``Parser`` turns the ``ArgumentTypeError`` into ``hotpatch CMD: error: argument --x: <message>``
+on one line and exit code 2, before anything runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from typing import NoReturn
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
+
+N = TypeVar("N", int, float)
+
+
+def _number(
+    text: str, convert: Callable[[str], N], what: str, is_valid: Callable[[N], bool], rule: str
+) -> N:
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if not is_valid(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}, not {text.strip()}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """A whole number of at least 1 (a count: clients, workers)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+    return _number(text, int, "a whole number", lambda v: v >= 1, "at least 1")
 
 
 def pid(text: str) -> int:
     """A process id: a whole number of at least 1 (0 and negatives name process groups)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a process id: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive process id, not {value}")
-    return value
+    return _number(text, int, "a process id", lambda v: v >= 1, "a positive process id")
 
 
 def seconds(text: str) -> float:
     """A duration in seconds: finite and greater than 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
-    return value
+    return _number(
+        text,
+        float,
+        "a number of seconds",
+        lambda v: math.isfinite(v) and v > 0,
+        "a positive number of seconds",
+    )
 
 
 def wait_seconds(text: str) -> float:
     """How long to wait, in seconds: finite and at least 0 (0: do not wait)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number of seconds, not {text}")
-    return value
+    return _number(
+        text,
+        float,
+        "a number of seconds",
+        lambda v: math.isfinite(v) and v >= 0,
+        "a non-negative number of seconds",
+    )
 
 
 class Parser(argparse.ArgumentParser):

@@ -47,7 +47,13 @@ from hotpatch.gunicorn._fileset import (
     show_path,
     walk,
 )
-from hotpatch.rundir import durable_dir, private_dir, runtime_dir, trusted_private_dir
+from hotpatch.rundir import (
+    durable_dir,
+    own_subdirs,
+    private_dir,
+    runtime_dir,
+    trusted_private_dir,
+)
 
 MAX_FILES = 20_000
 MAX_BYTES = 500 * 1024 * 1024
@@ -385,28 +391,15 @@ def remove_stale(root: Path, *, keep: Path | None = None) -> list[str]:
     ``master_releases_dir`` names them are considered; anything else in ``root`` is left alone.
     """
     removed: list[str] = []
-    uid = os.getuid()
-    try:
-        names = sorted(os.listdir(root))
-    except OSError:
-        return removed
-    for name in names:
-        match = _MASTER_DIR.match(name)
-        path = root / name
-        if match is None or (keep is not None and path == keep):
-            continue
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+    for path, match in own_subdirs(root, _MASTER_DIR):
+        if keep is not None and path == keep:
             continue
         pid, boot, start = int(match[1]), match[2], match[3]
         if process_stamp(pid) == f"{boot}-{start}":
             continue  # that master is alive
         with contextlib.suppress(OSError):
             _remove_tree(path)
-            removed.append(name)
+            removed.append(path.name)
     return removed
 
 

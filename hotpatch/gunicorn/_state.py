@@ -44,12 +44,18 @@ import os
 import re
 import shutil
 import signal
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hotpatch.rundir import check_private_dir, private_dir, read_private, runtime_dir, write_private
+from hotpatch.rundir import (
+    check_private_dir,
+    own_subdirs,
+    private_dir,
+    read_private,
+    runtime_dir,
+    write_private,
+)
 
 WAKE_SIGNAL = signal.SIGURG
 """Ignored by default, unused by gunicorn: the kernel sends it to the master when a report arrives."""
@@ -139,21 +145,8 @@ def remove_stale_state_dirs(parent: Path, *, keep: Path) -> list[str]:
     no process has that pid. Links are never followed (``rmtree`` works on descriptors).
     """
     removed: list[str] = []
-    uid = os.getuid()
-    try:
-        names = sorted(os.listdir(parent))
-    except OSError:
-        return removed
-    for name in names:
-        match = _STATE_DIR_NAME.fullmatch(name)
-        path = parent / name
-        if match is None or path == keep:
-            continue
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+    for path, match in own_subdirs(parent, _STATE_DIR_NAME):
+        if path == keep:
             continue
         pid = int(match[1])
         try:
@@ -170,7 +163,7 @@ def remove_stale_state_dirs(parent: Path, *, keep: Path) -> list[str]:
             shutil.rmtree(path)
         except OSError:
             continue
-        removed.append(name)
+        removed.append(path.name)
     return removed
 
 

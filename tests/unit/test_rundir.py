@@ -198,3 +198,20 @@ def test_a_shared_directory_is_never_advised_to_be_chmodded(
         runtime_dir()
     assert "chmod" not in str(refused.value)
     assert mode_of(shared) == 0o1777
+
+
+def test_own_subdirs_yields_only_real_directories_of_this_uid(tmp_path: Path) -> None:
+    import re
+
+    from hotpatch.rundir import own_subdirs
+
+    (tmp_path / "gunicorn-1").mkdir()
+    (tmp_path / "gunicorn-2").write_text("a file")
+    (tmp_path / "gunicorn-3").symlink_to(tmp_path / "gunicorn-1")
+    (tmp_path / "other-4").mkdir()
+    if os.getuid() == 0:
+        (tmp_path / "gunicorn-5").mkdir()
+        os.chown(tmp_path / "gunicorn-5", NOBODY, NOBODY)
+    found = [(p.name, m[1]) for p, m in own_subdirs(tmp_path, re.compile(r"gunicorn-(\d+)"))]
+    assert found == [("gunicorn-1", "1")]
+    assert list(own_subdirs(tmp_path / "missing", re.compile(".*"))) == []
