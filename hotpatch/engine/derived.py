@@ -144,12 +144,8 @@ def _taint_callers(
     imported: set[str] = set()  # local names bound to changed names of other modules
     for unit in units:
         for ref in unit.reads.imports:
-            source = resolve(ref, package)
+            source = _from_source(ref, package, aliases)
             if source is None:
-                continue
-            if not ref.is_from:
-                local = ref.asname or ref.name.partition(".")[0]
-                aliases[local] = ref.name if ref.asname else local
                 continue
             change = changed.get(source)
             if change is not None and ref.name in change.names:
@@ -190,6 +186,21 @@ def resolve(ref: ImportRef, package: str) -> str | None:
     if ref.module:
         base.append(ref.module)
     return ".".join(base) or None
+
+
+def _from_source(ref: ImportRef, package: str, aliases: dict[str, str]) -> str | None:
+    """The module a ``from`` import reads; a plain ``import`` is recorded in ``aliases`` instead.
+
+    Returns ``None`` for a plain import and for an import that does not resolve.
+    """
+    source = resolve(ref, package)
+    if source is None:
+        return None
+    if not ref.is_from:
+        local = ref.asname or ref.name.partition(".")[0]
+        aliases[local] = ref.name if ref.asname else local
+        return None
+    return source
 
 
 def derive(
@@ -252,12 +263,8 @@ def derive(
         why_soft: list[str] = []
         star_names: set[str] = set()
         for ref in reads.imports:
-            source = resolve(ref, package)
+            source = _from_source(ref, package, aliases)
             if source is None:
-                continue
-            if not ref.is_from:
-                local = ref.asname or ref.name.partition(".")[0]
-                aliases[local] = ref.name if ref.asname else local
                 continue
             change = changed.get(source)
             if ref.name == "*":
