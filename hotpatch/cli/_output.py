@@ -28,6 +28,7 @@ LEVELS = ("debug", "info", "warning", "error")
 
 _json = False
 _rendered: frozenset[str] = frozenset()
+_watchdog_handler: logging.Handler | None = None
 
 
 def resolve_format(log_format: str, stream: TextIO) -> str:
@@ -61,23 +62,53 @@ def configure_logging(
     resolved = resolve_format(log_format, stream)
     _json = resolved == "json"
     _rendered = frozenset(renders)
-    processors: list[structlog.typing.Processor] = [
-        structlog.contextvars.merge_contextvars,
-        _drop_rendered,
+    stamp: list[structlog.typing.Processor] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    render: list[structlog.typing.Processor]
     if _json:
-        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        render = [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=use_color(stream)))
+        render = [structlog.dev.ConsoleRenderer(colors=use_color(stream))]
     structlog.configure(
-        processors=processors,
+        processors=[structlog.contextvars.merge_contextvars, _drop_rendered, *stamp, *render],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    _render_watchdog(stream, level, [structlog.stdlib.add_logger_name, *stamp], render)
     return resolved
+
+
+def _render_watchdog(
+    stream: TextIO,
+    level: str,
+    stamp: list[structlog.typing.Processor],
+    render: list[structlog.typing.Processor],
+) -> None:
+    """watchdog (the observer of ``hotpatch run`` and ``watch``) logs through the standard library.
+
+    With no handler anywhere its records reached standard error raw, through logging's last
+    resort, and a ``--log-format json`` stream had lines that were not JSON. Its records are now
+    rendered like hotpatch's own events, by one handler on the ``watchdog`` logger, which stops
+    them there (the program's own root handlers, if it configures any, would print them again).
+    """
+    global _watchdog_handler
+    watchdog_log = logging.getLogger("watchdog")
+    if _watchdog_handler is not None:
+        watchdog_log.removeHandler(_watchdog_handler)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=stamp,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
+        )
+    )
+    handler.setLevel(logging.getLevelName(level.upper()))
+    watchdog_log.addHandler(handler)
+    watchdog_log.propagate = False
+    _watchdog_handler = handler
 
 
 def is_json() -> bool:

@@ -191,10 +191,12 @@ while helper.f() != 2:
 """
 
 
-def run_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+def run_cli(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, prelude: str = ""
+) -> tuple[int, str]:
     """``hotpatch run ... prog.py`` on a program that waits for one patch; (exit code, stderr)."""
     (tmp_path / "helper.py").write_text("def f():\n    return 1\n", encoding="utf-8")
-    (tmp_path / "prog.py").write_text(RUN_PROGRAM, encoding="utf-8")
+    (tmp_path / "prog.py").write_text(prelude + RUN_PROGRAM, encoding="utf-8")
     done = subprocess.run(
         [sys.executable, "-m", "hotpatch", *args, "prog.py"],
         capture_output=True,
@@ -221,6 +223,26 @@ def test_cli_json_every_event_line_is_json_and_printed_once(
     assert names.count("watch.change_applied") == 1, names
     assert names.count("patch.applied") == 1, names
     assert names[0] == "watch.started" and names[-1] == "watch.stopped", names
+
+
+def test_cli_json_renders_watchdogs_own_records_as_json(tmp_path: Path) -> None:
+    """watchdog logs through the standard library (an inotify queue overflow, say); with nothing
+    configured those lines reached standard error raw, in the middle of the JSON stream."""
+    _, stderr = run_cli(
+        tmp_path,
+        "--log-format",
+        "json",
+        "run",
+        prelude=(
+            "import logging\n"
+            "logging.getLogger('watchdog.observers.inotify').warning('Inotify queue overflowed')\n"
+        ),
+    )
+    events = [json.loads(line) for line in stderr.splitlines()]
+    overflow = [e for e in events if e["event"] == "Inotify queue overflowed"]
+    assert len(overflow) == 1, events
+    assert overflow[0]["level"] == "warning", overflow
+    assert overflow[0]["logger"] == "watchdog.observers.inotify", overflow
 
 
 def test_cli_log_level_after_the_subcommand(tmp_path: Path) -> None:
