@@ -23,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "rundir": {"errors"},
     "health": set(),
     "judge": set(),
+    "routing": set(),
     "_version": set(),
     "engine": {"errors"},
     "watch": {"engine", "errors"},
