@@ -24,6 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "health": set(),
     "_version": set(),
     "engine": {"errors"},
+    "check": {"engine", "errors"},
     "watch": {"engine", "errors"},
     "control": {"engine", "errors", "rundir"},
     "gunicorn": {"errors", "health", "rundir", "watch"},
@@ -38,6 +39,7 @@ ALLOWED: dict[str, set[str]] = {
         "demo",
         "rundir",
         "_version",
+        "check",
     },
 }
 
