@@ -20,7 +20,10 @@ is thrown away). Each module gets a verdict: ``hot-patchable``, ``needs-reload``
 at ``compatibility`` or ``safepoint``: a removed public name, a changed class layout, derived state
 it cannot redo), ``refused`` (the new code itself fails: ``load``, ``compile``, ``execute``,
 ``verify``, ``health``) or ``unknown`` (the base does not import, the deadline passed, the
-subprocess died, or the module was guarded in one change set with a module that was refused).
+subprocess died, or the module imports one that was refused). All or nothing means one refusal
+names one module: so the refused module is set aside with the modules that import it (directly or
+through the change; they cannot be guarded without it: ``unknown``), and the rest is guarded again,
+until a set is accepted or nothing is left; a verdict reached that way says what was set aside.
 New modules are imported after the patch (``new`` when they import, else ``refused``); a deleted
 module ``needs-reload`` (a running process keeps it loaded; only a restart drops it).
 
@@ -66,6 +69,7 @@ _PHRASES = {"needs-reload": "needs a rolling reload", "refused": "was refused"}
 
 DEFAULT_TIMEOUT_S = 120.0
 MAX_FILE_BYTES = 64 * 1024 * 1024  # one changed file copied into the temporary tree
+MAX_OVERLAY_BYTES = 512 * 1024 * 1024  # all of them
 MAX_EVENTS_BYTES = 16 * 1024 * 1024  # everything the subprocess may report
 MAX_REASON_CHARS = 2000
 _GIT_TIMEOUT_S = 120.0
@@ -445,12 +449,19 @@ def check(
 def _plan(root: str, roots: Sequence[str], changes: Iterable[FileChange]) -> _Plan:
     plan = _Plan()
     taken: dict[str, str] = {}
+    total = 0
     for ch in changes:
         if ch.change == "deleted":
             plan.overlay.append((ch.raw, None))
         else:
             try:
-                plan.overlay.append((ch.raw, read_work_file(root, ch.raw)))
+                data = read_work_file(root, ch.raw)
+                total += len(data)
+                if total > MAX_OVERLAY_BYTES:
+                    raise OSError(
+                        errno.EFBIG, f"the changed files exceed {MAX_OVERLAY_BYTES} bytes"
+                    )
+                plan.overlay.append((ch.raw, data))
             except OSError as exc:
                 why = "a symbolic link" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
                 plan.skipped.append(Skipped(ch.path, f"not checked: cannot read it safely ({why})"))
@@ -624,10 +635,12 @@ class _ChildRun:
                 line, buffer = buffer.split(b"\n", 1)
                 try:
                     event = json.loads(line)
-                except ValueError:
+                    if not isinstance(event, dict):
+                        raise TypeError(type(event).__name__)
+                    if self._on_event(event, control_w):
+                        return
+                except (ValueError, TypeError, KeyError, AttributeError):
                     self._died(proc, "sent a malformed report")
-                    return
-                if self._on_event(event, control_w):
                     return
 
     def _on_event(self, event: dict[str, Any], control_w: int) -> bool:
@@ -654,7 +667,8 @@ class _ChildRun:
                     raise CheckError(
                         f"cannot write {os.fsdecode(raw)!r} into the temporary tree: {exc}"
                     ) from None
-            os.write(control_w, b"go\n")
+            with contextlib.suppress(BrokenPipeError):  # it died: the report pipe says so next
+                os.write(control_w, b"go\n")
         elif kind == "guarding":
             mods = [str(m) for m in event.get("modules", [])]
             self.doing, self.doing_modules = f"guarding {', '.join(mods)}", mods
@@ -792,14 +806,14 @@ def _child_main() -> None:  # pragma: no cover - runs in the check subprocess
     def emit(**event: object) -> None:
         os.write(events_fd, json.dumps(event, default=str).encode("ascii") + b"\n")
 
-    from hotpatch.engine import Engine
+    from hotpatch.engine import default_engine
     from hotpatch.errors import PatchRejected
 
     job = json.loads(control.readline())
     sys.path[:0] = job["roots"]
     sys.dont_write_bytecode = True
     tree = os.path.realpath(job["tree"]) + os.sep
-    engine = Engine()
+    engine = default_engine()  # the one the project's own verifiers and health checks join
     imported: list[str] = []
     for name in job["guard"]:
         emit(event="importing", module=name)

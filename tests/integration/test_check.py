@@ -220,6 +220,32 @@ def test_staged_and_unstaged_changes_both_count(repo: Repo) -> None:
     assert report.exit_code == 1
 
 
+def test_the_projects_own_verifiers_run(repo: Repo) -> None:
+    """A verifier the app registers at import (``hotpatch.verifier``) guards the candidate here
+    as it does in the app's process: the check uses the same default engine."""
+    repo.write(
+        "app/guards.py",
+        """\
+        import hotpatch
+
+        import app.calc
+
+        @hotpatch.verifier("app.calc")
+        def adds_up(candidate):
+            assert candidate.add(2, 2) == 4, "add(2, 2) must be 4"
+        """,
+    )
+    repo.write("app/calc.py", "import app.guards\n\ndef add(a, b):\n    return a + b\n")
+    repo.write("app/__init__.py", "")
+    repo.commit("guards")
+    repo.write("app/calc.py", "import app.guards\n\ndef add(a, b):\n    return a * b + 1\n")
+    code, report = repo.json()
+    (module,) = report["modules"]
+    assert code == 1
+    assert (module["verdict"], module["stage"]) == ("refused", "verify")
+    assert "add(2, 2) must be 4" in module["reason"]
+
+
 # -- several modules: one change set -------------------------------------------------------------
 def test_modules_are_guarded_together_in_dependency_order(repo: Repo) -> None:
     """calc's new version imports a name that exists only in shapes' new version (and in a new
