@@ -425,7 +425,9 @@ def check(
     cwd = os.path.abspath(cwd or os.getcwd())
     root, commit = resolve_base(cwd, base)
     roots = import_roots(root)
-    plan = _plan(root, roots, changed_files(root, commit, paths, cwd=cwd))
+    everything = changed_files(root, commit, (), cwd=cwd)  # the files a deploy would write
+    selected = changed_files(root, commit, paths, cwd=cwd) if paths else everything
+    plan = _plan(root, roots, selected, everything)
     clog = log.bind(base=base, commit=commit[:12])
     clog.info(
         "check.started",
@@ -446,26 +448,34 @@ def check(
     return report
 
 
-def _plan(root: str, roots: Sequence[str], changes: Iterable[FileChange]) -> _Plan:
+def _plan(
+    root: str,
+    roots: Sequence[str],
+    selected: Iterable[FileChange],
+    everything: Iterable[FileChange],
+) -> _Plan:
+    """Which modules to guard; the overlay holds every changed file, selected by PATH or not."""
     plan = _Plan()
-    taken: dict[str, str] = {}
+    unreadable: dict[bytes, str] = {}
     total = 0
-    for ch in changes:
+    for ch in everything:
         if ch.change == "deleted":
             plan.overlay.append((ch.raw, None))
-        else:
-            try:
-                data = read_work_file(root, ch.raw)
-                total += len(data)
-                if total > MAX_OVERLAY_BYTES:
-                    raise OSError(
-                        errno.EFBIG, f"the changed files exceed {MAX_OVERLAY_BYTES} bytes"
-                    )
-                plan.overlay.append((ch.raw, data))
-            except OSError as exc:
-                why = "a symbolic link" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
-                plan.skipped.append(Skipped(ch.path, f"not checked: cannot read it safely ({why})"))
-                continue
+            continue
+        try:
+            data = read_work_file(root, ch.raw)
+            total += len(data)
+            if total > MAX_OVERLAY_BYTES:
+                raise OSError(errno.EFBIG, f"the changed files exceed {MAX_OVERLAY_BYTES} bytes")
+            plan.overlay.append((ch.raw, data))
+        except OSError as exc:
+            why = "a symbolic link" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
+            unreadable[ch.raw] = f"not checked: cannot read it safely ({why})"
+    taken: dict[str, str] = {}
+    for ch in selected:
+        if ch.change != "deleted" and ch.raw in unreadable:
+            plan.skipped.append(Skipped(ch.path, unreadable[ch.raw]))
+            continue
         name, why = module_for(ch.path, roots)
         if name is None:
             plan.skipped.append(Skipped(ch.path, why))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 
 from hotpatch.check import CheckReport, check
+from hotpatch.cli import build_parser
 from hotpatch.cli._check import render
 
 pytestmark = pytest.mark.timeout(240)
@@ -385,6 +388,22 @@ def test_path_arguments_limit_the_check_and_are_literal(repo: Repo) -> None:
     assert [m["path"] for m in json.loads(done.stdout)["modules"]] == ["app/calc.py"]
 
 
+def test_files_outside_the_path_arguments_still_reach_the_candidate(repo: Repo) -> None:
+    """PATH limits the verdicts, not the files: a new module the checked one imports is there,
+    as it is on a server after a deploy."""
+    repo.write("app/helpers.py", "def twice(x):\n    return x + x\n")
+    repo.write(
+        "app/calc.py",
+        "from app.helpers import twice\n\ndef add(a, b):\n    return a + b\n\n"
+        "def double(x):\n    return twice(x)\n",
+    )
+    code, report = repo.json("app/calc.py")
+    assert [(m["path"], m["verdict"]) for m in report["modules"]] == [
+        ("app/calc.py", "hot-patchable")
+    ], report
+    assert code == 0
+
+
 # -- the base ------------------------------------------------------------------------------------
 def test_base_ref_selects_the_version_servers_run(repo: Repo) -> None:
     path = repo.root / "app/shapes.py"
@@ -446,6 +465,72 @@ def test_a_module_that_hangs_is_unknown_at_the_deadline_and_its_process_is_gone(
     pid = int(pidfile.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_the_temporary_tree_is_private_and_removed(repo: Repo, tmp_path: Path) -> None:
+    """The base tree lives in a 0700 directory of its own, gone after the check, hang or not."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    modes = tmp_path / "modes"
+    repo.write(
+        "app/calc.py",
+        f"import os, stat, sys\nhere = os.path.dirname(os.path.dirname(__file__))\n"
+        f"open({str(modes)!r}, 'w').write(oct(stat.S_IMODE(os.stat(os.path.dirname(here))"
+        ".st_mode)))\ndef add(a, b):\n    return a + b\n",
+    )
+    repo.commit("records the mode of its tree")
+    repo.write("app/calc.py", (repo.root / "app/calc.py").read_text().replace("a + b", "b + a"))
+    done = repo.cli(env={**os.environ, "TMPDIR": str(tmp)})
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert modes.read_text() == "0o700"
+    assert list(tmp.iterdir()) == []
+
+
+# -- the documentation's session is true -------------------------------------------------------
+def test_the_session_in_docs_ci_md_prints_what_it_shows(tmp_path: Path) -> None:
+    text = (Path(__file__).parents[2] / "docs/ci.md").read_text(encoding="utf-8")
+    block = text.split("```console\n", 1)[1].split("```", 1)[0]
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+    }
+    script, expected = [], []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            script.append(line[2:])
+        else:
+            expected.append(line)
+    done = subprocess.run(
+        ["bash", "-c", "\n".join(script)],  # one shell: the session's cd holds
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # the JSON log events (not a terminal)
+        text=True,
+        timeout=200,
+        env=env,
+        check=False,
+    )
+
+    def masked(lines: list[str]) -> list[str]:
+        return [re.sub(r"\(([0-9a-f]{12})\)", "(<commit>)", line) for line in lines]
+
+    assert masked(done.stdout.splitlines()) == masked(expected)
+
+
+def test_the_ci_job_in_docs_ci_md_runs_options_that_exist() -> None:
+    text = (Path(__file__).parents[2] / "docs/ci.md").read_text(encoding="utf-8")
+    job = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (line,) = [ln for ln in job.splitlines() if "hotpatch check --" in ln]
+    words = shlex.split(line.split(">", 1)[0].replace('"$BASE"', "origin/main"))
+    assert words[:2] == ["hotpatch", "check"]
+    args = build_parser().parse_args(words[1:])
+    assert (args.command, args.base, args.paths) == ("check", "origin/main", ["src/"])
+    assert "pull_request_target" not in job.replace("never pull_request_target", "")
 
 
 # -- usage and environment errors: exit 2 -----------------------------------------------------------
