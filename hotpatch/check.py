@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
 from hotpatch._log import get_logger
+from hotpatch.engine.arguments import check_seconds
 from hotpatch.errors import HotpatchError
 
 log = get_logger(__name__)
@@ -421,7 +422,12 @@ def check(
 
     Raises:
         CheckError: not a git work tree, unknown ref, git missing, the base cannot be written.
+        ConfigError: ``timeout_s`` is not a positive number of seconds.
+        TypeError: ``paths`` is a single string instead of a sequence of them.
     """
+    timeout_s = check_seconds("timeout_s", timeout_s, allow_zero=False)
+    if isinstance(paths, str | bytes) or not all(isinstance(p, str) for p in paths):
+        raise TypeError("check(paths) takes a sequence of path strings")
     cwd = os.path.abspath(cwd or os.getcwd())
     root, commit = resolve_base(cwd, base)
     roots = import_roots(root)
@@ -605,8 +611,13 @@ class _ChildRun:
             os.close(events_w)
             os.close(control_r)
             events_w = control_r = -1
-            job = {"roots": self.roots, "tree": self.tree, "guard": list(self.plan.guard)}
-            job["new"] = list(self.plan.new)
+            job: dict[str, object] = {
+                "roots": self.roots,
+                "tree": self.tree,
+                "guard": list(self.plan.guard),
+                "new": list(self.plan.new),
+                "exit_after_s": self.timeout_s + 30,  # orphaned (we were killed): it ends anyway
+            }
             with contextlib.suppress(BrokenPipeError):  # it died: its exit says why, below
                 os.write(control_w, json.dumps(job).encode() + b"\n")
             self._read_events(proc, events_r, control_w)
@@ -820,6 +831,11 @@ def _child_main() -> None:  # pragma: no cover - runs in the check subprocess
     from hotpatch.errors import PatchRejected
 
     job = json.loads(control.readline())
+    import threading  # a last resort if the parent was killed while project code hangs here
+
+    ender = threading.Timer(float(job["exit_after_s"]), os._exit, args=(124,))
+    ender.daemon = True
+    ender.start()
     sys.path[:0] = job["roots"]
     sys.dont_write_bytecode = True
     tree = os.path.realpath(job["tree"]) + os.sep
