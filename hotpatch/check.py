@@ -638,7 +638,7 @@ class _ChildRun:
             if remaining <= 0:
                 self._undecided(
                     "deadline",
-                    f"unknown: still running after {self.timeout_s:g} s while {self.doing} "
+                    f"still running after {self.timeout_s:g} s while {self.doing} "
                     "(the check process was stopped)",
                     "not reached before the deadline",
                 )
@@ -781,7 +781,7 @@ class _ChildRun:
         status = "is still running" if code is None else f"exited with code {code}"
         self._undecided(
             "process",
-            f"unknown: the check process {what} and {status} while {self.doing}{last}",
+            f"the check process {what} and {status} while {self.doing}{last}",
             f"the check process {what} before deciding it",
         )
 

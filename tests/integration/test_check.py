@@ -249,6 +249,23 @@ def test_the_projects_own_verifiers_run(repo: Repo) -> None:
     assert "add(2, 2) must be 4" in module["reason"]
 
 
+def test_the_modules_own_health_check_runs_after_the_commit_in_the_check_process(
+    repo: Repo,
+) -> None:
+    """Documented in docs/ci.md: the check commits in its throwaway process, so a module's
+    ``__hotpatch_health__`` runs there, and a failure refuses the change at ``health``."""
+    repo.write(
+        "app/calc.py",
+        "def add(a, b):\n    return a - b\n\ndef double(x):\n    return 2 * x\n\n"
+        "def __hotpatch_health__():\n    assert add(2, 2) == 4, 'add is broken'\n",
+    )
+    code, report = repo.json()
+    (module,) = report["modules"]
+    assert code == 1
+    assert (module["verdict"], module["stage"]) == ("refused", "health")
+    assert "add is broken" in module["reason"]
+
+
 # -- several modules: one change set -------------------------------------------------------------
 def test_modules_are_guarded_together_in_dependency_order(repo: Repo) -> None:
     """calc's new version imports a name that exists only in shapes' new version (and in a new
