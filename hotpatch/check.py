@@ -431,6 +431,7 @@ def check(
     cwd = os.path.abspath(cwd or os.getcwd())
     root, commit = resolve_base(cwd, base)
     roots = import_roots(root)
+    _check_paths(root, commit, paths, cwd=cwd)
     everything = changed_files(root, commit, (), cwd=cwd)  # the files a deploy would write
     selected = changed_files(root, commit, paths, cwd=cwd) if paths else everything
     plan = _plan(root, roots, selected, everything)
@@ -452,6 +453,22 @@ def check(
     )
     clog.info("check.completed", verdict=report.verdict, modules=len(report.modules))
     return report
+
+
+def _check_paths(root: str, commit: str, paths: Sequence[str], *, cwd: str) -> None:
+    """Every PATH names something in the work tree or the base: a typo must not read as a pass."""
+    for path in paths:
+        full = os.path.normpath(os.path.join(cwd, path))
+        if os.path.lexists(full):
+            continue
+        relative = os.path.relpath(full, root)
+        if relative != ".." and not relative.startswith(".." + os.sep):
+            try:
+                _git(["cat-file", "-e", f"{commit}:{relative}"], cwd=root, what="")
+                continue
+            except CheckError:
+                pass
+        raise CheckError(f"{path}: no such file or directory in the work tree or in the base")
 
 
 def _plan(

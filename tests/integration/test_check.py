@@ -390,9 +390,11 @@ def test_path_arguments_limit_the_check_and_are_literal(repo: Repo) -> None:
     code, report = repo.json("app/calc.py")
     assert code == 0
     assert [m["path"] for m in report["modules"]] == ["app/calc.py"]
-    # A pathspec with git's magic syntax is a file name here, not "everything but calc.py".
-    code, report = repo.json(":(exclude)app/calc.py")
+    # A pathspec with git's magic syntax is a file name here, not "everything but x.py".
+    repo.write(":(exclude)x.py", "X = 1\n")
+    code, report = repo.json(":(exclude)x.py")
     assert (code, report["modules"]) == (0, [])
+    assert [s["path"] for s in report["skipped"]] == [":(exclude)x.py"]
     # From a subdirectory, paths are relative to it; the report's paths to the root.
     done = subprocess.run(
         [sys.executable, "-m", "hotpatch", "check", "--json", "calc.py"],
@@ -419,6 +421,17 @@ def test_files_outside_the_path_arguments_still_reach_the_candidate(repo: Repo) 
         ("app/calc.py", "hot-patchable")
     ], report
     assert code == 0
+
+
+def test_a_path_argument_that_names_nothing_is_an_error_not_a_pass(repo: Repo) -> None:
+    repo.write("app/calc.py", "def add(a, b):\n    return b - a\n")
+    done = repo.cli("ap/calc.py")  # a typo: "nothing changed, exit 0" would be a false pass
+    assert done.returncode == 2
+    assert "ap/calc.py: no such file or directory in the work tree or in the base" in done.stderr
+    # A path that exists only in the base (deleted in the work tree) is a real selection.
+    (repo.root / "app/shapes.py").unlink()
+    code, report = repo.json("app/shapes.py")
+    assert (code, [m["change"] for m in report["modules"]]) == (1, ["deleted"])
 
 
 # -- the base ------------------------------------------------------------------------------------
