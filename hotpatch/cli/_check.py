@@ -8,7 +8,8 @@ Exit codes:
 
 - 0: every changed module is hot-patchable (or new), or nothing changed;
 - 1: some module needs a rolling reload, is refused, or its verdict is unknown;
-- 2: usage or environment error (not a git work tree, unknown ref, git missing).
+- 2: usage or environment error (not a git work tree, unknown ref, a PATH that names nothing,
+  git missing).
 """
 
 from __future__ import annotations
