@@ -74,6 +74,7 @@ MAX_OVERLAY_BYTES = 512 * 1024 * 1024  # all of them
 MAX_EVENTS_BYTES = 16 * 1024 * 1024  # everything the subprocess may report
 MAX_REASON_CHARS = 2000
 _GIT_TIMEOUT_S = 120.0
+ORPHAN_MARGIN_S = 10.0  # the subprocess ends itself this long after the deadline (parent gone)
 _CHILD_BOOT = (
     "import sys; sys.path[:] = [p for p in sys.path if p]; "
     "from hotpatch.check import _child_main; _child_main()"
@@ -633,7 +634,7 @@ class _ChildRun:
                 "tree": self.tree,
                 "guard": list(self.plan.guard),
                 "new": list(self.plan.new),
-                "exit_after_s": self.timeout_s + 30,  # orphaned (we were killed): it ends anyway
+                "exit_after_s": self.timeout_s + ORPHAN_MARGIN_S,  # orphaned: it ends anyway
             }
             with contextlib.suppress(BrokenPipeError):  # it died: its exit says why, below
                 os.write(control_w, json.dumps(job).encode() + b"\n")

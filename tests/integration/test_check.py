@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ import pytest
 from hotpatch.check import CheckReport, check
 from hotpatch.cli import build_parser
 from hotpatch.cli._check import render
+from hotpatch.demo.harness import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -495,6 +497,51 @@ def test_a_module_that_hangs_is_unknown_at_the_deadline_and_its_process_is_gone(
     pid = int(pidfile.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait for a reaper that never comes)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_the_check_process_ends_itself_when_its_parent_is_killed(
+    repo: Repo, tmp_path: Path
+) -> None:
+    """hotpatch check killed (SIGKILL, no cleanup) while the base hangs at import: the check
+    process does not hang forever as an orphan; it ends after the deadline and a margin."""
+    pidfile = tmp_path / "pid"
+    repo.write(
+        "app/calc.py",
+        f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+        "while True:\n    time.sleep(0.1)\n",
+    )
+    repo.commit("hangs")
+    repo.write("app/calc.py", "def add(a, b):\n    return a + b\n")
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "hotpatch", "check", "--timeout", "2"],
+        cwd=repo.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(
+            lambda: pidfile.exists() and pidfile.read_text(), timeout_s=60, what="the base hangs"
+        )
+        cli.kill()
+        cli.wait(timeout=30)
+        pid = int(pidfile.read_text())
+        assert is_running(pid)  # the parent is gone, the check process is not (yet)
+        wait_until(lambda: not is_running(pid), timeout_s=60, what="the orphan ends itself")
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(timeout=30)
+        if pidfile.exists() and pidfile.read_text() and is_running(int(pidfile.read_text())):
+            os.killpg(int(pidfile.read_text()), signal.SIGKILL)  # the session this test started
 
 
 def test_the_temporary_tree_is_private_and_removed(repo: Repo, tmp_path: Path) -> None:
