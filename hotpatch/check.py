@@ -1,4 +1,4 @@
-"""``hotpatch check``: is the change between a git ref and the work tree hot-patchable, without a server?
+"""``hotpatch check``: is a git diff hot-patchable? Decided without a server, by the engine itself.
 
 A CI job wants to know, for a pull request, whether its change can ship as an in-place hot patch or
 needs a rolling reload, before any server sees it. The only trustworthy answer is the engine's own:
@@ -558,7 +558,7 @@ def _run_subprocess(
 
 
 class _ChildRun:
-    """One subprocess: base imports, then the overlay, then the guard; events read with a deadline."""
+    """One subprocess: base imports, the overlay, the guard; its reports read with a deadline."""
 
     def __init__(
         self,
@@ -737,8 +737,8 @@ class _ChildRun:
                     m,
                     "unknown",
                     "guard",
-                    f"not decided: it imports {by} (directly or through other changed modules), which "
-                    f"{phrase}: it cannot be guarded without it",
+                    f"not decided: it imports {by} (directly or through other changed "
+                    f"modules), which {phrase}: it cannot be guarded without it",
                 )
         elif kind == "guard_error":
             for m in self.doing_modules:
