@@ -26,6 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "routing": set(),
     "_version": set(),
     "engine": {"errors"},
+    "check": {"engine", "errors"},
     "watch": {"engine", "errors"},
     "control": {"engine", "errors", "rundir"},
     "gunicorn": {"errors", "health", "judge", "rundir", "watch"},
@@ -41,6 +42,7 @@ ALLOWED: dict[str, set[str]] = {
         "judge",
         "rundir",
         "_version",
+        "check",
     },
 }
 
