@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "engine": {"errors"},
     "watch": {"engine", "errors"},
     "control": {"engine", "errors", "rundir"},
-    "gunicorn": {"errors", "health", "rundir", "watch"},
+    "gunicorn": {"errors", "health", "rundir", "watch", "control"},
     "demo": {"engine", "errors", "health", "watch", "control", "gunicorn", "rundir"},
     "cli": {
         "engine",
