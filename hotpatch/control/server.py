@@ -274,19 +274,26 @@ def _send(conn: socket.socket, message: dict[str, Any]) -> None:
     conn.sendall(encode_line(message), socket.MSG_NOSIGNAL)
 
 
-def _read_line(conn: socket.socket, max_bytes: int, deadline: float) -> bytes | None:
+def _read_line(
+    conn: socket.socket, max_bytes: int, deadline: float, buffer: bytearray | None = None
+) -> bytes | None:
     """One request line without its newline; ``None`` when the client sent nothing at all.
+
+    ``buffer`` keeps what arrived after the line (a deploy session's next step sent early).
 
     Raises:
         BadRequest: longer than ``max_bytes``, cut short, or not complete before ``deadline``.
     """
-    buffer = bytearray()
+    if buffer is None:
+        buffer = bytearray()
     while True:
         newline = buffer.find(b"\n")
         if newline >= 0:
             if newline > max_bytes:
                 break
-            return bytes(buffer[:newline])
+            line = bytes(buffer[:newline])
+            del buffer[: newline + 1]
+            return line
         if len(buffer) > max_bytes:
             break
         remaining = deadline - time.monotonic()
@@ -444,8 +451,9 @@ class Listener:
                 f"(only uid {uid} and root may)",
                 kind="permission",
             )
+        pending = bytearray()
         try:
-            line = _read_line(conn, MAX_REQUEST_BYTES, time.monotonic() + READ_TIMEOUT_S)
+            line = _read_line(conn, MAX_REQUEST_BYTES, time.monotonic() + READ_TIMEOUT_S, pending)
             if line is None:
                 return None  # a probe: connected and left
             request = parse_request(line)
@@ -484,16 +492,18 @@ class Listener:
                 return None
             rlog.info("control.request_started")
             if request.action == "deploy":
-                return self._deploy(conn, request)
+                return self._deploy(conn, request, pending)
             return self._answer(request)
         finally:
             self._work.release()
 
-    def _deploy(self, conn: socket.socket, request: Request) -> dict[str, Any] | None:
+    def _deploy(
+        self, conn: socket.socket, request: Request, pending: bytearray
+    ) -> dict[str, Any] | None:
         assert self.release is not None
         try:
             return run_session(
-                _Connection(conn),
+                _Connection(conn, pending),
                 request,
                 engine=self.engine,
                 listened=self.listened,
@@ -591,8 +601,9 @@ class Listener:
 class _Connection:
     """A deploy session's connection: answers out, steps in (``session.SessionIO``)."""
 
-    def __init__(self, conn: socket.socket) -> None:
+    def __init__(self, conn: socket.socket, pending: bytearray) -> None:
         self.conn = conn
+        self.pending = pending
 
     def send(self, message: dict[str, Any]) -> None:
         self.conn.settimeout(SEND_TIMEOUT_S)
@@ -600,8 +611,10 @@ class _Connection:
 
     def next_step(self, deadline: float) -> Step | str:
         try:
-            line = _read_line(self.conn, MAX_REQUEST_BYTES, deadline)
+            line = _read_line(self.conn, MAX_REQUEST_BYTES, deadline, self.pending)
         except BadRequest as exc:
+            if time.monotonic() >= deadline:
+                return "no next step came before the deploy's expiry (expires_ms)"
             return f"no valid next step: {exc}"
         except OSError as exc:
             return f"the client left ({exc})"
