@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from typing import Any
 
 from hotpatch.cli import _args
@@ -140,7 +141,12 @@ def run(args: argparse.Namespace) -> int:
     except HotpatchError as exc:
         print(f"hotpatch deploy: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    show = None if args.json else (lambda e: print(describe(e), flush=True))
+    lock = threading.Lock()  # events come from one thread per worker
+
+    def show(event: dict[str, Any]) -> None:
+        with lock:
+            print(describe(event), flush=True)
+
     if not args.json:
         print(f"deploy to gunicorn master {pid} (strategy {args.strategy})", flush=True)
     try:
@@ -150,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             wait=args.wait,
             state_dir=args.state_dir,
-            on_event=show,
+            on_event=None if args.json else show,
         )
     except HotpatchError as exc:
         if args.json:

@@ -365,6 +365,7 @@ def _prepare(
         raise _Refused(f"more than {MAX_MODULES} modules to check (stage: load)")
     raw: dict[str, bytes] = {}
     texts: dict[str, str] = {}
+    where: dict[str, tuple[str, str]] = {}
     for name in names:
         module = sys.modules.get(name)
         filename = str(getattr(module, "__file__", "") or "")
@@ -392,14 +393,17 @@ def _prepare(
             continue
         raw[name] = data
         texts[name] = text
+        where[name] = (filename, path)
     if not raw:
         return {}, []
     order = in_dependency_order(texts)
     for name in order:
         try:
             result = engine.check(name, source=raw[name])
-        except PatchRejected as exc:
-            raise _Refused(str(exc), exc.details()) from None
+        except PatchRejected as exc:  # named by the file that holds the new code
+            live_file, new_file = where[name]
+            details = {k: (new_file if v == live_file else v) for k, v in exc.details().items()}
+            raise _Refused(str(exc).replace(live_file, new_file), details) from None
         if result.is_noop:
             raw.pop(name)
     ordered = {name: raw[name] for name in order if name in raw}
