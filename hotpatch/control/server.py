@@ -705,7 +705,8 @@ def _listen(
         _ACTIVE.add(listener)
     tracked = listener.listened()
     try:
-        listener.engine.track(*tracked)
+        if release is None:  # a release's files never change: their baseline is read when needed
+            listener.engine.track(*tracked)
         listener._start()
     except BaseException:
         listener.close()

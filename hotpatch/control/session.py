@@ -391,6 +391,8 @@ def _prepare(
         live = next((v for v in _history(engine, name) if v.is_live), None)
         if live is not None and text and live.sha256 == text_sha256(text):
             continue
+        if live is None and _same_bytes(filename, data, engine.max_source_bytes):
+            continue  # never patched, and its release file (a snapshot: immutable) is the same
         raw[name] = data
         texts[name] = text
         where[name] = (filename, path)
@@ -408,6 +410,13 @@ def _prepare(
             raw.pop(name)
     ordered = {name: raw[name] for name in order if name in raw}
     return ordered, list(ordered)
+
+
+def _same_bytes(filename: str, data: bytes, max_bytes: int) -> bool:
+    try:
+        return _read_file(filename, max_bytes) == data
+    except (OSError, _Refused):
+        return False
 
 
 def _history(engine: Engine, name: str) -> list[Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hotpatch.control.protocol import BadRequest, Request, Step, parse_request, parse_step
@@ -13,6 +15,7 @@ from hotpatch.gunicorn._deploy import (
     switch_problem,
 )
 from hotpatch.gunicorn._releases import Record
+from hotpatch.gunicorn._state import prepare_state_dir, take_requests, write_request
 
 
 def rec(kind: str, digest: str) -> Record:
@@ -149,3 +152,27 @@ def test_malformed_deploy_requests_are_refused(line: bytes, message: str) -> Non
 def test_malformed_steps_are_refused(line: bytes, message: str) -> None:
     with pytest.raises(BadRequest, match=message):
         parse_step(line)
+
+
+def test_master_requests_are_read_once_and_hostile_files_refused(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    prepare_state_dir(state)
+    token = "a" * 32
+    write_request(state, token, {"op": "begin", "timeout_s": 5})
+    (state / "requests" / ("b" * 32 + ".json")).write_text("[1, 2]")
+    (state / "requests" / ("c" * 32 + ".json")).symlink_to(tmp_path / "elsewhere")
+    (state / "requests" / ("d" * 32 + ".json")).write_bytes(b"{" * 20_000)
+    (state / "requests" / "not-a-token.json").write_text("{}")
+    taken = dict(take_requests(state))
+    assert taken[token] == {"op": "begin", "timeout_s": 5}
+    assert taken["b" * 32] == "not a JSON object"
+    assert "unreadable request" in str(taken["c" * 32])
+    assert "unreadable request" in str(taken["d" * 32])  # larger than the cap
+    assert "not-a-token" not in " ".join(taken)
+    assert take_requests(state) == []  # each is read once
+    with pytest.raises(ValueError, match="not a request token"):
+        write_request(state, "../x", {})
+    (state / "requests").chmod(0o755)
+    with pytest.raises(PermissionError):
+        write_request(state, token, {})
