@@ -38,7 +38,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotpatch._log import get_logger
 from hotpatch.control.client import DeploySession, OutcomeUnknown
 from hotpatch.errors import ConfigError, HotpatchError
 from hotpatch.gunicorn._client import (
@@ -50,10 +49,11 @@ from hotpatch.gunicorn._client import (
 )
 from hotpatch.gunicorn._deploy import STRATEGIES, committed, phase_verdict
 
-log = get_logger(__name__)
-
 MASTER_TIMEOUT_S = 10.0
 """How long one request to the master may take (a snapshot of a large app included)."""
+CLEANUP_S = 5.0
+"""What a rollback step or the master's ``finish`` may still take when the deadline has passed:
+undoing is never skipped because waiting ran out."""
 
 Event = dict[str, Any]
 
@@ -131,14 +131,17 @@ class _Run:
         if self.on_event is not None:
             self.on_event(event)
 
-    def remaining(self) -> float:
-        return max(self.deadline - time.monotonic(), 0.05)
+    def remaining(self, *, at_least: float = 0.05) -> float:
+        return max(self.deadline - time.monotonic(), at_least)
 
     def master(self, request: dict[str, Any]) -> dict[str, Any]:
+        cleanup = request.get("op") == "finish"
         return ask_master(
             self.pid,
             request,
-            timeout_s=min(MASTER_TIMEOUT_S, self.remaining()),
+            timeout_s=min(
+                MASTER_TIMEOUT_S, self.remaining(at_least=CLEANUP_S if cleanup else 0.05)
+            ),
             state_dir=self.state_dir,
         )
 
@@ -316,7 +319,8 @@ def _in_place(run: _Run, *, fallback: bool, wait: bool) -> DeployResult:
                     if phase == "prepare":
                         answer = session.open(timeout_s=run.remaining())
                     else:
-                        answer = session.step(phase, timeout_s=run.remaining())
+                        floor = CLEANUP_S if phase == "rollback" else 0.05
+                        answer = session.step(phase, timeout_s=run.remaining(at_least=floor))
                 except OutcomeUnknown as exc:
                     answer = {"outcome": "unknown", "unknown": True, "message": str(exc)}
                 except HotpatchError as exc:  # never reached: nothing was sent
