@@ -143,7 +143,7 @@ def _settled(pid: int) -> bool:
         len(workers) == WORKERS
         and not state.get("rollout")
         and not state.get("deploy")
-        and all(w.get("phase") == "ready" for w in workers)
+        and all(w.get("phase") == "ready" and w.get("listening") for w in workers)
     )
 
 

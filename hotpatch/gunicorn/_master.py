@@ -162,6 +162,8 @@ class Controller:
         self.worker_release: dict[int, str] = {}
         self.worker_stage: dict[int, str] = {}
         self.recycled: set[int] = set()
+        self.listening: set[int] = set()
+        """Workers whose control socket is open (they reported it): deploys wait for them."""
         self.candidates: set[int] = set()
         self.rollout: Rollout | None = None
         self.rollout_events: list[dict[str, Any]] = []
@@ -960,7 +962,7 @@ class Controller:
             rollout_id=self.rollout.rollout_id if self.rollout else None,
             deploy_id=self.deploy["id"] if self.deploy else None,
             workers={
-                pid: (self.worker_release.get(pid), self.worker_stage.get(pid, "booting"))
+                pid: (self.worker_release.get(pid), self._deploy_phase(pid))
                 for pid in self.arbiter.WORKERS
             },
             known_good=self.known_good.id if self.known_good else None,
@@ -1020,6 +1022,12 @@ class Controller:
             "changed_other": other[:200],
             "changed_count": len(python) + len(other),
         }
+
+    def _deploy_phase(self, pid: int) -> str:
+        phase = self.worker_stage.get(pid, "booting")
+        if phase == "ready" and pid not in self.listening:
+            return "still opening its control socket"
+        return phase
 
     def _switch_deploy(self) -> dict[str, Any]:
         deploy, release = self.deploy, self._deploy_release
@@ -1247,6 +1255,8 @@ class Controller:
             )
         elif name == "recycled":
             self.recycled.add(pid)
+        elif name == "listening":
+            self.listening.add(pid)
 
     def child_exited(self, pid: int) -> None:
         """A worker was reaped (``child_exit`` hook, or the halt guard)."""
@@ -1260,6 +1270,7 @@ class Controller:
         self.worker_stage.pop(pid, None)
         is_recycled = pid in self.recycled
         self.recycled.discard(pid)
+        self.listening.discard(pid)
         if self.rollout is not None:
             self.rollout.worker_exited(pid, time.monotonic(), is_recycled=is_recycled)
             self._event(
@@ -1291,7 +1302,14 @@ class Controller:
             phase = self.worker_stage.get(pid, "booting")
             if rollout is not None and pid in rollout.workers:
                 phase = rollout.workers[pid].phase
-            workers.append({"pid": pid, "release": self.worker_release.get(pid), "phase": phase})
+            workers.append(
+                {
+                    "pid": pid,
+                    "release": self.worker_release.get(pid),
+                    "phase": phase,
+                    "listening": pid in self.listening,
+                }
+            )
         current = None
         if rollout is not None:
             current = {

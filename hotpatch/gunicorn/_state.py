@@ -80,8 +80,8 @@ MAX_REPORT_BYTES = 256 << 10
 MAX_REASON_CHARS = 2_000
 MAX_ERROR_CHARS = 32_000
 
-ReportStage = Literal["loaded", "healthy", "failed", "recycled"]
-_STAGES = frozenset({"loaded", "healthy", "failed", "recycled"})
+ReportStage = Literal["loaded", "healthy", "failed", "recycled", "listening"]
+_STAGES = frozenset({"loaded", "healthy", "failed", "recycled", "listening"})
 _FAILED_AT = frozenset({"", "release", "load", "health"})
 
 
@@ -263,7 +263,8 @@ class StageReport:
 
     Attributes:
         stage: ``loaded`` (the app imported), ``healthy`` (checks passed), ``failed`` (load or
-            health failed), ``recycled`` (leaving after ``max_requests``).
+            health failed), ``recycled`` (leaving after ``max_requests``), ``listening`` (its
+            control socket is open: it can take part in deploys).
         release: the release the worker runs.
         failed_at: for ``failed``: ``release`` (its release failed verification), ``load`` or
             ``health``.

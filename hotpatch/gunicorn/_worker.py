@@ -172,8 +172,8 @@ def check_worker(worker: Any) -> None:
     )
     duration = time.monotonic() - started
     if error is None:
-        start_listening(worker)  # before "healthy": a ready worker is reachable by deploys
         _publish(StageReport("healthy", duration_s=duration))
+        _listen_in_background(worker)
         return
     if isinstance(error, TimeoutError):
         reason = (
@@ -199,7 +199,18 @@ def check_worker(worker: Any) -> None:
     log.error(
         "health_check.failed", worker_pid=worker.pid, release=state.plan.release, reason=reason
     )
-    start_listening(worker)
+    _listen_in_background(worker)
+
+
+def _listen_in_background(worker: Any) -> None:
+    """Open the control socket without delaying the first request (importing the engine takes
+    a while); the master is told when it is open, and deploys wait for it."""
+
+    def run() -> None:
+        if start_listening(worker):
+            _publish(StageReport("listening"))
+
+    threading.Thread(target=run, name="hotpatch-listen", daemon=True).start()
 
 
 def _run_checks(worker: Any, settings: Settings, port: int) -> None:
@@ -238,14 +249,17 @@ def health_problem(worker: Any) -> str | None:
     return reason
 
 
-def start_listening(worker: Any) -> None:
+def start_listening(worker: Any) -> bool:
     """Make this worker reachable through its control socket (patch, status, deploy sessions).
 
-    A failure (an unsafe runtime directory) is logged; the worker serves as before.
+    Returns whether it listens. A failure (an unsafe runtime directory) is logged; the worker
+    serves as before, and deploys are refused while it does not listen.
     """
     state = _current
-    if state is None or state.listener is not None:
-        return
+    if state is None:
+        return False
+    if state.listener is not None:
+        return True
     try:
         from hotpatch.control.server import listen_release
         from hotpatch.control.session import ReleaseHooks
@@ -264,6 +278,8 @@ def start_listening(worker: Any) -> None:
             worker_pid=state.pid,
             reason=f"the control socket could not be opened: {type(exc).__name__}: {exc}",
         )
+        return False
+    return True
 
 
 def _switched(release: str, release_dir: str) -> None:

@@ -60,7 +60,17 @@ class Site(BaseSite):
         if self.worker_class == "gthread":
             args += ("--threads", "4")
         self.start(extra_args=args)
+        self.wait_deployable()
+
+    def wait_deployable(self) -> None:
+        """Every worker ready on the known-good release, with its control socket open."""
         self.wait_settled(self.state()["known_good"])
+        wait_until(
+            lambda: all(w.get("listening") for w in self.workers()),
+            timeout_s=20,
+            what="every worker listening",
+            describe=lambda: str(self.workers()),
+        )
 
     def versions(self, *, requests: int = 60) -> dict[int, str]:
         """pid -> version, from real requests until every worker answered (bounded)."""
