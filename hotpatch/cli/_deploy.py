@@ -17,6 +17,7 @@ from typing import Any
 from hotpatch.cli import _args
 from hotpatch.cli._rollout import add_master_arguments, describe_event, master_pid
 from hotpatch.errors import HotpatchError
+from hotpatch.gunicorn._client import load_state
 from hotpatch.gunicorn._coordinator import DeployResult, deploy
 from hotpatch.gunicorn._deploy import STRATEGIES
 
@@ -138,6 +139,7 @@ def verdict(result: DeployResult) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         pid = master_pid(args)
+        load_state(pid, args.state_dir)  # a usage error before any output of the deploy
     except HotpatchError as exc:
         print(f"hotpatch deploy: {exc}", file=sys.stderr)
         return EXIT_ERROR
