@@ -308,3 +308,33 @@ def test_the_command_line_reports_phases_and_exit_codes(site: Site) -> None:
     )
     assert done.returncode == 2, done.stdout + done.stderr
     assert "hotpatch deploy:" in done.stderr
+
+
+def test_a_changed_file_that_is_not_python_is_refused_in_place_and_rolled_by_auto(
+    site: Site,
+) -> None:
+    if site.worker_class == "gthread":
+        pytest.skip("the decision is the master's, the same for both worker classes")
+    (site.dir / "page.html").write_text("<p>v1</p>", encoding="utf-8")
+    site.boot()
+    before = site.srv.worker_pids()
+    site.start_load()
+    (site.dir / "page.html").write_text("<p>v2</p>", encoding="utf-8")
+    write_app(site.dir, "v2")
+    refused = site.deploy(strategy="in-place")
+    assert refused.outcome == "refused"
+    assert "page.html" in refused.reason and "Python modules only" in refused.reason
+    assert site.srv.worker_pids() == before
+    assert set(site.versions().values()) == {"v1"}
+    site.wait_deployable()
+    rolled = site.deploy(strategy="auto", wait=False)
+    assert rolled.outcome == "started" and rolled.strategy == "rolling"
+    assert "page.html" in rolled.reason
+    wait_until(
+        lambda: (site.state().get("last_rollout") or {}).get("outcome") == "completed",
+        timeout_s=90,
+        what="the rolling reload started by auto",
+    )
+    stats = site.stop_load()
+    every_worker_answers(site, "v2")
+    assert_no_failures(stats)
