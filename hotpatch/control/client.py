@@ -402,9 +402,13 @@ class DeploySession:
         if self._sock is None:
             raise HotpatchError(f"process {self.pid}: the deploy session is closed")
         deadline = time.monotonic() + timeout_s
-        return self._exchange(Step(step, self.deploy_id).encode(), timeout_s, deadline)
+        return self._exchange(
+            Step(step, self.deploy_id).encode(), timeout_s, deadline, started=True
+        )
 
-    def _exchange(self, line: bytes, timeout_s: float, deadline: float) -> dict[str, Any]:
+    def _exchange(
+        self, line: bytes, timeout_s: float, deadline: float, *, started: bool = False
+    ) -> dict[str, Any]:
         sock = self._sock
         assert sock is not None
         try:
@@ -421,7 +425,7 @@ class DeploySession:
             raise OutcomeUnknown(
                 self.pid, f"process {self.pid}: the line could not be sent: {exc}", started=True
             ) from None
-        return _await_answer(sock, self.pid, timeout_s, deadline, self._buffer)
+        return _await_answer(sock, self.pid, timeout_s, deadline, self._buffer, started=started)
 
     def close(self) -> None:
         """Hang up (an abort for the process, unless it already confirmed)."""

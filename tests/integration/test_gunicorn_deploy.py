@@ -338,3 +338,36 @@ def test_a_changed_file_that_is_not_python_is_refused_in_place_and_rolled_by_aut
     stats = site.stop_load()
     every_worker_answers(site, "v2")
     assert_no_failures(stats)
+
+
+def test_a_worker_that_outlasts_the_coordinator_is_rolled_back_and_retired(site: Site) -> None:
+    if site.worker_class == "gthread":
+        pytest.skip("the coordinator's handling is the same for both worker classes")
+    site.boot()
+    before = site.srv.worker_pids()
+    known_good = site.state()["known_good"]
+    slow = before[3]
+    site.aim_at(slow)
+    site.start_load()
+    write_app(site.dir, "v2", "slow_health_one")
+    result = deploy(site.srv.pid, strategy="in-place", timeout_s=2.5)
+    print(result.as_dict())
+    assert result.outcome == "rolled_back", result.reason
+    assert f"workers {slow} could not be rolled back in place and were retired" in result.reason
+    health = {
+        e["worker_pid"]: e["outcome"]
+        for e in result.events
+        if e["event"] == "worker.phase" and e["phase"] == "health"
+    }
+    assert health[slow] == "unknown"
+    assert "the request started in process" in result.reason  # a running step, not a queued one
+    wait_until(
+        lambda: slow not in site.srv.worker_pids() and len(site.srv.worker_pids()) == WORKERS,
+        timeout_s=30,
+        what=f"worker {slow} retired and replaced",
+    )
+    site.wait_settled(known_good)
+    stats = site.stop_load()
+    every_worker_answers(site, "v1")
+    assert set(before) - {slow} <= set(site.srv.worker_pids())  # the others were not restarted
+    assert_no_failures(stats)
