@@ -680,7 +680,9 @@ def listen_release(hooks: ReleaseHooks, *, engine: Engine | None = None) -> List
     """``listen`` for a gunicorn worker: the modules whose files lie in its release's snapshot.
 
     Besides ``patch``/``check``/``rollback``/``history``, the listener serves ``status`` and
-    ``deploy`` sessions (``hotpatch deploy --strategy in-place``; see ``session``).
+    ``deploy`` sessions (``hotpatch deploy --strategy in-place``; see ``session``). When the app
+    already called ``listen()`` in this process, that listener is returned, now also serving the
+    release's modules and deploys (one socket per process).
 
     Args:
         hooks: the worker's release, its health checks and how it moves to another release.
@@ -690,6 +692,13 @@ def listen_release(hooks: ReleaseHooks, *, engine: Engine | None = None) -> List
         ConfigError: this process already listens, or the platform has no ``SO_PEERCRED``.
         InsecurePath: the runtime directory (or a file where the socket goes) is not safe.
     """
+    with _LISTEN_LOCK:
+        for listener in list(_ACTIVE):  # the app listens already: that socket takes deploys too
+            if listener._owner_pid == os.getpid() and not listener.is_closed:
+                if listener.release is None:
+                    listener.release = ReleaseState(hooks)
+                    log.info("control.release_attached", socket=str(listener.path))
+                return listener
     return _listen((), engine=engine, release=ReleaseState(hooks))
 
 

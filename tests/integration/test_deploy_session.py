@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from hotpatch.control.client import DeploySession
-from hotpatch.control.server import Listener, listen_release, socket_name
+from hotpatch.control.server import Listener, listen, listen_release, socket_name
 from hotpatch.control.session import ReleaseHooks
 from hotpatch.demo.harness import wait_until
 from hotpatch.engine import Engine
@@ -243,3 +243,33 @@ def test_a_module_missing_from_the_new_release_is_refused(
         s.close()
     assert answer["outcome"] == "refused"
     assert "not in release d1-bbbb" in answer["message"] and "rolling" in answer["message"]
+
+
+def test_a_process_that_already_listens_takes_deploys_on_the_same_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    monkeypatch.setenv("HOTPATCH_RUNTIME_DIR", str(run))
+    rel = Release(tmp_path)
+    own = listen(["json"], engine=Engine())  # the app's own call, at import time
+    try:
+        hooks = ReleaseHooks(
+            release="r0-aaaa",
+            release_dir=str(rel.r0),
+            health=lambda: None,
+            switched=lambda r, d: rel.switched.append((r, d)),
+        )
+        assert listen_release(hooks) is own
+        assert rel.name in own.listened() and "json" in own.listened()
+        s = session(rel)
+        try:
+            assert s.open(timeout_s=10)["outcome"] == "accepted"
+            assert s.step("commit", timeout_s=10)["outcome"] == "committed"
+            assert s.step("confirm", timeout_s=10)["outcome"] == "deployed"
+        finally:
+            s.close()
+        assert rel.answer() == "v2"
+    finally:
+        own.close()
+        rel.close()
