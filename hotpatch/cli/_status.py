@@ -96,12 +96,12 @@ def describe_state(
     damaged = state.get("damaged_releases") or {}
     for release, reason in sorted(damaged.items()):
         if release == state.get("known_good"):
-            print(
+            emit(
                 f"known-good release {release} is DAMAGED: new workers cannot start until a "
                 f"rollout succeeds ({reason})"
             )
         else:
-            print(f"release {release} is damaged: {reason}")
+            emit(f"release {release} is damaged: {reason}")
     if not state.get("rolling"):
         emit(f"rolling reload DISABLED: {state.get('disabled_reason')}")
     for worker in state.get("workers", []):
