@@ -22,6 +22,7 @@ COMMANDS: tuple[str, ...] = (
     "hotpatch.cli._demo",
     "hotpatch.cli._run",
     "hotpatch.cli._rollout",
+    "hotpatch.cli._deploy",
     "hotpatch.cli._status",
     "hotpatch.cli._patch",
     "hotpatch.cli._rollback",

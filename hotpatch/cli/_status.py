@@ -1,4 +1,11 @@
-"""``hotpatch status``: a gunicorn master's workers, their releases, and the last rollout."""
+"""``hotpatch status``: a gunicorn master's workers, their releases and patch versions, the last
+rollout and deploy, and any deploy in progress.
+
+The master's state says which release each worker was started from (or deployed to); each worker
+is also asked through its own control socket (``status``, at most ``WORKER_TIMEOUT_S`` each) for
+the release it runs and the versions of its patched modules. A worker that cannot be asked is
+shown as such, never guessed.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +16,39 @@ import sys
 from typing import Any
 
 from hotpatch.cli._rollout import add_master_arguments, master_pid
+from hotpatch.control.client import send_request
 from hotpatch.errors import HotpatchError
 from hotpatch.gunicorn._client import load_state
 
 NAME = "status"
-HELP = "show a gunicorn master's workers, the release each runs, and the last rollout's outcome"
+HELP = (
+    "show a gunicorn master's workers (release, patched modules), the last rollout and deploy, "
+    "and any deploy in progress"
+)
+WORKER_TIMEOUT_S = 2.0
+
+
+def ask_workers(state: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Each worker's own ``status`` answer (or ``{"unreachable": reason}``), by pid."""
+    answers: dict[int, dict[str, Any]] = {}
+    for worker in state.get("workers") or []:
+        pid = worker.get("pid") if isinstance(worker, dict) else None
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            continue
+        try:
+            answers[pid] = send_request(pid, "status", timeout_s=WORKER_TIMEOUT_S)
+        except HotpatchError as exc:
+            answers[pid] = {"unreachable": str(exc)}
+    return answers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_master_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the raw state as JSON")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the raw state as JSON (with each worker's own answer under worker_status)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,11 +58,13 @@ def run(args: argparse.Namespace) -> int:
     except HotpatchError as exc:
         print(f"hotpatch status: {exc}", file=sys.stderr)
         return 2
+    live = ask_workers(state)
     if args.json:
+        state = {**state, "worker_status": {str(k): v for k, v in live.items()}}
         print(json.dumps(state, indent=2, sort_keys=True))
         return 0
     try:
-        text = describe_state(pid, state)
+        text = describe_state(pid, state, live)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         print(
             f"hotpatch status: master {pid}: its state is malformed ({type(exc).__name__}: "
@@ -44,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_state(pid: int, state: dict[str, Any]) -> str:
+def describe_state(
+    pid: int, state: dict[str, Any], live: dict[int, dict[str, Any]] | None = None
+) -> str:
     """The state as lines of text.
 
     Raises:
@@ -62,16 +96,33 @@ def describe_state(pid: int, state: dict[str, Any]) -> str:
     damaged = state.get("damaged_releases") or {}
     for release, reason in sorted(damaged.items()):
         if release == state.get("known_good"):
-            print(
+            emit(
                 f"known-good release {release} is DAMAGED: new workers cannot start until a "
                 f"rollout succeeds ({reason})"
             )
         else:
-            print(f"release {release} is damaged: {reason}")
+            emit(f"release {release} is damaged: {reason}")
     if not state.get("rolling"):
         emit(f"rolling reload DISABLED: {state.get('disabled_reason')}")
     for worker in state.get("workers", []):
-        emit(f"  worker {int(worker['pid']):>7}  {worker.get('release')}  {worker.get('phase')}")
+        line = f"  worker {int(worker['pid']):>7}  {worker.get('release')}  {worker.get('phase')}"
+        answer = (live or {}).get(int(worker["pid"]))
+        if answer is not None:
+            line += "  " + _describe_worker(answer)
+        emit(line)
+    deploy = state.get("deploy")
+    if deploy:
+        emit(
+            f"deploy {deploy.get('id')} in progress ({deploy.get('strategy')}, phase "
+            f"{deploy.get('phase')}) to {deploy.get('release')}"
+        )
+    last_deploy = state.get("last_deploy")
+    if last_deploy:
+        line = f"last deploy {last_deploy.get('id')}: {last_deploy.get('outcome')}"
+        line += f" ({last_deploy.get('strategy')}) of {last_deploy.get('release')}"
+        if last_deploy.get("reason"):
+            line += f": {last_deploy['reason']}"
+        emit(line)
     current = state.get("rollout")
     if current:
         emit(
@@ -99,3 +150,18 @@ def describe_state(pid: int, state: dict[str, Any]) -> str:
     elif watch.get("disabled_reason"):
         emit(f"watch mode off: {watch['disabled_reason']}")
     return out.getvalue()
+
+
+def _describe_worker(answer: dict[str, Any]) -> str:
+    if "unreachable" in answer:
+        return f"(not reachable: {answer['unreachable']})"
+    if answer.get("outcome") != "status":
+        return f"(status refused: {answer.get('message')})"
+    patched = answer.get("patched") or {}
+    text = f"runs {answer.get('release')}"
+    if patched:
+        text += "; patched: " + ", ".join(f"{m} {v}" for m, v in sorted(patched.items())[:5])
+    current = answer.get("deploy")
+    if current:
+        text += f"; in deploy {current.get('id')} ({current.get('phase')})"
+    return text

@@ -1,8 +1,9 @@
 """Talking to a running process from outside: ``hotpatch patch/rollback/history --pid``.
 
 Owns the process side (``server``: ``listen()`` and the socket server thread that serves requests
-with the engine), the client side (``client``: ``send_request()``, used by the command line) and
-the wire format between them (``protocol``: one capped JSON line each way). They meet at one Unix
+with the engine; ``session``: one worker's part of an in-place deploy), the client side
+(``client``: ``send_request()`` and ``DeploySession``, used by the command line) and the wire
+format between them (``protocol``: one capped JSON line each way). They meet at one Unix
 socket per process in the runtime directory of its user (``hotpatch.rundir``); docs/security.md
 is the threat model.
 
@@ -10,15 +11,25 @@ May import: ``hotpatch.engine``, ``hotpatch.errors``, ``hotpatch.rundir``. Never
 gunicorn, cli or demo.
 """
 
-from hotpatch.control.client import NoAnswer, NotListening, OutcomeUnknown, send_request
-from hotpatch.control.server import Listener, listen, socket_name
+from hotpatch.control.client import (
+    DeploySession,
+    NoAnswer,
+    NotListening,
+    OutcomeUnknown,
+    send_request,
+)
+from hotpatch.control.server import Listener, listen, listen_release, socket_name
+from hotpatch.control.session import ReleaseHooks
 
 __all__ = [
+    "DeploySession",
     "Listener",
     "NoAnswer",
     "NotListening",
     "OutcomeUnknown",
+    "ReleaseHooks",
     "listen",
+    "listen_release",
     "send_request",
     "socket_name",
 ]

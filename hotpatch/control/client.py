@@ -37,6 +37,7 @@ from hotpatch.control.protocol import (
     STARTED_EVENT,
     BadRequest,
     Request,
+    Step,
     decode_json_line,
 )
 from hotpatch.control.server import socket_name, unix_address
@@ -272,7 +273,7 @@ def send_request(
     """
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         raise ConfigError(f"pid must be a positive process id, not {pid!r}")
-    if action not in ACTIONS:
+    if action not in ACTIONS or action == "deploy":
         raise ConfigError(f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
         raise ConfigError(f"timeout_s must be a number of seconds, not {timeout_s!r}")
@@ -298,10 +299,16 @@ def send_request(
 
 
 def _await_answer(
-    sock: socket.socket, pid: int, timeout_s: float, deadline: float
+    sock: socket.socket,
+    pid: int,
+    timeout_s: float,
+    deadline: float,
+    buffer: bytearray | None = None,
+    *,
+    started: bool = False,
 ) -> dict[str, Any]:
-    buffer = bytearray()
-    started = False
+    if buffer is None:
+        buffer = bytearray()
     while True:
         newline = buffer.find(b"\n")
         if newline >= 0:
@@ -347,3 +354,82 @@ def _await_answer(
                 started=started,
             )
         buffer += chunk
+
+
+class DeploySession:
+    """The coordinator's end of one process's ``deploy`` session (see ``session``).
+
+    ``open`` sends the request and returns the phase-1 answer; ``step`` sends the next step and
+    returns its answer; ``close`` hangs up, which the process takes as an abort (before its
+    commit: what it prepared is discarded; after it and before ``confirm``: it rolls back).
+
+    Raises (from ``open`` and ``step``):
+        NotListening, InsecurePath, HotpatchError: as ``send_request``.
+        NoAnswer: no answer within ``timeout_s``; the outcome of that step is unknown.
+        OutcomeUnknown: the connection broke after the line was sent.
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        *,
+        deploy_id: str,
+        release: str,
+        release_dir: str,
+        expires_s: float,
+    ) -> None:
+        self.pid = pid
+        self.deploy_id = deploy_id
+        self.request = Request(
+            "deploy",
+            pid,
+            deploy_id=deploy_id,
+            release=release,
+            release_dir=release_dir,
+            expires_ms=max(1, round(expires_s * 1000)),
+        )
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()
+
+    def open(self, *, timeout_s: float) -> dict[str, Any]:
+        """Connect, send the request, return the answer to phase 1 (``prepare``)."""
+        deadline = time.monotonic() + timeout_s
+        self._sock = _connect(self.pid, timeout_s)
+        return self._exchange(self.request.encode(), timeout_s, deadline)
+
+    def step(self, step: str, *, timeout_s: float) -> dict[str, Any]:
+        """Send ``step`` (``commit``, ``health``, ``confirm``, ``rollback``, ``abort``)."""
+        if self._sock is None:
+            raise HotpatchError(f"process {self.pid}: the deploy session is closed")
+        deadline = time.monotonic() + timeout_s
+        return self._exchange(
+            Step(step, self.deploy_id).encode(), timeout_s, deadline, started=True
+        )
+
+    def _exchange(
+        self, line: bytes, timeout_s: float, deadline: float, *, started: bool = False
+    ) -> dict[str, Any]:
+        sock = self._sock
+        assert sock is not None
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.sendall(line)
+        except TimeoutError:
+            raise NoAnswer(self.pid, timeout_s, started=True) from None
+        except OSError as exc:
+            with contextlib.suppress(HotpatchError, OSError):
+                answer = _await_answer(
+                    sock, self.pid, timeout_s, min(deadline, time.monotonic() + 1), self._buffer
+                )
+                return answer
+            raise OutcomeUnknown(
+                self.pid, f"process {self.pid}: the line could not be sent: {exc}", started=True
+            ) from None
+        return _await_answer(sock, self.pid, timeout_s, deadline, self._buffer, started=started)
+
+    def close(self) -> None:
+        """Hang up (an abort for the process, unless it already confirmed)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()

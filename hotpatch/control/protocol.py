@@ -15,22 +15,48 @@ answers every refusal with an ``error`` answer and keeps serving. Before the fin
 server may send one progress line, ``{"v": 1, "event": "started"}``, when the request leaves the
 queue and begins to run: the client uses it to say truthfully what it knows when it gives up
 waiting. The client keeps its end open until the answer: hanging up (or shutting down its
-writing side) before a queued request starts cancels it. Pure functions: no sockets, no threads.
+writing side) before a queued request starts cancels it.
+
+Version 2 (a version-1 request keeps working unchanged) adds ``status`` and ``deploy``. A
+``deploy`` request opens a *session* on its connection, the in-place strategy's two-phase commit
+in one worker (docs/deploy.md): the process answers the request (phase 1: prepared or refused),
+then reads one *step* line at a time (``parse_step``: ``{"v": 2, "step": ..., "deploy_id": ...}``,
+capped like a request) and answers each (``commit``, ``health``, ``confirm``, ``rollback``,
+``abort``). The client hanging up, or no step before the request's ``expires_ms``, is an abort:
+nothing prepared survives it, and anything committed is rolled back. Pure functions: no sockets,
+no threads.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 MAX_DEPTH = 4
 MAX_NAME_CHARS = 1024
-ACTIONS = ("patch", "check", "rollback", "history")
-FIELDS = {"v": int, "action": str, "pid": int, "module": str, "to": str}
+ACTIONS = ("patch", "check", "rollback", "history", "status", "deploy")
+V2_ACTIONS = frozenset({"status", "deploy"})
+FIELDS = {
+    "v": int,
+    "action": str,
+    "pid": int,
+    "module": str,
+    "to": str,
+    "deploy_id": str,
+    "release": str,
+    "release_dir": str,
+    "expires_ms": int,
+}
+OPTIONAL = frozenset({"module", "to", "deploy_id", "release", "release_dir", "expires_ms"})
+DEPLOY_FIELDS = ("deploy_id", "release", "release_dir", "expires_ms")
+MAX_EXPIRES_MS = 3_600_000
+STEPS = ("commit", "health", "confirm", "rollback", "abort")
+STEP_FIELDS = {"v": int, "step": str, "deploy_id": str}
 STARTED_EVENT = "started"
 
 
@@ -47,21 +73,45 @@ class Request:
         pid: the pid the client means to address; the server refuses any other.
         module: for ``rollback`` (required) and ``history`` (optional): the module.
         to: for ``rollback``: the version to restore (default: the previous one).
+        deploy_id: for ``deploy``: the deploy this session belongs to.
+        release: for ``deploy``: the release to deploy (its id).
+        release_dir: for ``deploy``: the release's snapshot directory.
+        expires_ms: for ``deploy``: how long the process waits for each next step before it
+            discards what it prepared (or rolls back what it committed).
+        v: the protocol version the client speaks (answers use the same).
     """
 
     action: str
     pid: int
     module: str | None = None
     to: str | None = None
+    deploy_id: str | None = None
+    release: str | None = None
+    release_dir: str | None = None
+    expires_ms: int | None = None
+    v: int = field(default=PROTOCOL_VERSION, compare=False)
 
     def encode(self) -> bytes:
-        """The request as one protocol line."""
-        body: dict[str, Any] = {"v": PROTOCOL_VERSION, "action": self.action, "pid": self.pid}
-        if self.module is not None:
-            body["module"] = self.module
-        if self.to is not None:
-            body["to"] = self.to
+        """The request as one protocol line (version 1 when it needs nothing newer)."""
+        v = PROTOCOL_VERSION if self.action in V2_ACTIONS else 1
+        body: dict[str, Any] = {"v": v, "action": self.action, "pid": self.pid}
+        for key in OPTIONAL:
+            value = getattr(self, key)
+            if value is not None:
+                body[key] = value
         return encode_line(body)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a ``deploy`` session (after the process answered the request)."""
+
+    step: str
+    deploy_id: str
+
+    def encode(self) -> bytes:
+        """The step as one protocol line."""
+        return encode_line({"v": PROTOCOL_VERSION, "step": self.step, "deploy_id": self.deploy_id})
 
 
 def encode_line(message: dict[str, Any]) -> bytes:
@@ -144,12 +194,68 @@ def parse_request(line: bytes) -> Request:
         BadRequest: the line breaks the protocol; the message says how.
     """
     data = decode_json_line(line, max_bytes=MAX_REQUEST_BYTES)
-    unknown = sorted(set(data) - set(FIELDS))
+    _check_fields(data, FIELDS, optional=OPTIONAL)
+    version = data["v"]
+    if version not in SUPPORTED_VERSIONS:
+        raise BadRequest(
+            f"protocol version {version} is not supported; this process speaks versions "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))} (upgrade hotpatch on the side that is older)"
+        )
+    action = data["action"]
+    if action not in ACTIONS:
+        raise BadRequest(f"unknown action {action!r}; known: {', '.join(ACTIONS)}")
+    if action in V2_ACTIONS and version < 2:
+        raise BadRequest(f"action {action!r} needs protocol version 2")
+    if data["pid"] <= 0:
+        raise BadRequest("field 'pid' must be a positive process id")
+    if action == "rollback" and data.get("module") is None:
+        raise BadRequest("rollback needs field 'module'")
+    given = [key for key in DEPLOY_FIELDS if key in data]
+    if action == "deploy":
+        missing = [key for key in DEPLOY_FIELDS if key not in data]
+        if missing:
+            raise BadRequest(f"deploy needs field {missing[0]!r}")
+        if not 0 < data["expires_ms"] <= MAX_EXPIRES_MS:
+            raise BadRequest(f"field 'expires_ms' must be 1 to {MAX_EXPIRES_MS}")
+    elif given:
+        raise BadRequest(f"field {given[0]!r} belongs to action 'deploy' only")
+    return Request(
+        action,
+        data["pid"],
+        data.get("module"),
+        data.get("to"),
+        deploy_id=data.get("deploy_id"),
+        release=data.get("release"),
+        release_dir=data.get("release_dir"),
+        expires_ms=data.get("expires_ms"),
+        v=version,
+    )
+
+
+def parse_step(line: bytes) -> Step:
+    """The ``Step`` in one line of a ``deploy`` session (without its ``\\n``).
+
+    Raises:
+        BadRequest: the line breaks the protocol; the message says how.
+    """
+    data = decode_json_line(line, max_bytes=MAX_REQUEST_BYTES)
+    _check_fields(data, STEP_FIELDS, optional=frozenset())
+    if data["v"] != PROTOCOL_VERSION:
+        raise BadRequest(f"a deploy step needs protocol version {PROTOCOL_VERSION}")
+    if data["step"] not in STEPS:
+        raise BadRequest(f"unknown step {data['step']!r}; known: {', '.join(STEPS)}")
+    return Step(data["step"], data["deploy_id"])
+
+
+def _check_fields(
+    data: dict[str, Any], fields: dict[str, type], *, optional: frozenset[str]
+) -> None:
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r}; known: {', '.join(sorted(FIELDS))}")
-    for key, kind in FIELDS.items():
+        raise BadRequest(f"unknown field {unknown[0]!r}; known: {', '.join(sorted(fields))}")
+    for key, kind in fields.items():
         value = data.get(key)
-        if value is None and key in ("module", "to"):
+        if value is None and key in optional:
             continue
         if value is None:
             raise BadRequest(f"field {key!r} is required")
@@ -157,18 +263,6 @@ def parse_request(line: bytes) -> Request:
             raise BadRequest(f"field {key!r} must be {kind.__name__}, not {type(value).__name__}")
         if isinstance(value, str) and not 0 < len(value) <= MAX_NAME_CHARS:
             raise BadRequest(f"field {key!r} must have 1 to {MAX_NAME_CHARS} characters")
-    if data["v"] != PROTOCOL_VERSION:
-        raise BadRequest(
-            f"protocol version {data['v']} is not supported; this process speaks version "
-            f"{PROTOCOL_VERSION} (upgrade hotpatch on the side that is older)"
-        )
-    if data["action"] not in ACTIONS:
-        raise BadRequest(f"unknown action {data['action']!r}; known: {', '.join(ACTIONS)}")
-    if data["pid"] <= 0:
-        raise BadRequest("field 'pid' must be a positive process id")
-    if data["action"] == "rollback" and data.get("module") is None:
-        raise BadRequest("rollback needs field 'module'")
-    return Request(data["action"], data["pid"], data.get("module"), data.get("to"))
 
 
 def error_answer(pid: int, message: str, *, kind: str = "error") -> dict[str, Any]:

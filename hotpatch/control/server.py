@@ -20,6 +20,10 @@ each is served in its own thread (at most ``MAX_CONNECTIONS`` at once), checks t
 with ``SO_PEERCRED`` (same uid or root), reads one request of the ``protocol`` and answers it
 inside a catch-everything boundary. Requests that change code run one at a time; a request that
 is still queued when its client hangs up is cancelled and never runs.
+
+A gunicorn worker listens through ``listen_release`` instead (the hook does it, no code in the
+app): it patches the modules whose files lie in its release's snapshot directory, and it also
+serves ``deploy`` sessions (``session``: one worker's part of an in-place deploy) and ``status``.
 """
 
 from __future__ import annotations
@@ -48,10 +52,13 @@ from hotpatch.control.protocol import (
     STARTED_EVENT,
     BadRequest,
     Request,
+    Step,
     encode_line,
     error_answer,
     parse_request,
+    parse_step,
 )
+from hotpatch.control.session import ReleaseHooks, ReleaseState, run_session
 from hotpatch.engine import Engine, PatchResult, Version, default_engine
 from hotpatch.engine.candidate import text_sha256
 from hotpatch.engine.modulemap import in_dependency_order
@@ -267,19 +274,26 @@ def _send(conn: socket.socket, message: dict[str, Any]) -> None:
     conn.sendall(encode_line(message), socket.MSG_NOSIGNAL)
 
 
-def _read_line(conn: socket.socket, max_bytes: int, deadline: float) -> bytes | None:
+def _read_line(
+    conn: socket.socket, max_bytes: int, deadline: float, buffer: bytearray | None = None
+) -> bytes | None:
     """One request line without its newline; ``None`` when the client sent nothing at all.
+
+    ``buffer`` keeps what arrived after the line (a deploy session's next step sent early).
 
     Raises:
         BadRequest: longer than ``max_bytes``, cut short, or not complete before ``deadline``.
     """
-    buffer = bytearray()
+    if buffer is None:
+        buffer = bytearray()
     while True:
         newline = buffer.find(b"\n")
         if newline >= 0:
             if newline > max_bytes:
                 break
-            return bytes(buffer[:newline])
+            line = bytes(buffer[:newline])
+            del buffer[: newline + 1]
+            return line
         if len(buffer) > max_bytes:
             break
         remaining = deadline - time.monotonic()
@@ -313,6 +327,7 @@ class Listener:
     path: Path
     _sock: socket.socket
     _identity: tuple[int, int]
+    release: ReleaseState | None = None
     _owner_pid: int = field(default_factory=os.getpid)
     _closed: threading.Event = field(default_factory=threading.Event)
     _work: threading.Lock = field(default_factory=threading.Lock)
@@ -328,12 +343,16 @@ class Listener:
 
     def listened(self) -> list[str]:
         """The imported modules this listener patches (packages include their submodules)."""
+        release = self.release
         return sorted(
             name
             for name, module in list(sys.modules.items())
             if isinstance(module, types.ModuleType)
-            and any(name == m or name.startswith(m + ".") for m in self.modules)
             and str(getattr(module, "__file__", "") or "").endswith(".py")
+            and (
+                any(name == m or name.startswith(m + ".") for m in self.modules)
+                or (release is not None and release.root_of(str(module.__file__)) is not None)
+            )
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -432,8 +451,9 @@ class Listener:
                 f"(only uid {uid} and root may)",
                 kind="permission",
             )
+        pending = bytearray()
         try:
-            line = _read_line(conn, MAX_REQUEST_BYTES, time.monotonic() + READ_TIMEOUT_S)
+            line = _read_line(conn, MAX_REQUEST_BYTES, time.monotonic() + READ_TIMEOUT_S, pending)
             if line is None:
                 return None  # a probe: connected and left
             request = parse_request(line)
@@ -445,8 +465,15 @@ class Listener:
                 pid, f"this is process {pid}, not {request.pid}", kind="wrong_process"
             )
         rlog = log.bind(action=request.action, peer_pid=peer_pid, peer_uid=peer_uid)
-        if request.action == "history":
+        if request.action in ("history", "status"):
             return self._answer(request)
+        if request.action == "deploy" and self.release is None:
+            return error_answer(
+                pid,
+                "this process does not take deploys (only gunicorn workers started with "
+                "hotpatch's hooks do)",
+                kind="request",
+            )
         while not self._work.acquire(timeout=QUEUE_POLL_S):
             if self._closed.is_set():
                 return error_answer(pid, "the listener was closed before the request started")
@@ -464,13 +491,39 @@ class Listener:
                 rlog.info("control.request_cancelled", reason="the client left while it waited")
                 return None
             rlog.info("control.request_started")
+            if request.action == "deploy":
+                return self._deploy(conn, request, pending)
             return self._answer(request)
         finally:
             self._work.release()
 
+    def _deploy(
+        self, conn: socket.socket, request: Request, pending: bytearray
+    ) -> dict[str, Any] | None:
+        assert self.release is not None
+        try:
+            return run_session(
+                _Connection(conn, pending),
+                request,
+                engine=self.engine,
+                listened=self.listened,
+                state=self.release,
+            )
+        except Exception as exc:  # the boundary: an answer, never a dead thread
+            log.exception("control.request_failed", action="deploy")
+            return {
+                "v": PROTOCOL_VERSION,
+                "pid": os.getpid(),
+                "action": "deploy",
+                "deploy_id": request.deploy_id,
+                "outcome": "error",
+                "error": "internal",
+                "message": f"{type(exc).__name__}: {exc}",
+            }
+
     def _answer(self, request: Request) -> dict[str, Any]:
         pid = os.getpid()
-        base: dict[str, Any] = {"v": PROTOCOL_VERSION, "pid": pid, "action": request.action}
+        base: dict[str, Any] = {"v": request.v, "pid": pid, "action": request.action}
         started = time.perf_counter()
         try:
             base.update(self._act(request))
@@ -495,6 +548,14 @@ class Listener:
             outcome = "unchanged" if not results else "patchable" if dry_run else "applied"
             return {"outcome": outcome, "results": [_describe_result(r) for r in results]}
         listened = self.listened()
+        if request.action == "status":
+            versions = {}
+            for name in listened:
+                live = next((v for v in self.engine.history(name) if v.is_live), None)
+                if live is not None and live.outcome == "applied":
+                    versions[name] = live.id
+            described = self.release.describe() if self.release is not None else {}
+            return {"outcome": "status", "patched": versions, "modules": len(listened), **described}
         if request.module is not None and request.module not in listened:
             raise HotpatchError(
                 f"module {request.module!r} is not one this process listens to; "
@@ -535,6 +596,34 @@ class Listener:
             changes = {name: (sources[name] or None) for name in order}
             results = self.engine.patch_many(changes, allow_removals=False)
         return [r for r in results if not r.is_noop]
+
+
+class _Connection:
+    """A deploy session's connection: answers out, steps in (``session.SessionIO``)."""
+
+    def __init__(self, conn: socket.socket, pending: bytearray) -> None:
+        self.conn = conn
+        self.pending = pending
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.conn.settimeout(SEND_TIMEOUT_S)
+        _send(self.conn, message)
+
+    def next_step(self, deadline: float) -> Step | str:
+        try:
+            line = _read_line(self.conn, MAX_REQUEST_BYTES, deadline, self.pending)
+        except BadRequest as exc:
+            if time.monotonic() >= deadline:
+                return "no next step came before the deploy's expiry (expires_ms)"
+            return f"no valid next step: {exc}"
+        except OSError as exc:
+            return f"the client left ({exc})"
+        if line is None:
+            return "the client left"
+        try:
+            return parse_step(line)
+        except BadRequest as exc:
+            return f"malformed step: {exc}"
 
 
 _ACTIVE: set[Listener] = set()
@@ -584,17 +673,49 @@ def listen(modules: Iterable[str], *, engine: Engine | None = None) -> Listener:
             source; this process already listens; or the platform has no ``SO_PEERCRED``.
         InsecurePath: the runtime directory (or a file where the socket goes) is not safe.
     """
-    names = _modules_argument(modules)
+    return _listen(_modules_argument(modules), engine=engine, release=None)
+
+
+def listen_release(hooks: ReleaseHooks, *, engine: Engine | None = None) -> Listener:
+    """``listen`` for a gunicorn worker: the modules whose files lie in its release's snapshot.
+
+    Besides ``patch``/``check``/``rollback``/``history``, the listener serves ``status`` and
+    ``deploy`` sessions (``hotpatch deploy --strategy in-place``; see ``session``). When the app
+    already called ``listen()`` in this process, that listener is returned, now also serving the
+    release's modules and deploys (one socket per process).
+
+    Args:
+        hooks: the worker's release, its health checks and how it moves to another release.
+        engine: the engine to patch with (default: ``hotpatch.default_engine()``).
+
+    Raises:
+        ConfigError: this process already listens, or the platform has no ``SO_PEERCRED``.
+        InsecurePath: the runtime directory (or a file where the socket goes) is not safe.
+    """
+    with _LISTEN_LOCK:
+        for listener in list(_ACTIVE):  # the app listens already: that socket takes deploys too
+            if listener._owner_pid == os.getpid() and not listener.is_closed:
+                if listener.release is None:
+                    listener.release = ReleaseState(hooks)
+                    log.info("control.release_attached", socket=str(listener.path))
+                return listener
+    return _listen((), engine=engine, release=ReleaseState(hooks))
+
+
+def _listen(
+    names: tuple[str, ...], *, engine: Engine | None, release: ReleaseState | None
+) -> Listener:
     if not hasattr(socket, "SO_PEERCRED") or not hasattr(socket, "AF_UNIX"):
         raise ConfigError("listen() needs Unix sockets with SO_PEERCRED (Linux)")
     with _LISTEN_LOCK:  # two threads of one process must not both bind its name
         sock, path, identity = _bind(runtime_dir())
-        listener = Listener(engine or default_engine(), names, path, sock, identity)
+        listener = Listener(engine or default_engine(), names, path, sock, identity, release)
         _install_process_hooks()
         _ACTIVE.add(listener)
     tracked = listener.listened()
     try:
-        listener.engine.track(*tracked)
+        if release is None:  # a release's files never change: their baseline is read when needed
+            listener.engine.track(*tracked)
         listener._start()
     except BaseException:
         listener.close()

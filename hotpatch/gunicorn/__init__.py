@@ -24,9 +24,11 @@ matches one of its settings.
 Owns the rolling engine: the config hook (here), the master side (``_master``: signals, the
 rollout driven from gunicorn's loop, ``_watch``: the master's source scan), the pure rollout state
 machine (``_machine``), the worker side (``_worker``: pinning, the in-worker health probe),
-releases (``_releases``: snapshots and pinning), settings, the on-disk state and its client.
-May import: ``hotpatch.errors``, ``hotpatch.health``, ``hotpatch.watch``'s pure helpers. Never
-imports cli or demo.
+releases (``_releases``: snapshots and pinning), settings, the on-disk state and its client,
+and deploys (``_deploy``: the pure decisions; ``_coordinator``: ``hotpatch deploy``'s two-phase
+commit across the workers, which listen on the control channel).
+May import: ``hotpatch.errors``, ``hotpatch.health``, ``hotpatch.rundir``, ``hotpatch.watch``'s
+pure helpers, ``hotpatch.control`` (worker sockets, deploy sessions). Never imports cli or demo.
 """
 
 from __future__ import annotations

@@ -24,14 +24,17 @@ from typing import Any
 
 from hotpatch.errors import ConfigError, HotpatchError, RolloutFailed
 from hotpatch.gunicorn._state import (
+    WAKE_SIGNAL,
     StateError,
     load_state_file,
     process_start_time,
     process_uid,
     state_dir_for,
+    write_request,
 )
 
 POLL_INTERVAL_S = 0.05
+ACK_POLL_INTERVAL_S = 0.005
 MAX_PIDFILE_BYTES = 64
 
 
@@ -259,3 +262,58 @@ def rollout_error(record: dict[str, Any]) -> RolloutFailed | None:
         rolled_back=record.get("rolled_back") is True,
         worker_pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
     )
+
+
+class MasterNoAnswer(HotpatchError, TimeoutError):
+    """A request to the master got no answer in time: whether it acted is unknown."""
+
+
+def ask_master(
+    pid: int,
+    request: dict[str, Any],
+    *,
+    timeout_s: float = 10.0,
+    state_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Hand ``request`` to master ``pid`` (``hotpatch deploy``'s steps) and return its answer.
+
+    The request goes into the master's private state directory; the master is woken with
+    ``WAKE_SIGNAL`` through a pidfd opened before its record was checked (as ``start_rollout``),
+    and answers in its published state under the request's random token.
+
+    Raises:
+        ConfigError: no such master of this user running hotpatch's hooks (nothing was sent).
+        MasterNoAnswer: no answer within ``timeout_s`` (the master may still act on it).
+        RolloutFailed: the master exited before it answered.
+    """
+    token = os.urandom(16).hex()
+    pidfd = _pidfd_open(pid)
+    try:
+        state = load_state(pid, state_dir)
+        start_time = state.get("master_start_time")
+        directory = _state_dir(pid, state_dir)
+        try:
+            write_request(directory, token, request)
+        except (OSError, ValueError) as exc:  # InsecurePath is an OSError
+            raise ConfigError(
+                f"{directory}: cannot leave a request for the master: {exc}"
+            ) from None
+        _send(pid, pidfd, WAKE_SIGNAL)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(ConfigError):
+            acks = load_state(pid, state_dir).get("deploy_acks") or {}
+            ack = acks.get(token) if isinstance(acks, dict) else None
+            if isinstance(ack, dict):
+                return ack
+        if not is_alive(pid, start_time if isinstance(start_time, int) else None):
+            raise RolloutFailed(f"master {pid} exited before it answered", rolled_back=False)
+        if time.monotonic() >= deadline:
+            raise MasterNoAnswer(
+                f"master {pid} did not answer {request.get('op')!r} within {timeout_s:g} s; "
+                f"whether it acted is unknown: see `hotpatch status --pid {pid}`"
+            )
+        time.sleep(ACK_POLL_INTERVAL_S)

@@ -15,6 +15,17 @@ In watch mode (``HOTPATCH_WATCH=1``) ``manage_workers`` also polls the app direc
 when a scan is due (``_watch.py``) and requests a rollout, as SIGHUP does, when saved content
 changed.
 
+``hotpatch deploy`` talks to the master through request files and ``WAKE_SIGNAL`` (``_state``):
+``begin`` snapshots the release to deploy and records the workers taking part; ``switch`` (all of
+them accepted phase 1) makes workers spawned from then on boot from the new release, but only if
+the worker set is still exactly the one that began; ``finish`` makes the new release known-good
+(deployed) or puts the spawn release back and retires any worker that booted from the new one
+(rolled back), plus the workers the coordinator names as in doubt. A deploy the coordinator
+abandons expires: before the switch nothing was committed and it is dropped; after it, every
+worker is retired and respawned on the known-good release (the master cannot know which
+committed). While a deploy runs, a rollout request waits for it, and a deploy is refused while a
+rollout runs.
+
 Workers report through a pipe per worker whose read end wakes the master with ``WAKE_SIGNAL``
 (``_state.py``); a ``SIGALRM`` timer wakes it at the next deadline, so progress never waits for
 gunicorn's one-second loop.
@@ -58,6 +69,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from hotpatch._log import get_logger
 from hotpatch.errors import ConfigError
+from hotpatch.gunicorn._deploy import begin_problem, changed_files, pids, switch_problem
 from hotpatch.gunicorn._fileset import SnapshotRule
 from hotpatch.gunicorn._machine import (
     Action,
@@ -91,6 +103,7 @@ from hotpatch.gunicorn._state import (
     process_start_time,
     remove_stale_state_dirs,
     state_dir_for,
+    take_requests,
     write_state,
 )
 from hotpatch.gunicorn._watch import ChangeDetector, hash_sources, scan_sources
@@ -120,6 +133,11 @@ MAX_INTERNAL_FAILURES = 3
 
 P = ParamSpec("P")
 R = TypeVar("R")
+MAX_DEPLOY_TIMEOUT_S = 3600.0
+DEPLOY_GRACE_S = 5.0
+"""A deploy expires this long after its coordinator's own timeout."""
+_MAX_ACKS = 16
+_DEPLOY_OUTCOMES = frozenset({"deployed", "rolled_back", "refused", "aborted", "unchanged"})
 _RELEASE_CHECK_INTERVAL_S = 5.0
 """How often the master checks, unasked, that the releases its workers run are intact."""
 
@@ -144,6 +162,8 @@ class Controller:
         self.worker_release: dict[int, str] = {}
         self.worker_stage: dict[int, str] = {}
         self.recycled: set[int] = set()
+        self.listening: set[int] = set()
+        """Workers whose control socket is open (they reported it): deploys wait for them."""
         self.candidates: set[int] = set()
         self.rollout: Rollout | None = None
         self.rollout_events: list[dict[str, Any]] = []
@@ -175,6 +195,13 @@ class Controller:
         self.rule = SnapshotRule.build(settings.snapshot_exclude)
         self.damaged: dict[str, str] = {}
         self._next_release_check = 0.0
+        self.deploy: dict[str, Any] | None = None
+        self.last_deploy: dict[str, Any] | None = None
+        self.next_deploy_id = 1
+        self.deploy_acks: dict[str, dict[str, Any]] = {}
+        self._deploy_release: Release | None = None
+        self._deploy_participants: dict[int, str] = {}
+        self._deploy_deadline: float | None = None
 
     # -- installation -----------------------------------------------------------------------
 
@@ -273,9 +300,11 @@ class Controller:
             exclude_paths=[os.path.realpath(self.state_dir), os.path.realpath(root)],
         )
 
-    def _new_release(self, number: int) -> Release:
+    def _new_release(self, number: int, *, prefix: str = "r") -> Release:
         assert self.releases_dir is not None
-        release = take_snapshot(self.app_dir, self.releases_dir, number=number, rule=self.rule)
+        release = take_snapshot(
+            self.app_dir, self.releases_dir, number=number, rule=self.rule, prefix=prefix
+        )
         if self.worker_gid is not None:
             grant_release_access(release.path, gid=self.worker_gid)
         return release
@@ -512,6 +541,7 @@ class Controller:
             self._check_releases_in_use()
         except Exception:  # a failed check is not a failed rollout: say so and go on
             log.exception("release.check_failed", master_pid=self.master_pid)
+        self.serve_deploy_requests()
         self.tick()
 
     def _recorded(self, spawn: Callable[[], Any]) -> Callable[[], Any]:
@@ -605,11 +635,12 @@ class Controller:
             }
             self.publish()
             return
-        if self.rollout is not None:
+        if self.rollout is not None or self.deploy is not None:
             log.info(
                 "rollout.queued",
                 rollout_id=self.next_rollout_id,
-                running_rollout_id=self.rollout.rollout_id,
+                running_rollout_id=self.rollout.rollout_id if self.rollout else None,
+                running_deploy_id=self.deploy["id"] if self.deploy else None,
                 already_pending=self.pending,
             )
             self.pending = True
@@ -707,6 +738,8 @@ class Controller:
         times = []
         if self.rollout is not None:
             times.append(self.rollout.next_deadline())
+        if self._deploy_deadline is not None:
+            times.append(self._deploy_deadline)
         if self.watcher is not None:
             times.append(self.watcher.next_scan_at())
         return min((t for t in times if t is not None), default=None)
@@ -889,6 +922,233 @@ class Controller:
             self.publish()
             self.start_rollout()
 
+    # -- deploys (requests from ``hotpatch deploy``) -----------------------------------------
+
+    def serve_deploy_requests(self) -> None:
+        """Answer the deploy requests waiting in the state directory; expire an abandoned deploy."""
+        if not self.has_state_dir:
+            return
+        for token, request in take_requests(self.state_dir):
+            if isinstance(request, str):
+                ack: dict[str, Any] = {"ok": False, "reason": request}
+            else:
+                try:
+                    ack = self._deploy_op(request)
+                except Exception as exc:  # an answer, never an exception in gunicorn's loop
+                    log.exception("deploy.request_failed", master_pid=self.master_pid)
+                    ack = {"ok": False, "reason": f"internal error: {type(exc).__name__}: {exc}"}
+            self.deploy_acks[token] = ack
+            while len(self.deploy_acks) > _MAX_ACKS:
+                self.deploy_acks.pop(next(iter(self.deploy_acks)))
+        if self._deploy_deadline is not None and time.monotonic() >= self._deploy_deadline:
+            self._expire_deploy()
+
+    def _deploy_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "begin":
+            return self._begin_deploy(request)
+        deploy = self.deploy
+        if deploy is None or request.get("deploy_id") != deploy["id"]:
+            return {"ok": False, "reason": f"no deploy {request.get('deploy_id')!r:.40} is running"}
+        if op == "switch":
+            return self._switch_deploy()
+        if op == "finish":
+            return self._finish_deploy(request)
+        return {"ok": False, "reason": f"unknown request {op!r:.40}"}
+
+    def _begin_deploy(self, request: dict[str, Any]) -> dict[str, Any]:
+        problem = begin_problem(
+            disabled_reason=self.disabled_reason,
+            rollout_id=self.rollout.rollout_id if self.rollout else None,
+            deploy_id=self.deploy["id"] if self.deploy else None,
+            workers={
+                pid: (self.worker_release.get(pid), self._deploy_phase(pid))
+                for pid in self.arbiter.WORKERS
+            },
+            known_good=self.known_good.id if self.known_good else None,
+            size=self.size,
+        )
+        if problem is not None:
+            return {"ok": False, "reason": problem}
+        assert self.known_good is not None
+        timeout = request.get("timeout_s")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            return {"ok": False, "reason": "timeout_s must be a positive number of seconds"}
+        timeout = min(float(timeout), MAX_DEPLOY_TIMEOUT_S)
+        deploy_id = self.next_deploy_id
+        self.next_deploy_id += 1
+        try:
+            release = self._new_release(deploy_id, prefix="d")
+        except Exception as exc:
+            reason = f"{exc} (stage: snapshot)"
+            log.error(
+                "deploy.failed", master_pid=self.master_pid, deploy_id=deploy_id, reason=reason
+            )
+            return {"ok": False, "reason": reason}
+        self.releases[release.id] = release
+        python, other = changed_files(self.known_good.manifest, release.manifest)
+        self._deploy_release = release
+        self._deploy_participants = {pid: self.known_good.id for pid in self.arbiter.WORKERS}
+        self._deploy_deadline = time.monotonic() + timeout + DEPLOY_GRACE_S
+        strategy = str(request.get("strategy", ""))[:40]
+        self.deploy = {
+            "id": deploy_id,
+            "strategy": strategy,
+            "release": release.id,
+            "known_good": self.known_good.id,
+            "phase": "prepared",
+            "workers": sorted(self._deploy_participants),
+            "started": time.time(),
+        }
+        log.info(
+            "deploy.started",
+            master_pid=self.master_pid,
+            deploy_id=deploy_id,
+            release=release.id,
+            known_good=self.known_good.id,
+            strategy=strategy,
+            workers=sorted(self._deploy_participants),
+            changed=python + other,
+        )
+        self._arm_timer(self._next_wakeup())
+        return {
+            "ok": True,
+            "deploy_id": deploy_id,
+            "release": release.id,
+            "release_dir": str(release.path),
+            "known_good": self.known_good.id,
+            "workers": sorted(self._deploy_participants),
+            "changed_python": python[:200],
+            "changed_other": other[:200],
+            "changed_count": len(python) + len(other),
+        }
+
+    def _deploy_phase(self, pid: int) -> str:
+        phase = self.worker_stage.get(pid, "booting")
+        if phase == "ready" and pid not in self.listening:
+            return "still opening its control socket"
+        return phase
+
+    def _switch_deploy(self) -> dict[str, Any]:
+        deploy, release = self.deploy, self._deploy_release
+        assert deploy is not None and release is not None
+        if deploy["phase"] != "prepared":
+            return {"ok": False, "reason": f"deploy {deploy['id']} is {deploy['phase']}"}
+        problem = switch_problem(
+            self._deploy_participants,
+            {pid: self.worker_release.get(pid) for pid in self.arbiter.WORKERS},
+        )
+        if problem is None:
+            problem = self.release_problem(release)
+        if problem is not None:
+            log.warning("deploy.switch_refused", master_pid=self.master_pid, reason=problem)
+            return {"ok": False, "reason": problem}
+        self.spawn_release = release
+        deploy["phase"] = "committing"
+        log.info("deploy.switched", master_pid=self.master_pid, deploy_id=deploy["id"])
+        return {"ok": True}
+
+    def _finish_deploy(self, request: dict[str, Any]) -> dict[str, Any]:
+        deploy, release = self.deploy, self._deploy_release
+        assert deploy is not None and release is not None
+        outcome = request.get("outcome")
+        if outcome not in _DEPLOY_OUTCOMES:
+            return {"ok": False, "reason": f"unknown outcome {outcome!r:.40}"}
+        if outcome == "deployed" and deploy["phase"] != "committing":
+            return {"ok": False, "reason": f"deploy {deploy['id']} was never switched"}
+        retire = [p for p in pids(request.get("retire") or []) if p in self._deploy_participants]
+        reason = request.get("reason")
+        self._end_deploy(
+            str(outcome),
+            reason=str(reason)[:2000] if reason else None,
+            retire=retire,
+            summary=request.get("summary") if isinstance(request.get("summary"), dict) else None,
+        )
+        return {"ok": True}
+
+    def _expire_deploy(self) -> None:
+        deploy = self.deploy
+        if deploy is None:
+            self._deploy_deadline = None
+            return
+        if deploy["phase"] == "prepared":
+            reason = "the deploy's coordinator did not finish it in time; nothing was committed"
+            self._end_deploy("expired", reason=reason, retire=[])
+            return
+        reason = (
+            "the deploy's coordinator did not finish it in time after the commit began; which "
+            "workers committed is unknown, so every worker is replaced by one on the known-good "
+            "release"
+        )
+        self._end_deploy("expired", reason=reason, retire=sorted(self.arbiter.WORKERS))
+
+    def _end_deploy(
+        self,
+        outcome: str,
+        *,
+        reason: str | None,
+        retire: list[int],
+        summary: dict[str, Any] | None = None,
+    ) -> None:
+        deploy, release = self.deploy, self._deploy_release
+        assert deploy is not None and release is not None
+        if outcome == "deployed":
+            self.known_good = self.spawn_release = release
+            for pid in self._deploy_participants:
+                if pid in self.worker_release:
+                    self.worker_release[pid] = release.id
+        else:
+            self.spawn_release = self.known_good
+            retire = sorted(
+                set(retire) | {p for p, r in self.worker_release.items() if r == release.id}
+            )
+        for pid in retire:
+            if pid in self.arbiter.WORKERS:
+                log.warning(
+                    "deploy.worker_retired",
+                    master_pid=self.master_pid,
+                    deploy_id=deploy["id"],
+                    worker_pid=pid,
+                    release=self.worker_release.get(pid),
+                )
+                self._signal_worker(pid, signal.SIGTERM)
+        started = deploy.get("started")
+        self.last_deploy = {
+            **deploy,
+            "phase": "finished",
+            "outcome": outcome,
+            "reason": reason,
+            "retired": retire,
+            "known_good": self.known_good.id if self.known_good else None,
+            "duration_s": round(time.time() - started, 3) if isinstance(started, float) else None,
+            **({"summary": summary} if summary else {}),
+        }
+        level = "info" if outcome in ("deployed", "unchanged") else "warning"
+        getattr(log, level)(
+            "deploy.finished",
+            master_pid=self.master_pid,
+            deploy_id=deploy["id"],
+            outcome=outcome,
+            release=release.id,
+            known_good=self.known_good.id if self.known_good else None,
+            reason=reason,
+            retired=retire,
+        )
+        self.deploy = None
+        self._deploy_release = None
+        self._deploy_participants = {}
+        self._deploy_deadline = None
+        keep = set(self.worker_release.values())
+        keep.update(r.id for r in (self.known_good, self.spawn_release) if r is not None)
+        if self.releases_dir is not None:
+            for rid in prune_releases(self.releases_dir, keep):
+                self.releases.pop(rid, None)
+                self.damaged.pop(rid, None)
+        if self.pending and self.rollout is None:
+            self.pending = False
+            self.publish()
+            self.start_rollout()
+
     def _log_failure(self) -> None:
         rollout = self.rollout
         if rollout is None or rollout.failure is None or self._failure_logged:
@@ -995,6 +1255,8 @@ class Controller:
             )
         elif name == "recycled":
             self.recycled.add(pid)
+        elif name == "listening":
+            self.listening.add(pid)
 
     def child_exited(self, pid: int) -> None:
         """A worker was reaped (``child_exit`` hook, or the halt guard)."""
@@ -1008,6 +1270,7 @@ class Controller:
         self.worker_stage.pop(pid, None)
         is_recycled = pid in self.recycled
         self.recycled.discard(pid)
+        self.listening.discard(pid)
         if self.rollout is not None:
             self.rollout.worker_exited(pid, time.monotonic(), is_recycled=is_recycled)
             self._event(
@@ -1039,7 +1302,14 @@ class Controller:
             phase = self.worker_stage.get(pid, "booting")
             if rollout is not None and pid in rollout.workers:
                 phase = rollout.workers[pid].phase
-            workers.append({"pid": pid, "release": self.worker_release.get(pid), "phase": phase})
+            workers.append(
+                {
+                    "pid": pid,
+                    "release": self.worker_release.get(pid),
+                    "phase": phase,
+                    "listening": pid in self.listening,
+                }
+            )
         current = None
         if rollout is not None:
             current = {
@@ -1066,6 +1336,11 @@ class Controller:
             "watch": self._watch_state(),
             "releases_dir": str(self.releases_dir) if self.releases_dir else None,
             "damaged_releases": dict(self.damaged),
+            "spawn_release": self.spawn_release.id if self.spawn_release else None,
+            "deploy": self.deploy,
+            "last_deploy": self.last_deploy,
+            "next_deploy_id": self.next_deploy_id,
+            "deploy_acks": self.deploy_acks,
         }
 
     def _watch_state(self) -> dict[str, Any] | None:
@@ -1110,7 +1385,7 @@ class Controller:
         if self.state_dir.is_dir() and self.state_dir.name.startswith("gunicorn-"):
             shutil.rmtree(self.state_dir, ignore_errors=True)
         elif self.state_dir.is_dir():
-            for sub in ("releases", "reports"):
+            for sub in ("releases", "reports", "requests"):
                 shutil.rmtree(self.state_dir / sub, ignore_errors=True)
             with contextlib.suppress(OSError):
                 (self.state_dir / "state.json").unlink()

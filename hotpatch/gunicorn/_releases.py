@@ -96,7 +96,8 @@ class Release:
     """One snapshot of the app directory.
 
     Attributes:
-        id: ``r<rollout number>-<first 12 hex digits of the content hash>``.
+        id: ``r<rollout number>-<first 12 hex digits of the content hash>`` (``d<deploy
+            number>-...`` for a release made by ``hotpatch deploy``).
         path: the snapshot directory.
         source: the app directory it was copied from (resolved at that moment).
         sha256: the content hash (the manifest's paths, kinds and content hashes).
@@ -113,7 +114,12 @@ class Release:
 
 
 def take_snapshot(
-    app_dir: Path, releases_dir: Path, *, number: int, rule: SnapshotRule = BUILTIN_RULE
+    app_dir: Path,
+    releases_dir: Path,
+    *,
+    number: int,
+    rule: SnapshotRule = BUILTIN_RULE,
+    prefix: str = "r",
 ) -> Release:
     """Copy what ``rule`` includes of ``app_dir`` (resolved now: a ``current`` link is followed).
 
@@ -124,6 +130,7 @@ def take_snapshot(
         app_dir: the app directory.
         releases_dir: where this master's releases live (a private directory).
         number: the rollout number (0 at start-up), part of the id.
+        prefix: the id's first letter: ``r`` for a rollout's release, ``d`` for a deploy's.
         rule: what belongs to a release (the state and releases directories are excluded by it
             when they are inside the app).
 
@@ -161,7 +168,7 @@ def take_snapshot(
         _remove_tree(staging)
         raise
     sha = manifest_hash(manifest)
-    release_id = f"r{number}-{sha[:12]}"
+    release_id = f"{prefix}{number}-{sha[:12]}"
     final = releases_dir / release_id
     _remove_tree(final)
     staging.rename(final)
@@ -410,7 +417,7 @@ def prune_releases(releases_dir: Path, keep: Iterable[str]) -> list[str]:
     if not releases_dir.is_dir():
         return removed
     for entry in releases_dir.iterdir():
-        if entry.name.startswith(("r", ".staging-")) and entry.name not in wanted:
+        if entry.name.startswith(("r", "d", ".staging-")) and entry.name not in wanted:
             with contextlib.suppress(OSError):
                 _remove_tree(entry)
             removed.append(entry.name)

@@ -26,10 +26,17 @@ The mechanism, in three parts:
   time and uid (checked through a pidfd where the kernel has them, so the pid cannot be reused
   between the check and the signal).
 
+- **Requests to the master** (``hotpatch deploy``). A client writes one small JSON file into
+  ``requests/`` (``write_request``: private, ``write_private``), then sends ``WAKE_SIGNAL`` through
+  a pidfd to the verified master; the master reads each file once (``take_requests``:
+  ``read_private``, capped, then removed), acts from its own loop, and publishes the answer in
+  ``state.json`` under the request's random token (``deploy_acks``).
+
 ```
 <state dir>/                 default: <runtime dir>/gunicorn-<master pid>/  (mode 0700)
   state.json                 the master's published state (write_private: temp file + rename)
   releases/<release id>/     snapshots of the app directory
+  requests/<token>.json      a client's request to the master, removed when read
 ```
 """
 
@@ -61,6 +68,10 @@ WAKE_SIGNAL = signal.SIGURG
 """Ignored by default, unused by gunicorn: the kernel sends it to the master when a report arrives."""
 
 STATE_FILE = "state.json"
+REQUESTS_DIR = "requests"
+MAX_REQUEST_FILE_BYTES = 16 << 10
+_TOKEN = re.compile(r"[0-9a-f]{32}")
+_REQUEST_NAME = re.compile(r"[0-9a-f]{32}\.json")
 _STATE_DIR_NAME = re.compile(r"gunicorn-([1-9][0-9]{0,9})")
 MAX_STATE_BYTES = 4 << 20
 """The state holds at most 200 events per rollout and one line per worker: far below this."""
@@ -69,8 +80,8 @@ MAX_REPORT_BYTES = 256 << 10
 MAX_REASON_CHARS = 2_000
 MAX_ERROR_CHARS = 32_000
 
-ReportStage = Literal["loaded", "healthy", "failed", "recycled"]
-_STAGES = frozenset({"loaded", "healthy", "failed", "recycled"})
+ReportStage = Literal["loaded", "healthy", "failed", "recycled", "listening"]
+_STAGES = frozenset({"loaded", "healthy", "failed", "recycled", "listening"})
 _FAILED_AT = frozenset({"", "release", "load", "health"})
 
 
@@ -101,7 +112,56 @@ def prepare_state_dir(path: Path) -> Path:
     """
     state_dir = private_dir(path.parent, path.name)
     private_dir(state_dir, "releases")
+    private_dir(state_dir, REQUESTS_DIR)
     return state_dir
+
+
+def write_request(state_dir: Path, token: str, request: dict[str, Any]) -> None:
+    """Leave ``request`` for the master (client side); ``token`` names it and its answer.
+
+    Raises:
+        InsecurePath: the state or requests directory is not private to this uid.
+        ValueError: ``token`` is not 32 hex digits or the request is too large.
+        OSError: it cannot be written.
+    """
+    if not _TOKEN.fullmatch(token):
+        raise ValueError(f"not a request token: {token!r:.80}")
+    data = json.dumps(request, sort_keys=True).encode()
+    if len(data) > MAX_REQUEST_FILE_BYTES:
+        raise ValueError(f"request larger than {MAX_REQUEST_FILE_BYTES} bytes")
+    check_private_dir(state_dir)
+    directory = state_dir / REQUESTS_DIR
+    check_private_dir(directory)
+    write_private(directory / f"{token}.json", data)
+
+
+def take_requests(state_dir: Path, *, limit: int = 16) -> list[tuple[str, dict[str, Any] | str]]:
+    """The requests waiting for the master, each removed once read: ``(token, request)``, or
+    ``(token, why it was refused)`` for a file that is unsafe, too large or not a JSON object."""
+    directory = state_dir / REQUESTS_DIR
+    try:
+        names = sorted(n for n in os.listdir(directory) if _REQUEST_NAME.fullmatch(n))[:limit]
+    except OSError:
+        return []
+    taken: list[tuple[str, dict[str, Any] | str]] = []
+    for name in names:
+        path = directory / name
+        token = name[: -len(".json")]
+        try:
+            raw = read_private(path, max_bytes=MAX_REQUEST_FILE_BYTES)
+        except (OSError, ValueError) as exc:
+            taken.append((token, f"unreadable request: {exc}"))
+            with contextlib.suppress(OSError):
+                path.unlink()
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            data = None
+        taken.append((token, data if isinstance(data, dict) else "not a JSON object"))
+    return taken
 
 
 def write_state(state_dir: Path, state: dict[str, Any]) -> None:
@@ -203,7 +263,8 @@ class StageReport:
 
     Attributes:
         stage: ``loaded`` (the app imported), ``healthy`` (checks passed), ``failed`` (load or
-            health failed), ``recycled`` (leaving after ``max_requests``).
+            health failed), ``recycled`` (leaving after ``max_requests``), ``listening`` (its
+            control socket is open: it can take part in deploys).
         release: the release the worker runs.
         failed_at: for ``failed``: ``release`` (its release failed verification), ``load`` or
             ``health``.

@@ -3,11 +3,20 @@
 Runs in a freshly forked worker: ``prepare_worker`` from ``post_fork`` (before gunicorn imports the
 app), ``check_worker`` from ``post_worker_init`` (after it, before the first request),
 ``note_worker_exit`` from ``worker_exit``.
+
+After its checks, ``check_worker`` also makes the worker reachable through the control channel
+(``hotpatch.control.listen_release``), with no code in the app: the worker patches the modules
+whose files lie in its release's snapshot directory (the app's own code, never the standard
+library or installed packages), and takes part in in-place deploys (docs/deploy.md). Its deploy
+health check is the same probe as at boot (``health_problem``). When a deploy commits, the
+worker moves ``sys.path`` to the new release (``_switched``) and reports it from then on.
 """
 
 from __future__ import annotations
 
+import importlib
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -64,6 +73,7 @@ class SpawnPlan:
 class _WorkerState:
     plan: SpawnPlan
     pid: int
+    listener: Any = None
 
 
 _current: _WorkerState | None = None
@@ -157,22 +167,13 @@ def check_worker(worker: Any) -> None:
     started = time.monotonic()
     port = _listen_port(worker)
     path = settings.health_path or "/"
-
-    def run_checks() -> None:
-        result = probe_wsgi(worker.wsgi, path, port=port)
-        if settings.health_path is not None and not result.is_success:
-            message = f"GET {path} answered {result.status}, expected 2xx"
-            raise HealthCheckFailed(message, result.body)
-        if settings.health_path is None and result.is_server_error:
-            raise HealthCheckFailed(f"GET {path} answered {result.status}", result.body)
-        for check in settings.checks:
-            if check(worker.wsgi) is False:
-                raise HealthCheckFailed(f"check {_name(check)} returned False", b"")
-
-    error = _run_with_deadline(run_checks, settings.health_timeout_s)
+    error = _run_with_deadline(
+        lambda: _run_checks(worker, settings, port), settings.health_timeout_s
+    )
     duration = time.monotonic() - started
     if error is None:
         _publish(StageReport("healthy", duration_s=duration))
+        _listen_in_background(worker)
         return
     if isinstance(error, TimeoutError):
         reason = (
@@ -198,6 +199,103 @@ def check_worker(worker: Any) -> None:
     log.error(
         "health_check.failed", worker_pid=worker.pid, release=state.plan.release, reason=reason
     )
+    _listen_in_background(worker)
+
+
+def _listen_in_background(worker: Any) -> None:
+    """Open the control socket without delaying the first request (importing the engine takes
+    a while); the master is told when it is open, and deploys wait for it."""
+
+    def run() -> None:
+        if start_listening(worker):
+            _publish(StageReport("listening"))
+
+    threading.Thread(target=run, name="hotpatch-listen", daemon=True).start()
+
+
+def _run_checks(worker: Any, settings: Settings, port: int) -> None:
+    path = settings.health_path or "/"
+    result = probe_wsgi(worker.wsgi, path, port=port)
+    if settings.health_path is not None and not result.is_success:
+        message = f"GET {path} answered {result.status}, expected 2xx"
+        raise HealthCheckFailed(message, result.body)
+    if settings.health_path is None and result.is_server_error:
+        raise HealthCheckFailed(f"GET {path} answered {result.status}", result.body)
+    for check in settings.checks:
+        if check(worker.wsgi) is False:
+            raise HealthCheckFailed(f"check {_name(check)} returned False", b"")
+
+
+def health_problem(worker: Any) -> str | None:
+    """This worker's health checks now (the boot probe and the user's checks): the problem, or
+    ``None`` when healthy. Used by in-place deploys after the commit (phase 3)."""
+    state = _require()
+    settings = state.plan.settings
+    error = _run_with_deadline(
+        lambda: _run_checks(worker, settings, _listen_port(worker)), settings.health_timeout_s
+    )
+    if error is None:
+        return None
+    if isinstance(error, TimeoutError):
+        return (
+            f"GET {settings.health_path or '/'} and the checks did not finish within "
+            f"{settings.health_timeout_s:g} s (stage: health)"
+        )
+    if isinstance(error, HealthCheckFailed):
+        return f"{error} (stage: health)"
+    reason, _ = describe_exception(
+        error, stage="health", release_dir=state.plan.release_dir, app_dir=state.plan.app_dir
+    )
+    return reason
+
+
+def start_listening(worker: Any) -> bool:
+    """Make this worker reachable through its control socket (patch, status, deploy sessions).
+
+    Returns whether it listens. A failure (an unsafe runtime directory) is logged; the worker
+    serves as before, and deploys are refused while it does not listen.
+    """
+    state = _current
+    if state is None:
+        return False
+    if state.listener is not None:
+        return True
+    try:
+        from hotpatch.control.server import listen_release
+        from hotpatch.control.session import ReleaseHooks
+
+        state.listener = listen_release(
+            ReleaseHooks(
+                release=state.plan.release,
+                release_dir=str(state.plan.release_dir),
+                health=lambda: health_problem(worker),
+                switched=_switched,
+            )
+        )
+    except Exception as exc:  # never a reason not to serve
+        log.warning(
+            "deploy.unavailable",
+            worker_pid=state.pid,
+            reason=f"the control socket could not be opened: {type(exc).__name__}: {exc}",
+        )
+        return False
+    return True
+
+
+def _switched(release: str, release_dir: str) -> None:
+    """A deploy committed (or rolled back): import from ``release_dir``, report ``release``."""
+    state = _require()
+    old = str(state.plan.release_dir).rstrip("/")
+    moved = []
+    for entry in sys.path:
+        if entry == old or entry.startswith(old + "/"):
+            moved.append(release_dir + entry[len(old) :])
+        else:
+            moved.append(entry)
+    sys.path[:] = moved
+    importlib.invalidate_caches()
+    sys.path_importer_cache.clear()
+    state.plan = replace(state.plan, release=release, release_dir=Path(release_dir))
 
 
 def note_worker_exit(worker: Any) -> None:

@@ -69,7 +69,7 @@ def test_a_request_round_trips() -> None:
         (b'{"v": 1, "action": 7, "pid": 1}', "'action' must be str"),
         (b'{"v": 1, "action": "patch", "pid": 1, "module": ""}', "1 to 1024 characters"),
         (b'{"v": 1, "action": "rollback", "pid": 1}', "needs field 'module'"),
-        (b'{"v": 2, "action": "patch", "pid": 1}', "protocol version 2 is not supported"),
+        (b'{"v": 3, "action": "patch", "pid": 1}', "protocol version 3 is not supported"),
         (b'{"action": "patch", "pid": 1}', "'v' is required"),
         (b'{"v": 1, "action": "eval", "pid": 1}', "unknown action 'eval'"),
         (b'{"v": 1, "v": 1, "action": "patch", "pid": 1}', "'v' appears twice"),

@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "check": {"engine", "errors"},
     "watch": {"engine", "errors"},
     "control": {"engine", "errors", "rundir"},
-    "gunicorn": {"errors", "health", "judge", "rundir", "watch"},
+    "gunicorn": {"errors", "health", "judge", "rundir", "watch", "control"},
     "demo": {"engine", "errors", "health", "judge", "watch", "control", "gunicorn", "rundir"},
     "cli": {
         "engine",
