@@ -88,7 +88,11 @@ _CLASS_TAKE_NEW = frozenset(
 )
 
 
-# Class attributes that ``setattr`` on a class treats specially: never assigned by a commit.
+# Names under which ``setattr`` (and ``delattr``) on a class reaches the type's own attribute, not
+# the class ``__dict__``: ``setattr(K, "__name__", v)`` renames the class itself. A commit never
+# assigns or deletes them on a live class. A descriptor a class body put under such a name (toolz's
+# ``Compose.__name__`` property, seen by instances only) still takes new code in place: that
+# changes the descriptor's functions and assigns nothing on the class.
 _CLASS_NEVER_SET = frozenset({"__class__", "__bases__", "__mro__", "__name__"})
 
 
@@ -607,6 +611,14 @@ class _Planner:
             is_code = bool(functions_of(ov)) or is_own_class(ov, self.module)
             if not is_code and (self.old_index is None or not self.old_index.binds(path, name)):
                 continue  # set at run time or by a decorator: live state, kept
+            if name in _CLASS_NEVER_SET:
+                self.problems.append(
+                    Problem(
+                        f"{path}.{name} was removed: deleting {name} on a live class would delete "
+                        "the class's own; a restart or rolling reload is needed"
+                    )
+                )
+                continue
             if public and is_public(name) and not self.allow_removals:
                 self.problems.append(
                     Problem(f"public member {path}.{name} was removed", policy=True)
@@ -623,7 +635,11 @@ class _Planner:
         if name in _CLASS_NEVER_SET:
             before = len(self.ops)
             self._update_member(cls, name, ov, nv, scope, public=public)
-            if len(self.ops) > before:
+            # Functions updated in place are fine; an assignment of the name on the class is not.
+            if any(
+                isinstance(op, SetAttr) and op.cls is cls and op.name == name
+                for op in self.ops[before:]
+            ):
                 del self.ops[before:]
                 self.problems.append(
                     Problem(
@@ -690,7 +706,7 @@ class _Planner:
             new_value = new_state[key]
             if not (
                 old_value is new_value
-                or self.remap.get(id(new_value)) is old_value
+                or self.remap.get(id(new_value), MISSING) is old_value
                 or same_value(old_value, new_value)
             ):
                 return False
@@ -723,7 +739,7 @@ def _same_cell(old: object, new: object, remap: dict[int, object]) -> bool:
     their own). Containers and other objects are state (a decorator's cache, a lock, a client):
     the live one is kept, as for a module-level value whose statement did not change.
     """
-    if old is new or remap.get(id(new)) is old:
+    if old is new or remap.get(id(new), MISSING) is old:
         return True
     if isinstance(old, types.FunctionType | type) or isinstance(new, types.FunctionType | type):
         return type(old) is type(new) and getattr(old, "__qualname__", None) == getattr(
