@@ -229,7 +229,11 @@ class _Planner:
                     self.remap[id(new)] = old
             elif kind == "class":
                 self._pair_class(old, new, name)  # type: ignore[arg-type]
-            elif not isinstance(new, IMMUTABLE) and not self.take_new("", name, old, new):
+            elif (
+                id(new) not in self.remap  # paired by the plan of the module that made it
+                and not isinstance(new, IMMUTABLE)
+                and not self.take_new("", name, old, new)
+            ):
                 self.remap[id(new)] = old
                 self.paired_plain.append(id(new))
 
@@ -247,6 +251,7 @@ class _Planner:
                 self.remap[id(nv)] = ov
             elif (
                 ov is not MISSING
+                and id(nv) not in self.remap
                 and name not in CLASS_SKIP
                 and name not in _CLASS_TAKE_NEW
                 and not isinstance(nv, IMMUTABLE)

@@ -7,15 +7,40 @@ version imported afresh (a restart); what does need a restart stays refused, wit
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import sys
 import textwrap
 import types
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from hotpatch import Engine, PatchRejected
+
+MakePackage = Callable[[dict[str, str]], str]
+
+
+@pytest.fixture(name="make_package")
+def _make_package(tmp_path: Path) -> Iterator[MakePackage]:
+    """Write a package (file name -> source) under tmp_path; return its unique name."""
+    made: list[str] = []
+    sys.path.insert(0, str(tmp_path))
+
+    def make(files: dict[str, str]) -> str:
+        name = f"hp_ref_{uuid.uuid4().hex[:10]}"
+        (tmp_path / name).mkdir()
+        for filename, source in files.items():
+            (tmp_path / name / filename).write_text(textwrap.dedent(source), encoding="utf-8")
+        made.append(name)
+        return name
+
+    yield make
+    sys.path.remove(str(tmp_path))
+    for name in [n for n in sys.modules if n.split(".")[0] in made]:
+        del sys.modules[name]
 
 
 def _restarted(source: str, tmp_path: Path) -> types.ModuleType:
@@ -200,3 +225,35 @@ def test_a_closure_or_descriptor_state_that_was_none_takes_its_new_value(
     assert mod.handler() == fresh.handler() == "tag"
     assert mod.K.__dict__["value"].__doc__ == fresh.K.__dict__["value"].__doc__ == "one"
     assert {"handler", "K.value"} <= set(result.changed)
+
+
+def test_a_star_import_re_derived_in_a_change_set_binds_the_live_objects(make_package) -> None:
+    """more-itertools 11.0.0 -> 11.0.1: ``recipes`` gained a name and ``__init__`` (``from .recipes
+    import *``) changed its version. The ``__init__`` plan paired the candidate's ``all_equal`` with
+    its own live value, over the pairing the ``recipes`` plan had made; re-planned with the star
+    import forced, it dropped that pairing and bound the candidate's functions: ``mi.all_equal``
+    read a namespace no module had (a test patching ``recipes.groupby`` failed)."""
+    name = make_package(
+        {
+            "__init__.py": "from .sub import *\n__version__ = '1'\n",
+            "sub.py": "__all__ = ['f']\n\ndef f():\n    return helper()\n\ndef helper():\n"
+            "    return 1\n",
+        }
+    )
+    pkg = importlib.import_module(name)
+    sub = importlib.import_module(f"{name}.sub")
+    engine = Engine()
+    engine.track(name, sub.__name__)
+    results = engine.patch_many(
+        {
+            sub.__name__: "__all__ = ['f', 'g']\n\ndef f():\n    return helper()\n\n"
+            "def helper():\n    return 1\n\ndef g():\n    return 2\n",
+            name: "from .sub import *\n__version__ = '2'\n",
+        }
+    )
+    assert pkg.f is sub.f and pkg.f.__globals__ is vars(sub)
+    assert pkg.g is sub.g and pkg.g() == 2
+    sub.helper = lambda: 10  # what patching sub's globals (a test's mock) does
+    assert pkg.f() == 10
+    init = next(r for r in results if r.module == name)
+    assert "f" not in init.changed and "g" in init.added
