@@ -257,3 +257,24 @@ def test_a_star_import_re_derived_in_a_change_set_binds_the_live_objects(make_pa
     assert pkg.f() == 10
     init = next(r for r in results if r.module == name)
     assert "f" not in init.changed and "g" in init.added
+
+
+PROXY = """
+class Proxy:
+    __class__ = property(lambda self: dict)  # a proxy (werkzeug's LocalProxy, Django's LazyObject)
+
+    def __init__(self, name):
+        self.name = name
+
+DEFAULT = Proxy("a")
+"""
+
+
+def test_a_new_instance_of_a_proxy_class_is_re_typed_to_the_live_class(make_module) -> None:
+    """Re-typing a candidate's instance to the live class went through ``value.__class__ = K``,
+    which runs a proxy's ``__class__`` property: "could not plan this change"."""
+    mod = make_module(PROXY)
+    live_class = mod.Proxy
+    Engine().patch(mod.__name__, source=PROXY.replace('Proxy("a")', 'Proxy("b")'))
+    assert type(mod.DEFAULT) is live_class and mod.DEFAULT.name == "b"
+    assert mod.DEFAULT.__class__ is dict
