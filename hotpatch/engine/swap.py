@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import functools
 import gc
+import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -370,6 +371,17 @@ class _Planner:
 
     # -- module level ----------------------------------------------------------------------------
     def plan_module(self) -> None:
+        origin = _built_from_elsewhere(self.live)
+        if origin is not None:
+            self.problems.append(
+                Problem(
+                    f"{self.module} was built from {origin} (its import spec), not from its "
+                    f"__file__ {self.live.get('__file__')} (an alias an import hook made): "
+                    "executing that file as this module is not what a restart does; a restart or "
+                    "rolling reload is needed"
+                )
+            )
+            return
         self.pair_names()
         all_names = self.live.get("__all__")
         exported = set(all_names) if isinstance(all_names, list | tuple) else None
@@ -716,6 +728,25 @@ class _Planner:
             ):
                 return False
         return True
+
+
+def _built_from_elsewhere(namespace: dict[str, object]) -> str | None:
+    """The file a module was built from, when it is not its ``__file__``, else ``None``.
+
+    The import system executes ``__spec__.origin`` and sets ``__file__`` to it; an import hook
+    that builds a module from another module's namespace (toolz's ``tlz``, a copy of ``toolz``
+    with its own docstring) may point ``__file__`` at that other module's source.
+    """
+    spec = namespace.get("__spec__")
+    origin = getattr(spec, "origin", None) if spec is not None else None
+    filename = namespace.get("__file__")
+    if not isinstance(origin, str) or not isinstance(filename, str):
+        return None
+    if not getattr(spec, "has_location", False):
+        return None  # "built-in", "frozen" or a hook's own label, not a file
+    if os.path.normpath(origin) == os.path.normpath(filename):
+        return None
+    return origin
 
 
 def _descriptor_state(value: object) -> dict[str, object]:

@@ -278,3 +278,16 @@ def test_a_new_instance_of_a_proxy_class_is_re_typed_to_the_live_class(make_modu
     Engine().patch(mod.__name__, source=PROXY.replace('Proxy("a")', 'Proxy("b")'))
     assert type(mod.DEFAULT) is live_class and mod.DEFAULT.name == "b"
     assert mod.DEFAULT.__class__ is dict
+
+
+def test_a_module_built_from_another_file_than_its_file_is_refused(make_module) -> None:
+    """toolz's ``tlz`` is built from ``tlz/__init__.py`` by an import hook that copies ``toolz``'s
+    namespace and then points ``tlz.__file__`` at ``toolz/__init__.py``. Patching ``tlz`` with
+    that file's new version executed toolz's source as ``tlz``: its docstring became ``None``
+    (applied but different). What a restart builds there, hotpatch cannot show: refused."""
+    alias = make_module('"""The alias."""\n\nfrom os import path\n')
+    other = make_module("def f():\n    return 1\n")
+    alias.__file__ = other.__file__  # what the hook does
+    with pytest.raises(PatchRejected, match=r"was built from .*not from its __file__.*restart"):
+        Engine().patch(alias.__name__, source="def f():\n    return 2\n")
+    assert alias.__doc__ == "The alias." and not hasattr(alias, "f")
