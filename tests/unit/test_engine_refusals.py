@@ -3,6 +3,8 @@
 Each test is a minimal module pair for a refusal the replay benchmark found on real releases and
 that a restart did not need: the patch now applies, and the patched module behaves like the new
 version imported afresh (a restart); what does need a restart stays refused, with nothing changed.
+Then the defects those refusals had hidden, found when the replay's steps went through (each one
+an applied-but-different step), and two more found on the way.
 """
 
 from __future__ import annotations
