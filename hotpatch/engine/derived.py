@@ -306,6 +306,10 @@ def derive(
         why = ", ".join(dict.fromkeys(why_hard + why_soft))
         bound = {name for scope, name in unit.bound if not scope}
         if reads.kind in ("def", "class"):
+            if own is not None and bound and bound <= own.rebound:
+                # Added or replaced as a whole: the candidate's object, made by the new
+                # decorators from the new names, is what goes live, as in a restart.
+                continue
             replaced = sorted((reads.decorators & hard) | _module_reads(reads.decorators))
             if replaced:  # the decorator itself is another object now: what it made differs
                 return Derivation(

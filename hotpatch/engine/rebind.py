@@ -37,6 +37,9 @@ _SCALARS = (
     type(Ellipsis),
     types.ModuleType,
 )
+# ``object``'s own ``__class__`` setter: ``value.__class__ = K`` would call a ``__class__`` property
+# that a proxy class defines instead (and fail: it has no setter, or it sets the proxied object's).
+_SET_CLASS = object.__dict__["__class__"].__set__
 _WALK_LIMIT = 1_000_000  # objects walked per module: beyond, the patch is refused
 _DEPTH_LIMIT = 120  # nesting walked (each level takes a few stack frames)
 
@@ -151,7 +154,7 @@ class Rebinder:
         live_type = self.remap.get(id(type(value)))
         if isinstance(live_type, type):
             with contextlib.suppress(TypeError):
-                value.__class__ = live_type  # an instance the candidate made of a class kept live
+                _SET_CLASS(value, live_type)  # an instance the candidate made of a class kept live
         if isinstance(value, functools.cached_property) or is_own_class(type(value), self.module):
             self._walk_dict(value)
         elif descriptor_dict(value) is not None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import functools
 import gc
+import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,7 +89,11 @@ _CLASS_TAKE_NEW = frozenset(
 )
 
 
-# Class attributes that ``setattr`` on a class treats specially: never assigned by a commit.
+# Names under which ``setattr`` (and ``delattr``) on a class reaches the type's own attribute, not
+# the class ``__dict__``: ``setattr(K, "__name__", v)`` renames the class itself. A commit never
+# assigns or deletes them on a live class. A descriptor a class body put under such a name (toolz's
+# ``Compose.__name__`` property, seen by instances only) still takes new code in place: that
+# changes the descriptor's functions and assigns nothing on the class.
 _CLASS_NEVER_SET = frozenset({"__class__", "__bases__", "__mro__", "__name__"})
 
 
@@ -225,7 +230,11 @@ class _Planner:
                     self.remap[id(new)] = old
             elif kind == "class":
                 self._pair_class(old, new, name)  # type: ignore[arg-type]
-            elif not isinstance(new, IMMUTABLE) and not self.take_new("", name, old, new):
+            elif (
+                id(new) not in self.remap  # paired by the plan of the module that made it
+                and not isinstance(new, IMMUTABLE)
+                and not self.take_new("", name, old, new)
+            ):
                 self.remap[id(new)] = old
                 self.paired_plain.append(id(new))
 
@@ -243,6 +252,7 @@ class _Planner:
                 self.remap[id(nv)] = ov
             elif (
                 ov is not MISSING
+                and id(nv) not in self.remap
                 and name not in CLASS_SKIP
                 and name not in _CLASS_TAKE_NEW
                 and not isinstance(nv, IMMUTABLE)
@@ -361,6 +371,17 @@ class _Planner:
 
     # -- module level ----------------------------------------------------------------------------
     def plan_module(self) -> None:
+        origin = _built_from_elsewhere(self.live)
+        if origin is not None:
+            self.problems.append(
+                Problem(
+                    f"{self.module} was built from {origin} (its import spec), not from its "
+                    f"__file__ {self.live.get('__file__')} (an alias an import hook made): "
+                    "executing that file as this module is not what a restart does; a restart or "
+                    "rolling reload is needed"
+                )
+            )
+            return
         self.pair_names()
         all_names = self.live.get("__all__")
         exported = set(all_names) if isinstance(all_names, list | tuple) else None
@@ -607,6 +628,14 @@ class _Planner:
             is_code = bool(functions_of(ov)) or is_own_class(ov, self.module)
             if not is_code and (self.old_index is None or not self.old_index.binds(path, name)):
                 continue  # set at run time or by a decorator: live state, kept
+            if name in _CLASS_NEVER_SET:
+                self.problems.append(
+                    Problem(
+                        f"{path}.{name} was removed: deleting {name} on a live class would delete "
+                        "the class's own; a restart or rolling reload is needed"
+                    )
+                )
+                continue
             if public and is_public(name) and not self.allow_removals:
                 self.problems.append(
                     Problem(f"public member {path}.{name} was removed", policy=True)
@@ -623,7 +652,11 @@ class _Planner:
         if name in _CLASS_NEVER_SET:
             before = len(self.ops)
             self._update_member(cls, name, ov, nv, scope, public=public)
-            if len(self.ops) > before:
+            # Functions updated in place are fine; an assignment of the name on the class is not.
+            if any(
+                isinstance(op, SetAttr) and op.cls is cls and op.name == name
+                for op in self.ops[before:]
+            ):
                 del self.ops[before:]
                 self.problems.append(
                     Problem(
@@ -690,11 +723,30 @@ class _Planner:
             new_value = new_state[key]
             if not (
                 old_value is new_value
-                or self.remap.get(id(new_value)) is old_value
+                or self.remap.get(id(new_value), MISSING) is old_value
                 or same_value(old_value, new_value)
             ):
                 return False
         return True
+
+
+def _built_from_elsewhere(namespace: dict[str, object]) -> str | None:
+    """The file a module was built from, when it is not its ``__file__``, else ``None``.
+
+    The import system executes ``__spec__.origin`` and sets ``__file__`` to it; an import hook
+    that builds a module from another module's namespace (toolz's ``tlz``, a copy of ``toolz``
+    with its own docstring) may point ``__file__`` at that other module's source.
+    """
+    spec = namespace.get("__spec__")
+    origin = getattr(spec, "origin", None) if spec is not None else None
+    filename = namespace.get("__file__")
+    if not isinstance(origin, str) or not isinstance(filename, str):
+        return None
+    if not getattr(spec, "has_location", False):
+        return None  # "built-in", "frozen" or a hook's own label, not a file
+    if os.path.normpath(origin) == os.path.normpath(filename):
+        return None
+    return origin
 
 
 def _descriptor_state(value: object) -> dict[str, object]:
@@ -723,7 +775,7 @@ def _same_cell(old: object, new: object, remap: dict[int, object]) -> bool:
     their own). Containers and other objects are state (a decorator's cache, a lock, a client):
     the live one is kept, as for a module-level value whose statement did not change.
     """
-    if old is new or remap.get(id(new)) is old:
+    if old is new or remap.get(id(new), MISSING) is old:
         return True
     if isinstance(old, types.FunctionType | type) or isinstance(new, types.FunctionType | type):
         return type(old) is type(new) and getattr(old, "__qualname__", None) == getattr(

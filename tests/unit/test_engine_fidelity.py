@@ -527,10 +527,13 @@ def test_a_commit_that_fails_halfway_changes_nothing(make_module) -> None:
 
 
 def test_a_class_attribute_that_redefines_class_is_never_assigned(make_module) -> None:
+    """A new descriptor under ``__class__`` (its doc changed) would have to be assigned on the
+    class, and ``setattr(Proxy, "__class__", ...)`` sets the class's own type: refused. A getter
+    that changed takes its new code in place and assigns nothing (test_engine_refusals.py)."""
     source = "class Proxy:\n    __class__ = property(lambda self: int)\n"
     mod = make_module(source)
     with pytest.raises(PatchRejected, match=r"Proxy.__class__ changed.*restart"):
-        Engine().patch(mod.__name__, source=source.replace("int", "str"))
+        Engine().patch(mod.__name__, source=source.replace("int)", "int, doc='a proxy')"))
     assert type(mod.Proxy) is type and mod.Proxy().__class__ is int
 
 
