@@ -9,11 +9,13 @@ started later (recycled by ``max_requests``, or spawned in the middle of a deplo
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,16 +74,22 @@ class Site(BaseSite):
             describe=lambda: str(self.workers()),
         )
 
-    def versions(self, *, requests: int = 60) -> dict[int, str]:
-        """pid -> version, from real requests until every worker answered (bounded)."""
+    def versions(self, *, timeout_s: float = 30.0) -> dict[int, str]:
+        """pid -> version, from real requests until every live worker answered (bounded).
+
+        Requests go 8 at a time: one at a time, the kernel may hand every connection to the same
+        idle worker (a gthread worker especially), and a worker never reached is never checked.
+        """
         seen: dict[int, str] = {}
-        for _ in range(requests):
-            status, body = self.srv.get("/")
-            assert status == 200, body
-            version, pid = body.split()
-            seen[int(pid.split("=")[1])] = version.split("=")[1]
-            if len(seen) == WORKERS and requests <= 60:
-                break
+        deadline = time.monotonic() + timeout_s
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            while not set(self.srv.worker_pids()) <= set(seen):
+                if time.monotonic() > deadline:
+                    break  # the caller's assertion on the mapping says what is missing
+                for status, body in pool.map(lambda _: self.srv.get("/"), range(8)):
+                    assert status == 200, body
+                    version, pid = body.split()
+                    seen[int(pid.split("=")[1])] = version.split("=")[1]
         return seen
 
     def deploy(self, **options: object) -> DeployResult:
