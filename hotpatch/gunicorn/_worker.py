@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hotpatch._log import get_logger
+from hotpatch.gunicorn._asgi import Probe, guard_asgi_worker, serves_asgi
 from hotpatch.gunicorn._diagnose import describe_exception
 from hotpatch.gunicorn._releases import Manifest, pin_worker, verify_release
 from hotpatch.gunicorn._settings import Settings
@@ -145,21 +146,49 @@ def _fail_load(exc: BaseException, app_module: str | None, started: float) -> No
     raise exc
 
 
+def _fail_startup(exc: BaseException, started: float) -> int | None:
+    """Report a failed ASGI lifespan startup; the exit code a guarded worker leaves with."""
+    state = _require()
+    reason, error = describe_exception(
+        exc,
+        stage="lifespan startup",
+        release_dir=state.plan.release_dir,
+        app_dir=state.plan.app_dir,
+    )
+    report = StageReport("failed", failed_at="load", reason=reason, error=error)
+    _publish(replace(report, duration_s=time.monotonic() - started))
+    return EXIT_LOAD_FAILED if state.plan.is_guarded or state.plan.is_candidate else None
+
+
 def check_worker(worker: Any) -> None:
     """Health-check this worker's loaded app (``post_worker_init``).
 
     A rollout candidate that fails exits with ``EXIT_HEALTH_FAILED`` before taking any request.
+    An ASGI app is checked later, in the worker's event loop after its lifespan startup
+    (``_asgi``).
     """
     state = _current
     if state is None:
         return
+    if serves_asgi(worker):
+        guard_asgi_worker(
+            worker,
+            check=lambda probe: _check(worker, state, probe),
+            on_startup_failed=_fail_startup,
+            timeout_s=state.plan.settings.health_timeout_s,
+        )
+        return
+    _check(worker, state, probe_wsgi)
+
+
+def _check(worker: Any, state: _WorkerState, probe: Probe) -> None:
     settings = state.plan.settings
     started = time.monotonic()
     port = _listen_port(worker)
     path = settings.health_path or "/"
 
     def run_checks() -> None:
-        result = probe_wsgi(worker.wsgi, path, port=port)
+        result = probe(worker.wsgi, path, port=port)
         if settings.health_path is not None and not result.is_success:
             message = f"GET {path} answered {result.status}, expected 2xx"
             raise HealthCheckFailed(message, result.body)
