@@ -1,0 +1,210 @@
+"""FastAPI under gunicorn with uvicorn workers: rollouts, rollbacks, known-good respawn, watch mode.
+
+Each test starts a real gunicorn master (``-k uvicorn_worker.UvicornWorker``, hotpatch's hooks)
+in its own session on a pre-bound 127.0.0.1 socket, runs client threads that count every request,
+changes ``app.py`` on disk and checks: zero failed requests, the outcome and its reason, which
+version answers, that the master is alive, and that each worker ran its lifespan startup once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hotpatch.demo.harness import GunicornServer, assert_no_failures, wait_until
+from hotpatch.demo.harness import Site as BaseSite
+from hotpatch.gunicorn._client import read_state, start_rollout, wait_for_rollout
+
+pytest.importorskip("uvicorn_worker", reason="the asgi extra (uvicorn-worker) is not installed")
+pytest.importorskip("fastapi", reason="fastapi is not installed (the test extra installs it)")
+
+APPS = Path(__file__).resolve().parents[1] / "apps"
+WORKERS = 2
+WORKER_CLASS = ("--worker-class", "uvicorn_worker.UvicornWorker")
+ENV = {
+    "HOTPATCH_HEALTH_PATH": "/healthz",
+    # FastAPI takes seconds to import on a loaded 2-core machine: generous deadlines against hangs.
+    "HOTPATCH_BOOT_TIMEOUT": "60",
+    "HOTPATCH_HEALTH_TIMEOUT": "4",
+    "HOTPATCH_SETTLE_TIME": "0.5",
+}
+ROLLOUT_TIMEOUT_S = 180
+
+
+def write_app(directory: Path, variant: str, version: str) -> None:
+    source = (APPS / variant).read_text(encoding="utf-8").replace("__VERSION__", version)
+    tmp = directory / ".app.py.tmp-save"
+    tmp.write_text(source, encoding="utf-8")
+    tmp.replace(directory / "app.py")
+
+
+class Site(BaseSite):
+    """One gunicorn master with uvicorn workers serving ``app.py`` from a directory, plus load."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory, workers=WORKERS, env=ENV)
+        self.startups = directory.parent / f"{directory.name}-startups"
+
+    def start(  # type: ignore[override]
+        self, *, env: dict[str, str] | None = None
+    ) -> GunicornServer:
+        write_app(self.dir, "asgi_good.py", "v1")
+        self.server = GunicornServer(
+            "app:app",
+            cwd=self.dir,
+            workers=self.worker_count,
+            extra_args=WORKER_CLASS,
+            env={**self.env, "HOTPATCH_TEST_STARTUPS": str(self.startups), **(env or {})},
+        )
+        self.server.wait_serving(workers=self.worker_count, timeout_s=120)
+        wait_until(
+            lambda: read_state(self.srv.pid) is not None,
+            timeout_s=30,
+            what="state.json",
+            describe=self.srv.output,
+        )
+        return self.server
+
+    def rollout(self) -> dict[str, Any]:
+        rollout_id = start_rollout(self.srv.pid)
+        return wait_for_rollout(self.srv.pid, rollout_id, timeout_s=ROLLOUT_TIMEOUT_S)
+
+    def versions_by_pid(self, *, requests: int = 30) -> dict[int, str]:
+        seen: dict[int, str] = {}
+        for _ in range(requests):
+            status, body = self.srv.get("/")
+            assert status == 200, body
+            version, pid = body.split()
+            seen[int(pid.split("=")[1])] = version.split("=")[1]
+        return seen
+
+    def startup_pids(self) -> list[int]:
+        """The pid of every lifespan startup that ran, in order (one line each)."""
+        if not self.startups.exists():
+            return []
+        return [int(line) for line in self.startups.read_text().split()]
+
+    def assert_one_startup_per_worker(self) -> None:
+        pids = self.startup_pids()
+        assert len(pids) == len(set(pids)), f"a worker ran its lifespan startup twice: {pids}"
+        assert set(self.srv.worker_pids()) <= set(pids), (self.srv.worker_pids(), pids)
+
+    def kill_one_worker_and_check(self, expected_version: str, release: str) -> None:
+        victim = self.workers()[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(
+            lambda: victim not in [w["pid"] for w in self.workers()],
+            timeout_s=30,
+            what=f"worker {victim} reaped",
+        )
+        self.wait_settled(release, timeout_s=120)
+        newcomer = max(w["pid"] for w in self.workers())
+        seen: dict[int, str] = {}
+
+        def newcomer_answered() -> bool:
+            seen.update(self.versions_by_pid(requests=8))
+            return newcomer in seen
+
+        wait_until(newcomer_answered, timeout_s=30, what=f"an answer from new worker {newcomer}")
+        assert seen[newcomer] == expected_version, seen
+        assert set(seen.values()) == {expected_version}, seen
+
+
+@pytest.fixture(name="site")
+def _site(tmp_path: Path) -> Iterator[Site]:
+    site = Site(tmp_path / "app")
+    site.dir.mkdir()
+    try:
+        yield site
+    finally:
+        site.close()
+
+
+def test_good_rollout_puts_every_uvicorn_worker_on_the_new_version(site: Site) -> None:
+    site.start()
+    site.start_load()
+    write_app(site.dir, "asgi_good.py", "v2")
+    record = site.rollout()
+    stats = site.stop_load()
+    assert record["outcome"] == "completed", record
+    site.wait_settled(record["release"], timeout_s=60)
+    assert set(site.versions_by_pid().values()) == {"v2"}
+    assert_no_failures(stats)
+    assert stats.bodies.get("version=v2", 0) > 0
+    events = [e["event"] for e in record["events"]]
+    assert events.count("worker.healthy") == WORKERS
+    assert events.count("worker.retired") == WORKERS
+    assert events[-1] == "rollout.completed"
+    # The health path depends on the lifespan startup (app.state and the lifespan state), so it
+    # ran before the probe; and uvicorn ran it once per worker, not a second time for hotpatch.
+    site.assert_one_startup_per_worker()
+    assert len(site.startup_pids()) == 2 * WORKERS
+
+
+BAD_RELEASES = [
+    pytest.param("asgi_health_500.py", "GET /healthz answered 500", id="health-500"),
+    pytest.param(
+        "asgi_import_error.py",
+        "app.py:11: RuntimeError: cannot connect to the database",
+        id="import-error",
+    ),
+    pytest.param(
+        "asgi_startup_error.py",
+        "app.py:15: RuntimeError: lifespan: cannot open the connection pool "
+        "(stage: lifespan startup)",
+        id="lifespan-startup-raises",
+    ),
+    pytest.param(
+        "asgi_startup_hang.py",
+        "lifespan startup did not finish within 4 s (stage: lifespan startup)",
+        id="lifespan-startup-hangs",
+    ),
+    pytest.param("asgi_health_hang.py", "did not finish within 4 s", id="health-hangs"),
+]
+
+
+@pytest.mark.parametrize(("variant", "reason"), BAD_RELEASES)
+def test_bad_asgi_release_is_rolled_back(site: Site, variant: str, reason: str) -> None:
+    site.start()
+    known_good = site.state()["known_good"]
+    site.start_load()
+    write_app(site.dir, variant, "v2")
+    record = site.rollout()
+    site.wait_settled(known_good, timeout_s=60)
+    stats = site.stop_load()
+    assert record["outcome"] == "rolled_back", record
+    assert reason in record["reason"], record
+    assert record["known_good"] == known_good
+    assert_no_failures(stats)
+    site.assert_master_alive()
+    assert set(site.versions_by_pid().values()) == {"v1"}
+    assert "gunicorn.errors.HaltServer" not in site.srv.output()
+    # The broken code is still on disk; a worker started now must run the known-good release.
+    site.kill_one_worker_and_check("v1", known_good)
+    site.assert_master_alive()
+    site.assert_one_startup_per_worker()
+
+
+def test_watch_mode_rolls_out_a_saved_file_and_refuses_a_broken_startup(site: Site) -> None:
+    site.start(env={"HOTPATCH_WATCH": "1", "HOTPATCH_WATCH_INTERVAL": "0.25"})
+    known_good = site.state()["known_good"]
+    site.start_load()
+    first = int(site.state()["next_rollout_id"])
+    write_app(site.dir, "asgi_startup_error.py", "v2")  # no SIGHUP: the save alone
+    refused = wait_for_rollout(site.srv.pid, first, timeout_s=ROLLOUT_TIMEOUT_S)
+    assert refused["outcome"] == "rolled_back", refused
+    assert "(stage: lifespan startup)" in refused["reason"], refused
+    site.wait_settled(known_good, timeout_s=60)
+    write_app(site.dir, "asgi_good.py", "v3")
+    record = wait_for_rollout(site.srv.pid, first + 1, timeout_s=ROLLOUT_TIMEOUT_S)
+    stats = site.stop_load()
+    assert record["outcome"] == "completed", record
+    site.wait_settled(record["release"], timeout_s=60)
+    assert set(site.versions_by_pid().values()) == {"v3"}
+    assert_no_failures(stats)
+    site.assert_master_alive()
