@@ -9,6 +9,7 @@ version answers, that the master is alive, and that each worker ran its lifespan
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,6 @@ pytest.importorskip("fastapi", reason="fastapi is not installed (the test extra 
 
 APPS = Path(__file__).resolve().parents[1] / "apps"
 WORKERS = 2
-WORKER_CLASS = ("--worker-class", "uvicorn_worker.UvicornWorker")
 ENV = {
     "HOTPATCH_HEALTH_PATH": "/healthz",
     # FastAPI takes seconds to import on a loaded 2-core machine: generous deadlines against hangs.
@@ -51,14 +51,18 @@ class Site(BaseSite):
         self.startups = directory.parent / f"{directory.name}-startups"
 
     def start(  # type: ignore[override]
-        self, *, env: dict[str, str] | None = None
+        self,
+        *,
+        env: dict[str, str] | None = None,
+        variant: str = "asgi_good.py",
+        worker_class: str = "uvicorn_worker.UvicornWorker",
     ) -> GunicornServer:
-        write_app(self.dir, "asgi_good.py", "v1")
+        write_app(self.dir, variant, "v1")
         self.server = GunicornServer(
             "app:app",
             cwd=self.dir,
             workers=self.worker_count,
-            extra_args=WORKER_CLASS,
+            extra_args=("--worker-class", worker_class),
             env={**self.env, "HOTPATCH_TEST_STARTUPS": str(self.startups), **(env or {})},
         )
         self.server.wait_serving(workers=self.worker_count, timeout_s=120)
@@ -206,5 +210,30 @@ def test_watch_mode_rolls_out_a_saved_file_and_refuses_a_broken_startup(site: Si
     assert record["outcome"] == "completed", record
     site.wait_settled(record["release"], timeout_s=60)
     assert set(site.versions_by_pid().values()) == {"v3"}
+    assert_no_failures(stats)
+    site.assert_master_alive()
+
+
+@pytest.mark.parametrize(
+    "worker_class",
+    [
+        pytest.param("uvicorn_worker.UvicornWorker", id="lifespan-auto-unsupported"),
+        pytest.param("asgi_workers.NoLifespanWorker", id="lifespan-off"),
+    ],
+)
+def test_an_app_without_lifespan_is_probed_before_it_serves(site: Site, worker_class: str) -> None:
+    shutil.copy(APPS / "asgi_workers.py", site.dir / "asgi_workers.py")
+    site.start(variant="asgi_raw.py", worker_class=worker_class)
+    site.start_load()
+    write_app(site.dir, "asgi_raw.py", "v2")
+    good = site.rollout()
+    assert good["outcome"] == "completed", good
+    write_app(site.dir, "asgi_raw.py", "v3-sick")
+    bad = site.rollout()
+    site.wait_settled(good["release"], timeout_s=60)
+    stats = site.stop_load()
+    assert bad["outcome"] == "rolled_back", bad
+    assert "GET /healthz answered 500" in bad["reason"], bad
+    assert set(site.versions_by_pid().values()) == {"v2"}
     assert_no_failures(stats)
     site.assert_master_alive()
