@@ -13,7 +13,6 @@ uvicorn does: an ASGI 3 app is a coroutine function, or an object whose ``__call
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import inspect
 import io
@@ -21,7 +20,10 @@ import sys
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = [
     "ASGIApp",
@@ -192,6 +194,8 @@ async def probe_asgi(
             message, or it returned before the response was complete).
         Exception: whatever the application raises before the response is complete.
     """
+    import asyncio  # here: probe_wsgi's users do not pay for it
+
     path_part, _, query = path.partition("?")
     raw_headers = [
         (b"host", f"{host}:{port}".encode("latin-1")),

@@ -29,13 +29,15 @@ with ``lifespan="off"`` no lifespan scope ever comes, so the probe runs in a loo
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hotpatch._log import get_logger
 from hotpatch.health import ASGIMessage, ASGIReceive, ASGISend, ProbeResult, is_asgi_app, probe_asgi
+
+if TYPE_CHECKING:
+    import asyncio  # imported where it runs: loading the gunicorn hooks must not pull it in
 
 log = get_logger(__name__)
 
@@ -138,6 +140,8 @@ class _LifespanGate:
             await self.app(scope, receive, send)
             return
         self._lifespan_seen = True
+        import asyncio
+
         self.worker.wsgi = self.app  # the user's checks see their own app, not this gate
         self.started = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -213,6 +217,8 @@ class _LifespanGate:
 
     async def _run_check(self, state: dict[str, Any] | None) -> bool:
         """Run the health check against this loop; False: this worker must not serve."""
+        import asyncio
+
         loop = asyncio.get_running_loop()
         timeout_s = self.timeout_s
 
@@ -263,6 +269,8 @@ def _refuse(reason: str) -> Probe:
 
 def _probe_in_own_loop(timeout_s: float) -> Probe:
     def probe(app: Any, path: str, *, port: int) -> ProbeResult:
+        import asyncio
+
         return asyncio.run(probe_asgi(app, path, port=port, timeout_s=timeout_s))
 
     return probe
