@@ -237,3 +237,42 @@ def test_an_app_without_lifespan_is_probed_before_it_serves(site: Site, worker_c
     assert set(site.versions_by_pid().values()) == {"v2"}
     assert_no_failures(stats)
     site.assert_master_alive()
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fastapi_app"
+
+
+def test_the_fastapi_example_ships_a_change_and_refuses_its_broken_one(tmp_path: Path) -> None:
+    """examples/fastapi_app/README.md, under load: its config, its change, its broken change."""
+    site = Site(tmp_path / "example")
+    shutil.copytree(EXAMPLE, site.dir)
+    source = (site.dir / "app.py").read_text(encoding="utf-8")
+    assert 'VERSION = "1"' in source and "pool = Pool()  #" in source
+    server = site.server = GunicornServer(
+        "app:app",
+        cwd=site.dir,
+        workers=WORKERS,
+        config="gunicorn.conf.py",  # its health_path and health_timeout_s; generous boot deadline
+        env={"HOTPATCH_BOOT_TIMEOUT": "60", "HOTPATCH_SETTLE_TIME": "0.5"},
+    )
+    try:
+        server.wait_serving(workers=WORKERS, timeout_s=120)
+        wait_until(lambda: read_state(server.pid) is not None, timeout_s=30, what="state.json")
+        assert server.get("/healthz") == (200, "ok\n")
+        site.start_load()
+        (site.dir / "app.py").write_text(source.replace('VERSION = "1"', 'VERSION = "2"'))
+        shipped = site.rollout()
+        assert shipped["outcome"] == "completed", shipped
+        broken = source.replace('VERSION = "1"', 'VERSION = "3"')
+        broken = broken.replace("pool = Pool()  #", "pool = await connect()  #")
+        (site.dir / "app.py").write_text(broken)
+        refused = site.rollout()
+        site.wait_settled(shipped["release"], timeout_s=60)
+        stats = site.stop_load()
+        assert refused["outcome"] == "rolled_back", refused
+        assert "app.py:29: NameError: name 'connect' is not defined" in refused["reason"]
+        assert "(stage: lifespan startup)" in refused["reason"]
+        assert set(site.versions_by_pid().values()) == {"2"}
+        assert_no_failures(stats)
+    finally:
+        site.close()
