@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -276,3 +277,65 @@ def test_the_fastapi_example_ships_a_change_and_refuses_its_broken_one(tmp_path:
         assert_no_failures(stats)
     finally:
         site.close()
+
+
+def _server_side_inode(port: int, client_port: int | None) -> int | None:
+    """The inode of the 127.0.0.1 server socket on ``port``: the listening one (``None``), or
+    the server's end of the connection from ``client_port``."""
+    remote = "00000000:0000" if client_port is None else f"0100007F:{client_port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == f"0100007F:{port:04X}" and fields[2] == remote and int(fields[9]):
+            return int(fields[9])
+    return None
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[len("socket:[") : -1]))
+    return inodes
+
+
+def test_a_retiring_worker_answers_a_connection_it_accepted_before_the_request_arrived(
+    site: Site,
+) -> None:
+    """uvicorn's shutdown closes accepted, not yet read connections (a reset under load).
+
+    The order made deterministic: the worker accepts a connection, is told to stop, has closed
+    its listening socket (it stopped accepting), and only then the request is sent.
+    """
+    site.worker_count = 1
+    site.start()
+    worker = site.srv.worker_pids()[0]
+    listening = _server_side_inode(site.srv.port, None)
+    assert listening in _socket_inodes(worker)
+    client = socket.create_connection(("127.0.0.1", site.srv.port), timeout=30)
+    try:
+        client_port = client.getsockname()[1]
+        wait_until(
+            lambda: (
+                (_server_side_inode(site.srv.port, client_port) or -1) in _socket_inodes(worker)
+            ),
+            timeout_s=10,
+            what=f"worker {worker} accepted the connection",
+        )
+        os.kill(worker, signal.SIGTERM)
+        wait_until(
+            lambda: listening not in _socket_inodes(worker),
+            timeout_s=10,
+            what=f"worker {worker} closed its listening socket",
+        )
+        client.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    finally:
+        client.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert answer.endswith(f"version=v1 pid={worker}\n".encode()), answer
