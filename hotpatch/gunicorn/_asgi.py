@@ -183,8 +183,13 @@ class _LifespanGate:
             if timer is not None:
                 timer.cancel()
             if kind == "lifespan.startup.failed":
-                text = str(message.get("message") or "the app answered lifespan.startup.failed")
-                self.startup_error = LifespanStartupFailed(text)
+                text = str(message.get("message") or "").strip()  # often a whole traceback
+                last = text.splitlines()[-1][:500] if text else ""
+                self.startup_error = LifespanStartupFailed(
+                    f"the app answered lifespan.startup.failed: {last}"
+                    if last
+                    else "the app answered lifespan.startup.failed"
+                )
                 await send(message)
                 return
             await self._check_then(send, message, scope.get("state"))

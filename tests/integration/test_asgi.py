@@ -170,6 +170,12 @@ BAD_RELEASES = [
         id="lifespan-startup-hangs",
     ),
     pytest.param("asgi_health_hang.py", "did not finish within 4 s", id="health-hangs"),
+    pytest.param(
+        "asgi_startup_failed_message.py",
+        "LifespanStartupFailed: the app answered lifespan.startup.failed: database unreachable "
+        "(stage: lifespan startup)",
+        id="lifespan-startup-failed-message",
+    ),
 ]
 
 
