@@ -61,12 +61,15 @@ class ReleaseHooks:
         health: the process's health checks; returns ``None`` when healthy, else the reason.
         switched: called with ``(release, release_dir)`` after a commit (the new release) and
             after a rollback (the previous one): moves ``sys.path`` and the host's records.
+        refuse_in_place: when set, phase 1 refuses every deploy with this reason (a host whose
+            in-place commit is not supported yet: an ASGI worker's event loop).
     """
 
     release: str
     release_dir: str
     health: Callable[[], str | None]
     switched: Callable[[str, str], None]
+    refuse_in_place: str | None = None
 
 
 @dataclass
@@ -360,6 +363,8 @@ def _prepare(
     engine: Engine, names: list[str], state: ReleaseState, request: Request
 ) -> tuple[dict[str, bytes], list[str]]:
     """Phase 1: the changed modules' new bytes, guarded; raises ``_Refused`` with the reason."""
+    if state.hooks.refuse_in_place is not None:
+        raise _Refused(state.hooks.refuse_in_place, {"stage": "load"})
     new_dir = _check_release_dir(request, state)
     if len(names) > MAX_MODULES:
         raise _Refused(f"more than {MAX_MODULES} modules to check (stage: load)")

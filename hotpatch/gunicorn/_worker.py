@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hotpatch._log import get_logger
+from hotpatch.gunicorn._asgi import Probe, guard_asgi_worker, serves_asgi
 from hotpatch.gunicorn._diagnose import describe_exception
 from hotpatch.gunicorn._releases import Manifest, pin_worker, verify_release
 from hotpatch.gunicorn._settings import Settings
@@ -37,6 +38,12 @@ EXIT_LOAD_FAILED = 70
 """A rollout candidate that cannot load the app exits with this (never gunicorn's 3 or 4, which
 would halt the master)."""
 EXIT_HEALTH_FAILED = 71
+
+ASGI_IN_PLACE_REFUSAL = (
+    "in-place deploys into uvicorn (ASGI) workers are not supported yet: the commit and the "
+    "health check would have to run against the worker's event loop; a rolling deploy carries "
+    "this change (--strategy rolling, or auto) (stage: load)"
+)
 
 
 @dataclass(frozen=True)
@@ -155,20 +162,48 @@ def _fail_load(exc: BaseException, app_module: str | None, started: float) -> No
     raise exc
 
 
+def _fail_startup(exc: BaseException, started: float) -> int | None:
+    """Report a failed ASGI lifespan startup; the exit code a guarded worker leaves with."""
+    state = _require()
+    reason, error = describe_exception(
+        exc,
+        stage="lifespan startup",
+        release_dir=state.plan.release_dir,
+        app_dir=state.plan.app_dir,
+    )
+    report = StageReport("failed", failed_at="load", reason=reason, error=error)
+    _publish(replace(report, duration_s=time.monotonic() - started))
+    return EXIT_LOAD_FAILED if state.plan.is_guarded or state.plan.is_candidate else None
+
+
 def check_worker(worker: Any) -> None:
     """Health-check this worker's loaded app (``post_worker_init``).
 
     A rollout candidate that fails exits with ``EXIT_HEALTH_FAILED`` before taking any request.
+    An ASGI app is checked later, in the worker's event loop after its lifespan startup
+    (``_asgi``).
     """
     state = _current
     if state is None:
         return
+    if serves_asgi(worker):
+        guard_asgi_worker(
+            worker,
+            check=lambda probe: _check(worker, state, probe),
+            on_startup_failed=_fail_startup,
+            timeout_s=state.plan.settings.health_timeout_s,
+        )
+        return
+    _check(worker, state, probe_wsgi)
+
+
+def _check(worker: Any, state: _WorkerState, probe: Probe) -> None:
     settings = state.plan.settings
     started = time.monotonic()
     port = _listen_port(worker)
     path = settings.health_path or "/"
     error = _run_with_deadline(
-        lambda: _run_checks(worker, settings, port), settings.health_timeout_s
+        lambda: _run_checks(worker, settings, port, probe), settings.health_timeout_s
     )
     duration = time.monotonic() - started
     if error is None:
@@ -213,9 +248,9 @@ def _listen_in_background(worker: Any) -> None:
     threading.Thread(target=run, name="hotpatch-listen", daemon=True).start()
 
 
-def _run_checks(worker: Any, settings: Settings, port: int) -> None:
+def _run_checks(worker: Any, settings: Settings, port: int, probe: Probe = probe_wsgi) -> None:
     path = settings.health_path or "/"
-    result = probe_wsgi(worker.wsgi, path, port=port)
+    result = probe(worker.wsgi, path, port=port)
     if settings.health_path is not None and not result.is_success:
         message = f"GET {path} answered {result.status}, expected 2xx"
         raise HealthCheckFailed(message, result.body)
@@ -270,6 +305,7 @@ def start_listening(worker: Any) -> bool:
                 release_dir=str(state.plan.release_dir),
                 health=lambda: health_problem(worker),
                 switched=_switched,
+                refuse_in_place=ASGI_IN_PLACE_REFUSAL if serves_asgi(worker) else None,
             )
         )
     except Exception as exc:  # never a reason not to serve
