@@ -589,11 +589,10 @@ class Listener:
                 sources[name] = text
         if not sources:
             return []
-        order = in_dependency_order(sources)
-        if dry_run:
-            results = [self.engine.check(name, source=sources[name] or None) for name in order]
+        changes = {name: (sources[name] or None) for name in in_dependency_order(sources)}
+        if dry_run:  # the same guard as the patch, on the change as one (not module by module)
+            results = self.engine.check_many(changes, allow_removals=False)
         else:
-            changes = {name: (sources[name] or None) for name in order}
             results = self.engine.patch_many(changes, allow_removals=False)
         return [r for r in results if not r.is_noop]
 

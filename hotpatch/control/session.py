@@ -404,16 +404,15 @@ def _prepare(
     if not raw:
         return {}, []
     order = in_dependency_order(texts)
-    for name in order:
-        try:
-            result = engine.check(name, source=raw[name])
-        except PatchRejected as exc:  # named by the file that holds the new code
-            live_file, new_file = where[name]
-            details = {k: (new_file if v == live_file else v) for k, v in exc.details().items()}
-            raise _Refused(str(exc).replace(live_file, new_file), details) from None
-        if result.is_noop:
-            raw.pop(name)
-    ordered = {name: raw[name] for name in order if name in raw}
+    try:  # one change: a module may import a name another one adds (as patch_many commits it)
+        results = engine.check_many({name: raw[name] for name in order})
+    except PatchRejected as exc:  # named by the file that holds the new code
+        live_file, new_file = where.get(exc.module, ("", ""))
+        if not live_file:
+            raise _Refused(str(exc), exc.details()) from None
+        details = {k: (new_file if v == live_file else v) for k, v in exc.details().items()}
+        raise _Refused(str(exc).replace(live_file, new_file), details) from None
+    ordered = {r.module: raw[r.module] for r in results if not r.is_noop}
     return ordered, list(ordered)
 
 

@@ -229,30 +229,54 @@ class Engine:
     def check(
         self, module: str, *, source: SourceInput = None, allow_removals: bool = False
     ) -> PatchResult:
-        """Run the guard on a new version of ``module`` without committing it (a dry run).
+        """Run the guard on a new version of ``module`` without committing it; see ``check_many``."""
+        return self.check_many({module: source}, allow_removals=allow_removals)[0]
 
-        Load, compile, execute (in isolation), compatibility and verifiers run as for ``patch``;
-        nothing live changes and nothing is added to the history.
+    def check_many(
+        self,
+        changes: Mapping[str, SourceInput] | Iterable[str],
+        *,
+        allow_removals: bool = False,
+    ) -> list[PatchResult]:
+        """Run the guard on new versions of several modules as one change, committing nothing.
+
+        The same guard as ``patch_many`` up to the commit: load, compile, execute (each candidate
+        in isolation, seeing the other candidates of the change: a module may import a name
+        another one adds), compatibility, verifiers, the modules that derive state from the
+        change, stale references. Nothing live changes and nothing is added to the history. The
+        checks that need the commit (the post-commit fidelity check, health checks) do not run.
+
+        Returns:
+            One ``PatchResult`` per module, in the order given (what ``patch_many`` would
+            report); ``is_noop`` where the version is the live one.
 
         Raises:
-            PatchRejected: the version would be refused; ``.stage`` says where.
+            PatchRejected: the change would be refused; ``.stage`` says where.
         """
+        changes = _as_changes(changes, "check_many")
         started = time.perf_counter()
-        with self._lock, self._not_reentered({module: source}):
-            p = self._prepare(module, source, allow_removals=allow_removals)
-            self._attempted.pop(module, None)
+        with self._lock, self._not_reentered(changes):
+            try:
+                prepared, _ = self._prepare_change_set(changes, allow_removals=allow_removals)
+            finally:
+                for name in changes:
+                    self._attempted.pop(name, None)
         duration = time.perf_counter() - started
-        if p.plan is None:
-            return p.noop_result(duration)
-        return PatchResult(
-            module,
-            version_id(p.source.sha256),
-            p.live_entry.version.id,
-            p.plan.changed,
-            p.plan.added,
-            p.plan.removed,
-            duration,
-        )
+        by_name: dict[str, PatchResult] = {}
+        for p in prepared:
+            if p.plan is None:
+                by_name[p.name] = p.noop_result(duration)
+            else:
+                by_name[p.name] = PatchResult(
+                    p.name,
+                    version_id(p.source.sha256),
+                    p.live_entry.version.id,
+                    p.plan.changed,
+                    p.plan.added,
+                    p.plan.removed,
+                    duration,
+                )
+        return [by_name[name] for name in changes]
 
     def patch_many(
         self,
@@ -277,46 +301,13 @@ class Engine:
             PatchRejected: the change was refused or rolled back; ``.stage`` says where. The live
                 modules are exactly as before the call.
         """
-        if isinstance(changes, str | bytes):
-            raise TypeError(
-                "patch_many(changes) takes a mapping or an iterable of module names, not a "
-                f"single {type(changes).__name__} (use patch() for one module)"
-            )
-        if not isinstance(changes, Mapping):
-            changes = dict.fromkeys(changes)
+        changes = _as_changes(changes, "patch_many")
         given_timeout = check_optional_seconds("safepoint_timeout_s", safepoint_timeout_s)
         timeout_s = self.safepoint_timeout_s if given_timeout is None else given_timeout
         started = time.perf_counter()
         with self._lock, self._not_reentered(changes):
-            prepared: list[_Prepared] = []
-            shared = _ChangeSetContext()
             try:
-                current = ""
-                try:
-                    for name, given in self._in_dependency_order(changes):
-                        current = name
-                        log.debug("patch.started", module=name)
-                        prepared.append(
-                            self._prepare(
-                                name, given, allow_removals=allow_removals, change_set=shared
-                            )
-                        )
-                    todo = [p for p in prepared if p.plan is not None]
-                    if todo:
-                        current = todo[0].name
-                        todo += self._prepare_dependents(todo, shared)
-                        refuse_stale_references(
-                            [(p.name, p.plan, p.source.filename) for p in todo if p.plan]
-                        )
-                except (PatchRejected, KeyboardInterrupt, SystemExit):
-                    raise
-                except Exception as exc:  # a defect or a limit of the planner: refuse, say so
-                    raise PatchRejected(
-                        current,
-                        "compatibility",
-                        f"hotpatch could not plan this change ({type(exc).__name__}: {exc}); "
-                        "nothing was changed",
-                    ) from None
+                prepared, todo = self._prepare_change_set(changes, allow_removals=allow_removals)
                 if todo:
                     self._namespace_ids.forget(p.name for p in todo)
                     self._commit(todo, timeout_s=timeout_s)
@@ -335,6 +326,45 @@ class Engine:
                 mine = [d for d in dependents if d.derived_from == p.name] if p is todo[0] else []
                 by_name[p.name] = self._record_applied(p, duration, mine)
             return [by_name[name] for name in changes]
+
+    def _prepare_change_set(
+        self, changes: Mapping[str, SourceInput], *, allow_removals: bool
+    ) -> tuple[list[_Prepared], list[_Prepared]]:
+        """The guard up to the commit, for every module of one change (``patch_many``,
+        ``check_many``): (every module prepared, those with something to commit plus the
+        modules that derive state from them). Call with the lock held.
+
+        Raises:
+            PatchRejected: refused; a defect or limit of the planner is refused at
+                ``compatibility``, saying so.
+        """
+        prepared: list[_Prepared] = []
+        shared = _ChangeSetContext()
+        current = ""
+        try:
+            for name, given in self._in_dependency_order(changes):
+                current = name
+                log.debug("patch.started", module=name)
+                prepared.append(
+                    self._prepare(name, given, allow_removals=allow_removals, change_set=shared)
+                )
+            todo = [p for p in prepared if p.plan is not None]
+            if todo:
+                current = todo[0].name
+                todo += self._prepare_dependents(todo, shared)
+                refuse_stale_references(
+                    [(p.name, p.plan, p.source.filename) for p in todo if p.plan]
+                )
+        except (PatchRejected, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # a defect or a limit of the planner: refuse, say so
+            raise PatchRejected(
+                current,
+                "compatibility",
+                f"hotpatch could not plan this change ({type(exc).__name__}: {exc}); "
+                "nothing was changed",
+            ) from None
+        return prepared, todo
 
     @contextmanager
     def _not_reentered(self, changes: Mapping[str, object]) -> Iterator[None]:
@@ -907,6 +937,21 @@ class _Prepared:
     def noop_result(self, duration_s: float) -> PatchResult:
         vid = self.live_entry.version.id
         return PatchResult(self.name, vid, vid, (), (), (), duration_s)
+
+
+def _as_changes(
+    changes: Mapping[str, SourceInput] | Iterable[str], method: str
+) -> Mapping[str, SourceInput]:
+    """``patch_many``/``check_many``'s argument as a mapping (names alone read their files)."""
+    if isinstance(changes, str | bytes):
+        single = method.removesuffix("_many")
+        raise TypeError(
+            f"{method}(changes) takes a mapping or an iterable of module names, not a "
+            f"single {type(changes).__name__} (use {single}() for one module)"
+        )
+    if not isinstance(changes, Mapping):
+        return dict.fromkeys(changes)
+    return changes
 
 
 def _rejection(

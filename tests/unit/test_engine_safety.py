@@ -357,3 +357,29 @@ def test_wsgi_health_check_rolls_back_a_patch_that_breaks_the_endpoint(make_modu
         engine.patch(mod.__name__, source=source.replace("return 'ok'", "return 'down', 503"))
     assert info.value.stage == "health" and "GET /healthz answered 503" in info.value.reason
     assert mod.app.test_client().get("/healthz").status_code == 200
+
+
+def test_check_many_guards_a_change_whose_modules_need_each_others_new_names(make_module) -> None:
+    """One module imports a name the other adds: guarded one at a time, the second is refused
+    (the live first module has no such name); guarded as one change, both pass, and nothing
+    live changes (what phase 1 of an in-place deploy and ``patch --check`` rely on)."""
+    util = make_module("def helper():\n    return 1\n")
+    view = make_module(f"from {util.__name__} import helper\n\ndef page():\n    return helper()\n")
+    new_util = "def helper():\n    return 1\n\ndef added():\n    return 2\n"
+    new_view = (
+        f"from {util.__name__} import added, helper\n\ndef page():\n    return helper() + added()\n"
+    )
+    engine = Engine()
+    engine.track(util.__name__, view.__name__)
+    with pytest.raises(PatchRejected) as refused:
+        engine.check(view.__name__, source=new_view)
+    assert refused.value.stage == "execute"
+
+    results = engine.check_many({view.__name__: new_view, util.__name__: new_util})
+    assert [r.module for r in results] == [view.__name__, util.__name__]  # the order given
+    assert results[1].added == ("added",) and results[0].changed == ("page",)
+    assert not hasattr(util, "added") and view.page() == 1  # nothing live changed
+    assert [v.is_live for v in engine.history(util.__name__)] == [True]  # nothing recorded
+
+    engine.patch_many({view.__name__: new_view, util.__name__: new_util})
+    assert view.page() == 3
