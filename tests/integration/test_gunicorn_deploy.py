@@ -42,6 +42,10 @@ def write_app(directory: Path, version: str, variant: str = "good") -> None:
     if variant == "incompatible":
         assert HELPER in source
         source = source.replace(HELPER, "")
+    write_source(directory, source)
+
+
+def write_source(directory: Path, source: str) -> None:
     tmp = directory / "app.py.tmp"
     tmp.write_text(source, encoding="utf-8")
     tmp.replace(directory / "app.py")
@@ -56,8 +60,11 @@ class Site(BaseSite):
         super().__init__(directory, workers=WORKERS, env={**ENV, "DEPLOY_TARGET": str(self.target)})
         self.worker_class = worker_class
 
-    def boot(self, *extra: str) -> None:
-        write_app(self.dir, "v1")
+    def boot(self, *extra: str, app_source: str | None = None) -> None:
+        if app_source is None:
+            write_app(self.dir, "v1")
+        else:
+            write_source(self.dir, app_source)
         args = ("--worker-class", self.worker_class, *extra)
         if self.worker_class == "gthread":
             args += ("--threads", "4")
@@ -121,6 +128,45 @@ def every_worker_answers(site: Site, version: str) -> None:
         return set(seen) == pids and set(seen.values()) == {version}
 
     wait_until(answered, timeout_s=20, what=f"every worker answering {version}")
+
+
+TWO_MODULE_APP = """
+import os
+
+from textutil import {names}
+
+
+def app(environ, start_response):
+    if environ.get("PATH_INFO") == "/healthz":
+        body = b"ok"
+    else:
+        body = f"version={{{version}}} pid={{os.getpid()}}".encode()
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [body]
+"""
+
+
+def test_in_place_deploys_a_change_whose_modules_import_each_others_new_names(
+    site: Site,
+) -> None:
+    """``app`` imports a function that ``textutil`` only gains in the same change: phase 1 guards
+    the change as one (as a restart would load it), not each module against the live other."""
+    (site.dir / "textutil.py").write_text('def label():\n    return "v1"\n', encoding="utf-8")
+    site.boot(app_source=TWO_MODULE_APP.format(names="label", version="label()"))
+    before = site.srv.worker_pids()
+    site.start_load()
+    (site.dir / "textutil.py").write_text(
+        'def label():\n    return "v"\n\n\ndef suffix():\n    return "2"\n', encoding="utf-8"
+    )
+    write_source(
+        site.dir, TWO_MODULE_APP.format(names="label, suffix", version="label() + suffix()")
+    )
+    result = site.deploy(strategy="in-place")
+    stats = site.stop_load()
+    assert (result.outcome, result.strategy) == ("deployed", "in-place"), result.reason
+    assert site.srv.worker_pids() == before  # no worker restarted
+    every_worker_answers(site, "v2")
+    assert_no_failures(stats)
 
 
 def test_in_place_good_patches_every_worker_without_a_restart(site: Site) -> None:
