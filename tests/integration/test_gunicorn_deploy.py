@@ -313,9 +313,8 @@ def test_a_worker_spawned_after_the_switch_follows_the_deploy(site: Site) -> Non
     every_worker_answers(site, "v1")
 
 
+@pytest.mark.parametrize("site", ["sync"], indirect=True)  # one worker class shows it
 def test_the_command_line_reports_phases_and_exit_codes(site: Site) -> None:
-    if site.worker_class == "gthread":
-        pytest.skip("the command line is the same for both worker classes")
     site.boot()
     write_app(site.dir, "v2")
     cmd = [sys.executable, "-m", "hotpatch", "deploy", "--pid", str(site.srv.pid)]
@@ -364,11 +363,10 @@ def test_the_command_line_reports_phases_and_exit_codes(site: Site) -> None:
     assert "hotpatch deploy:" in done.stderr
 
 
+@pytest.mark.parametrize("site", ["sync"], indirect=True)  # one worker class shows it
 def test_a_changed_file_that_is_not_python_is_refused_in_place_and_rolled_by_auto(
     site: Site,
 ) -> None:
-    if site.worker_class == "gthread":
-        pytest.skip("the decision is the master's, the same for both worker classes")
     (site.dir / "page.html").write_text("<p>v1</p>", encoding="utf-8")
     site.boot()
     before = site.srv.worker_pids()
@@ -394,9 +392,8 @@ def test_a_changed_file_that_is_not_python_is_refused_in_place_and_rolled_by_aut
     assert_no_failures(stats)
 
 
+@pytest.mark.parametrize("site", ["sync"], indirect=True)  # one worker class shows it
 def test_a_worker_that_outlasts_the_coordinator_is_rolled_back_and_retired(site: Site) -> None:
-    if site.worker_class == "gthread":
-        pytest.skip("the coordinator's handling is the same for both worker classes")
     site.boot()
     before = site.srv.worker_pids()
     known_good = site.state()["known_good"]
