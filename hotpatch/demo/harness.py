@@ -374,6 +374,57 @@ class Site:
     def assert_master_alive(self) -> None:
         assert self.srv.proc.poll() is None, f"master exited:\n{self.srv.output()}"
 
+    def rollout(self, *, timeout_s: float = 60) -> dict[str, Any]:
+        """Start a rollout (``hotpatch rollout``'s way) and wait for the master's record of it."""
+        from hotpatch.gunicorn._client import start_rollout, wait_for_rollout
+
+        rollout_id = start_rollout(self.srv.pid)
+        return wait_for_rollout(self.srv.pid, rollout_id, timeout_s=timeout_s)
+
+    def versions_by_pid(self, *, timeout_s: float = 30.0) -> dict[int, str]:
+        """pid -> version, from real requests, until every worker of the call's start answered
+        or is gone (bounded).
+
+        The app answers ``version=<v> pid=<pid>``. Requests go 8 at a time: one at a time, the
+        kernel may hand every connection to the same idle worker (a gthread worker especially),
+        and a worker never reached would never be checked. A worker that exits meanwhile
+        (``max_requests``) need not answer; its successors' answers are in the result too. At
+        the deadline the workers seen so far are returned (the caller's assertion says what is
+        missing).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        seen: dict[int, str] = {}
+        waiting = set(self.srv.worker_pids())
+        deadline = time.monotonic() + timeout_s
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            while time.monotonic() < deadline:
+                waiting &= set(self.srv.worker_pids())  # gone: nothing to ask
+                if waiting <= set(seen):
+                    break
+                for status, body in pool.map(lambda _: self.srv.get("/"), range(8)):
+                    assert status == 200, body
+                    version, pid = body.split()
+                    seen[int(pid.split("=")[1])] = version.split("=")[1]
+        return seen
+
+    def kill_one_worker_and_check(
+        self, expected_version: str, release: str, *, timeout_s: float = 60
+    ) -> None:
+        """SIGKILL a worker; its replacement must boot ``release`` and answer ``expected_version``."""
+        victim = self.workers()[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(
+            lambda: victim not in [w["pid"] for w in self.workers()],
+            timeout_s=timeout_s,
+            what=f"worker {victim} reaped",
+        )
+        self.wait_settled(release, timeout_s=timeout_s)
+        newcomer = max(w["pid"] for w in self.workers())
+        seen = self.versions_by_pid(timeout_s=timeout_s)
+        assert newcomer in seen, f"no answer from new worker {newcomer}: {seen}"
+        assert set(seen.values()) == {expected_version}, seen
+
     def close(self) -> None:
         """Stop the load and the master (its whole process group); print its output."""
         if self.load is not None:

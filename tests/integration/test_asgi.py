@@ -20,7 +20,7 @@ import pytest
 
 from hotpatch.demo.harness import GunicornServer, assert_no_failures, wait_until
 from hotpatch.demo.harness import Site as BaseSite
-from hotpatch.gunicorn._client import read_state, start_rollout, wait_for_rollout
+from hotpatch.gunicorn._client import read_state, wait_for_rollout
 from hotpatch.gunicorn._coordinator import deploy
 
 pytest.importorskip("uvicorn_worker", reason="the asgi extra (uvicorn-worker) is not installed")
@@ -76,18 +76,8 @@ class Site(BaseSite):
         )
         return self.server
 
-    def rollout(self) -> dict[str, Any]:
-        rollout_id = start_rollout(self.srv.pid)
-        return wait_for_rollout(self.srv.pid, rollout_id, timeout_s=ROLLOUT_TIMEOUT_S)
-
-    def versions_by_pid(self, *, requests: int = 30) -> dict[int, str]:
-        seen: dict[int, str] = {}
-        for _ in range(requests):
-            status, body = self.srv.get("/")
-            assert status == 200, body
-            version, pid = body.split()
-            seen[int(pid.split("=")[1])] = version.split("=")[1]
-        return seen
+    def rollout(self, *, timeout_s: float = ROLLOUT_TIMEOUT_S) -> dict[str, Any]:
+        return super().rollout(timeout_s=timeout_s)
 
     def startup_pids(self) -> list[int]:
         """The pid of every lifespan startup that ran, in order (one line each)."""
@@ -99,26 +89,6 @@ class Site(BaseSite):
         pids = self.startup_pids()
         assert len(pids) == len(set(pids)), f"a worker ran its lifespan startup twice: {pids}"
         assert set(self.srv.worker_pids()) <= set(pids), (self.srv.worker_pids(), pids)
-
-    def kill_one_worker_and_check(self, expected_version: str, release: str) -> None:
-        victim = self.workers()[0]["pid"]
-        os.kill(victim, signal.SIGKILL)
-        wait_until(
-            lambda: victim not in [w["pid"] for w in self.workers()],
-            timeout_s=30,
-            what=f"worker {victim} reaped",
-        )
-        self.wait_settled(release, timeout_s=120)
-        newcomer = max(w["pid"] for w in self.workers())
-        seen: dict[int, str] = {}
-
-        def newcomer_answered() -> bool:
-            seen.update(self.versions_by_pid(requests=8))
-            return newcomer in seen
-
-        wait_until(newcomer_answered, timeout_s=30, what=f"an answer from new worker {newcomer}")
-        assert seen[newcomer] == expected_version, seen
-        assert set(seen.values()) == {expected_version}, seen
 
 
 @pytest.fixture(name="site")
@@ -224,7 +194,7 @@ def test_bad_asgi_release_is_rolled_back(site: Site, variant: str, reason: str) 
     assert set(site.versions_by_pid().values()) == {"v1"}
     assert "gunicorn.errors.HaltServer" not in site.srv.output()
     # The broken code is still on disk; a worker started now must run the known-good release.
-    site.kill_one_worker_and_check("v1", known_good)
+    site.kill_one_worker_and_check("v1", known_good, timeout_s=120)
     site.assert_master_alive()
     site.assert_one_startup_per_worker()
 

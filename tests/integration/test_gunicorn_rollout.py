@@ -15,7 +15,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -55,39 +54,6 @@ class Site(BaseSite):
     ) -> GunicornServer:
         write_app(self.dir, "good.py", version)
         return super().start(extra_args=extra_args, env=env)
-
-    def rollout(self, *, timeout_s: float = 60) -> dict[str, Any]:
-        rollout_id = start_rollout(self.srv.pid)
-        return wait_for_rollout(self.srv.pid, rollout_id, timeout_s=timeout_s)
-
-    def versions_by_pid(self, *, requests: int = 40) -> dict[int, str]:
-        seen: dict[int, str] = {}
-        for _ in range(requests):
-            status, body = self.srv.get("/")
-            assert status == 200, body
-            version, pid = body.split()
-            seen[int(pid.split("=")[1])] = version.split("=")[1]
-        return seen
-
-    def kill_one_worker_and_check(self, expected_version: str, release: str) -> None:
-        victim = self.workers()[0]["pid"]
-        os.kill(victim, signal.SIGKILL)
-        wait_until(
-            lambda: victim not in [w["pid"] for w in self.workers()],
-            timeout_s=10,
-            what=f"worker {victim} reaped",
-        )
-        self.wait_settled(release)
-        newcomer = max(w["pid"] for w in self.workers())
-        seen: dict[int, str] = {}
-
-        def newcomer_answered() -> bool:
-            seen.update(self.versions_by_pid(requests=8))
-            return newcomer in seen
-
-        wait_until(newcomer_answered, timeout_s=20, what=f"an answer from new worker {newcomer}")
-        assert seen[newcomer] == expected_version, seen
-        assert set(seen.values()) == {expected_version}, seen
 
 
 @pytest.fixture(name="site")
