@@ -177,6 +177,9 @@ def extract(sdist: Path, dest: Path) -> Path:
 
 
 # -- running the worker ----------------------------------------------------------------------------
+ENGINE_SRC: list[str] = []  # --engine-src: another copy of hotpatch for the workers (a base commit)
+
+
 def run_worker(plan: dict[str, Any], work: Path, label: str, *, timeout_s: float) -> dict[str, Any]:
     """Run ``_replay_worker.py`` on ``plan`` in its own session; kill its group at the deadline."""
     plan_file = work / f"{label}.plan.json"
@@ -186,6 +189,8 @@ def run_worker(plan: dict[str, Any], work: Path, label: str, *, timeout_s: float
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PYTEST"))}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["PYTHONHASHSEED"] = "0"  # same hash order in fresh and replay processes
+    if ENGINE_SRC:
+        env["PYTHONPATH"] = ENGINE_SRC[0]
     started = time.monotonic()
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(
@@ -624,8 +629,18 @@ def main(argv: list[str] | None = None) -> int:
         "--run-timeout", type=float, default=600.0, help="deadline per release run, s"
     )
     parser.add_argument("--test-timeout", type=float, default=60.0, help="deadline per test, s")
+    parser.add_argument(
+        "--engine-src",
+        help="directory holding another copy of the hotpatch package (e.g. a `git archive` of a "
+        "base commit), imported by the workers instead of this one: before/after figures",
+    )
     parser.add_argument("--download-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
+    if args.engine_src:
+        src = Path(args.engine_src).resolve()
+        if not (src / "hotpatch" / "__init__.py").is_file():
+            parser.error(f"--engine-src {src}: no hotpatch/__init__.py there")
+        ENGINE_SRC[:] = [str(src)]
     names = [n.strip() for n in args.packages.split(",") if n.strip()]
     unknown = [n for n in names if n not in PACKAGES]
     if unknown:
