@@ -230,18 +230,16 @@ def may_import(text: str, package: str, modules: Iterable[str]) -> bool:
     ``package`` (the module's ``__package__``) to every module they may name: ``from a.b import
     c`` names ``a``, ``a.b`` and ``a.b.c``; ``from .. import x`` the parent package and its
     ``x``. Text in comments, strings or docstrings that looks like an import may pass as well:
-    the filter errs towards parsing. Non-ASCII sources are not filtered (identifiers are
-    NFKC-normalized).
+    the filter errs towards parsing. An import statement with non-ASCII text always passes
+    (identifiers are NFKC-normalized; keywords are ASCII).
     """
     wanted = set(modules)
     if not wanted:
         return False
-    if not text.isascii():
-        return True
     if "\\\n" in text or "\\\r" in text:  # explicit line joins: one logical line
         text = re.sub(r"\\\r?\n", " ", text)
     return any(
-        not wanted.isdisjoint(_named_modules(statement, package))
+        not statement.isascii() or not wanted.isdisjoint(_named_modules(statement, package))
         for statement in _import_statements(text)
     )
 
@@ -289,22 +287,33 @@ def _prefixes(dotted: str) -> list[str]:
 
 
 def _import_statements(text: str) -> Iterator[str]:
-    """The text of each statement that may be an import, comments cut (see ``may_import``)."""
+    """The text of each statement that may be an import, comments cut (see ``may_import``).
+
+    Every import statement has the word ``import`` on its first line: the lines holding it are
+    found with ``str.find`` (much faster than a regular expression over the whole text), then
+    the statement's start on that line (a line start, or after ``;`` or ``:``).
+    """
     size = len(text)
-    for match in _IMPORT_START.finditer(text):
-        end = text.find("\n", match.end())
+    pos = text.find("import")
+    while pos >= 0:
+        start = text.rfind("\n", 0, pos) + 1
+        end = text.find("\n", pos)
         end = size if end < 0 else end
-        chunk = text[match.start() : end].split("#", 1)[0]
-        if "(" in chunk and ")" not in chunk.partition("(")[2]:
-            while end < size:  # a parenthesised list: up to its closing bracket
-                nxt = text.find("\n", end + 1)
-                nxt = size if nxt < 0 else nxt
-                line = text[end:nxt].split("#", 1)[0]
-                chunk += line
-                end = nxt
-                if ")" in line:
-                    break
-        yield chunk
+        line = text[start:end]
+        for match in _IMPORT_START.finditer(line):
+            chunk = line[match.start() :].split("#", 1)[0]
+            stop = end
+            if "(" in chunk and ")" not in chunk.partition("(")[2]:
+                while stop < size:  # a parenthesised list: up to its closing bracket
+                    nxt = text.find("\n", stop + 1)
+                    nxt = size if nxt < 0 else nxt
+                    more = text[stop:nxt].split("#", 1)[0]
+                    chunk += more
+                    stop = nxt
+                    if ")" in more:
+                        break
+            yield chunk
+        pos = text.find("import", end)
 
 
 def refuse_stale_references(plans: list[tuple[str, Plan, str]]) -> None:
