@@ -177,6 +177,9 @@ def extract(sdist: Path, dest: Path) -> Path:
 
 
 # -- running the worker ----------------------------------------------------------------------------
+ENGINE_SRC: list[str] = []  # --engine-src: another copy of hotpatch for the workers (a base commit)
+
+
 def run_worker(plan: dict[str, Any], work: Path, label: str, *, timeout_s: float) -> dict[str, Any]:
     """Run ``_replay_worker.py`` on ``plan`` in its own session; kill its group at the deadline."""
     plan_file = work / f"{label}.plan.json"
@@ -186,6 +189,8 @@ def run_worker(plan: dict[str, Any], work: Path, label: str, *, timeout_s: float
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PYTEST"))}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["PYTHONHASHSEED"] = "0"  # same hash order in fresh and replay processes
+    if ENGINE_SRC:
+        env["PYTHONPATH"] = ENGINE_SRC[0]
     started = time.monotonic()
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(
@@ -342,8 +347,9 @@ def replay_package(
             }
             if record is not None:
                 step["duration_s"] = record["duration_s"]
-                if "cpu_s" in record:
-                    step["cpu_s"] = record["cpu_s"]
+                for key in ("cpu_s", "track_cpu_s"):
+                    if key in record:
+                        step[key] = record[key]
                 step["files"] = record["files"]
                 step["patched"] = record.get("patched", [])
                 for key in ("refusal", "failure", "error", "traceback"):
@@ -433,9 +439,13 @@ def tally(steps: list[dict[str, Any]]) -> dict[str, Any]:
 def latency(pkg_results: list[dict[str, Any]]) -> dict[str, Any]:
     """Patch vs reload time on the steps both applied: medians and the median of per-step ratios.
 
-    Wall time and CPU time (``time.process_time``) of the ``patch_many`` call and of the reloads;
-    the two peers run in different processes at different moments, and CPU time is the less
-    disturbed by other work on the machine.
+    CPU time (``time.process_time``) of the ``patch_many`` call and of the reloads of the same
+    step is the figure: the two peers run in different processes at different moments, and CPU
+    time is far less disturbed than wall time by other work on a shared machine (wall time is
+    kept for reference). The first step of a package is the first patch (and the first reload)
+    in its process, which pays one-time work; it is reported apart from the later steps, and
+    with everything together. ``track_ms``: the CPU time of the ``track()`` calls made before
+    the steps (where the engine builds its index of loaded modules, ahead of the first patch).
     """
     pairs = []
     for res in pkg_results:
@@ -450,11 +460,40 @@ def latency(pkg_results: list[dict[str, Any]]) -> dict[str, Any]:
     if not pairs:
         return {"n": 0}
     out: dict[str, Any] = {"n": len(pairs)}
-    for key, label in (("duration_s", "wall"), ("cpu_s", "cpu")):
-        if all(key in a and key in b for a, b in pairs):
-            out[f"{label}_patch_median_ms"] = statistics.median(a[key] for a, _ in pairs) * 1000
-            out[f"{label}_reload_median_ms"] = statistics.median(b[key] for _, b in pairs) * 1000
-            out[f"{label}_median_ratio"] = statistics.median(a[key] / b[key] for a, b in pairs)
+    subsets = {
+        "": pairs,
+        "first_": [(a, b) for a, b in pairs if a["step"] == 1],
+        "later_": [(a, b) for a, b in pairs if a["step"] > 1],
+    }
+    for prefix, subset in subsets.items():
+        out[f"{prefix}n"] = len(subset)
+        for key, label in (("duration_s", "wall"), ("cpu_s", "cpu")):
+            if subset and all(key in a and key in b for a, b in subset):
+                name = f"{prefix}{label}"
+                out[f"{name}_patch_median_ms"] = statistics.median(a[key] for a, _ in subset) * 1e3
+                out[f"{name}_reload_median_ms"] = statistics.median(b[key] for _, b in subset) * 1e3
+                out[f"{name}_median_ratio"] = statistics.median(a[key] / b[key] for a, b in subset)
+    tracks = [a["track_cpu_s"] for res in pkg_results for a in res["modes"]["hotpatch"]["steps"]]
+    tracks = [t for t in tracks if isinstance(t, float)]
+    if tracks:
+        out["track_first_ms"] = statistics.median(
+            a["track_cpu_s"] * 1e3
+            for res in pkg_results
+            for a in res["modes"]["hotpatch"]["steps"][:1]
+            if "track_cpu_s" in a
+        )
+        out["track_later_ms"] = (
+            statistics.median(
+                a["track_cpu_s"] * 1e3
+                for res in pkg_results
+                for a in res["modes"]["hotpatch"]["steps"][1:]
+                if "track_cpu_s" in a
+            )
+            if any(
+                "track_cpu_s" in a for r in pkg_results for a in r["modes"]["hotpatch"]["steps"][1:]
+            )
+            else None
+        )
     return out
 
 
@@ -471,7 +510,7 @@ def print_report(report: dict[str, Any]) -> None:
     print()
     print(
         "| package | steps | hotpatch applied | refused | matching | **applied but different** | unknown "
-        "| reload applied | failed | matching | applied but different | unknown | patch / reload (median) |"
+        "| reload applied | failed | matching | applied but different | unknown | patch / reload, median per step |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -479,9 +518,9 @@ def print_report(report: dict[str, Any]) -> None:
         h, r = t["hotpatch"], t["reload"]
         ratio = "-"
         if lat.get("n"):
-            ratio = f"{lat['wall_median_ratio']:.2f}x"
+            ratio = f"wall {lat['wall_median_ratio']:.2f}x"
             if "cpu_median_ratio" in lat:
-                ratio += f" (CPU {lat['cpu_median_ratio']:.2f}x)"
+                ratio = f"CPU {lat['cpu_median_ratio']:.2f}x ({ratio})"
         return (
             f"| {name} | {h['steps']} | {h['applied']} | {h['refused'] + h['errors']} | {h['matching']} "
             f"| **{h['different']}** | {h['unknown']} | {r['applied']} | {r['refused']} "
@@ -504,14 +543,27 @@ def print_report(report: dict[str, Any]) -> None:
             f"importlib.reload: {r['applied']}/{n} ran without raising, {r['matching']}/{n} matching a "
             f"restart, {r['different']} different, {r['refused']} raised, {r['unknown']} unknown"
         )
-    for label in ("wall", "cpu"):
-        if f"{label}_median_ratio" in lat_total:
-            print(
-                f"latency ({label} time) on the {lat_total['n']} steps both applied: patch_many "
-                f"median {lat_total[f'{label}_patch_median_ms']:.1f} ms, reload median "
-                f"{lat_total[f'{label}_reload_median_ms']:.1f} ms, median per-step ratio "
-                f"{lat_total[f'{label}_median_ratio']:.2f}x"
-            )
+    for prefix, what in (
+        ("", "all steps both applied"),
+        ("first_", "first step of each package (the first patch in its process)"),
+        ("later_", "later steps"),
+    ):
+        for label in ("cpu", "wall"):
+            name = f"{prefix}{label}"
+            if f"{name}_median_ratio" in lat_total:
+                print(
+                    f"latency ({label} time), {what}, n={lat_total[f'{prefix}n']}: patch_many "
+                    f"median {lat_total[f'{name}_patch_median_ms']:.1f} ms, reload median "
+                    f"{lat_total[f'{name}_reload_median_ms']:.1f} ms, median per-step ratio "
+                    f"{lat_total[f'{name}_median_ratio']:.2f}x"
+                )
+    if lat_total.get("track_first_ms") is not None:
+        later = lat_total.get("track_later_ms")
+        print(
+            f"track() before the first step (builds the engine's module index): median "
+            f"{lat_total['track_first_ms']:.1f} ms CPU"
+            + (f"; before later steps {later:.1f} ms" if later is not None else "")
+        )
     groups = Counter()
     for res in report["packages"]:
         for m in MODES:
@@ -577,8 +629,18 @@ def main(argv: list[str] | None = None) -> int:
         "--run-timeout", type=float, default=600.0, help="deadline per release run, s"
     )
     parser.add_argument("--test-timeout", type=float, default=60.0, help="deadline per test, s")
+    parser.add_argument(
+        "--engine-src",
+        help="directory holding another copy of the hotpatch package (e.g. a `git archive` of a "
+        "base commit), imported by the workers instead of this one: before/after figures",
+    )
     parser.add_argument("--download-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
+    if args.engine_src:
+        src = Path(args.engine_src).resolve()
+        if not (src / "hotpatch" / "__init__.py").is_file():
+            parser.error(f"--engine-src {src}: no hotpatch/__init__.py there")
+        ENGINE_SRC[:] = [str(src)]
     names = [n.strip() for n in args.packages.split(",") if n.strip()]
     unknown = [n for n in names if n not in PACKAGES]
     if unknown:

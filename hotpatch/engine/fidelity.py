@@ -18,9 +18,11 @@ added runs the candidate's code with the live module's globals.
 from __future__ import annotations
 
 import gc
+import os
+import re
 import sys
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from hotpatch.engine.changeset import ChangeSet, SetAttr, SetFunction, SetName, functions_of
 from hotpatch.engine.derived import ModuleChange, top_level_change
@@ -49,21 +51,30 @@ _ABSENT = object()
 
 class NamespaceIndex:
     """Which live modules hold which objects, by id, to find the modules that may depend on a
-    changed one.
+    changed one; and the state of each module's file when the index first saw the module.
 
     Reading every namespace on every patch would cost more than a small patch itself in a large
     process, so a reverse index (object id -> names of the modules holding it) is kept. It is
     brought up to date when ``sys.modules`` gained or lost modules (each module's namespace is
     read again when it is another dict or has another size) and for the modules hotpatch
     commits to. Not seen until then: a module that binds another module's object at run time,
-    after its import, without any module being imported since.
+    after its import, without any module being imported since. Building it reads every loaded
+    module once (tens of ms with a few hundred modules loaded), so ``Engine.track`` (and with it
+    ``watch`` and ``listen``) builds it ahead of the first patch: ``refresh``.
+
+    The file state (``os.stat``: device, inode, size, modification time) is what tells, on first
+    contact with a module that holds a changed module's objects, whether its file still holds the
+    code that runs (``file_changed``): a file rewritten after the index first saw its module is
+    not the version that was imported.
     """
 
     def __init__(self) -> None:
         self._state: dict[str, tuple[int, int, frozenset[int]]] = {}
-        self._holding: dict[int, set[str]] = {}
+        # object id -> the one module holding it (the common case) or the set of them
+        self._holding: dict[int, str | set[str]] = {}
         self._modules_seen: tuple[int, int] = (-1, -1)  # len(sys.modules), id of its last key
         self._stale: set[str] = set()
+        self._files: dict[str, tuple[int, _FileKey | None]] = {}  # name -> (id(module), stat)
 
     def forget(self, names: Iterable[str]) -> None:
         """Read these modules' namespaces again before the next question (a commit changed them)."""
@@ -75,12 +86,24 @@ class NamespaceIndex:
         state = self._state.pop(name, None)
         if state is None:
             return
+        holding = self._holding
         for key in state[2]:
-            holders = self._holding.get(key)
-            if holders is not None:
-                holders.discard(name)
-                if not holders:
-                    del self._holding[key]
+            holders = holding.get(key)
+            if holders is None:
+                continue
+            if isinstance(holders, str):
+                if holders == name:
+                    del holding[key]
+                continue
+            holders.discard(name)
+            if len(holders) == 1:
+                holding[key] = next(iter(holders))
+            elif not holders:
+                del holding[key]
+
+    def refresh(self) -> None:
+        """Bring the index up to date with ``sys.modules`` now (ahead of the first patch)."""
+        self._refresh()
 
     def _refresh(self) -> None:
         modules = sys.modules
@@ -91,22 +114,53 @@ class NamespaceIndex:
         else:
             for name in [n for n in self._state if n not in modules]:
                 self._drop(name)
+            for name in [n for n in self._files if n not in modules]:
+                del self._files[name]
             names = list(modules)
         self._stale.clear()
+        holding = self._holding
+        get = holding.get
         for name in names:
             module = modules.get(name)
             namespace = getattr(module, "__dict__", None)
             if not isinstance(namespace, dict):
                 continue
+            known = self._files.get(name)
+            if known is None or known[0] != id(module):
+                self._files[name] = (id(module), _file_key(namespace.get("__file__")))
             state = self._state.get(name)
             if state is not None and state[0] == id(namespace) and state[1] == len(namespace):
                 continue
             self._drop(name)
-            ids = frozenset(map(id, namespace.values()))
+            ids = frozenset(map(id, list(namespace.values())))
             self._state[name] = (id(namespace), len(namespace), ids)
-            for key in ids:
-                self._holding.setdefault(key, set()).add(name)
+            for key in ids:  # a string for one holder: no set made for most objects
+                holders = get(key)
+                if holders is None:
+                    holding[key] = name
+                elif isinstance(holders, str):
+                    if holders != name:
+                        holding[key] = {holders, name}
+                else:
+                    holders.add(name)
         self._modules_seen = seen
+
+    def _holders_of(self, key: int) -> tuple[str, ...] | set[str]:
+        holders = self._holding.get(key)
+        if holders is None:
+            return ()
+        return (holders,) if isinstance(holders, str) else holders
+
+    def file_changed(self, name: str, module: types.ModuleType) -> bool:
+        """Whether the module's file changed since the index first saw this module object.
+
+        ``False`` when it did not, or when nothing was recorded (no file, or a module the index
+        has not seen: call ``refresh`` first).
+        """
+        known = self._files.get(name)
+        if known is None or known[0] != id(module) or known[1] is None:
+            return False
+        return _file_key(getattr(module, "__file__", None)) != known[1]
 
     def holders(self, name: str, change: ModuleChange) -> list[str]:
         """Live modules whose namespace holds the module ``name``, or objects it changed or
@@ -125,7 +179,8 @@ class NamespaceIndex:
             if value is _ABSENT:
                 continue
             if isinstance(value, _SHARED) or (isinstance(value, int) and -5 <= value <= 256):
-                by_name[key] = value
+                if key not in _OWN_METADATA:  # every module has its own: a match says nothing
+                    by_name[key] = value
             else:
                 watched.add(id(value))
         if change.rebound:  # names added or removed: star imports of this module follow
@@ -134,9 +189,9 @@ class NamespaceIndex:
                     watched.add(id(value))
         found: set[str] = set()
         for watched_id in watched:
-            found.update(self._holding.get(watched_id, ()))
+            found.update(self._holders_of(watched_id))
         for key, value in by_name.items():
-            for holder in self._holding.get(id(value), set()):
+            for holder in self._holders_of(id(value)):
                 namespace = getattr(sys.modules.get(holder), "__dict__", None)
                 if isinstance(namespace, dict) and namespace.get(key, _ABSENT) is value:
                     found.add(holder)
@@ -145,6 +200,120 @@ class NamespaceIndex:
             found.add(parent)
         found.discard(name)
         return sorted(found)
+
+
+_FileKey = tuple[int, int, int, int]
+
+# Names the import system sets in every module for the module itself.
+_OWN_METADATA = frozenset(
+    {"__doc__", "__name__", "__file__", "__cached__", "__package__", "__loader__", "__spec__"}
+)
+
+
+def _file_key(filename: object) -> _FileKey | None:
+    """What identifies a version of a file cheaply: device, inode, size, modification time."""
+    if not isinstance(filename, str) or not filename.endswith(".py"):
+        return None
+    try:
+        st = os.stat(filename)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def may_import(text: str, package: str, modules: Iterable[str]) -> bool:
+    """Whether a module's source may import one of ``modules`` (a cheap filter before parsing).
+
+    ``derived`` finds what a module derives from another through its import statements only.
+    Here the import statements are found by their first word (at a line start, or after ``;``
+    or ``:``, parenthesised lists followed to their closing bracket) and resolved against
+    ``package`` (the module's ``__package__``) to every module they may name: ``from a.b import
+    c`` names ``a``, ``a.b`` and ``a.b.c``; ``from .. import x`` the parent package and its
+    ``x``. Text in comments, strings or docstrings that looks like an import may pass as well:
+    the filter errs towards parsing. An import statement with non-ASCII text always passes
+    (identifiers are NFKC-normalized; keywords are ASCII).
+    """
+    wanted = set(modules)
+    if not wanted:
+        return False
+    if "\\\n" in text or "\\\r" in text:  # explicit line joins: one logical line
+        text = re.sub(r"\\\r?\n", " ", text)
+    return any(
+        not statement.isascii() or not wanted.isdisjoint(_named_modules(statement, package))
+        for statement in _import_statements(text)
+    )
+
+
+_IMPORT_START = re.compile(r"(?:^|[;:])[ \t]*(?:from|import)\b", re.MULTILINE)
+_FROM = re.compile(r"from\b(.*?)\bimport\b(.*)", re.DOTALL)
+_MODULE_PATH = re.compile(r"(\.*)((?:\w+(?:\.\w+)*)?)")
+
+
+def _named_modules(statement: str, package: str) -> set[str]:
+    """The module names an import statement's text may refer to (empty: not an import)."""
+    statement = statement.lstrip(";: \t").split(";", 1)[0].replace("(", " ").replace(")", " ")
+    found: set[str] = set()
+    match = _FROM.match(statement)
+    if match is not None:
+        path = _MODULE_PATH.fullmatch("".join(match.group(1).split()))
+        if path is None:
+            return found
+        dots, module = path.group(1), path.group(2)
+        if dots:
+            parts = package.split(".") if package else []
+            if len(dots) - 1 > len(parts):
+                return found
+            base = ".".join(parts[: len(parts) - (len(dots) - 1)])
+            module = f"{base}.{module}" if base and module else base or module
+        if not module:
+            return found
+        found.update(_prefixes(module))
+        for item in match.group(2).split(","):
+            words = item.split()
+            if words and words[0] != "*":
+                found.add(f"{module}.{words[0]}")
+        return found
+    if statement.startswith("import"):
+        for item in statement[len("import") :].split(","):
+            words = item.split()
+            if words:
+                found.update(_prefixes("".join(words[0].split())))
+    return found
+
+
+def _prefixes(dotted: str) -> list[str]:
+    parts = dotted.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _import_statements(text: str) -> Iterator[str]:
+    """The text of each statement that may be an import, comments cut (see ``may_import``).
+
+    Every import statement has the word ``import`` on its first line: the lines holding it are
+    found with ``str.find`` (much faster than a regular expression over the whole text), then
+    the statement's start on that line (a line start, or after ``;`` or ``:``).
+    """
+    size = len(text)
+    pos = text.find("import")
+    while pos >= 0:
+        start = text.rfind("\n", 0, pos) + 1
+        end = text.find("\n", pos)
+        end = size if end < 0 else end
+        line = text[start:end]
+        for match in _IMPORT_START.finditer(line):
+            chunk = line[match.start() :].split("#", 1)[0]
+            stop = end
+            if "(" in chunk and ")" not in chunk.partition("(")[2]:
+                while stop < size:  # a parenthesised list: up to its closing bracket
+                    nxt = text.find("\n", stop + 1)
+                    nxt = size if nxt < 0 else nxt
+                    more = text[stop:nxt].split("#", 1)[0]
+                    chunk += more
+                    stop = nxt
+                    if ")" in more:
+                        break
+            yield chunk
+        pos = text.find("import", end)
 
 
 def refuse_stale_references(plans: list[tuple[str, Plan, str]]) -> None:

@@ -53,6 +53,7 @@ from hotpatch.engine.fidelity import (
     completed_units,
     empty_plan,
     fidelity_problem,
+    may_import,
     module_change,
     refuse_stale_references,
 )
@@ -197,6 +198,9 @@ class Engine:
                 if name not in self._histories:
                     require_imported("track(modules)", name)
                 self._ensure_history(name)
+            # One-time work moved out of the first patch: the index of every loaded module's
+            # namespace (and its file's state), used to find the modules that depend on a change.
+            self._namespace_ids.refresh()
 
     # -- queries ---------------------------------------------------------------------------------
     def history(self, module: str) -> list[Version]:
@@ -589,7 +593,9 @@ class Engine:
         filename = getattr(module, "__file__", None)
         if not isinstance(module, types.ModuleType) or not str(filename).endswith(".py"):
             return None  # no Python source: nothing derived at import that hotpatch could read
-        record = self._ensure_history(name)
+        record = self._holder_history(name, module, trigger, shared)
+        if record is None:
+            return None  # its source imports none of the changed modules: nothing derived
         live_entry = record.live()
         source = live_entry.source
         if source is None:
@@ -653,6 +659,45 @@ class Engine:
             registrations=registrations,
             remap=shared.remap,
         )
+
+    def _holder_history(
+        self, name: str, module: types.ModuleType, trigger: str, shared: _ChangeSetContext
+    ) -> ModuleHistory | None:
+        """The history of a module met because it holds a changed module's objects.
+
+        On first contact its file is the baseline, so the file must still be the version that
+        runs: a file changed since hotpatch first saw the module (``NamespaceIndex.file_changed``)
+        is not, and the patch is refused. A source that imports none of the changed modules
+        derives nothing from them (``fidelity.may_import``): it is not parsed, and no history is
+        started (met again, it is read again).
+
+        Raises:
+            PatchRejected: stage ``compatibility``: the module's file changed since its import.
+        """
+        record = self._histories.get(name)
+        if record is not None:
+            return record
+        filename = str(module.__file__)
+        if self._namespace_ids.file_changed(name, module):
+            raise PatchRejected(
+                trigger,
+                "compatibility",
+                f"needs a restart: {name} holds objects of {trigger}, which changed, and its file "
+                "was rewritten after hotpatch first saw the module, so the code it runs (what a "
+                "restart would re-derive from) is unknown",
+                filename=filename,
+            )
+        try:
+            data = read_source_file(name, filename, max_bytes=self.max_source_bytes)
+            text = decode_source(name, data, filename, max_bytes=self.max_source_bytes)
+        except PatchRejected:
+            text = None  # unreadable: the baseline is unknown (refused below if it matters)
+        if text is not None and not may_import(text, package_of(name), shared.changes):
+            return None
+        baseline = None if text is None else source_from_text(name, text, filename)
+        record = ModuleHistory.start(name, baseline, limit=self.history_limit)
+        self._histories[name] = record
+        return record
 
     def _check_fidelity(self, todo: list[_Prepared]) -> None:
         """After the commit: every name reported changed or added runs the candidate's code."""
@@ -846,13 +891,16 @@ class Engine:
         """The module's history, made on first contact with its file as the baseline.
 
         ``unless_sha``: the new source about to be applied. When the file on disk already holds
-        it, the file was edited before hotpatch saw the module, so the baseline is unknown.
+        it, the file was edited before hotpatch saw the module, so the baseline is unknown; so it
+        is when the file changed since the namespace index first saw the module.
         """
         record = self._histories.get(name)
         if record is not None:
             return record
         module = live_module(name, importing_ok=True)  # the file is the baseline
-        baseline = _baseline_source(module, self.max_source_bytes)
+        baseline = None
+        if not self._namespace_ids.file_changed(name, module):  # else not what was imported
+            baseline = _baseline_source(module, self.max_source_bytes)
         if baseline is not None and baseline.sha256 == unless_sha:
             baseline = None
         record = ModuleHistory.start(name, baseline, limit=self.history_limit)

@@ -547,25 +547,40 @@ def _index_statement(
             for child in stmt.body:
                 _index_statement(child, inner, lines, texts, bound)
         return
-    names = bound_names(stmt)
-    if not names:
-        return
     segment = "\n".join(
         line.rstrip() for line in lines[stmt.lineno - 1 : (stmt.end_lineno or stmt.lineno)]
     )
+    names = bound_names(stmt, walrus=":=" in segment)
+    if not names:
+        return
     for name in sorted(names):
         bound.append((scope, name))
         texts.append((scope, name, segment))
 
 
-def bound_names(stmt: ast.stmt) -> set[str]:
-    """Names a statement binds in its own scope (not inside nested functions or classes)."""
+def bound_names(stmt: ast.stmt, *, walrus: bool = True) -> set[str]:
+    """Names a statement binds in its own scope (not inside nested functions or classes).
+
+    ``walrus=False``: the statement's text has no ``:=``, so an expression binds nothing unless
+    it is an assignment target: the values (a table of thousands of constants) are not walked.
+    """
     found: set[str] = set()
     todo: list[ast.AST] = [stmt]
     while todo:
         node = todo.pop()
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store | ast.Del):
-            found.add(node.id)
+        if isinstance(node, ast.Name):
+            if isinstance(node.ctx, ast.Store | ast.Del):
+                found.add(node.id)
+            continue
+        if (
+            not walrus
+            and isinstance(node, ast.expr)
+            and not (
+                isinstance(node, ast.Tuple | ast.List | ast.Starred)
+                and isinstance(node.ctx, ast.Store | ast.Del)
+            )
+        ):
+            continue  # a value, or an attribute or subscript target: binds no name here
         elif isinstance(node, ast.Import | ast.ImportFrom):
             for alias in node.names:
                 if alias.name != "*":
