@@ -713,8 +713,10 @@ def _listen(
         _ACTIVE.add(listener)
     tracked = listener.listened()
     try:
-        if release is None:  # a release's files never change: their baseline is read when needed
-            listener.engine.track(*tracked)
+        # A release's files never change: their baseline is read when needed, so a release
+        # listener tracks no module; track() still builds the engine's index of the loaded
+        # modules, the one-time work the first patch (a worker's first deploy) would pay.
+        listener.engine.track(*(tracked if release is None else ()))
         listener._start()
     except BaseException:
         listener.close()

@@ -184,7 +184,8 @@ class Engine:
         With a baseline, a patch can tell which statements changed, so module-level values whose
         statement did not change keep their live objects and edited ones take new values.
         ``watch`` does this for every module it watches; ``verifier`` and ``health_check`` for
-        the module they name.
+        the module they name. Every call (with no module too) also brings the engine's index of
+        the loaded modules up to date: one-time work the first patch would otherwise pay.
 
         Raises:
             ConfigError: a module is not imported; ``TypeError``: a name is not a str.

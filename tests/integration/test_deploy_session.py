@@ -273,3 +273,14 @@ def test_a_process_that_already_listens_takes_deploys_on_the_same_socket(
     finally:
         own.close()
         rel.close()
+
+
+def test_a_release_listener_builds_the_engines_index_before_it_answers(
+    release: tuple[Release, Listener],
+) -> None:
+    """The one-time index of the loaded modules is built when a worker starts listening (before
+    it reports ``listening``), not by the first deploy's commit."""
+    _, listener = release
+    index = listener.engine._namespace_ids
+    assert index._modules_seen != (-1, -1), "the index was never built"
+    assert len(index._state) > 10  # every loaded module's namespace, not only the release's
