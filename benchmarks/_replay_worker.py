@@ -156,6 +156,11 @@ def run_tests(root: Path, plan: dict[str, Any]) -> dict[str, Any]:
         str(plan["test_timeout_s"]),
         "--timeout-method",
         "signal",
+        # The worker imported hotpatch before pytest starts: pytest warns that it cannot rewrite
+        # it, and a package whose config sets filterwarnings=error (toolz 1.1.0) would end the
+        # run on that warning alone (its steps then read "unknown").
+        "-W",
+        "ignore::pytest.PytestAssertRewriteWarning",
     ]
     for nodeid in plan.get("deselect", []):
         args += ["--deselect", nodeid]
