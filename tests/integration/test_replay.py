@@ -72,9 +72,10 @@ def test_six_releases_patched_in_place_behave_like_a_restart(tmp_path: Path) -> 
     assert report["totals"]["hotpatch"]["applied"] == 2
     assert different_steps(report) == []
     # the comparison can tell: importlib.reload of the same releases does not behave like a restart.
-    # On 3.13 six 1.14's own suite fails 125 tests in a fresh process (stdlib modules it tests are
-    # gone), the failures reload's difference shows up in: there both arms fail alike.
-    if sys.version_info < (3, 13):
+    # From 3.12 on, six 1.14's own suite fails 125 tests in a fresh process (stdlib modules it
+    # tests, distutils among them, are gone), the failures reload's difference shows up in: there
+    # both arms fail alike (seen on 3.12.1 and 3.13.0).
+    if sys.version_info < (3, 12):
         assert report["totals"]["reload"]["different"] > 0
 
 
