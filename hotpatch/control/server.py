@@ -61,7 +61,6 @@ from hotpatch.control.protocol import (
 from hotpatch.control.session import ReleaseHooks, ReleaseState, run_session
 from hotpatch.engine import Engine, PatchResult, Version, default_engine
 from hotpatch.engine.candidate import text_sha256
-from hotpatch.engine.modulemap import in_dependency_order
 from hotpatch.errors import ConfigError, HotpatchError, InsecurePath, PatchRejected
 from hotpatch.rundir import runtime_dir
 
@@ -589,7 +588,7 @@ class Listener:
                 sources[name] = text
         if not sources:
             return []
-        changes = {name: (sources[name] or None) for name in in_dependency_order(sources)}
+        changes = {name: (text or None) for name, text in sources.items()}  # the engine orders
         if dry_run:  # the same guard as the patch, on the change as one (not module by module)
             results = self.engine.check_many(changes, allow_removals=False)
         else:

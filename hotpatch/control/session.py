@@ -42,7 +42,6 @@ from hotpatch._log import get_logger
 from hotpatch.control.protocol import PROTOCOL_VERSION, Request, Step
 from hotpatch.engine import Engine
 from hotpatch.engine.candidate import text_sha256
-from hotpatch.engine.modulemap import in_dependency_order
 from hotpatch.errors import HotpatchError, PatchRejected
 
 log = get_logger(__name__)
@@ -369,7 +368,6 @@ def _prepare(
     if len(names) > MAX_MODULES:
         raise _Refused(f"more than {MAX_MODULES} modules to check (stage: load)")
     raw: dict[str, bytes] = {}
-    texts: dict[str, str] = {}
     where: dict[str, tuple[str, str]] = {}
     for name in names:
         module = sys.modules.get(name)
@@ -399,13 +397,11 @@ def _prepare(
         if live is None and _same_bytes(filename, data, engine.max_source_bytes):
             continue  # never patched, and its release file (a snapshot: immutable) is the same
         raw[name] = data
-        texts[name] = text
         where[name] = (filename, path)
     if not raw:
         return {}, []
-    order = in_dependency_order(texts)
     try:  # one change: a module may import a name another one adds (as patch_many commits it)
-        results = engine.check_many({name: raw[name] for name in order})
+        results = engine.check_many(raw)  # the engine orders them
     except PatchRejected as exc:  # named by the file that holds the new code
         live_file, new_file = where.get(exc.module, ("", ""))
         if not live_file:

@@ -59,7 +59,7 @@ from hotpatch.engine.fidelity import (
 )
 from hotpatch.engine.guard import DeadlineExceeded, run_with_deadline
 from hotpatch.engine.history import Entry, ModuleHistory, Version, version_id
-from hotpatch.engine.modulemap import in_dependency_order, package_of
+from hotpatch.engine.modulemap import dependency_order, executed_imports, package_of
 from hotpatch.engine.registrations import Registrations
 from hotpatch.engine.registrations import snapshot as snapshot_registrations
 from hotpatch.engine.safepoint import SafePointTimeout, commit_at_safe_point
@@ -347,11 +347,17 @@ class Engine:
         shared = _ChangeSetContext()
         current = ""
         try:
-            for name, given in self._in_dependency_order(changes):
+            for name, given, compiled in self._in_dependency_order(changes):
                 current = name
                 log.debug("patch.started", module=name)
                 prepared.append(
-                    self._prepare(name, given, allow_removals=allow_removals, change_set=shared)
+                    self._prepare(
+                        name,
+                        given,
+                        allow_removals=allow_removals,
+                        change_set=shared,
+                        compiled=compiled,
+                    )
                 )
             todo = [p for p in prepared if p.plan is not None]
             if todo:
@@ -401,6 +407,7 @@ class Engine:
         *,
         allow_removals: bool,
         change_set: _ChangeSetContext | None = None,
+        compiled: _Compiled | None = None,
     ) -> _Prepared:
         module = live_module(name)
         filename = str(module.__file__)
@@ -422,7 +429,10 @@ class Engine:
             )
         if old_source is not None and live_entry.version.sha256 == sha:
             return _Prepared(module, old_source, None, live_entry, None)
-        source, code = compile_source(name, text, filename, previous=old_source)
+        if compiled is not None and compiled.source.sha256 == sha:
+            source, code = compiled.source, compiled.code  # compiled to order the change set
+        else:
+            source, code = compile_source(name, text, filename, previous=old_source)
         shared = change_set or _ChangeSetContext()
         candidate, registrations = self._execute_candidate(module, source, code, shared)
         shared.candidates[name] = candidate.module
@@ -487,22 +497,43 @@ class Engine:
 
     def _in_dependency_order(
         self, changes: Mapping[str, SourceInput]
-    ) -> list[tuple[str, SourceInput]]:
+    ) -> list[tuple[str, SourceInput, _Compiled | None]]:
         """The change set's modules, each after those of them it imports, so that a module's
-        candidate imports the new versions and its derived values follow them."""
+        candidate imports the new versions and its derived values follow them.
+
+        Only the modules whose text differs from the live version take part: each is compiled
+        here, once (``_prepare`` takes the result), and its imports are read off the statement
+        index that compiling builds, instead of parsing every module again. A module that is
+        unchanged is a no-op wherever it stands; one that cannot be read or compiled is left to
+        ``_prepare``, which refuses it with the stage and line.
+        """
         if len(changes) < 2:
-            return list(changes.items())
+            return [(name, given, None) for name, given in changes.items()]
         texts: dict[str, str] = {}
+        compiled: dict[str, _Compiled] = {}
+        imports: dict[str, set[str]] = {}
         for name, given in changes.items():
             try:
                 filename = str(live_module(name).__file__)
                 data = given
                 if data is None:
                     data = read_source_file(name, filename, max_bytes=self.max_source_bytes)
-                texts[name] = decode_source(name, data, filename, max_bytes=self.max_source_bytes)
+                text = decode_source(name, data, filename, max_bytes=self.max_source_bytes)
             except PatchRejected:
-                return list(changes.items())  # _prepare refuses it, in the order given
-        return [(name, texts[name]) for name in in_dependency_order(texts)]
+                return [(n, g, None) for n, g in changes.items()]  # _prepare refuses it
+            texts[name] = text
+            imports[name] = set()
+            sha = text_sha256(text)
+            live = self._ensure_history(name, unless_sha=sha).live()
+            if live.source is not None and live.version.sha256 == sha:
+                continue  # unchanged: a no-op, its place does not matter
+            try:
+                source, code = compile_source(name, text, filename, previous=live.source)
+            except PatchRejected:
+                continue  # _prepare compiles it again and refuses it, in this order
+            compiled[name] = _Compiled(source, code)
+            imports[name] = executed_imports(source.index, package=package_of(name))
+        return [(name, texts[name], compiled.get(name)) for name in dependency_order(imports)]
 
     def _replan_derived(
         self, p: _Prepared, shared: _ChangeSetContext, *, allow_removals: bool
@@ -963,6 +994,16 @@ class _ChangeSetContext:
     candidates: dict[str, types.ModuleType] = field(default_factory=dict)
     remap: dict[int, object] = field(default_factory=dict)
     changes: dict[str, ModuleChange] = field(default_factory=dict)
+
+
+class _Compiled:
+    """A module's new version compiled while ordering a change set (``_in_dependency_order``)."""
+
+    __slots__ = ("code", "source")
+
+    def __init__(self, source: Source, code: types.CodeType) -> None:
+        self.source = source
+        self.code = code
 
 
 @dataclass

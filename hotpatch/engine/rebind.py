@@ -37,6 +37,8 @@ _SCALARS = (
     type(Ellipsis),
     types.ModuleType,
 )
+# The exact types of those (no subclass: an enum member may be an ``int``), for a C-speed test.
+_PLAIN_SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None)})
 # ``object``'s own ``__class__`` setter: ``value.__class__ = K`` would call a ``__class__`` property
 # that a proxy class defines instead (and fail: it has no setter, or it sets the proxied object's).
 _SET_CLASS = object.__dict__["__class__"].__set__
@@ -109,6 +111,13 @@ class Rebinder:
         finally:
             self._depth -= 1
 
+    def _only_plain_scalars(self, items: tuple[object, ...] | list[object]) -> bool:
+        """Whether every item is an exact ``int``, ``str``, ``bytes``... that no pairing maps
+        (checked in C: a table of thousands of constants is not walked item by item)."""
+        return all(map(_PLAIN_SCALARS.__contains__, map(type, items))) and (
+            not self.remap or self.remap.keys().isdisjoint(map(id, items))
+        )
+
     def _too_deep(self) -> None:
         message = (
             f"new values nest objects more than {_DEPTH_LIMIT} levels deep; hotpatch cannot "
@@ -128,6 +137,8 @@ class Rebinder:
                     "module; a restart is needed"
                 )
             return value
+        if type(value) in (tuple, list) and self._only_plain_scalars(value):  # type: ignore[arg-type]
+            return value  # a data table: nothing in it can point into the candidate
         if type(value) is tuple:
             items = tuple(self.rebind(v) for v in value)
             return value if all(a is b for a, b in zip(items, value)) else items

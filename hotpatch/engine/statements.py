@@ -309,16 +309,26 @@ def _hunks(old: list[str], new: list[str]) -> list[tuple[int, int, int, int]]:
 
 
 def _children(node: ast.AST) -> list[ast.AST]:
-    """``ast.iter_child_nodes`` without its two generators, and without the ``Load``/``Store``
-    markers (no reader here looks at them as nodes): the index reads every node it keeps."""
+    """``ast.iter_child_nodes`` without its two generators, without the ``Load``/``Store``
+    markers and without constants (no reader here looks at either: a constant reads, binds
+    and calls nothing). A data table of thousands of literals is then one list of its rows,
+    not thousands of nodes each popped and tested: the index reads every node it keeps."""
     found: list[ast.AST] = []
     for name in node._fields:
         value = getattr(node, name, None)
-        if isinstance(value, list):
-            found.extend([item for item in value if isinstance(item, ast.AST)])
-        elif isinstance(value, ast.AST) and not isinstance(value, ast.expr_context):
+        if type(value) is list:
+            found.extend([i for i in value if isinstance(i, _AST) and type(i) is not _CONSTANT])
+        elif (
+            isinstance(value, _AST)
+            and type(value) is not _CONSTANT
+            and not isinstance(value, ast.expr_context)
+        ):
             found.append(value)
     return found
+
+
+_AST = ast.AST
+_CONSTANT = ast.Constant
 
 
 def _walk(root: ast.AST) -> list[ast.AST]:
@@ -330,9 +340,9 @@ def _walk(root: ast.AST) -> list[ast.AST]:
             continue
         for name in node._fields:
             value = getattr(node, name, None)
-            if isinstance(value, list):
-                found.extend([item for item in value if isinstance(item, ast.AST)])
-            elif isinstance(value, ast.AST) and not isinstance(value, ast.expr_context):
+            if type(value) is list:
+                found.extend([i for i in value if isinstance(i, _AST) and type(i) is not _CONSTANT])
+            elif isinstance(value, _AST) and not isinstance(value, ast.expr_context):
                 found.append(value)
     return found
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import logging
 import os
 import sys
@@ -46,7 +45,6 @@ from hotpatch.engine import Engine, PatchResult, default_engine
 from hotpatch.engine.arguments import check_count, check_optional_seconds, check_seconds
 from hotpatch.engine.modulemap import (
     ModuleIndex,
-    in_dependency_order,
     is_under,
     normalize,
 )
@@ -388,9 +386,8 @@ class Watcher:
         for path, data in files.items():
             for name in self._index.modules_for(path):
                 sources[name] = data
-        order = in_dependency_order({name: _decode(data) for name, data in sources.items()})
-        return self.engine.patch_many(
-            {name: sources[name] for name in order},
+        return self.engine.patch_many(  # it orders them: each after the ones it imports
+            sources,
             allow_removals=self._allow_removals,
             safepoint_timeout_s=self._safepoint_timeout_s,
         )
@@ -651,13 +648,6 @@ def _observer_reports_closes() -> bool:
     except ImportError:  # not Linux
         return False
     return Observer is InotifyObserver
-
-
-def _decode(data: bytes) -> str:
-    try:
-        return importlib.util.decode_source(data)
-    except (UnicodeDecodeError, SyntaxError, LookupError):
-        return ""
 
 
 def _hash_file(path: str) -> str | None:

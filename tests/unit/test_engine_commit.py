@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -375,6 +376,27 @@ def test_change_set_modules_see_each_others_new_names(make_module) -> None:
     assert g() == 7
     assert user.helper is lib.helper and user.f is lib.f  # the live objects, not the candidates
     assert lib.helper.__globals__ is lib.__dict__
+
+
+def test_change_set_order_follows_imports_run_at_import_not_in_function_bodies(
+    make_module,
+) -> None:
+    # aa_* imports a name zz_* adds, at import time; zz_* imports aa_* only inside a function.
+    # The change set must build zz_*'s candidate first. (Counting every import as an edge made
+    # a cycle of the two, broken by name: aa_* first, refused with "cannot import name".)
+    tag = uuid.uuid4().hex[:8]
+    base, user = f"zz_base_{tag}", f"aa_user_{tag}"
+    make_module(f"def f():\n    import {user}\n    return 1\n", name=base)
+    live_user = make_module(f"from {base} import f\n\ndef g():\n    return f()\n", name=user)
+    g = live_user.g
+    results = Engine().patch_many(
+        {
+            user: f"from {base} import f, NEW\n\ndef g():\n    return f() + NEW\n",
+            base: f"NEW = 10\n\ndef f():\n    import {user}\n    return 2\n",
+        }
+    )
+    assert [r.module for r in results] == [user, base]  # results in the order given
+    assert g() == 12
 
 
 def test_main_module_block_is_not_run_again(make_module) -> None:
