@@ -266,6 +266,14 @@ class BlueGreenDriver:
                 f"this master is itself the new master of a blue-green started by master "
                 f"{arbiter.master_pid}, which still runs: wait until it quits, or switch back"
             )
+        fd_binds = [a for a in getattr(arbiter.cfg, "address", []) or [] if isinstance(a, int)]
+        if fd_binds:
+            return (
+                f"gunicorn is bound to an inherited descriptor (--bind fd://{fd_binds[0]}): its "
+                "re-exec cannot carry that (the new master would open the configured descriptor, "
+                "closed by now, besides the one it inherits, and die); bind an address (host:port "
+                "or unix:path) to use blue-green"
+            )
         if getattr(arbiter, "reexec_pid", 0):
             return f"this master already has a re-exec'd master, pid {arbiter.reexec_pid}"
         if c.rollout is not None:
@@ -668,7 +676,7 @@ def _follow(
     start_time = process_start_time(pid)
     while True:
         record = None
-        if is_alive(pid, start_time):
+        if _running(pid, start_time):
             with contextlib.suppress(ConfigError):
                 state = load_state(pid, run.state_dir)
                 for key in ("blue_green", "last_blue_green"):
@@ -700,7 +708,7 @@ def _follow(
                 return run.result(
                     mapped, "blue-green", reason=str(record.get("reason") or ""), blue_green=info
                 )
-        elif not is_alive(pid, start_time):
+        elif not _running(pid, start_time):
             new_pid = int(info.get("new_master_pid") or 0)
             if _adopted(new_pid, bg_id, pid, run.state_dir):
                 run.emit("bluegreen.old_master_quit", old_master_pid=pid, new_master_pid=new_pid)
@@ -739,6 +747,17 @@ def _follow(
                 blue_green=info,
             )
         time.sleep(0.05)
+
+
+def _running(pid: int, start_time: int | None) -> bool:
+    """``is_alive``, but a zombie (exited, not yet reaped by its parent) is not running."""
+    if not is_alive(pid, start_time):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read(4096).rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
 
 
 def _adopted(new_pid: int, bg_id: int, old_pid: int, state_dir: str | None) -> bool:
