@@ -96,7 +96,7 @@ class Site(BaseSite):
             "app:app", cwd=self.dir, workers=WORKERS, extra_args=args, env=ENV, pass_socket=False
         )
         self.server.wait_serving(workers=WORKERS)
-        wait_until(lambda: self.state(), timeout_s=10, what="state.json", describe=self.srv.output)
+        wait_until(self.state, timeout_s=10, what="state.json", describe=self.srv.output)
         self.wait_settled(self.state()["known_good"])
 
     def deploy(self, **options: Any) -> DeployResult:
