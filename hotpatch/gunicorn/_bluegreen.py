@@ -106,6 +106,18 @@ def reexec_argv(args: list[str], package_dir: str) -> list[str]:
     return list(args)
 
 
+def fix_reexec_argv(arbiter: Any) -> list[str]:
+    """Make gunicorn's own re-exec (``USR2``, or a blue-green) work for ``python -m gunicorn``
+    (``reexec_argv``); returns the argv it will use. Called when the controller is installed."""
+    import gunicorn  # type: ignore[import-untyped]
+
+    args = list(arbiter.START_CTX.get("args") or [])
+    fixed = reexec_argv(args, os.path.dirname(os.path.abspath(gunicorn.__file__)))
+    if fixed != args:
+        arbiter.START_CTX["args"] = fixed
+    return fixed
+
+
 def new_set_problem(state: dict[str, Any], baseline: dict[str, int]) -> str | None:
     """Why the new master's published state shows a failed new set, or ``None``.
 
@@ -203,12 +215,7 @@ class BlueGreenDriver:
                 "reason": f"gunicorn would re-exec {executable}, which is not an executable file "
                 "(removed or replaced since this master started?); start a new master instead",
             }
-        import gunicorn  # type: ignore[import-untyped]
-
-        args = list(arbiter.START_CTX.get("args") or [])
-        fixed = reexec_argv(args, os.path.dirname(os.path.abspath(gunicorn.__file__)))
-        if fixed != args:
-            arbiter.START_CTX["args"] = fixed
+        fixed = fix_reexec_argv(arbiter)
         try:
             arbiter.reexec()
         finally:

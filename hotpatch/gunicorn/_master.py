@@ -69,7 +69,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from hotpatch._log import get_logger
 from hotpatch.errors import ConfigError
-from hotpatch.gunicorn._bluegreen import BlueGreenDriver
+from hotpatch.gunicorn._bluegreen import BlueGreenDriver, fix_reexec_argv
 from hotpatch.gunicorn._deploy import begin_problem, changed_files, pids, switch_problem
 from hotpatch.gunicorn._fileset import SnapshotRule
 from hotpatch.gunicorn._machine import (
@@ -244,6 +244,10 @@ class Controller:
             if stale:
                 log.info("state.stale_removed", master_pid=self.arbiter.pid, directories=stale)
         self.roots = app_roots(self.app_dir)
+        try:  # USR2 from `python -m gunicorn` would start a new master that dies at once
+            fix_reexec_argv(self.arbiter)
+        except Exception:  # gunicorn's re-exec stays as it was; a blue-green then says why
+            log.exception("reexec.argv_fix_failed", master_pid=self.arbiter.pid)
         if self.arbiter.cfg.preload_app:
             self.disabled_reason = PRELOAD_REFUSAL
             log.error("rollout.disabled", master_pid=self.arbiter.pid, reason=PRELOAD_REFUSAL)
