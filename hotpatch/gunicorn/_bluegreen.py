@@ -85,6 +85,7 @@ POLL_S = 0.2
 WINDOW_POLL_S = 0.5
 STOP_GRACE_S = 10.0
 """What a master may take beyond gunicorn's ``graceful_timeout`` to exit after ``TERM``."""
+MAX_TICK_FAILURES = 3
 _MAX_EVENTS = 100
 _ACTIVE = ("starting", "draining", "window", "switching_back", "stopping_new", "quitting")
 
@@ -184,6 +185,7 @@ class BlueGreenDriver:
         self._pending_outcome = ""
         self._pending_reason = ""
         self._keep_old_s = 0.0
+        self._tick_failures = 0
 
     @property
     def is_active(self) -> bool:
@@ -317,7 +319,42 @@ class BlueGreenDriver:
         return self._next_poll
 
     def tick(self) -> None:
-        """Advance the switch; called from the controller's ``tick`` (gunicorn's loop)."""
+        """Advance the switch; called from the controller's ``tick`` (gunicorn's loop).
+
+        An error here is logged; after ``MAX_TICK_FAILURES`` in a row the switch is abandoned
+        with both sets serving (``_abandon``), never left stuck in a phase.
+        """
+        try:
+            self._tick()
+        except Exception as exc:
+            self._tick_failures += 1
+            log.exception(
+                "bluegreen.tick_failed", master_pid=self.c.master_pid, failures=self._tick_failures
+            )
+            if self._tick_failures >= MAX_TICK_FAILURES and self.record is not None:
+                self._abandon(f"{type(exc).__name__}: {exc}")
+        else:
+            self._tick_failures = 0
+
+    def _abandon(self, error: str) -> None:
+        """The driver keeps failing: bring the old workers back, leave the new master serving,
+        and say so; no request is dropped on a guess."""
+        c = self.c
+        with contextlib.suppress(Exception):
+            if c.arbiter.num_workers != c.size:
+                c._set_num_workers(c.size)
+        alive = False
+        with contextlib.suppress(Exception):
+            alive = self._new_alive()
+        reason = f"the blue-green driver failed ({error}); the old master's workers were restored"
+        if alive:
+            reason += (
+                f" and the new master {self._new_pid} was left running: both serve; stop one "
+                f"(kill -TERM {self._new_pid} for the old code)"
+            )
+        self._finish("failed", reason)
+
+    def _tick(self) -> None:
         record = self.record
         if record is None:
             return
@@ -372,6 +409,11 @@ class BlueGreenDriver:
             return
         if state is not None:
             problem = new_set_problem(state, self._baseline)
+            if problem is None and state.get("disabled_reason") and not state.get("rolling"):
+                problem = (
+                    "the new master runs without hotpatch's controller, so the health of its "
+                    f"workers cannot be known: {str(state['disabled_reason'])[:500]}"
+                )
             if problem is not None:
                 self._stop_new("refused", problem)
                 return
@@ -668,6 +710,7 @@ def switch_back(
 _OUTCOMES = {
     "deployed": "deployed",
     "refused": "refused",
+    "failed": "rollback_failed",
     "switched_back": "rolled_back",
     "switch_back_failed": "rollback_failed",
 }
