@@ -85,6 +85,8 @@ POLL_S = 0.2
 WINDOW_POLL_S = 0.5
 STOP_GRACE_S = 10.0
 """What a master may take beyond gunicorn's ``graceful_timeout`` to exit after ``TERM``."""
+NUDGE_S = 1.0
+"""While the new master stops: how often its remaining workers get ``TERM`` again."""
 MAX_TICK_FAILURES = 3
 _MAX_EVENTS = 100
 _ACTIVE = ("starting", "draining", "window", "switching_back", "stopping_new", "quitting")
@@ -186,6 +188,7 @@ class BlueGreenDriver:
         self._pending_reason = ""
         self._keep_old_s = 0.0
         self._tick_failures = 0
+        self._next_nudge = 0.0
 
     @property
     def is_active(self) -> bool:
@@ -505,12 +508,37 @@ class BlueGreenDriver:
         graceful = float(self.c.arbiter.cfg.graceful_timeout)
         self._deadline = time.monotonic() + graceful + STOP_GRACE_S
         self._next_poll = time.monotonic() + POLL_S
+        self._next_nudge = time.monotonic() + NUDGE_S
+
+    def _nudge_new_workers(self) -> None:
+        """``TERM`` again to the new master's workers that are still there.
+
+        gunicorn's stop sends ``TERM`` to each worker once. A worker forked just before it still
+        has the master's signal handlers (they only queue the signal) until its own are set up:
+        it ignores that ``TERM``, boots, serves, and is killed mid-request at the end of
+        ``graceful_timeout``. Each pid is a child of the new master (``/proc``), checked after
+        a pidfd on it was opened, and signalled through that pidfd.
+        """
+        for pid in _children(self._new_pid):
+            fd = _pidfd_open(pid)
+            if fd is None:
+                continue
+            try:
+                if _parent_of(pid) == self._new_pid and self._new_alive():
+                    signal.pidfd_send_signal(fd, signal.SIGTERM)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def _tick_stopping(self, now: float, alive: bool) -> None:
         if not alive:
             self._event("bluegreen.new_master_stopped", new_master_pid=self._new_pid)
             self._finish(self._pending_outcome, self._pending_reason)
             return
+        if now >= self._next_nudge:
+            self._next_nudge = now + NUDGE_S
+            self._nudge_new_workers()
         if now >= self._deadline:
             self._event("bluegreen.new_master_killed", new_master_pid=self._new_pid, level="error")
             self._signal_new(signal.SIGKILL)
@@ -622,6 +650,23 @@ class BlueGreenDriver:
             "last_blue_green": self.last,
             "blue_green_origin": self.origin,
         }
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (``/proc/<pid>/task/<pid>/children``), or none."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as fh:
+            return [int(p) for p in fh.read(1 << 16).split() if p.isdigit()]
+    except (OSError, ValueError):
+        return []
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read(4096).rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _pidfd_open(pid: int) -> int | None:

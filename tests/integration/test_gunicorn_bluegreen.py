@@ -39,7 +39,7 @@ ENV = {
 APP = """
 import os
 
-VERSION = "{version}"
+VERSION = "{version}" + os.environ.get("NOTE", "")
 
 
 def app(environ, start_response):
@@ -51,6 +51,18 @@ def app(environ, start_response):
             status, body = "500 Internal Server Error", b"this release is broken\\n"
     start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
+"""
+
+
+CONFIG = """
+from pathlib import Path
+
+import hotpatch.gunicorn
+
+hotpatch.gunicorn.install(globals())
+_here = Path(__file__).parent
+raw_env = ["NOTE=" + (_here / "note.txt").read_text().strip()]
+preload_app = (_here / "preload.txt").read_text().strip() == "yes"
 """
 
 
@@ -85,7 +97,7 @@ class Site(BaseSite):
         self.new_masters: dict[int, int | None] = {}
         """Every second master a test caused: pid -> start time (only those are signalled)."""
 
-    def boot(self) -> None:
+    def boot(self, *, config: str = "python:hotpatch.gunicorn") -> None:
         write_app(self.dir, "v1")
         args = ["--worker-class", self.worker_class, "--pid", str(self.pidfile)]
         if self.worker_class == "gthread":
@@ -93,7 +105,13 @@ class Site(BaseSite):
         # gunicorn binds the port itself: its re-exec cannot carry an inherited fd:// socket
         # (the port was free a moment ago; a clash would fail the start, never pass a test)
         self.server = GunicornServer(
-            "app:app", cwd=self.dir, workers=WORKERS, extra_args=args, env=ENV, pass_socket=False
+            "app:app",
+            cwd=self.dir,
+            workers=WORKERS,
+            config=config,
+            extra_args=args,
+            env=ENV,
+            pass_socket=False,
         )
         self.server.wait_serving(workers=WORKERS)
         wait_until(self.state, timeout_s=10, what="state.json", describe=self.srv.output)
@@ -294,4 +312,50 @@ def test_the_new_master_dying_in_the_window_switches_back_by_itself(site: Site) 
         lambda: site.answers(count=20) == {"v1"}, timeout_s=30, what="only the old code answering"
     )
     stats = site.stop_load()
+    assert_no_failures(stats)
+
+
+def config_file(site: Site, *, note: str, preload: bool) -> Path:
+    """A gunicorn config file that the new master reads again: ``raw_env`` and ``preload_app``
+    come from files next to it."""
+    conf = site.dir.parent / "gunicorn_conf.py"
+    conf.write_text(CONFIG, encoding="utf-8")
+    (site.dir.parent / "note.txt").write_text(note, encoding="utf-8")
+    (site.dir.parent / "preload.txt").write_text("yes" if preload else "no", encoding="utf-8")
+    return conf
+
+
+def test_blue_green_carries_a_change_of_the_gunicorn_config(site: Site) -> None:
+    """What a rolling reload cannot carry: the new master reads its config file again."""
+    conf = config_file(site, note="-a", preload=False)
+    site.boot(config=str(conf))
+    assert site.answers() == {"v1-a"}
+    site.start_load()
+    write_app(site.dir, "v2")
+    (site.dir.parent / "note.txt").write_text("-b", encoding="utf-8")
+    result = site.deploy(keep_old_s=1)
+    stats = site.stop_load()
+    assert result.outcome == "deployed", result.reason
+    assert site.answers() == {"v2-b"}
+    assert_no_failures(stats)
+
+
+def test_a_new_config_that_turns_preload_on_is_refused_and_the_old_workers_serve(
+    site: Site,
+) -> None:
+    """With ``preload_app`` the new master runs without hotpatch's controller: its workers'
+    health cannot be known, so the switch is refused at once, not after the timeout."""
+    conf = config_file(site, note="-a", preload=False)
+    site.boot(config=str(conf))
+    old_workers = site.srv.worker_pids()
+    site.start_load()
+    write_app(site.dir, "v2")
+    (site.dir.parent / "preload.txt").write_text("yes", encoding="utf-8")
+    result = site.deploy(keep_old_s=1)
+    stats = site.stop_load()
+    assert result.outcome == "refused", result.reason
+    assert "without hotpatch's controller" in result.reason and "preload_app" in result.reason
+    assert result.duration_s < 50  # not the 60 s timeout (a generous bound against a hang)
+    assert site.srv.worker_pids() == old_workers
+    assert site.answers() == {"v1-a"}
     assert_no_failures(stats)
