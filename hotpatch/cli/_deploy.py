@@ -154,6 +154,9 @@ def _describe_blue_green(kind: str, event: dict[str, Any]) -> str:
         "healthy",
         "bluegreen.new_master_stopping": f"stopping the new master {new} (TERM)",
         "bluegreen.new_master_stopped": f"new master {new} exited",
+        "bluegreen.orphans_stopped": "stopping the dead new master's workers ("
+        + ", ".join(map(str, event.get("workers") or []))
+        + ")",
         "bluegreen.new_master_killed": f"new master {new} did not exit in time: KILL",
         "bluegreen.old_master_quitting": "window over, the new set is healthy: the old master "
         "quits (QUIT)",

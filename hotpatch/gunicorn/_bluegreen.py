@@ -189,6 +189,8 @@ class BlueGreenDriver:
         self._keep_old_s = 0.0
         self._tick_failures = 0
         self._next_nudge = 0.0
+        self._new_workers: dict[int, int] = {}
+        """The new master's workers seen while it ran: pid -> start time (to stop orphans)."""
 
     @property
     def is_active(self) -> bool:
@@ -242,6 +244,7 @@ class BlueGreenDriver:
         self._baseline = {}
         self._shown_ready = -1
         self._pending_outcome = self._pending_reason = ""
+        self._new_workers = {}
         bg_id = self.next_id
         self.next_id += 1
         self.record = {
@@ -367,6 +370,8 @@ class BlueGreenDriver:
         phase = record["phase"]
         self._next_poll = now + (WINDOW_POLL_S if phase == "window" else POLL_S)
         alive = self._new_alive()
+        if alive:
+            self._remember_new_workers()
         if phase == "stopping_new":
             self._tick_stopping(now, alive)
             return
@@ -404,6 +409,7 @@ class BlueGreenDriver:
     def _tick_starting(self, now: float, alive: bool, state: dict[str, Any] | None) -> None:
         assert self.record is not None
         if not alive:
+            self._stop_orphans()  # the old workers serve: the new master's leftovers may go now
             self._finish(
                 "refused",
                 f"the new master {self._new_pid} exited before its workers were healthy "
@@ -488,6 +494,7 @@ class BlueGreenDriver:
             if alive:
                 self._stop_new("switched_back", reason)
             else:
+                self._stop_orphans()
                 self._finish("switched_back", reason)
             return
         if now >= self._deadline:
@@ -509,6 +516,34 @@ class BlueGreenDriver:
         self._deadline = time.monotonic() + graceful + STOP_GRACE_S
         self._next_poll = time.monotonic() + POLL_S
         self._next_nudge = time.monotonic() + NUDGE_S
+
+    def _remember_new_workers(self) -> None:
+        for pid in _children(self._new_pid):
+            if pid not in self._new_workers:
+                start = process_start_time(pid)
+                if start is not None and _parent_of(pid) == self._new_pid:
+                    self._new_workers[pid] = start
+
+    def _stop_orphans(self) -> None:
+        """The new master died: its workers live on (gunicorn's notice their parent is gone only
+        between requests, up to ``timeout`` later) and serve the new code. ``TERM`` each one seen
+        as its child, through a pidfd, only if it is still the process with that start time."""
+        stopped = []
+        for pid, start in sorted(self._new_workers.items()):
+            fd = _pidfd_open(pid)
+            if fd is None:
+                continue
+            try:
+                if process_start_time(pid) == start:
+                    signal.pidfd_send_signal(fd, signal.SIGTERM)
+                    stopped.append(pid)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        self._new_workers = {}
+        if stopped:
+            self._event("bluegreen.orphans_stopped", workers=stopped)
 
     def _nudge_new_workers(self) -> None:
         """``TERM`` again to the new master's workers that are still there.

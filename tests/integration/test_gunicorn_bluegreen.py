@@ -296,6 +296,8 @@ def test_the_new_master_dying_in_the_window_switches_back_by_itself(site: Site) 
         timeout_s=60,
         what="the switch-back window",
     )
+    new_workers = children(new_pid)
+    assert len(new_workers) == WORKERS
     os.kill(new_pid, signal.SIGKILL)  # our own (tracked) second master
     wait_until(
         lambda: site.old_record().get("phase") == "finished",
@@ -306,11 +308,17 @@ def test_the_new_master_dying_in_the_window_switches_back_by_itself(site: Site) 
     record = site.old_record()
     assert record["outcome"] == "switched_back", record
     assert f"the new master {new_pid} exited" in record["reason"]
-    site.wait_settled(known_good)
-    # the new master's orphaned workers leave once they see their parent gone
+    # its orphaned workers would serve the new code until each noticed its parent was gone
+    # (up to gunicorn's timeout, 30 s); the old master stops them once its own are back
+    stopped = [e for e in record["events"] if e["event"] == "bluegreen.orphans_stopped"]
+    assert stopped and sorted(stopped[0]["workers"]) == new_workers, record["events"]
     wait_until(
-        lambda: site.answers(count=20) == {"v1"}, timeout_s=30, what="only the old code answering"
+        lambda: not any(is_alive(p) for p in new_workers),
+        timeout_s=10,
+        what="the dead new master's workers gone",
     )
+    site.wait_settled(known_good)
+    assert site.answers() == {"v1"}
     stats = site.stop_load()
     assert_no_failures(stats)
 
