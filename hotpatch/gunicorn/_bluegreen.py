@@ -833,8 +833,8 @@ def _follow(
             outcome = record.get("outcome")
             if record.get("phase") == "finished" and outcome in _OUTCOMES:
                 mapped = _OUTCOMES[str(outcome)]
-                if switch_back and outcome == "switched_back":
-                    mapped = "switched_back"
+                if switch_back and outcome in ("switched_back", "refused"):
+                    mapped = "switched_back"  # (refused: stopped before the switch) old code serves
                 return run.result(
                     mapped, "blue-green", reason=str(record.get("reason") or ""), blue_green=info
                 )
