@@ -219,10 +219,12 @@ def _blue_green_verdict(result: DeployResult) -> str:
         )
     elif result.outcome == "switched_back":
         line = f"OK: switched back: the old master {old} serves the old code again"
+    elif result.outcome == "refused" and not new:
+        line = "REFUSED (blue-green): nothing changed"
     elif result.outcome == "refused":
-        line = "REFUSED (blue-green): the old workers kept serving"
-        if new:
-            line += f"; the new master {new} was stopped"
+        line = (
+            f"REFUSED (blue-green): the old workers kept serving; the new master {new} was stopped"
+        )
     elif result.outcome == "rolled_back":
         line = f"SWITCHED BACK (blue-green): the old master {old} serves the old code again"
         if new:
