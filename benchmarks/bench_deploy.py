@@ -1,12 +1,14 @@
-"""Deploy strategies under load: stock gunicorn ``kill -HUP``, rolling, in-place, side by side.
+"""Deploy strategies under load: stock gunicorn ``kill -HUP``, rolling, in-place, blue-green.
 
 Run: .venv/bin/python benchmarks/bench_deploy.py [--clients 8] [--window 6] [--repeats 3]
+[--strategies "stock HUP,blue-green"]
 
 For each strategy it starts gunicorn (4 sync workers, an app that imports flask for a realistic
 boot) on 127.0.0.1, runs client threads (a new connection per request), replaces ``app.py`` with a
 good new version and deploys it: stock gunicorn with no config gets SIGHUP; hotpatch's hooks get
-``hotpatch deploy --strategy rolling`` or ``--strategy in-place`` (the coordinator called
-in-process, as the command does). Measured from the start of the deploy to the end of the window:
+``hotpatch deploy --strategy rolling``, ``--strategy in-place`` or ``--strategy blue-green
+--keep-old 1`` (the coordinator called in-process, as the command does; blue-green is waited for
+until the old master quits). Measured from the start of the deploy to the end of the window:
 the time until every answer comes from the new version ("time to all-new": the first new answer
 after the last old one), the longest stretch with no completed request, failed requests and, for
 in-place, the coordinator's own time to the last worker's commit. In-place runs twice on one
@@ -31,7 +33,9 @@ from hotpatch.gunicorn._coordinator import deploy
 
 APPS = Path(__file__).resolve().parents[1] / "tests" / "apps"
 WORKERS = 4
-STRATEGIES = ("stock HUP", "rolling", "in-place", "in-place (2nd)")
+STRATEGIES = ("stock HUP", "rolling", "in-place", "in-place (2nd)", "blue-green")
+GROUPS = [["stock HUP"], ["rolling"], ["in-place", "in-place (2nd)"], ["blue-green"]]
+KEEP_OLD_S = 1.0
 
 
 @dataclass
@@ -75,8 +79,9 @@ def measure(
         else:
             result = deploy(
                 server.pid,
-                strategy="rolling" if strategy == "rolling" else "in-place",
+                strategy=strategy if strategy in ("rolling", "blue-green") else "in-place",
                 timeout_s=120,
+                keep_old_s=KEEP_OLD_S,
             )
             outcome = f"{result.outcome} ({result.strategy})"
             commit_s = result.to_last_commit_s
@@ -132,7 +137,7 @@ def run_server(strategies: list[str], *, clients: int, window_s: float) -> list[
                 )
             return results
         finally:
-            server.stop()
+            server.stop()  # the process group: a blue-green's new master is in it too
             server.close_log()
 
 
@@ -152,10 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--window", type=float, default=6.0, help="seconds measured per deploy")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help="comma-separated rows to measure (default: all)",
+    )
     args = parser.parse_args(argv)
-    runs: dict[str, list[Result]] = {s: [] for s in STRATEGIES}
+    wanted = {s.strip() for s in args.strategies.split(",")}
+    runs: dict[str, list[Result]] = {s: [] for s in STRATEGIES if s in wanted}
     for repeat in range(args.repeats):
-        groups = [["stock HUP"], ["rolling"], ["in-place", "in-place (2nd)"]]
+        groups = [g for g in GROUPS if g[0] in wanted]
         for group in groups:
             for r in run_server(group, clients=args.clients, window_s=args.window):
                 runs[r.strategy].append(r)

@@ -13,17 +13,18 @@ import argparse
 import io
 import json
 import sys
+import time
 from typing import Any
 
 from hotpatch.cli._rollout import add_master_arguments, master_pid
 from hotpatch.control.client import send_request
 from hotpatch.errors import HotpatchError
-from hotpatch.gunicorn._client import load_state
+from hotpatch.gunicorn._client import load_state, read_state
 
 NAME = "status"
 HELP = (
     "show a gunicorn master's workers (release, patched modules), the last rollout and deploy, "
-    "and any deploy in progress"
+    "and any deploy or blue-green switch in progress"
 )
 WORKER_TIMEOUT_S = 2.0
 
@@ -59,6 +60,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"hotpatch status: {exc}", file=sys.stderr)
         return 2
     live = ask_workers(state)
+    parent = state.get("parent_master_pid")
+    if isinstance(parent, int) and not isinstance(parent, bool) and parent > 0:
+        # a blue-green's new master: its old master runs the switch and holds the record
+        old_state = read_state(parent, args.state_dir)
+        if old_state is not None:
+            state = {**state, "parent_blue_green": old_state.get("blue_green")}
     if args.json:
         state = {**state, "worker_status": {str(k): v for k, v in live.items()}}
         print(json.dumps(state, indent=2, sort_keys=True))
@@ -110,6 +117,7 @@ def describe_state(
         if answer is not None:
             line += "  " + _describe_worker(answer)
         emit(line)
+    _describe_blue_green(pid, state, emit)
     deploy = state.get("deploy")
     if deploy:
         emit(
@@ -150,6 +158,67 @@ def describe_state(
     elif watch.get("disabled_reason"):
         emit(f"watch mode off: {watch['disabled_reason']}")
     return out.getvalue()
+
+
+_LIVE = {
+    "starting": "the old workers serve; the new master's workers are booting (each serves once "
+    "healthy)",
+    "draining": "the new master serves; the old workers are stopping",
+    "window": "the new master serves; the old master is idle, ready to switch back",
+    "switching_back": "switching back: the old workers are starting again",
+    "stopping_new": "the new master is stopping",
+    "quitting": "the new master serves; the old master is quitting",
+}
+
+
+def _describe_blue_green(pid: int, state: dict[str, Any], emit: Any) -> None:
+    current = state.get("blue_green")
+    if current:
+        old, new = current.get("old_master_pid"), current.get("new_master_pid")
+        phase = current.get("phase")
+        line = (
+            f"blue-green {current.get('id')} in progress ({phase}): old master {old}, new master "
+            f"{new}: {_LIVE.get(str(phase), str(phase))}"
+        )
+        if current.get("window_ends"):
+            line += (
+                f"; window ends at {_clock(current['window_ends'])}, then the old master quits "
+                f"(switch back before: hotpatch deploy --pid {old} --switch-back)"
+            )
+        emit(line)
+    parent = state.get("parent_master_pid")
+    if parent:
+        line = (
+            f"this is the new master of a blue-green started by master {parent}, which still runs"
+        )
+        theirs = state.get("parent_blue_green")
+        if isinstance(theirs, dict) and theirs.get("new_master_pid") == pid:
+            line += f" (phase {theirs.get('phase')}"
+            if theirs.get("window_ends"):
+                line += f", window ends at {_clock(theirs['window_ends'])}"
+            line += ")"
+        emit(line)
+    last = state.get("last_blue_green")
+    if last:
+        line = (
+            f"last blue-green {last.get('id')}: {last.get('outcome')} (new master "
+            f"{last.get('new_master_pid')})"
+        )
+        if last.get("reason"):
+            line += f": {last['reason']}"
+        emit(line)
+    origin = state.get("blue_green_origin")
+    if origin:
+        emit(
+            f"live since blue-green {origin.get('id')} from master {origin.get('old_master_pid')}, "
+            f"which quit after its window (at {_clock(origin.get('adopted'))})"
+        )
+
+
+def _clock(epoch: Any) -> str:
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
+        return "unknown"
+    return time.strftime("%H:%M:%S UTC", time.gmtime(epoch))
 
 
 def _describe_worker(answer: dict[str, Any]) -> str:

@@ -26,8 +26,9 @@ The mechanism, for ``in-place`` (``deploy``):
    worker recycled later boots the new code. A worker that cannot be confirmed is retired (and
    respawned on the new release).
 
-``rolling`` is the master's rollout (``start_rollout``/``wait_for_rollout``). Each step reports an
-event (``on_event``) as it happens.
+``rolling`` is the master's rollout (``start_rollout``/``wait_for_rollout``); ``blue-green`` is a
+second master run by the old one (``_bluegreen``). Each step reports an event (``on_event``) as it
+happens.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import Any
 
 from hotpatch.control.client import DeploySession, OutcomeUnknown
 from hotpatch.errors import ConfigError, HotpatchError
+from hotpatch.gunicorn._bluegreen import run_blue_green
 from hotpatch.gunicorn._client import (
     RolloutStillRunning,
     ask_master,
@@ -75,6 +77,7 @@ class DeployResult:
         duration_s: the whole deploy.
         events: every event reported, in order.
         record: rolling: the master's record of the rollout.
+        blue_green: blue-green: the old and new master's pids, the phase reached, the window.
     """
 
     outcome: str
@@ -87,6 +90,7 @@ class DeployResult:
     duration_s: float = 0.0
     events: list[Event] = field(default_factory=list)
     record: dict[str, Any] | None = None
+    blue_green: dict[str, Any] | None = None
 
     @property
     def is_success(self) -> bool:
@@ -103,6 +107,7 @@ class DeployResult:
             "to_last_commit_s": self.to_last_commit_s,
             "duration_s": self.duration_s,
             "events": self.events,
+            **({"blue_green": self.blue_green} if self.blue_green is not None else {}),
         }
 
 
@@ -168,20 +173,24 @@ def deploy(
     state_dir: str | None = None,
     on_event: Callable[[Event], None] | None = None,
     between_phases: Callable[[str], None] | None = None,
+    keep_old_s: float = 60.0,
 ) -> DeployResult:
     """Deploy the code in the app directory of gunicorn master ``pid`` to all its workers.
 
     Args:
         pid: the master.
         strategy: ``auto`` (in-place when phase 1 accepts in every worker, else rolling),
-            ``in-place`` or ``rolling``.
+            ``in-place``, ``rolling`` or ``blue-green``.
         timeout_s: how long to wait in all; a deploy still running then is reported
-            ``unknown``.
-        wait: rolling only: wait for the rollout's outcome (``False``: ``started``).
+            ``unknown``. For blue-green: how long the new master's workers may take to become
+            healthy (the old master's deadline); the command waits through the window on top.
+        wait: rolling and blue-green: wait for the outcome (``False``: ``started``; a blue-green
+            goes on in the old master).
         state_dir: the master's state directory, when not the default.
         on_event: called with each progress event as it happens.
         between_phases: a test seam, called with ``"prepared"``, ``"switched"``,
             ``"committed"``, ``"checked"`` between the phases of an in-place deploy.
+        keep_old_s: blue-green: how long the old master stays idle, ready to switch back.
 
     Raises:
         ConfigError: a wrong argument, or no master of this user running hotpatch's hooks.
@@ -198,6 +207,12 @@ def deploy(
     load_state(pid, state_dir)  # raises ConfigError: nothing to deploy to
     if strategy == "rolling":
         return _rolling(run, reason="", wait=wait)
+    if strategy == "blue-green":
+        if not (0 < keep_old_s < float("inf")):
+            raise ConfigError(
+                f"keep_old_s must be a positive number of seconds, got {keep_old_s!r}"
+            )
+        return run_blue_green(run, keep_old_s=keep_old_s, wait=wait)
     return _in_place(run, fallback=strategy == "auto", wait=wait)
 
 

@@ -69,6 +69,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from hotpatch._log import get_logger
 from hotpatch.errors import ConfigError
+from hotpatch.gunicorn._bluegreen import BlueGreenDriver, fix_reexec_argv
 from hotpatch.gunicorn._deploy import begin_problem, changed_files, pids, switch_problem
 from hotpatch.gunicorn._fileset import SnapshotRule
 from hotpatch.gunicorn._machine import (
@@ -202,6 +203,12 @@ class Controller:
         self._deploy_release: Release | None = None
         self._deploy_participants: dict[int, str] = {}
         self._deploy_deadline: float | None = None
+        self.blue_green = BlueGreenDriver(self)
+        self.worker_failures: list[dict[str, Any]] = []
+        """The last failed worker reports outside a rollout (a blue-green's old master reads them)."""
+        self.worker_failure_count = 0
+        self.worker_crash_count = 0
+        """Workers that exited outside a rollout without recycling or a failed report."""
 
     # -- installation -----------------------------------------------------------------------
 
@@ -237,6 +244,10 @@ class Controller:
             if stale:
                 log.info("state.stale_removed", master_pid=self.arbiter.pid, directories=stale)
         self.roots = app_roots(self.app_dir)
+        try:  # USR2 from `python -m gunicorn` would start a new master that dies at once
+            fix_reexec_argv(self.arbiter)
+        except Exception:  # gunicorn's re-exec stays as it was; a blue-green then says why
+            log.exception("reexec.argv_fix_failed", master_pid=self.arbiter.pid)
         if self.arbiter.cfg.preload_app:
             self.disabled_reason = PRELOAD_REFUSAL
             log.error("rollout.disabled", master_pid=self.arbiter.pid, reason=PRELOAD_REFUSAL)
@@ -378,7 +389,8 @@ class Controller:
             app_dir=release.source,
             roots=self.roots,
             report_fd=report_fd,
-            is_candidate=self.spawn_is_candidate,
+            # a blue-green's new master, until promoted: a worker that fails exits unserved
+            is_candidate=self.spawn_is_candidate or bool(getattr(self.arbiter, "master_pid", 0)),
             is_guarded=self.has_served,
             settings=self.settings,
             manifest=release.manifest,
@@ -635,6 +647,10 @@ class Controller:
             }
             self.publish()
             return
+        if self.blue_green.is_active:  # gunicorn's documented revert: HUP to the old master
+            ack = self.blue_green.switch_back(by="SIGHUP")
+            log.info("bluegreen.hup_received", master_pid=self.master_pid, **ack)
+            return
         if self.rollout is not None or self.deploy is not None:
             log.info(
                 "rollout.queued",
@@ -730,6 +746,8 @@ class Controller:
                 self._finish(rollout)
             else:
                 self._freeze()
+        if self.blue_green.is_active:
+            self.contained("blue-green", self.blue_green.tick, None)()
         self._arm_timer(self._next_wakeup())
         self.publish()
 
@@ -740,6 +758,7 @@ class Controller:
             times.append(self.rollout.next_deadline())
         if self._deploy_deadline is not None:
             times.append(self._deploy_deadline)
+        times.append(self.blue_green.next_wakeup())
         if self.watcher is not None:
             times.append(self.watcher.next_scan_at())
         return min((t for t in times if t is not None), default=None)
@@ -947,6 +966,12 @@ class Controller:
         op = request.get("op")
         if op == "begin":
             return self._begin_deploy(request)
+        if op == "blue_green":
+            return self.blue_green.start(request)
+        if op == "switch_back":
+            return self.blue_green.switch_back(by="hotpatch deploy --switch-back")
+        if op == "blue_green_done":
+            return self.blue_green.adopt(request)
         deploy = self.deploy
         if deploy is None or request.get("deploy_id") != deploy["id"]:
             return {"ok": False, "reason": f"no deploy {request.get('deploy_id')!r:.40} is running"}
@@ -968,6 +993,8 @@ class Controller:
             known_good=self.known_good.id if self.known_good else None,
             size=self.size,
         )
+        if problem is None and self.blue_green.is_active:
+            problem = f"a blue-green switch is running ({self.blue_green.phase})"
         if problem is not None:
             return {"ok": False, "reason": problem}
         assert self.known_good is not None
@@ -1240,6 +1267,12 @@ class Controller:
                     check_s=round(stage.duration_s, 3),
                 )
         elif name == "failed":
+            if self.rollout is None:
+                self.worker_failure_count += 1
+                self.worker_failures = [
+                    *self.worker_failures[-4:],
+                    {"pid": pid, "stage": stage.failed_at, "reason": stage.reason[:1000]},
+                ]
             if stage.failed_at == "release":
                 self.mark_damaged(release, stage.reason)
             stage_name: FailStage = "health" if stage.failed_at == "health" else "load"
@@ -1267,8 +1300,10 @@ class Controller:
         if reader is not None:
             reader.close()
         release = self.worker_release.pop(pid)
-        self.worker_stage.pop(pid, None)
+        stage = self.worker_stage.pop(pid, None)
         is_recycled = pid in self.recycled
+        if not is_recycled and self.rollout is None and stage != "failed":
+            self.worker_crash_count += 1
         self.recycled.discard(pid)
         self.listening.discard(pid)
         if self.rollout is not None:
@@ -1341,6 +1376,11 @@ class Controller:
             "last_deploy": self.last_deploy,
             "next_deploy_id": self.next_deploy_id,
             "deploy_acks": self.deploy_acks,
+            **self.blue_green.snapshot(),
+            "parent_master_pid": getattr(self.arbiter, "master_pid", 0) or None,
+            "worker_failures": self.worker_failures,
+            "worker_failure_count": self.worker_failure_count,
+            "worker_crash_count": self.worker_crash_count,
         }
 
     def _watch_state(self) -> dict[str, Any] | None:
@@ -1375,6 +1415,8 @@ class Controller:
         """The master is exiting: stop the timer and remove the state directory."""
         with contextlib.suppress(Exception):
             self._arm_timer(None)
+        with contextlib.suppress(Exception):
+            self.blue_green._close()
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
