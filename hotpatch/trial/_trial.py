@@ -31,6 +31,7 @@ import random
 import reprlib
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -395,6 +396,21 @@ class Trial:
             overlay = new_globals(live, m.changeset)
             for a in m.changeset.assignments:
                 if isinstance(a, SetName) and a.namespace is live:
+                    current = live.get(a.name)
+                    if isinstance(current, types.FunctionType) and isinstance(
+                        a.value, types.FunctionType
+                    ):  # replaced, not updated in place: references keep the live one
+                        why = (
+                            refusal_of(current, a.value.__code__) or "it cannot be updated in place"
+                        )
+                        raise PatchRejected(
+                            m.name,
+                            "compatibility",
+                            f"{m.name}.{a.name} cannot run beside its live version: {why}; "
+                            "hotpatch.patch can still apply this change",
+                            filename=a.value.__code__.co_filename,
+                            lineno=a.value.__code__.co_firstlineno,
+                        )
                     continue  # shown to the new version through its globals
                 if isinstance(a, SetFunction):
                     func, state = a.func, a.state
