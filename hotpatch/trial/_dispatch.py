@@ -67,7 +67,7 @@ _GEN_FLAGS = 0x20 | 0x100 | 0x200  # CO_GENERATOR | CO_COROUTINE | CO_ITERABLE_C
 _CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
 
 
-def _count_value(counter: itertools.count[int]) -> int:
+def count_value(counter: itertools.count[int]) -> int:
     """The next value of an ``itertools.count`` without taking it (its repr is ``count(n)``)."""
     return int(repr(counter)[6:-1])
 
@@ -94,8 +94,8 @@ class StepStats:
         next(self.errors[arm])
 
     def summary(self, arm: bool) -> ArmSummary:
-        calls = _count_value(self.calls[arm])
-        errors = min(_count_value(self.errors[arm]), calls)
+        calls = count_value(self.calls[arm])
+        errors = min(count_value(self.errors[arm]), calls)
         return ArmSummary(calls, errors, tuple(self.lat[arm]))
 
 
@@ -498,9 +498,10 @@ def build_trampoline(
             return key
         return c
 
-    return template.replace(
-        co_consts=tuple(fill(c) for c in template.co_consts), co_name=code.co_name
-    )
+    names: dict[str, Any] = {"co_name": code.co_name}
+    if hasattr(code, "co_qualname"):  # 3.11+: tracebacks show the qualified name
+        names["co_qualname"] = code.co_qualname
+    return template.replace(co_consts=tuple(fill(c) for c in template.co_consts), **names)
 
 
 def install_set(targets: Sequence[Target]) -> ChangeSet:

@@ -25,6 +25,7 @@ the functions are the same objects as before and run the new code with no dispat
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import queue
 import random
@@ -51,6 +52,7 @@ from hotpatch.trial._dispatch import (
     StepStats,
     Target,
     build_trampoline,
+    count_value,
     install_set,
     new_globals,
     refusal_of,
@@ -303,14 +305,14 @@ class Trial:
         self._paused = False
         self._resumed = False
         self._totals = [[0, 0], [0, 0]]  # [arm][calls, errors] of finished steps
-        self._routing_errors = 0
+        self._routing_errors = itertools.count()  # next() is atomic: no lost count
         self._compared = 0
         self._mismatch_count = 0
         self._dropped = 0
         self._mismatches: list[Mismatch] = []
         self._shadow_lock = threading.Lock()
         self._metrics = _Metrics()
-        self._unattributed = 0
+        self._unattributed = itertools.count()
 
         changes = _as_changes(modules)
         self._change = engine.prepare(changes, allow_removals=allow_removals)
@@ -381,12 +383,16 @@ class Trial:
             target=self._control, name=f"hotpatch-{self.id}", daemon=True
         )
         self._worker: threading.Thread | None = None
-        if kind == "shadow":
-            self._worker = threading.Thread(
-                target=self._shadow_worker, name=f"hotpatch-{self.id}-shadow", daemon=True
-            )
-            self._worker.start()
-        self._controller.start()
+        try:
+            if kind == "shadow":
+                self._worker = threading.Thread(
+                    target=self._shadow_worker, name=f"hotpatch-{self.id}-shadow", daemon=True
+                )
+                self._worker.start()
+            self._controller.start()
+        except BaseException as exc:  # no controller: the dispatch must not stay on
+            self._roll_back("rolled_back", "internal_error", f"{type(exc).__name__}: {exc}")
+            raise
 
     # -- planning --------------------------------------------------------------------------------
     def _plan_targets(self) -> list[Target]:
@@ -421,12 +427,12 @@ class Trial:
                     ):
                         continue
                     path = f"{m.name}.{func.__qualname__}"
-                    why = refusal_of(func, state.code)
-                    if why is not None:
+                    refusal = refusal_of(func, state.code)
+                    if refusal is not None:
                         raise PatchRejected(
                             m.name,
                             "compatibility",
-                            f"{path} cannot run beside its live version: {why}; "
+                            f"{path} cannot run beside its live version: {refusal}; "
                             "hotpatch.patch can still apply this change",
                             filename=func.__code__.co_filename,
                             lineno=state.code.co_firstlineno,
@@ -494,7 +500,7 @@ class Trial:
             point = d.random() if key is None else bucket(self.id, key)
             return point < d.share
         except Exception:
-            self._routing_errors += 1  # counted, not raised: the caller gets the old version
+            next(self._routing_errors)  # counted, not raised: the caller gets the old version
             return OLD
 
     def _shadow_call(self, k: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -827,7 +833,7 @@ class Trial:
             compared,
             mismatches,
             dropped,
-            self._routing_errors,
+            count_value(self._routing_errors),
         )
 
     def wait(self, timeout: float | None = None) -> TrialResult:
@@ -932,7 +938,9 @@ class Trial:
                     None,
                     False,
                 )
-        return ExperimentReport(status.total_arms, metrics, self._unattributed, confidence)
+        return ExperimentReport(
+            status.total_arms, metrics, count_value(self._unattributed), confidence
+        )
 
     def _record(self, name: str, value: float) -> bool:
         d = self._dispatcher
@@ -942,7 +950,7 @@ class Trial:
             if current is not None:
                 arm = current.bucket(self.id) < d.share
         if arm is None:
-            self._unattributed += 1
+            next(self._unattributed)
             return False
         self._metrics.add(name, arm, value)
         return True
