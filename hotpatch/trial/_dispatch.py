@@ -96,7 +96,7 @@ class StepStats:
     def summary(self, arm: bool) -> ArmSummary:
         calls = count_value(self.calls[arm])
         errors = min(count_value(self.errors[arm]), calls)
-        return ArmSummary(calls, errors, tuple(self.lat[arm]))
+        return ArmSummary(calls, errors, tuple(self.lat[arm].copy()))  # one C call: atomic
 
 
 class Target:
@@ -205,10 +205,11 @@ class Affinity(threading.local):
 class Dispatcher:
     """Picks the arm of each call and records what each arm served (one per parallel run).
 
-    Attributes read by the trampolines (keep them plain attributes): ``var`` (the affinity),
-    ``fns`` (per target: (old, new)), ``mode`` (0: inline bucket routing; 1: ``choose``; 2:
-    ``shadow``), ``share`` (the new arm's share, 0..1), ``run`` (the run id salting the bucket),
-    ``stats`` (the current ``StepStats``).
+    Attributes read by the trampolines (keep them plain attributes): ``local`` and ``var`` (the
+    affinity), ``fns`` (per target: (old, new)), ``mode`` (0: inline bucket routing; 1:
+    ``choose``; 2: shadow: the old arm, and ``shadow`` for a ``sample`` of the calls), ``share``
+    (the new arm's share, 0..1), ``run`` (the run id salting the bucket), ``stats`` (the current
+    ``StepStats``).
     """
 
     def __init__(self, run_id: str, targets: Sequence[Target]) -> None:
@@ -219,6 +220,7 @@ class Dispatcher:
         self.fns = [t.versions for t in targets]
         self.mode = 0
         self.share = 0.0
+        self.sample = 0.0  # shadow: the share of calls also run on the new version
         self.stats = StepStats()
         self.random = random.random
         self.clock = time.perf_counter
@@ -263,8 +265,10 @@ if D.mode == 0:
         v = b < D.share
 elif D.mode == 1:
     v = D.choose()
-else:
+elif D.random() < D.sample:
     return D.shadow(k, A, K)
+else:
+    v = False
 S = D.stats
 L = D.local
 L.arm = v

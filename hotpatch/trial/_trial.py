@@ -344,6 +344,7 @@ class Trial:
         self._new_codes = frozenset(t.new_code for t in self._targets)
         if kind == "shadow":
             self._dispatcher.mode = 2
+            self._dispatcher.sample = sample
             self._dispatcher.shadow = self._shadow_call
         elif self._needs_choose():
             self._dispatcher.mode = 1
@@ -524,10 +525,8 @@ class Trial:
     def _offer(
         self, k: int, args: tuple[Any, ...], kwargs: dict[str, Any], ok: bool, outcome: Any
     ) -> None:
-        if k not in self._shadowed or self._phase != "running":
-            return
-        if self._dispatcher.random() >= self._sample:
-            return
+        if k not in self._shadowed or self._result is not None:
+            return  # (the trampoline drew the sample: only sampled calls come here)
         try:
             self._queue.put_nowait((k, args, kwargs, ok, outcome))
         except queue.Full:
@@ -540,8 +539,8 @@ class Trial:
         d.local.arm = NEW
         while True:
             item = self._queue.get()
-            if item is None:
-                return
+            if item is None or self._done.is_set():
+                return  # ended: what is still queued is never run (nor compared)
             k, args, kwargs, old_ok, old = item
             stats = d.stats
             started = d.clock()
