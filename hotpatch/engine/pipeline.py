@@ -841,7 +841,11 @@ class Engine:
 
     # -- trials: a change guarded now, committed later (hotpatch.trial) -------------------------
     def prepare(
-        self, changes: Mapping[str, SourceInput] | Iterable[str], *, allow_removals: bool = False
+        self,
+        changes: Mapping[str, SourceInput] | Iterable[str],
+        *,
+        allow_removals: bool = False,
+        holder: str | None = None,
     ) -> PreparedChange:
         """Run the guard on a change and keep it planned, uncommitted, for ``commit_prepared``.
 
@@ -850,12 +854,18 @@ class Engine:
         (``hotpatch.canary``...) runs the planned functions beside the live ones, then commits
         exactly this change or discards it.
 
+        Args:
+            changes: as for ``patch_many``.
+            allow_removals: as for ``patch_many``.
+            holder: the ``hold`` the caller took on these modules first (so that nothing can
+                change them between the guard and the run); other holds refuse.
+
         Raises:
             PatchRejected: the change is refused; ``.stage`` says where.
         """
         changes = _as_changes(changes, "prepare")
         with self._lock, self._not_reentered(changes):
-            self._refuse_held(changes, "a parallel run")
+            self._refuse_held(changes, "a parallel run", unless=holder)
             try:
                 prepared, todo = self._prepare_change_set(changes, allow_removals=allow_removals)
             except PatchRejected as exc:
@@ -974,10 +984,10 @@ class Engine:
         with self._lock:
             self._ensure_history(module).add_rejected(sha256, stage, reason)
 
-    def _refuse_held(self, names: Iterable[str], action: str) -> None:
+    def _refuse_held(self, names: Iterable[str], action: str, unless: str | None = None) -> None:
         for name in names:
             holder = self._held.get(name)
-            if holder is not None:
+            if holder is not None and holder != unless:
                 raise PatchRejected(
                     name,
                     "load",

@@ -93,6 +93,11 @@ class StepStats:
     def fail(self, arm: bool) -> None:
         next(self.errors[arm])
 
+    def counts(self, arm: bool) -> tuple[int, int]:
+        """(calls, errors) of ``arm`` so far."""
+        calls = count_value(self.calls[arm])
+        return calls, min(count_value(self.errors[arm]), calls)
+
     def summary(self, arm: bool) -> ArmSummary:
         calls = count_value(self.calls[arm])
         errors = min(count_value(self.errors[arm]), calls)

@@ -288,6 +288,7 @@ class Trial:
         self._max_mismatch_rate = max_mismatch_rate
         self._auto_promote = promote
         self._shadow_timeout_s = shadow_timeout_s
+        self._queue_size = shadow_queue
         self._key_fn = key
         self._route = route
         self._flag_client: Any = None
@@ -304,7 +305,9 @@ class Trial:
         self._end_lock = threading.RLock()
         self._paused = False
         self._resumed = False
-        self._totals = [[0, 0], [0, 0]]  # [arm][calls, errors] of finished steps
+        # Every step's figures, kept (a few per run): a call that began in a step and ends after
+        # it still counts there, so the run's totals are summed over all of them at read time.
+        self._all_steps: list[StepStats] = []
         self._routing_errors = itertools.count()  # next() is atomic: no lost count
         self._compared = 0
         self._mismatch_count = 0
@@ -315,59 +318,12 @@ class Trial:
         self._unattributed = itertools.count()
 
         changes = _as_changes(modules)
-        self._change = engine.prepare(changes, allow_removals=allow_removals)
         self.modules = tuple(changes)
-        extra = [m.name for m in self._change.modules if m.name not in changes]
-        if extra:
-            raise PatchRejected(
-                self.modules[0],
-                "compatibility",
-                f"the change re-derives values in {', '.join(extra)}, which a parallel run "
-                "cannot show to one version only; use hotpatch.patch",
-            )
-        if not self._change.modules:
-            raise HotpatchError(
-                f"nothing to try: {', '.join(self.modules)} {'is' if len(self.modules) == 1 else 'are'}"
-                " the live version already"
-            )
-        self._targets = self._plan_targets()
-        self._dispatcher = Dispatcher(self.id, self._targets)
-        self._dispatcher.choose = self._choose if self._needs_choose() else self._dispatcher.choose
-        self._shadowed = self._pick_shadowed(functions)
-        self._queue: queue.Queue[tuple[int, tuple[Any, ...], dict[str, Any], bool, Any] | None]
-        self._queue = queue.Queue(maxsize=shadow_queue)
-        for key_index, target in enumerate(self._targets):
-            target.trampoline = build_trampoline(
-                target.func, self._dispatcher, key_index, exact=target.same_defaults
-            )
-        self._trampolines = frozenset(t.trampoline for t in self._targets if t.trampoline)
-        self._new_codes = frozenset(t.new_code for t in self._targets)
-        if kind == "shadow":
-            self._dispatcher.mode = 2
-            self._dispatcher.sample = sample
-            self._dispatcher.shadow = self._shadow_call
-        elif self._needs_choose():
-            self._dispatcher.mode = 1
-        self._dispatcher.share = (
-            self._steps[0] / 100 if kind == "canary" else split / 100 if kind == "experiment" else 0
-        )
         holder = f"{kind} {self.id}"
+        # Held first: nothing may patch these modules between the guard and the end of the run.
         engine.hold(self.modules, holder=holder)
         try:
-            commit_at_safe_point(
-                [install_set(self._targets)],
-                codes=frozenset(t.original.code for t in self._targets),
-                timeout_s=engine.safepoint_timeout_s,
-            )
-        except SafePointTimeout as exc:
-            engine.release(self.modules, holder=holder)
-            raise PatchRejected(
-                self.modules[0],
-                "safepoint",
-                str(exc),
-                filename=exc.busy.filename,
-                lineno=exc.busy.lineno,
-            ) from None
+            self._start(changes, holder, allow_removals=allow_removals, functions=functions)
         except BaseException:
             engine.release(self.modules, holder=holder)
             raise
@@ -394,6 +350,71 @@ class Trial:
         except BaseException as exc:  # no controller: the dispatch must not stay on
             self._roll_back("rolled_back", "internal_error", f"{type(exc).__name__}: {exc}")
             raise
+
+    def _start(
+        self,
+        changes: dict[str, SourceInput],
+        holder: str,
+        *,
+        allow_removals: bool,
+        functions: Iterable[str] | None,
+    ) -> None:
+        """Guard, plan and install the dispatch (the modules are held); raises on refusal."""
+        engine = self._engine
+        kind = self.kind
+        self._change = engine.prepare(changes, allow_removals=allow_removals, holder=holder)
+        extra = [m.name for m in self._change.modules if m.name not in changes]
+        if extra:
+            raise PatchRejected(
+                self.modules[0],
+                "compatibility",
+                f"the change re-derives values in {', '.join(extra)}, which a parallel run "
+                "cannot show to one version only; use hotpatch.patch",
+            )
+        if not self._change.modules:
+            verb = "is" if len(self.modules) == 1 else "are"
+            raise HotpatchError(
+                f"nothing to try: {', '.join(self.modules)} {verb} the live version already"
+            )
+        self._targets = self._plan_targets()
+        self._dispatcher = Dispatcher(self.id, self._targets)
+        self._dispatcher.choose = self._choose if self._needs_choose() else self._dispatcher.choose
+        self._shadowed = self._pick_shadowed(functions)
+        self._queue: queue.Queue[tuple[int, tuple[Any, ...], dict[str, Any], bool, Any] | None]
+        self._queue = queue.Queue(maxsize=self._queue_size)
+        for key_index, target in enumerate(self._targets):
+            target.trampoline = build_trampoline(
+                target.func, self._dispatcher, key_index, exact=target.same_defaults
+            )
+        self._trampolines = frozenset(t.trampoline for t in self._targets if t.trampoline)
+        self._new_codes = frozenset(t.new_code for t in self._targets)
+        if kind == "shadow":
+            self._dispatcher.mode = 2
+            self._dispatcher.sample = self._sample
+            self._dispatcher.shadow = self._shadow_call
+        elif self._needs_choose():
+            self._dispatcher.mode = 1
+        self._dispatcher.share = (
+            self._steps[0] / 100
+            if kind == "canary"
+            else self._split / 100
+            if kind == "experiment"
+            else 0
+        )
+        try:
+            commit_at_safe_point(
+                [install_set(self._targets)],
+                codes=frozenset(t.original.code for t in self._targets),
+                timeout_s=engine.safepoint_timeout_s,
+            )
+        except SafePointTimeout as exc:
+            raise PatchRejected(
+                self.modules[0],
+                "safepoint",
+                str(exc),
+                filename=exc.busy.filename,
+                lineno=exc.busy.lineno,
+            ) from None
 
     # -- planning --------------------------------------------------------------------------------
     def _plan_targets(self) -> list[Target]:
@@ -600,16 +621,21 @@ class Trial:
 
     def _next_step(self, index: int, share: float) -> StepStats:
         d = self._dispatcher
-        old = d.stats
         fresh = StepStats()
+        self._all_steps.append(d.stats)
         d.stats = fresh
         d.share = share
         self._step = index
-        for arm in (OLD, NEW):
-            summary = old.summary(arm)
-            self._totals[arm][0] += summary.calls
-            self._totals[arm][1] += summary.errors
         return fresh
+
+    def _totals(self) -> list[tuple[int, int]]:
+        """(calls, errors) of each arm over the whole run."""
+        steps = [*self._all_steps, self._dispatcher.stats]
+        out = []
+        for arm in (OLD, NEW):
+            summaries = [s.counts(arm) for s in steps]
+            out.append((sum(c for c, _ in summaries), sum(e for _, e in summaries)))
+        return out
 
     def _health(self) -> str | None:
         for name in self.modules:
@@ -758,10 +784,7 @@ class Trial:
         self._phase = outcome
         self._reason = reason
         self._detail = detail
-        stats = self._dispatcher.stats
-        totals = [[self._totals[arm][0] + stats.summary(arm).calls, 0] for arm in (OLD, NEW)]
-        for arm in (OLD, NEW):
-            totals[arm][1] = self._totals[arm][1] + stats.summary(arm).errors
+        totals = self._totals()
         with self._shadow_lock:
             mismatches = tuple(self._mismatches)
         self._result = TrialResult(
@@ -798,10 +821,11 @@ class Trial:
         """The phase, step, share, per-arm figures and (once ended) the reason."""
         stats = self._dispatcher.stats
         step_arms = {"old": stats.summary(OLD), "new": stats.summary(NEW)}
+        totals = self._totals()
         total = {
             name: ArmStatus(
-                self._totals[arm][0] + step_arms[name].calls,
-                self._totals[arm][1] + step_arms[name].errors,
+                totals[arm][0],
+                totals[arm][1],
                 step_arms[name].latency_quantile(0.5),
                 step_arms[name].latency_quantile(0.99),
             )
