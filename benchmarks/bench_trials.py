@@ -10,7 +10,8 @@ source in another module), timed in alternating rounds in one process, so that t
 shared machine hits both alike; the figure is the median over the rounds.
 
 1. Dispatch: ``f(x) -> x`` under a canary at 50% (both arms trivial), outermost calls, no key and
-   with a routing key; then the same function after the promote. Timed in this thread's CPU time.
+   with a routing key, and nested in a dispatched call (its arm already set); then the same
+   function after the promote. Timed in this thread's CPU time.
 2. Shadow: a caller of a function doing ~20 us of work, shadowed at ``sample`` 1% and 10%, against
    its twin.
 
@@ -102,6 +103,9 @@ def main() -> None:
             rows.append(
                 ("dispatch, routing key", *compare(mod.f, twin, rounds=rounds, number=number))
             )
+        trial._dispatcher.local.arm = False  # as inside a dispatched call: the arm is set
+        rows.append(("dispatch, nested call", *compare(mod.f, twin, rounds=rounds, number=number)))
+        trial._dispatcher.local.arm = None
         result = trial.promote()
         assert result.outcome == "promoted", result
         rows.append(("after promote", *compare(mod.f, twin, rounds=rounds, number=number)))
