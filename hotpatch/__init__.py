@@ -5,7 +5,8 @@ a time; either way a broken change is refused or rolled back before it can hurt.
 
 Package map (docs/architecture.md has the full table): ``engine/`` the in-process pipeline,
 ``watch/`` saves -> change sets, ``control/`` patching a running process from outside,
-``trial/`` parallel runs (canary, shadow, experiment), ``gunicorn/`` the rolling engine, ``cli/`` the command line, ``demo/`` the live demonstration.
+``trial/`` parallel runs (canary, shadow, experiment),
+``gunicorn/`` the rolling engine, ``cli/`` the command line, ``demo/`` the live demonstration.
 
 The names below load on first use (PEP 562 ``__getattr__``): ``import hotpatch`` costs almost
 nothing, so a process (or a pytest run, through the plugin) that has hotpatch installed but does
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
         verifier,
     )
     from hotpatch.engine.history import Version
-    from hotpatch.routing import routing_key
-    from hotpatch.trial import Trial, TrialResult, canary, experiment, record, shadow
     from hotpatch.errors import (
         ConfigError,
         HealthCheckTimeout,
@@ -45,6 +44,8 @@ if TYPE_CHECKING:
         PatchRejected,
         RolloutFailed,
     )
+    from hotpatch.routing import routing_key
+    from hotpatch.trial import Trial, TrialResult, canary, experiment, record, shadow
     from hotpatch.watch import watch
 
 __all__ = [

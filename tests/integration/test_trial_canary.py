@@ -82,7 +82,7 @@ def test_a_bad_candidate_is_rolled_back_within_two_steps_and_history_says_so(
     original = mod.work.__code__
     held = mod.work  # a reference held elsewhere, as `from mod import work` would
     engine = Engine()
-    load = Load(lambda i: held(i))
+    load = Load(held)
     with load.running():
         trial = canary(
             {mod.__name__: BAD},
@@ -121,7 +121,7 @@ def test_a_good_candidate_ramps_to_100_and_is_committed_in_place(
     held = mod.work
     registry = {"work": mod.work}
     engine = Engine()
-    load = Load(lambda i: held(i))
+    load = Load(held)
     with load.running():
         trial = canary(
             {mod.__name__: GOOD}, steps=(20, 50, 100), step_s=0.2, min_calls=30, engine=engine
@@ -138,7 +138,7 @@ def test_a_good_candidate_ramps_to_100_and_is_committed_in_place(
     assert load.tally["new"] > 0 and load.tally["old"] > 0 and load.tally["error"] == 0
     events = [r.hotpatch_event for r in caplog.records]  # type: ignore[attr-defined]
     assert events.count("trial.step_passed") == 2 and events[-1] == "trial.promoted"
-    (latest, baseline) = engine.history(mod.__name__)[:2]
+    latest = engine.history(mod.__name__)[0]
     assert latest.outcome == "applied" and latest.is_live
     # The committed version rolls back as a patch does: to the function's own code, not to
     # the dispatch that stood in it during the trial.
@@ -223,7 +223,7 @@ def test_a_failing_health_check_at_a_step_rolls_back(
         if not healthy.is_set():
             raise RuntimeError("database unreachable")
 
-    load = Load(lambda i: mod.work(i))
+    load = Load(mod.work)
     with load.running():
         trial = canary(
             {mod.__name__: GOOD}, steps=(50, 100), step_s=0.3, min_calls=10**9, engine=engine
