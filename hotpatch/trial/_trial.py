@@ -568,7 +568,7 @@ class Trial:
             new_ok = True
             try:
                 new: Any = d.fns[k][NEW](*args, **kwargs)
-            except Exception as exc:
+            except BaseException as exc:  # even SystemExit: an outcome to compare, not our end
                 new_ok, new = False, exc
                 stats.fail(NEW)
             elapsed = d.clock() - started
