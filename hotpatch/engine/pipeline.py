@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from hotpatch._log import get_logger
 from hotpatch.engine.arguments import (
@@ -129,6 +129,7 @@ class Engine:
         self._busy = threading.local()  # .patching: this thread is inside patch/check
         self._namespace_ids = NamespaceIndex()
         self._held: dict[str, str] = {}  # module -> what holds it (a running trial): no patch
+        self._controls: dict[str, dict[str, Callable[[], Any]]] = {}  # holder -> its controls
 
     # -- registration ----------------------------------------------------------------------------
     def verifier(self, module: str | None = None) -> Callable[[F], F]:
@@ -959,8 +960,20 @@ class Engine:
                 return PatchRejected(module, "health", reason)
         return None
 
-    def hold(self, modules: Iterable[str], *, holder: str) -> None:
+    def hold(
+        self,
+        modules: Iterable[str],
+        *,
+        holder: str,
+        controls: Mapping[str, Callable[[], dict[str, object]]] | None = None,
+    ) -> None:
         """Refuse ``patch``, ``rollback`` and another hold of ``modules`` until ``release``.
+
+        Args:
+            modules: the modules to hold.
+            holder: who holds them (named in the refusals).
+            controls: what the control channel may ask of the holder, by action (``status``,
+                ``promote``, ``abort``): each returns a JSON-ready description.
 
         Raises:
             PatchRejected: stage ``load``: a module is held already.
@@ -970,6 +983,8 @@ class Engine:
             self._refuse_held(names, "a parallel run")
             for name in names:
                 self._held[name] = holder
+            if controls is not None:
+                self._controls[holder] = dict(controls)
 
     def release(self, modules: Iterable[str], *, holder: str) -> None:
         """Lift ``hold`` (only the holder's own)."""
@@ -977,6 +992,17 @@ class Engine:
             for name in modules:
                 if self._held.get(name) == holder:
                     del self._held[name]
+            if holder not in self._held.values():
+                self._controls.pop(holder, None)
+
+    def held_controls(self, module: str | None = None) -> dict[str, dict[str, Callable[[], Any]]]:
+        """The controls of the holds (all, or the one on ``module``), by holder."""
+        with self._lock:
+            if module is None:
+                return dict(self._controls)
+            holder = self._held.get(module)
+            found = self._controls.get(holder) if holder is not None else None
+            return {holder: found} if holder is not None and found is not None else {}
 
     def record_discarded(self, module: str, sha256: str, *, stage: str, reason: str) -> None:
         """Record in ``module``'s history a version that ran beside the live one and was

@@ -321,7 +321,15 @@ class Trial:
         self.modules = tuple(changes)
         holder = f"{kind} {self.id}"
         # Held first: nothing may patch these modules between the guard and the end of the run.
-        engine.hold(self.modules, holder=holder)
+        engine.hold(
+            self.modules,
+            holder=holder,
+            controls={
+                "status": self.describe,
+                "promote": lambda: _describe_result(self.promote()),
+                "abort": lambda: _describe_result(self.abort()),
+            },
+        )
         try:
             self._start(changes, holder, allow_removals=allow_removals, functions=functions)
         except BaseException:
@@ -859,6 +867,32 @@ class Trial:
             count_value(self._routing_errors),
         )
 
+    def describe(self) -> dict[str, object]:
+        """``status()`` as JSON-ready values (the control channel's answer)."""
+        status = self.status()
+        out: dict[str, object] = {
+            "id": status.id,
+            "kind": status.kind,
+            "modules": list(status.modules),
+            "phase": status.phase,
+            "step": status.step,
+            "share": status.share,
+            "reason": status.reason,
+            "detail": status.detail,
+        }
+        for name, arm in status.total_arms.items():
+            out[name] = {
+                "calls": arm.calls,
+                "errors": arm.errors,
+                "p50_s": arm.p50_s,
+                "p99_s": arm.p99_s,
+            }
+        if status.kind == "shadow":
+            out.update(
+                compared=status.compared, mismatches=status.mismatches, dropped=status.dropped
+            )
+        return out
+
     def wait(self, timeout: float | None = None) -> TrialResult:
         """Block until the trial ends.
 
@@ -977,6 +1011,22 @@ class Trial:
             return False
         self._metrics.add(name, arm, value)
         return True
+
+
+def _describe_result(result: TrialResult) -> dict[str, object]:
+    return {
+        "id": result.id,
+        "kind": result.kind,
+        "modules": list(result.modules),
+        "outcome": result.outcome,
+        "reason": result.reason,
+        "detail": result.detail,
+        "new_calls": result.new_calls,
+        "new_errors": result.new_errors,
+        "old_calls": result.old_calls,
+        "old_errors": result.old_errors,
+        "versions": [r.version for r in result.results],
+    }
 
 
 def _outcome_repr(ok: bool, value: Any) -> str:
