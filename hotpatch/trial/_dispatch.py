@@ -65,6 +65,7 @@ _KEY_PLACEHOLDER = 0x7E57_7A1A
 
 _GEN_FLAGS = 0x20 | 0x100 | 0x200  # CO_GENERATOR | CO_COROUTINE | CO_ITERABLE_COROUTINE
 _CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
+_SUSPENDABLE = _GEN_FLAGS | _CO_COROUTINE
 
 
 def count_value(counter: itertools.count[int]) -> int:
@@ -211,10 +212,10 @@ class Dispatcher:
     """Picks the arm of each call and records what each arm served (one per parallel run).
 
     Attributes read by the trampolines (keep them plain attributes): ``local`` and ``var`` (the
-    affinity), ``fns`` (per target: (old, new)), ``mode`` (0: inline bucket routing; 1:
-    ``choose``; 2: shadow: the old arm, and ``shadow`` for a ``sample`` of the calls), ``share``
-    (the new arm's share, 0..1), ``run`` (the run id salting the bucket), ``stats`` (the current
-    ``StepStats``).
+    affinity; ``suspendable``: whether any trampoline sets ``var``), ``fns`` (per target: (old,
+    new)), ``mode`` (0: inline bucket routing; 1: ``choose``; 2: shadow: the old arm, and
+    ``shadow`` for a ``sample`` of the calls), ``share`` (the new arm's share, 0..1), ``run``
+    (the run id salting the bucket), ``stats`` (the current ``StepStats``).
     """
 
     def __init__(self, run_id: str, targets: Sequence[Target]) -> None:
@@ -223,6 +224,9 @@ class Dispatcher:
         self.local = Affinity()
         self.keyvar = ROUTING_KEY
         self.fns = [t.versions for t in targets]
+        # Only generator and coroutine trampolines set ``var``: without them, a plain call
+        # need not read it.
+        self.suspendable = any(t.func.__code__.co_flags & _SUSPENDABLE for t in targets)
         self.mode = 0
         self.share = 0.0
         self.sample = 0.0  # shadow: the share of calls also run on the new version
@@ -256,9 +260,10 @@ k = {k!r}
 v = D.local.arm
 if v is not None:
     return D.fns[k][v](*A, **K)
-v = D.var.get()
-if v is not None:
-    return D.fns[k][v](*A, **K)
+if D.suspendable:
+    v = D.var.get()
+    if v is not None:
+        return D.fns[k][v](*A, **K)
 if D.mode == 0:
     R = D.keyvar.get()
     if R is None:
