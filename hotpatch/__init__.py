@@ -5,6 +5,7 @@ a time; either way a broken change is refused or rolled back before it can hurt.
 
 Package map (docs/architecture.md has the full table): ``engine/`` the in-process pipeline,
 ``watch/`` saves -> change sets, ``control/`` patching a running process from outside,
+``trial/`` parallel runs (canary, shadow, experiment),
 ``gunicorn/`` the rolling engine, ``cli/`` the command line, ``demo/`` the live demonstration.
 
 The names below load on first use (PEP 562 ``__getattr__``): ``import hotpatch`` costs almost
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
         PatchRejected,
         RolloutFailed,
     )
+    from hotpatch.routing import routing_key
+    from hotpatch.trial import Trial, TrialResult, canary, experiment, record, shadow
     from hotpatch.watch import watch
 
 __all__ = [
@@ -54,15 +57,22 @@ __all__ = [
     "PatchRejected",
     "PatchResult",
     "RolloutFailed",
+    "Trial",
+    "TrialResult",
     "Version",
     "__version__",
+    "canary",
     "default_engine",
+    "experiment",
     "health_check",
     "history",
     "listen",
     "patch",
     "patch_many",
+    "record",
     "rollback",
+    "routing_key",
+    "shadow",
     "track",
     "verifier",
     "watch",
@@ -93,6 +103,10 @@ _SOURCES = {
         "hotpatch.errors",
     ),
     "watch": "hotpatch.watch",
+    **dict.fromkeys(
+        ("Trial", "TrialResult", "canary", "experiment", "record", "shadow"), "hotpatch.trial"
+    ),
+    "routing_key": "hotpatch.routing",
 }
 # Parts that ``import hotpatch`` used to load, still reachable as attributes.
 _PARTS = frozenset({"control", "engine", "errors"})

@@ -26,6 +26,7 @@ COMMANDS: tuple[str, ...] = (
     "hotpatch.cli._status",
     "hotpatch.cli._patch",
     "hotpatch.cli._rollback",
+    "hotpatch.cli._trial",
     "hotpatch.cli._history",
     "hotpatch.cli._check",
 )

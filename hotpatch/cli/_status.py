@@ -233,4 +233,11 @@ def _describe_worker(answer: dict[str, Any]) -> str:
     current = answer.get("deploy")
     if current:
         text += f"; in deploy {current.get('id')} ({current.get('phase')})"
+    for trial in (answer.get("trials") or [])[:3]:  # parallel runs (hotpatch.canary...)
+        if isinstance(trial, dict):
+            text += (
+                f"; {trial.get('kind')} {trial.get('id')} of "
+                f"{', '.join(map(str, trial.get('modules') or []))}: {trial.get('phase')} "
+                f"at {trial.get('share')}%"
+            )
     return text

@@ -254,7 +254,8 @@ def send_request(
 
     Args:
         pid: the process (a positive pid).
-        action: ``patch``, ``check``, ``rollback`` or ``history``.
+        action: ``patch``, ``check``, ``rollback``, ``history``, or ``promote``/``abort`` (the
+            parallel run on ``module``).
         module: the module to roll back (required) or whose history to show (optional).
         to: for ``rollback``: the version to restore.
         timeout_s: how long to wait for the answer (a positive number of seconds).
@@ -281,6 +282,8 @@ def send_request(
         raise ConfigError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}")
     if action == "rollback" and not module:
         raise ConfigError("rollback needs the module to roll back")
+    if action in ("promote", "abort") and not module:
+        raise ConfigError(f"{action} needs the module under trial")
     deadline = time.monotonic() + timeout_s
     with _connect(pid, timeout_s) as sock:
         try:

@@ -39,8 +39,8 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 MAX_DEPTH = 4
 MAX_NAME_CHARS = 1024
-ACTIONS = ("patch", "check", "rollback", "history", "status", "deploy")
-V2_ACTIONS = frozenset({"status", "deploy"})
+ACTIONS = ("patch", "check", "rollback", "history", "status", "deploy", "promote", "abort")
+V2_ACTIONS = frozenset({"status", "deploy", "promote", "abort"})  # promote/abort: a trial
 FIELDS = {
     "v": int,
     "action": str,
@@ -208,8 +208,8 @@ def parse_request(line: bytes) -> Request:
         raise BadRequest(f"action {action!r} needs protocol version 2")
     if data["pid"] <= 0:
         raise BadRequest("field 'pid' must be a positive process id")
-    if action == "rollback" and data.get("module") is None:
-        raise BadRequest("rollback needs field 'module'")
+    if action in ("rollback", "promote", "abort") and data.get("module") is None:
+        raise BadRequest(f"{action} needs field 'module'")
     given = [key for key in DEPLOY_FIELDS if key in data]
     if action == "deploy":
         missing = [key for key in DEPLOY_FIELDS if key not in data]

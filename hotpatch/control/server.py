@@ -554,7 +554,20 @@ class Listener:
                 if live is not None and live.outcome == "applied":
                     versions[name] = live.id
             described = self.release.describe() if self.release is not None else {}
+            trials = [c["status"]() for c in self.engine.held_controls().values() if "status" in c]
+            if trials:  # parallel runs (hotpatch.canary, shadow, experiment) in this process
+                described = {**described, "trials": trials}
             return {"outcome": "status", "patched": versions, "modules": len(listened), **described}
+        if request.action in ("promote", "abort"):
+            assert request.module is not None  # the protocol requires it
+            held = self.engine.held_controls(request.module)
+            control = next((c.get(request.action) for c in held.values()), None)
+            if control is None:
+                raise HotpatchError(
+                    f"no parallel run (canary, shadow, experiment) on {request.module!r}"
+                )
+            trial = control()
+            return {"outcome": str(trial.get("outcome")), "trial": trial}
         if request.module is not None and request.module not in listened:
             raise HotpatchError(
                 f"module {request.module!r} is not one this process listens to; "

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from hotpatch._log import get_logger
 from hotpatch.engine.arguments import (
@@ -46,7 +46,7 @@ from hotpatch.engine.candidate import (
     source_from_text,
     text_sha256,
 )
-from hotpatch.engine.changeset import ChangeSet
+from hotpatch.engine.changeset import ChangeSet, FunctionState, SetFunction
 from hotpatch.engine.derived import Derivation, ModuleChange, derive
 from hotpatch.engine.fidelity import (
     NamespaceIndex,
@@ -128,6 +128,8 @@ class Engine:
         self._attempted: dict[str, str] = {}  # module -> sha256 of the source being tried
         self._busy = threading.local()  # .patching: this thread is inside patch/check
         self._namespace_ids = NamespaceIndex()
+        self._held: dict[str, str] = {}  # module -> what holds it (a running trial): no patch
+        self._controls: dict[str, dict[str, Callable[[], Any]]] = {}  # holder -> its controls
 
     # -- registration ----------------------------------------------------------------------------
     def verifier(self, module: str | None = None) -> Callable[[F], F]:
@@ -311,6 +313,7 @@ class Engine:
         timeout_s = self.safepoint_timeout_s if given_timeout is None else given_timeout
         started = time.perf_counter()
         with self._lock, self._not_reentered(changes):
+            self._refuse_held(changes, "patch")
             try:
                 prepared, todo = self._prepare_change_set(changes, allow_removals=allow_removals)
                 if todo:
@@ -785,7 +788,9 @@ class Engine:
             except BaseException as exc:
                 raise _rejection(candidate, "verify", f"verifier {label}", exc) from None
 
-    def _commit(self, todo: list[_Prepared], *, timeout_s: float) -> None:
+    def _commit(
+        self, todo: list[_Prepared], *, timeout_s: float, trial: _TrialCommit | None = None
+    ) -> None:
         plans = [p.plan for p in todo if p.plan is not None]
         codes = frozenset().union(*(plan.replaced_codes for plan in plans))
         waited_from = time.perf_counter()
@@ -793,7 +798,13 @@ class Engine:
         # (``ChangeSet.apply``); its inverse is split back per module below.
         merged = ChangeSet(tuple(a for plan in plans for a in plan.changeset.assignments))
         try:
-            (merged_undo,) = commit_at_safe_point([merged], codes=codes, timeout_s=timeout_s)
+            if trial is None:
+                (merged_undo,) = commit_at_safe_point([merged], codes=codes, timeout_s=timeout_s)
+            else:  # the trial's dispatch comes off in the same safe point as the commit
+                _, merged_undo = commit_at_safe_point(
+                    [trial.restore, merged], codes=codes | trial.codes, timeout_s=timeout_s
+                )
+                merged_undo = trial.undo_to_originals(merged_undo)
         except Exception as exc:
             if isinstance(exc, SafePointTimeout):
                 raise PatchRejected(
@@ -831,13 +842,7 @@ class Engine:
 
     def _check_health(self, todo: list[_Prepared]) -> None:
         for p in todo:
-            checks: list[tuple[str, HealthCheck]] = []
-            own = p.module.__dict__.get("__hotpatch_health__")
-            if callable(own):
-                checks.append(("__hotpatch_health__", own))
-            for fn in (*self._health_checks.get(p.name, ()), *self._health_checks.get(None, ())):
-                checks.append((getattr(fn, "__qualname__", repr(fn)), fn))
-            for label, fn in checks:
+            for label, fn in self._health_checks_of(p.name, p.module):
                 try:
                     run_with_deadline(
                         fn, timeout_s=self.health_timeout_s, name=f"health check {label}"
@@ -866,6 +871,198 @@ class Engine:
                 reason=reason,
             )
 
+    # -- trials: a change guarded now, committed later (hotpatch.trial) -------------------------
+    def prepare(
+        self,
+        changes: Mapping[str, SourceInput] | Iterable[str],
+        *,
+        allow_removals: bool = False,
+        holder: str | None = None,
+    ) -> PreparedChange:
+        """Run the guard on a change and keep it planned, uncommitted, for ``commit_prepared``.
+
+        The guard of ``patch_many`` up to the commit (as ``check_many``); a refusal is recorded in
+        the history as ``patch`` records it. Nothing live changes. A parallel run
+        (``hotpatch.canary``...) runs the planned functions beside the live ones, then commits
+        exactly this change or discards it.
+
+        Args:
+            changes: as for ``patch_many``.
+            allow_removals: as for ``patch_many``.
+            holder: the ``hold`` the caller took on these modules first (so that nothing can
+                change them between the guard and the run); other holds refuse.
+
+        Raises:
+            PatchRejected: the change is refused; ``.stage`` says where.
+        """
+        changes = _as_changes(changes, "prepare")
+        with self._lock, self._not_reentered(changes):
+            self._refuse_held(changes, "a parallel run", unless=holder)
+            try:
+                prepared, todo = self._prepare_change_set(changes, allow_removals=allow_removals)
+            except PatchRejected as exc:
+                self._record_rejection(exc)
+                raise
+            finally:
+                for name in changes:
+                    self._attempted.pop(name, None)
+        return PreparedChange(tuple(changes), prepared, todo)
+
+    def commit_prepared(
+        self,
+        change: PreparedChange,
+        *,
+        restore: ChangeSet,
+        originals: Mapping[int, FunctionState],
+        codes: frozenset[types.CodeType],
+        safepoint_timeout_s: float | None = None,
+    ) -> list[PatchResult]:
+        """Commit a change made by ``prepare``, exactly as ``patch_many`` commits (same history
+        entry, fidelity and health checks), taking a parallel run's dispatch off in the same
+        safe point.
+
+        Args:
+            change: what ``prepare`` returned.
+            restore: puts the functions' own code back in place of the dispatch (applied first).
+            originals: the functions' own states, by ``id(function)``: what a later rollback of
+                this version restores (not the dispatch).
+            codes: the dispatch's code objects (threads inside them hold the commit).
+            safepoint_timeout_s: how long to wait for threads to leave the replaced code.
+
+        Raises:
+            PatchRejected: refused or rolled back: ``restore`` was not applied (the dispatch is
+                still in place) or was undone with the rest (the functions' own code is live).
+        """
+        given_timeout = check_optional_seconds("safepoint_timeout_s", safepoint_timeout_s)
+        timeout_s = self.safepoint_timeout_s if given_timeout is None else given_timeout
+        started = time.perf_counter()
+        with self._lock:
+            todo = change._todo
+            try:
+                for p in change._prepared:
+                    if self._histories[p.name].live() is not p.live_entry:
+                        raise PatchRejected(
+                            p.name,
+                            "compatibility",
+                            "the live version changed since this change was prepared",
+                            filename=p.source.filename,
+                        )
+                    self._attempted[p.name] = p.source.sha256
+                if todo:
+                    self._namespace_ids.forget(p.name for p in todo)
+                    trial = _TrialCommit(restore, codes, originals)
+                    self._commit(todo, timeout_s=timeout_s, trial=trial)
+                    self._check_fidelity(todo)
+                    self._check_health(todo)
+            except PatchRejected as exc:
+                self._record_rejection(exc)
+                raise
+            duration = time.perf_counter() - started
+            results: list[PatchResult] = []
+            dependents = [p for p in todo if p.derived_from]
+            for p in change._prepared:
+                self._attempted.pop(p.name, None)
+                if p.plan is None:
+                    results.append(p.noop_result(duration))
+                    continue
+                mine = [d for d in dependents if d.derived_from == p.name] if p is todo[0] else []
+                results.append(self._record_applied(p, duration, mine))
+            return results
+
+    def check_health(self, module: str) -> PatchRejected | None:
+        """Run the health checks registered for ``module`` now (no commit); the first failure.
+
+        A parallel run calls it at every step: both versions are live, and a failure ends the run.
+        """
+        with self._lock:
+            target = sys.modules.get(module)
+            if not isinstance(target, types.ModuleType):
+                return PatchRejected(module, "health", f"{module!r} is no longer imported")
+            checks = self._health_checks_of(module, target)
+        for label, fn in checks:
+            try:
+                run_with_deadline(fn, timeout_s=self.health_timeout_s, name=f"health check {label}")
+            except BaseException as exc:
+                reason = (
+                    str(exc)
+                    if isinstance(exc, DeadlineExceeded)
+                    else f"health check {label} raised {type(exc).__name__}: {exc}"
+                )
+                return PatchRejected(module, "health", reason)
+        return None
+
+    def hold(
+        self,
+        modules: Iterable[str],
+        *,
+        holder: str,
+        controls: Mapping[str, Callable[[], dict[str, object]]] | None = None,
+    ) -> None:
+        """Refuse ``patch``, ``rollback`` and another hold of ``modules`` until ``release``.
+
+        Args:
+            modules: the modules to hold.
+            holder: who holds them (named in the refusals).
+            controls: what the control channel may ask of the holder, by action (``status``,
+                ``promote``, ``abort``): each returns a JSON-ready description.
+
+        Raises:
+            PatchRejected: stage ``load``: a module is held already.
+        """
+        names = list(modules)
+        with self._lock:
+            self._refuse_held(names, "a parallel run")
+            for name in names:
+                self._held[name] = holder
+            if controls is not None:
+                self._controls[holder] = dict(controls)
+
+    def release(self, modules: Iterable[str], *, holder: str) -> None:
+        """Lift ``hold`` (only the holder's own)."""
+        with self._lock:
+            for name in modules:
+                if self._held.get(name) == holder:
+                    del self._held[name]
+            if holder not in self._held.values():
+                self._controls.pop(holder, None)
+
+    def held_controls(self, module: str | None = None) -> dict[str, dict[str, Callable[[], Any]]]:
+        """The controls of the holds (all, or the one on ``module``), by holder."""
+        with self._lock:
+            if module is None:
+                return dict(self._controls)
+            holder = self._held.get(module)
+            found = self._controls.get(holder) if holder is not None else None
+            return {holder: found} if holder is not None and found is not None else {}
+
+    def record_discarded(self, module: str, sha256: str, *, stage: str, reason: str) -> None:
+        """Record in ``module``'s history a version that ran beside the live one and was
+        discarded (a parallel run rolled back): outcome ``rejected`` at ``stage``."""
+        with self._lock:
+            self._ensure_history(module).add_rejected(sha256, stage, reason)
+
+    def _refuse_held(self, names: Iterable[str], action: str, unless: str | None = None) -> None:
+        for name in names:
+            holder = self._held.get(name)
+            if holder is not None and holder != unless:
+                raise PatchRejected(
+                    name,
+                    "load",
+                    f"{name!r} is under {holder}; {action} is refused until it ends "
+                    "(promote or abort it: Trial.promote() / Trial.abort())",
+                )
+
+    def _health_checks_of(
+        self, name: str, module: types.ModuleType
+    ) -> list[tuple[str, HealthCheck]]:
+        checks: list[tuple[str, HealthCheck]] = []
+        own = module.__dict__.get("__hotpatch_health__")
+        if callable(own):
+            checks.append(("__hotpatch_health__", own))
+        for fn in (*self._health_checks.get(name, ()), *self._health_checks.get(None, ())):
+            checks.append((getattr(fn, "__qualname__", repr(fn)), fn))
+        return checks
+
     # -- rollback --------------------------------------------------------------------------------
     def rollback(
         self, module: str, *, to: str | None = None, safepoint_timeout_s: float | None = None
@@ -890,6 +1087,7 @@ class Engine:
         given_timeout = check_optional_seconds("safepoint_timeout_s", safepoint_timeout_s)
         timeout_s = self.safepoint_timeout_s if given_timeout is None else given_timeout
         with self._lock:
+            self._refuse_held([module], "rollback")
             record = self._histories.get(module)
             if record is None:
                 require_imported("rollback(module)", module)
@@ -1027,6 +1225,65 @@ class _Prepared:
     def noop_result(self, duration_s: float) -> PatchResult:
         vid = self.live_entry.version.id
         return PatchResult(self.name, vid, vid, (), (), (), duration_s)
+
+
+@dataclass(frozen=True)
+class PreparedModule:
+    """One module of a ``PreparedChange``: the planned assignments and what they replace."""
+
+    name: str
+    module: types.ModuleType
+    version: str
+    previous: str
+    sha256: str
+    changeset: ChangeSet
+    replaced_codes: frozenset[types.CodeType]
+    changed: tuple[str, ...]
+    added: tuple[str, ...]
+
+
+class PreparedChange:
+    """A change guarded and planned by ``Engine.prepare``, not committed."""
+
+    def __init__(self, names: tuple[str, ...], prepared: list[_Prepared], todo: list[_Prepared]):
+        self.names = names
+        self._prepared = prepared
+        self._todo = todo
+        self.modules = tuple(
+            PreparedModule(
+                p.name,
+                p.module,
+                version_id(p.source.sha256),
+                p.live_entry.version.id,
+                p.source.sha256,
+                p.plan.changeset,
+                p.plan.replaced_codes,
+                p.plan.changed,
+                p.plan.added,
+            )
+            for p in todo
+            if p.plan is not None
+        )
+
+
+@dataclass(frozen=True)
+class _TrialCommit:
+    """What ``commit_prepared`` adds to a commit: the dispatch to take off, and the states a
+    rollback of the committed version must restore (the functions' own, not the dispatch)."""
+
+    restore: ChangeSet
+    codes: frozenset[types.CodeType]
+    originals: Mapping[int, FunctionState]
+
+    def undo_to_originals(self, undo: ChangeSet) -> ChangeSet:
+        return ChangeSet(
+            tuple(
+                SetFunction(a.func, self.originals[id(a.func)])
+                if isinstance(a, SetFunction) and id(a.func) in self.originals
+                else a
+                for a in undo.assignments
+            )
+        )
 
 
 def _as_changes(

@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "check": {"engine", "errors"},
     "watch": {"engine", "errors"},
     "control": {"engine", "errors", "rundir"},
+    "trial": {"engine", "errors", "health", "judge", "routing"},
     "gunicorn": {"errors", "health", "judge", "rundir", "watch", "control"},
     "demo": {"engine", "errors", "health", "judge", "watch", "control", "gunicorn", "rundir"},
     "cli": {

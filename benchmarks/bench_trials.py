@@ -1,0 +1,138 @@
+"""What a parallel run costs the calls it dispatches (docs/performance.md, "Parallel runs").
+
+The problem: a trial puts a trampoline in every changed function, so every call pays for the
+choice of a version, and a shadowed call also pays for handing its arguments to the worker. The
+promise is that this is small (<= 1 us per call to a trivial function, shadowed callers within 10%
+of unshadowed ones) and that nothing is left once the candidate is promoted (<= 1.05x).
+
+The mechanism: each figure compares a dispatched function with an untouched *twin* (the same
+source in another module), timed in alternating rounds in one process, so that the load of a
+shared machine hits both alike; the figure is the median over the rounds.
+
+1. Dispatch: ``f(x) -> x`` under a canary at 50% (both arms trivial), outermost calls, no key and
+   with a routing key, and nested in a dispatched call (its arm already set); then the same
+   function after the promote. Timed in this thread's CPU time.
+2. Shadow: a caller of a function doing ~20 us of work, shadowed at ``sample`` 1% and 10%, against
+   its twin.
+
+Usage: ``python benchmarks/bench_trials.py [--rounds 31] [--number 100000]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import hotpatch
+from hotpatch.engine import Engine
+
+TRIVIAL = "def f(x):\n    return x\n"
+TRIVIAL_NEW = "\n\ndef f(x):\n    return x\n"  # the same work, other code (line numbers)
+WORK = (
+    "def f(x):\n    total = 0\n    for i in range(400):\n        total += i * x\n    return total\n"
+)
+WORK_NEW = "\n" + WORK
+
+
+def load(directory: Path, name: str, source: str) -> types.ModuleType:
+    path = directory / f"{name}.py"
+    path.write_text(source, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def per_call(fn: Callable[[int], object], number: int, clock: Callable[[], float]) -> float:
+    started = clock()
+    for i in range(number):
+        fn(i)
+    return (clock() - started) / number
+
+
+def compare(
+    fn: Callable[[int], object],
+    twin: Callable[[int], object],
+    *,
+    rounds: int,
+    number: int,
+    clock: Callable[[], float] = time.thread_time,
+) -> tuple[float, float, float]:
+    """(median ns/call of fn, of twin, median ratio), alternating rounds.
+
+    The default clock is this thread's CPU time, which other processes of a shared machine do
+    not inflate; the shadow rows also use the wall clock, which includes waiting for the GIL
+    while the shadow worker runs.
+    """
+    a, b, ratios = [], [], []
+    for _ in range(rounds):
+        x = per_call(fn, number, clock)
+        y = per_call(twin, number, clock)
+        a.append(x)
+        b.append(y)
+        ratios.append(x / y)
+    return statistics.median(a) * 1e9, statistics.median(b) * 1e9, statistics.median(ratios)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=31)
+    parser.add_argument("--number", type=int, default=100_000)
+    args = parser.parse_args()
+    rows: list[tuple[str, float, float, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        engine = Engine()
+        mod = load(directory, "bench_trial_trivial", TRIVIAL)
+        twin = load(directory, "bench_trial_trivial_twin", TRIVIAL).f
+        trial = hotpatch.canary(
+            {mod.__name__: TRIVIAL_NEW}, steps=(50, 100), step_s=3600, engine=engine
+        )
+        rounds, number = args.rounds, args.number
+        rows.append(("dispatch, no key", *compare(mod.f, twin, rounds=rounds, number=number)))
+        with hotpatch.routing_key("user-42"):
+            rows.append(
+                ("dispatch, routing key", *compare(mod.f, twin, rounds=rounds, number=number))
+            )
+        trial._dispatcher.local.arm = False  # as inside a dispatched call: the arm is set
+        rows.append(("dispatch, nested call", *compare(mod.f, twin, rounds=rounds, number=number)))
+        trial._dispatcher.local.arm = None
+        result = trial.promote()
+        assert result.outcome == "promoted", result
+        rows.append(("after promote", *compare(mod.f, twin, rounds=rounds, number=number)))
+
+        heavy = load(directory, "bench_trial_work", WORK)
+        heavy_twin = load(directory, "bench_trial_work_twin", WORK).f
+        number = max(args.number // 50, 100)  # ~20 us calls
+        for clock_name, clock in (("CPU", time.thread_time), ("wall", time.perf_counter)):
+            for sample in (0.01, 0.1):
+                shadowed = hotpatch.shadow(
+                    {heavy.__name__: WORK_NEW},
+                    sample=sample,
+                    min_calls=10**9,
+                    promote=False,
+                    engine=engine,
+                )
+                figures = compare(heavy.f, heavy_twin, rounds=rounds, number=number, clock=clock)
+                rows.append((f"shadowed caller, sample {sample:.0%}, {clock_name}", *figures))
+                status = shadowed.status()
+                shadowed.abort()
+                print(f"  ({rows[-1][0]}: {status.compared} compared, {status.dropped} dropped)")
+    print(f"python {sys.version.split()[0]}, {args.rounds} alternating rounds")
+    print("| call | dispatched ns/call | twin ns/call | ratio | difference ns/call |")
+    print("|---|---|---|---|---|")
+    for label, ns, twin_ns, ratio in rows:
+        print(f"| {label} | {ns:.0f} | {twin_ns:.0f} | {ratio:.3f} | {ns - twin_ns:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
