@@ -517,3 +517,34 @@ def test_script_defaults_match_the_deployment() -> None:
     assert default("pidfile") == cfg.pidfile
     assert default("app_dir") == cfg.chdir
     assert default("container") == app_container("deployment.yaml")["name"]
+
+
+def code_in_markdown(path: Path) -> list[str]:
+    text = path.read_text()
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.DOTALL)
+    prose = re.sub(r"```[a-z]*\n.*?```", "", text, flags=re.DOTALL)
+    return [*blocks, *re.findall(r"`([^`\n]+)`", prose)]
+
+
+def sub_command_help(sub: str, cache: dict[str, str | None]) -> str | None:
+    if sub not in cache:
+        run = subprocess.run(
+            [*HOTPATCH_CLI, sub, "--help"], check=False, capture_output=True, text=True, timeout=60
+        )
+        cache[sub] = run.stdout if run.returncode == 0 else None
+    return cache[sub]
+
+
+def test_hotpatch_commands_shown_in_the_docs_exist_with_their_flags() -> None:
+    command = re.compile(r"(?:^|\$ |-- |&& |\|\| )hotpatch ([a-z][a-z-]*)([^\n`;|&)]*)", re.M)
+    cache: dict[str, str | None] = {}
+    seen: set[str] = set()
+    for path in (DOC, EXAMPLE / "README.md"):
+        for code in code_in_markdown(path):
+            for sub, rest in command.findall(code.replace("\\\n", " ")):
+                help_text = sub_command_help(sub, cache)
+                assert help_text is not None, f"{path.name}: `hotpatch {sub}` is no sub-command"
+                for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", rest):
+                    assert flag in help_text, f"{path.name}: `hotpatch {sub} {flag}` does not exist"
+                seen.add(sub)
+    assert {"deploy", "status"} <= seen
