@@ -315,7 +315,7 @@ def build_candidate(
     try:
         exec(code, namespace)  # the candidate's own import-time code, isolated in its namespace
     except BaseException as exc:  # SystemExit and KeyboardInterrupt refuse too
-        raise _execute_rejection(name, exc, source.filename) from None
+        raise _execute_rejection(name, exc, source.filename, source.index) from None
     finally:
         namespace["__builtins__"] = live_builtins
         if on_executed is not None:
@@ -377,15 +377,42 @@ def _builtins_importing(
     return table
 
 
-def _execute_rejection(name: str, exc: BaseException, filename: str) -> PatchRejected:
+def _execute_rejection(
+    name: str, exc: BaseException, filename: str, index: StatementIndex | None = None
+) -> PatchRejected:
     lineno = None
+    at_top = False
     for frame, line in traceback.walk_tb(exc.__traceback__):
         if frame.f_code.co_filename == filename:
             lineno = line  # the innermost line of the module's own code
+            at_top = frame.f_code.co_name == "<module>"
+    hint = _registration_refused(index, lineno) if at_top and index is not None else ""
     if isinstance(exc, SystemExit):
         reason = f"the module called sys.exit({exc.code!r}) at import"
     elif isinstance(exc, KeyboardInterrupt):
         reason = "KeyboardInterrupt raised at import"
     else:
-        reason = f"{type(exc).__name__} at import: {exc}"
+        reason = f"{type(exc).__name__} at import: {exc}{hint}"
     return PatchRejected(name, "execute", reason, filename=filename, lineno=lineno)
+
+
+def _registration_refused(index: StatementIndex, lineno: int | None) -> str:
+    """A hint when the module's top level failed in a decorator that registers the definition on
+    an object imported from another module (``from app import app``; ``@app.route(...)``): the
+    candidate runs that registration again on the live object, which may refuse it once serving
+    (Flask: "setup method ... can no longer be called"); a restart makes it before serving."""
+    imported: set[str] = set()
+    for unit in index.units:
+        if unit.reads.imports:
+            imported.update(name for scope, name in unit.bound if not scope)
+        elif unit.start <= (lineno or 0) <= unit.end and unit.reads.kind != "plain":
+            on = sorted(unit.reads.decorators & imported)
+            if on:
+                return (
+                    f" (raised by the decorator of {unit.bound[0][1]}, which registers it on "
+                    f"{on[0]}, a live object this module imports: re-running the module's top "
+                    "level registers it again, and the live object refused it; a restart makes "
+                    "the registration before serving: a rolling reload carries this change)"
+                )
+            break
+    return ""

@@ -515,7 +515,9 @@ class Engine:
         assert p.plan is not None and p.candidate is not None
         replanned = False
         for _ in range(4):
-            derivation = self._derivation(p.name, p.source, p.plan, shared, own=True)
+            derivation = self._derivation(
+                p.name, p.source, p.plan, shared, own=True, previous=p.live_entry.source
+            )
             _raise_derivation(p.name, derivation, p.source.filename, p.name)
             if derivation.forced <= p.forced:
                 break
@@ -539,7 +541,14 @@ class Engine:
         return replanned
 
     def _derivation(
-        self, name: str, source: Source, plan: Plan, shared: _ChangeSetContext, *, own: bool
+        self,
+        name: str,
+        source: Source,
+        plan: Plan,
+        shared: _ChangeSetContext,
+        *,
+        own: bool,
+        previous: Source | None = None,
     ) -> Derivation:
         """What the module's statements derive from names this change set changed."""
 
@@ -561,6 +570,7 @@ class Engine:
             changed=shared.changes,
             is_module=lambda n: n in sys.modules,
             exported=exported,
+            previous=previous.index.units if previous is not None else (),
         )
 
     def _prepare_dependents(
