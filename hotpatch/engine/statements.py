@@ -423,7 +423,11 @@ def _reads(stmt: ast.stmt) -> Reads:
         _body_reads(stmt, body, body_attrs)
         decorators_of = getattr(stmt, "decorator_list", ())
         if decorators_of:  # what a registering decorator may read: itself, and the signature
-            signature = [stmt.args, stmt.returns] if not isinstance(stmt, ast.ClassDef) else []
+            signature: list[ast.AST | None] = (
+                [stmt.args, stmt.returns]
+                if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef)
+                else []
+            )
             decorated = "\n".join(ast.dump(d) for d in [*decorators_of, *signature] if d)
         for decorator in getattr(stmt, "decorator_list", ()):
             decorators.update(
