@@ -452,8 +452,22 @@ def _foreign_holders(
                 continue
         elif isinstance(ref, type) and _keys_rebound(ref, old, rebinding):
             continue
-        holders.append(type(ref).__name__)
+        holders.append(_attribute_of(ref, old) or type(ref).__name__)
     return holders
+
+
+def _attribute_of(owner: object, old: object) -> str | None:
+    """``Type.attr`` when ``owner`` holds ``old`` as an instance attribute (named in a refusal)."""
+    try:
+        attrs = object.__getattribute__(owner, "__dict__")
+    except Exception:
+        return None
+    if type(attrs) is not dict:
+        return None
+    for key, value in attrs.items():
+        if value is old:
+            return f"{type(owner).__qualname__}.{key}"
+    return None
 
 
 def _instance_of(attrs: dict[object, object], keys: set[object]) -> str | None:
