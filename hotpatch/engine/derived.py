@@ -204,14 +204,22 @@ def _from_source(ref: ImportRef, package: str, aliases: dict[str, str]) -> str |
 
 
 def _registers_on_kept_value(
-    unit: Unit, own: ModuleChange | None, kept: set[str], before: Mapping[str, str]
+    unit: Unit,
+    own: ModuleChange | None,
+    kept: set[str],
+    before: Mapping[str, str],
+    *,
+    imported: set[str],
 ) -> str | None:
     """Why a definition's decorator cannot do in place what it does in a restart, or None.
 
     ``@app.get("/new")``, ``@bp.route(...)``, ``@register.filter`` on a definition the patch adds
     register it on ``app``: in the candidate that is the candidate's own ``app``, which the patch
     discards because the live one is kept (its statement did not change). The live ``app``
-    would never learn the new route, filter or command, where a restart has it. The same holds
+    would never learn the new route, filter or command, where a restart has it. On an object
+    imported from another module (``@router.get`` with ``from main import router``) the
+    registration is made on the live object, and undone as the candidate's (``registrations``):
+    the same outcome. The same holds
     when the decorator or the signature it may have read changed (a new path; FastAPI reads the
     parameters once, at registration): the live registration stays as the old ones made it. A
     body-only change is fine: the live registration holds the function, which takes the new code.
@@ -229,10 +237,20 @@ def _registers_on_kept_value(
         what = f"the decorator of {bound[0]}, whose decorator or signature changed,"
     else:
         return None  # the same registration as the live one: it holds the live object
+    if on[0] in imported:
+        where = (
+            f"{on[0]}, a live object this module imports: the new version's registration there "
+            "is undone (it holds the new version's objects) and cannot be made again with the "
+            "live ones"
+        )
+    else:
+        where = (
+            f"{on[0]}, which the patch keeps live: the registration would be made on the new "
+            f"version's own {on[0]}, which is discarded"
+        )
     return (
-        f"{what} registers it on {on[0]}, which the patch keeps live: the "
-        f"registration would be made on the new version's own {on[0]}, which is discarded, so "
-        "the running process would not have it (a rolling reload carries this change)"
+        f"{what} registers it on {where}, so the running process would not have it "
+        "(a rolling reload carries this change)"
     )
 
 
@@ -300,7 +318,12 @@ def derive(
     for unit in units:
         reads = unit.reads
         names = reads.names
-        kept = _registers_on_kept_value(unit, own, values - hard - forced, decorated)
+        registrars = {  # imported objects a decorator calls a method of (``@router.get``)
+            base for base, _ in reads.attrs if base in reads.decorators and base in origins
+        }
+        kept = _registers_on_kept_value(
+            unit, own, (values - hard - forced) | registrars, decorated, imported=registrars
+        )
         if kept:
             return Derivation(frozenset(forced), (unit.start, kept))
         if not reads.imports and (

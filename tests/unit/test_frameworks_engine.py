@@ -141,3 +141,51 @@ def test_an_execute_refusal_in_a_decorator_on_an_imported_object_says_why(make_m
     )
     assert "a rolling reload carries this change" in str(info.value)
     assert mod.view() == "view v1"
+
+
+ROUTER = """
+class Route:
+    def __init__(self, path, endpoint):
+        self.path = path
+        self.endpoint = endpoint
+
+
+class Router:
+    def __init__(self):
+        self.routes = []
+
+    def get(self, path):
+        def register(fn):
+            self.routes.append(Route(path, fn))
+            return fn
+        return register
+
+
+router = Router()
+"""
+
+
+def test_an_instance_the_candidate_registers_on_an_imported_object_is_taken_out(
+    make_module,
+) -> None:
+    """``@router.get`` on an imported live router appends a ``Route`` holding the candidate's
+    function: it was left there by every patch (two routes after one patch, the second one
+    running the candidate's objects). It is undone now; the live route runs the new code."""
+    lib = make_module(ROUTER)
+    source = textwrap.dedent(
+        f"""
+        from {lib.__name__} import router
+
+
+        @router.get("/r")
+        def read():
+            return "v1"
+        """
+    )
+    mod = make_module(source)
+    Engine().patch(mod.__name__, source=source.replace("v1", "v2"))
+    assert [(r.path, r.endpoint) for r in lib.router.routes] == [("/r", mod.read)]
+    assert lib.router.routes[0].endpoint() == "v2"
+    with pytest.raises(PatchRejected, match=r"registers it on router, a live object this module"):
+        Engine().patch(mod.__name__, source=source.replace('"/r"', '"/s"'))
+    assert [r.path for r in lib.router.routes] == ["/r"]

@@ -12,8 +12,13 @@ with a reason that says a rolling reload carries it, and the app answers exactly
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
+import sys
 import types
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -181,3 +186,70 @@ def test_a_route_whose_path_or_parameters_changed_is_refused(mod, old: str, new:
     assert "hello, whose decorator or signature changed" in str(refusal)
     assert call(mod.app, "GET", "/hi")[0] == 404
     _unchanged(mod)
+
+
+MAIN = """
+from fastapi import APIRouter, FastAPI
+
+router = APIRouter()
+app = FastAPI()
+"""
+
+ROUTES = """
+from {pkg}.main import router
+
+
+@router.get("/r")
+def read() -> dict[str, str]:
+    return {{"v": "1"}}
+"""
+
+
+@pytest.fixture(name="routed")
+def _routed(tmp_path: Path) -> Iterator[tuple[types.ModuleType, types.ModuleType, str]]:
+    """``main`` makes the router and the app; ``routes`` imports the router and registers on it
+    (FastAPI's usual layout), then ``main.app.include_router`` serves it."""
+    pkg = f"hp_fastapi_{uuid.uuid4().hex[:8]}"
+    (tmp_path / pkg).mkdir()
+    (tmp_path / pkg / "__init__.py").write_text("", encoding="utf-8")
+    (tmp_path / pkg / "main.py").write_text(MAIN, encoding="utf-8")
+    routes_source = ROUTES.format(pkg=pkg)
+    (tmp_path / pkg / "routes.py").write_text(routes_source, encoding="utf-8")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        main = importlib.import_module(f"{pkg}.main")
+        routes = importlib.import_module(f"{pkg}.routes")
+        main.app.include_router(main.router)
+        assert call(main.app, "GET", "/r")[2] == {"v": "1"}
+        yield main, routes, routes_source
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [n for n in sys.modules if n == pkg or n.startswith(pkg + ".")]:
+            del sys.modules[name]
+
+
+def test_a_route_on_an_imported_router_takes_a_body_change_without_a_second_route(
+    routed,
+) -> None:
+    """The candidate runs ``@router.get`` on the live router: its route (an APIRoute holding the
+    candidate's function) is taken out again, so the router keeps exactly its live route."""
+    main, routes, source = routed
+    engine = Engine()
+    engine.track(routes.__name__)
+    engine.patch(routes.__name__, source=source.replace('"1"', '"2"'))
+    assert call(main.app, "GET", "/r")[2] == {"v": "2"}
+    assert [r.endpoint for r in main.router.routes] == [routes.read]
+    engine.rollback(routes.__name__)
+    assert call(main.app, "GET", "/r")[2] == {"v": "1"}
+    assert [r.endpoint for r in main.router.routes] == [routes.read]
+
+
+def test_a_path_change_on_an_imported_router_is_refused(routed) -> None:
+    main, routes, source = routed
+    with pytest.raises(PatchRejected) as info:
+        Engine().patch(routes.__name__, source=source.replace('"/r"', '"/r2"'))
+    assert "registers it on router, a live object this module imports" in str(info.value)
+    assert "rolling reload" in str(info.value)
+    assert call(main.app, "GET", "/r2")[0] == 404
+    assert call(main.app, "GET", "/r")[2] == {"v": "1"}
+    assert [r.path for r in main.router.routes] == ["/r"]
