@@ -606,8 +606,10 @@ class _Planner:
         if not reason and self.old_index is not None and type(old) is not type:
             reason = metaclass_body_incompatibility(old, self._declarations_changed(path))
         if reason:
+            top = path.partition(".")[0]
+            lineno = next((u.start for u in self.new_index.units if ("", top) in u.bound), None)
             self.problems.append(
-                Problem(f"class {path}: {reason}; a restart or rolling reload is needed")
+                Problem(f"class {path}: {reason}; a restart or rolling reload is needed", lineno)
             )
             return
         is_enum = isinstance(old, enum.EnumMeta)

@@ -35,8 +35,11 @@ class Model(metaclass=Meta):
 
 def test_a_declaration_of_a_class_its_metaclass_built_is_refused(make_module) -> None:
     mod = make_module(BUILT)
-    with pytest.raises(PatchRejected, match=r"Meta built the class.*\(Model\.size\).*rolling"):
+    with pytest.raises(
+        PatchRejected, match=r"Meta built the class.*\(Model\.size\).*rolling"
+    ) as info:
         Engine().patch(mod.__name__, source=BUILT.replace("name: str", "name: str\n    size: int"))
+    assert info.value.lineno == 9  # the class statement
     assert mod.Model.fields == ["name"]
     Engine().patch(mod.__name__, source=BUILT.replace('"v1"', '"v2"'))  # a method: in place
     assert mod.Model().describe() == "v2"
