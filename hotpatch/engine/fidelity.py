@@ -364,6 +364,8 @@ def refuse_stale_references(plans: list[tuple[str, Plan, str]]) -> None:
                     filename=filename,
                 )
     for path, old, (name, filename) in values:
+        if sys.getrefcount(old) <= 3 + _rebound_references(old, plans):
+            continue  # held only by the names the change set re-binds: no heap walk needed
         # Another module's name bound at run time to the old value is that module's live state
         # (as the module's own run-time names are); imports of it were re-derived above.
         holders = _foreign_holders(old, rebinding, modules, class_dicts, modules_hold=False)
@@ -378,6 +380,16 @@ def refuse_stale_references(plans: list[tuple[str, Plan, str]]) -> None:
                 "the new one: needs a restart (a rolling reload carries this change)",
                 filename=filename,
             )
+
+
+def _rebound_references(old: object, plans: list[tuple[str, Plan, str]]) -> int:
+    """How many of ``old``'s references are names the change set re-binds (``SetName``)."""
+    count = 0
+    for _, plan, _ in plans:
+        for op in plan.changeset.assignments:
+            if isinstance(op, SetName) and op.namespace.get(op.name, _ABSENT) is old:
+                count += 1
+    return count  # (getrefcount's own argument, the loop's name and the record make the 3)
 
 
 # Values a holder may keep a copy of without being stale: equal is as good as the same.
@@ -435,8 +447,10 @@ def _foreign_holders(
                 if value is old:
                     keys.add(key)
                 only_int_keys = only_int_keys and isinstance(key, int)
+            if not modules_hold and "__builtins__" in ref and "__name__" in ref:
+                continue  # a module's namespace, live or a candidate's kept by the history
             if id(ref) in modules:
-                if not modules_hold or keys <= rebinding.get(id(ref), set()):
+                if keys <= rebinding.get(id(ref), set()):
                     continue
                 name = sorted(map(str, keys))[0]
                 holders.append(f"{modules[id(ref)].__name__}.{name}")

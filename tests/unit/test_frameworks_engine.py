@@ -192,3 +192,14 @@ def test_an_instance_the_candidate_registers_on_an_imported_object_is_taken_out(
     with pytest.raises(PatchRejected, match=r"registers it on router, a live object this module"):
         Engine().patch(mod.__name__, source=source.replace('"/r"', '"/s"'))
     assert [r.path for r in lib.router.routes] == ["/r"]
+
+
+def test_a_value_a_patch_added_takes_the_next_patch(make_module) -> None:
+    """The history keeps the earlier candidate's namespace, which holds the value that went live:
+    a module namespace is no holder that a restart would rebuild."""
+    mod = make_module(HELD)
+    engine = Engine()
+    engine.track(mod.__name__)
+    engine.patch(mod.__name__, source=HELD + "EXTRA = [1]\n")
+    engine.patch(mod.__name__, source=HELD + "EXTRA = [2]\n")
+    assert mod.EXTRA == [2]
