@@ -226,6 +226,74 @@ def compile_source(
     return Source(text, filename, sha, index), code
 
 
+def without_repeated_registrations(
+    source: Source, code: types.CodeType, *, previous: Source | None, live: dict[str, object]
+) -> types.CodeType:
+    """``code``, compiled again without the registrations the live module already holds.
+
+    A definition registered on an object the module imports (``from app import app`` then
+    ``@app.route("/view")``, ``@router.get(...)``) is registered there again by the candidate:
+    the framework may refuse that once it serves (Flask: "setup method 'route' can no longer be
+    called"), or keep a second entry. When the decorators and the signature are the same as in
+    the live version and the live name is still the function its own statement made (the
+    decorator returned it unchanged), a restart would make the same registration of the new
+    function, and the live registration holds the live function, which takes the new code in
+    place. Such decorators are replaced by the identity (at the same lines, so the code objects
+    are those of a normal compile); anything else runs as written.
+    """
+    if previous is None:
+        return code
+    before = {
+        unit.bound[0][1]: unit.reads.decorated
+        for unit in previous.index.units
+        if unit.reads.decorated and unit.bound and not unit.bound[0][0]
+    }
+    imported: set[str] = set()
+    starts: set[int] = set()
+    for unit in source.index.units:
+        reads = unit.reads
+        if reads.imports:
+            imported.update(name for scope, name in unit.bound if not scope)
+            continue
+        if reads.kind != "def" or not reads.decorated or not unit.bound:
+            continue
+        name = unit.bound[0][1]
+        bases = {base for base, _ in reads.attrs if base in reads.decorators}
+        function = live.get(name)
+        if (
+            before.get(name) == reads.decorated
+            and reads.decorators <= bases <= imported
+            and type(function) is types.FunctionType
+            and function.__globals__ is live
+            and function.__name__ == name
+            and function.__code__.co_firstlineno == unit.start
+        ):
+            starts.add(unit.start)
+    if not starts:
+        return code
+    tree = ast.parse(source.text, filename=source.filename)
+    for stmt in tree.body:
+        if (
+            isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef)
+            and stmt.decorator_list
+            and min(d.lineno for d in stmt.decorator_list) in starts
+        ):
+            stmt.decorator_list = [
+                ast.copy_location(_identity_decorator(), d) for d in stmt.decorator_list
+            ]
+    ast.fix_missing_locations(tree)
+    return compile(tree, source.filename, "exec", dont_inherit=True)
+
+
+def _identity_decorator() -> ast.expr:
+    """``(lambda f: f)``: a decorator that returns the function as it is."""
+    arg = ast.arg(arg="f")
+    return ast.Lambda(
+        args=ast.arguments(posonlyargs=[], args=[arg], kwonlyargs=[], kw_defaults=[], defaults=[]),
+        body=ast.Name(id="f", ctx=ast.Load()),
+    )
+
+
 def source_from_text(name: str, text: str, filename: str) -> Source | None:
     """A ``Source`` for a baseline: ``None`` when it does not parse (the index is then unknown)."""
     try:

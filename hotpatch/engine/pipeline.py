@@ -45,6 +45,7 @@ from hotpatch.engine.candidate import (
     read_source_file,
     source_from_text,
     text_sha256,
+    without_repeated_registrations,
 )
 from hotpatch.engine.changeset import ChangeSet
 from hotpatch.engine.derived import Derivation, ModuleChange, derive
@@ -423,6 +424,9 @@ class Engine:
         if old_source is not None and live_entry.version.sha256 == sha:
             return _Prepared(module, old_source, None, live_entry, None)
         source, code = compile_source(name, text, filename, previous=old_source)
+        code = without_repeated_registrations(
+            source, code, previous=old_source, live=module.__dict__
+        )
         shared = change_set or _ChangeSetContext()
         candidate, registrations = self._execute_candidate(module, source, code, shared)
         shared.candidates[name] = candidate.module
@@ -634,6 +638,9 @@ class Engine:
             )
         try:
             _, code = compile_source(name, source.text, source.filename, previous=source)
+            code = without_repeated_registrations(
+                source, code, previous=source, live=module.__dict__
+            )
             candidate, registrations = self._execute_candidate(module, source, code, shared)
         except PatchRejected as exc:
             raise PatchRejected(

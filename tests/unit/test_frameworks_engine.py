@@ -112,7 +112,7 @@ def test_a_decorator_registering_on_a_kept_value_applies_only_body_changes(make_
     assert set(mod.registry.entries) == {"/one"} and mod.one() == "one v2"
 
 
-def test_an_execute_refusal_in_a_decorator_on_an_imported_object_says_why(make_module) -> None:
+def test_a_registration_on_an_imported_object_is_not_made_again(make_module) -> None:
     frozen = make_module(
         REGISTRY.replace(
             "            self.entries[path] = fn",
@@ -136,14 +136,20 @@ def test_an_execute_refusal_in_a_decorator_on_an_imported_object_says_why(make_m
     )
     mod = make_module(views)
     frozen.registry.serving = True
-    with pytest.raises(PatchRejected) as info:
-        Engine().patch(mod.__name__, source=views.replace("v1", "v2"))
+    engine = Engine()
+    engine.track(mod.__name__)
+    with pytest.raises(PatchRejected) as info:  # a new path must be registered: it cannot be
+        engine.patch(mod.__name__, source=views.replace('"/view"', '"/other"'))
     assert info.value.stage == "execute" and info.value.lineno == 5
     assert "RuntimeError at import: already serving (raised by the decorator of view" in str(
         info.value
     )
     assert "a rolling reload carries this change" in str(info.value)
     assert mod.view() == "view v1"
+    # The same registration as the live one is not made again: a body change applies.
+    engine.patch(mod.__name__, source=views.replace("v1", "v2"))
+    assert frozen.registry.entries == {"/one": frozen.one, "/view": mod.view}
+    assert frozen.registry.entries["/view"]() == "view v2"
 
 
 ROUTER = """

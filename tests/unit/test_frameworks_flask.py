@@ -7,7 +7,8 @@ request before any patch, as a running server has. A patch re-executes the modul
 in a candidate; it must not leave Flask's "already registered" or "setup method called after
 the first request" errors behind, and the new code must run. What cannot be done in place (a
 new route, a route registered again on the live app that now refuses it) is refused with the
-reason and "a rolling reload carries this change".
+reason and "a rolling reload carries this change". A body change of a view registered on the
+imported app applies: the live registration holds the function, so it is not made again.
 """
 
 from __future__ import annotations
@@ -127,20 +128,38 @@ def test_a_new_route_on_the_modules_own_app_is_refused(site) -> None:
     assert _answers(client) == ["own v1", "bp v1", "view v1"]
 
 
-def test_a_route_registered_on_an_imported_app_that_served_is_refused_saying_why(site) -> None:
-    """``views.py`` imports the live app: its candidate registers ``/view`` on it again, which
-    Flask refuses once the app has served a request. The refusal says what happened and that a
-    rolling reload carries the change; the app keeps serving the live code, and no candidate
-    object is left in its URL map or view functions."""
+def test_a_view_registered_on_an_imported_app_that_served_takes_a_body_change(site) -> None:
+    """``views.py`` imports the live app. Re-running its top level would register ``/view`` on
+    the live app again, which Flask refuses once the app has served a request ("The setup
+    method 'route' can no longer be called"). The live app already holds the live function, and
+    the decorator and signature did not change, so the candidate does not register it again: the
+    patch applies, the new code runs, and the app's URL map is as it was."""
     pkg, client, _ = site
     app = sys.modules[f"{pkg}.app"].app
     rules_before = sorted(str(r) for r in app.url_map.iter_rules())
     views_before = dict(app.view_functions)
+    engine = _patch(site, "views", "view v1", "view v2")
+    assert _answers(client) == ["own v1", "bp v1", "view v2"]
+    assert sorted(str(r) for r in app.url_map.iter_rules()) == rules_before
+    assert app.view_functions == views_before
+    engine.rollback(f"{pkg}.views")
+    assert _answers(client) == ["own v1", "bp v1", "view v1"]
+
+
+def test_a_new_route_on_an_imported_app_that_served_is_refused_saying_why(site) -> None:
+    """A new route must be registered on the live app, which Flask refuses once it served: the
+    refusal says so and that a rolling reload carries the change; nothing of the candidate is
+    left in the app."""
+    pkg, client, _ = site
+    app = sys.modules[f"{pkg}.app"].app
+    rules_before = sorted(str(r) for r in app.url_map.iter_rules())
+    views_before = dict(app.view_functions)
+    route = '\n\n@app.route("/extra")\ndef extra():\n    return "extra"\n'
     with pytest.raises(PatchRejected) as info:
-        _patch(site, "views", "view v1", "view v2")
+        _patch(site, "views", 'return "view v1"\n', 'return "view v1"\n' + route)
     assert info.value.stage == "execute"
     assert "can no longer be called on the application" in str(info.value)
-    assert "raised by the decorator of view, which registers it on app" in str(info.value)
+    assert "raised by the decorator of extra, which registers it on app" in str(info.value)
     assert "rolling reload carries this change" in str(info.value)
     assert _answers(client) == ["own v1", "bp v1", "view v1"]
     assert sorted(str(r) for r in app.url_map.iter_rules()) == rules_before
