@@ -226,6 +226,74 @@ def compile_source(
     return Source(text, filename, sha, index), code
 
 
+def without_repeated_registrations(
+    source: Source, code: types.CodeType, *, previous: Source | None, live: dict[str, object]
+) -> types.CodeType:
+    """``code``, compiled again without the registrations the live module already holds.
+
+    A definition registered on an object the module imports (``from app import app`` then
+    ``@app.route("/view")``, ``@router.get(...)``) is registered there again by the candidate:
+    the framework may refuse that once it serves (Flask: "setup method 'route' can no longer be
+    called"), or keep a second entry. When the decorators and the signature are the same as in
+    the live version and the live name is still the function its own statement made (the
+    decorator returned it unchanged), a restart would make the same registration of the new
+    function, and the live registration holds the live function, which takes the new code in
+    place. Such decorators are replaced by the identity (at the same lines, so the code objects
+    are those of a normal compile); anything else runs as written.
+    """
+    if previous is None:
+        return code
+    before = {
+        unit.bound[0][1]: unit.reads.decorated
+        for unit in previous.index.units
+        if unit.reads.decorated and unit.bound and not unit.bound[0][0]
+    }
+    imported: set[str] = set()
+    starts: set[int] = set()
+    for unit in source.index.units:
+        reads = unit.reads
+        if reads.imports:
+            imported.update(name for scope, name in unit.bound if not scope)
+            continue
+        if reads.kind != "def" or not reads.decorated or not unit.bound:
+            continue
+        name = unit.bound[0][1]
+        bases = {base for base, _ in reads.attrs if base in reads.decorators}
+        function = live.get(name)
+        if (
+            before.get(name) == reads.decorated
+            and reads.decorators <= bases <= imported
+            and type(function) is types.FunctionType
+            and function.__globals__ is live
+            and function.__name__ == name
+            and function.__code__.co_firstlineno == unit.start
+        ):
+            starts.add(unit.start)
+    if not starts:
+        return code
+    tree = ast.parse(source.text, filename=source.filename)
+    for stmt in tree.body:
+        if (
+            isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef)
+            and stmt.decorator_list
+            and min(d.lineno for d in stmt.decorator_list) in starts
+        ):
+            stmt.decorator_list = [
+                ast.copy_location(_identity_decorator(), d) for d in stmt.decorator_list
+            ]
+    ast.fix_missing_locations(tree)
+    return compile(tree, source.filename, "exec", dont_inherit=True)
+
+
+def _identity_decorator() -> ast.expr:
+    """``(lambda f: f)``: a decorator that returns the function as it is."""
+    arg = ast.arg(arg="f")
+    return ast.Lambda(
+        args=ast.arguments(posonlyargs=[], args=[arg], kwonlyargs=[], kw_defaults=[], defaults=[]),
+        body=ast.Name(id="f", ctx=ast.Load()),
+    )
+
+
 def source_from_text(name: str, text: str, filename: str) -> Source | None:
     """A ``Source`` for a baseline: ``None`` when it does not parse (the index is then unknown)."""
     try:
@@ -315,7 +383,7 @@ def build_candidate(
     try:
         exec(code, namespace)  # the candidate's own import-time code, isolated in its namespace
     except BaseException as exc:  # SystemExit and KeyboardInterrupt refuse too
-        raise _execute_rejection(name, exc, source.filename) from None
+        raise _execute_rejection(name, exc, source.filename, source.index) from None
     finally:
         namespace["__builtins__"] = live_builtins
         if on_executed is not None:
@@ -377,15 +445,42 @@ def _builtins_importing(
     return table
 
 
-def _execute_rejection(name: str, exc: BaseException, filename: str) -> PatchRejected:
+def _execute_rejection(
+    name: str, exc: BaseException, filename: str, index: StatementIndex | None = None
+) -> PatchRejected:
     lineno = None
+    at_top = False
     for frame, line in traceback.walk_tb(exc.__traceback__):
         if frame.f_code.co_filename == filename:
             lineno = line  # the innermost line of the module's own code
+            at_top = frame.f_code.co_name == "<module>"
+    hint = _registration_refused(index, lineno) if at_top and index is not None else ""
     if isinstance(exc, SystemExit):
         reason = f"the module called sys.exit({exc.code!r}) at import"
     elif isinstance(exc, KeyboardInterrupt):
         reason = "KeyboardInterrupt raised at import"
     else:
-        reason = f"{type(exc).__name__} at import: {exc}"
+        reason = f"{type(exc).__name__} at import: {exc}{hint}"
     return PatchRejected(name, "execute", reason, filename=filename, lineno=lineno)
+
+
+def _registration_refused(index: StatementIndex, lineno: int | None) -> str:
+    """A hint when the module's top level failed in a decorator that registers the definition on
+    an object imported from another module (``from app import app``; ``@app.route(...)``): the
+    candidate runs that registration again on the live object, which may refuse it once serving
+    (Flask: "setup method ... can no longer be called"); a restart makes it before serving."""
+    imported: set[str] = set()
+    for unit in index.units:
+        if unit.reads.imports:
+            imported.update(name for scope, name in unit.bound if not scope)
+        elif unit.start <= (lineno or 0) <= unit.end and unit.reads.kind != "plain":
+            on = sorted(unit.reads.decorators & imported)
+            if on:
+                return (
+                    f" (raised by the decorator of {unit.bound[0][1]}, which registers it on "
+                    f"{on[0]}, a live object this module imports: re-running the module's top "
+                    "level registers it again, and the live object refused it; a restart makes "
+                    "the registration before serving: a rolling reload carries this change)"
+                )
+            break
+    return ""

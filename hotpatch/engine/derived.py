@@ -203,6 +203,57 @@ def _from_source(ref: ImportRef, package: str, aliases: dict[str, str]) -> str |
     return source
 
 
+def _registers_on_kept_value(
+    unit: Unit,
+    own: ModuleChange | None,
+    kept: set[str],
+    before: Mapping[str, str],
+    *,
+    imported: set[str],
+) -> str | None:
+    """Why a definition's decorator cannot do in place what it does in a restart, or None.
+
+    ``@app.get("/new")``, ``@bp.route(...)``, ``@register.filter`` on a definition the patch adds
+    register it on ``app``: in the candidate that is the candidate's own ``app``, which the patch
+    discards because the live one is kept (its statement did not change). The live ``app``
+    would never learn the new route, filter or command, where a restart has it. On an object
+    imported from another module (``@router.get`` with ``from main import router``) the
+    registration is made on the live object, and undone as the candidate's (``registrations``):
+    the same outcome. The same holds
+    when the decorator or the signature it may have read changed (a new path; FastAPI reads the
+    parameters once, at registration): the live registration stays as the old ones made it. A
+    body-only change is fine: the live registration holds the function, which takes the new code.
+    """
+    reads = unit.reads
+    if own is None or reads.kind not in ("def", "class") or not reads.decorators:
+        return None
+    bound = sorted(name for scope, name in unit.bound if not scope)
+    on = sorted(reads.decorators & kept)
+    if not bound or not on:
+        return None
+    if set(bound) <= own.rebound:
+        what = f"the decorator of the new {bound[0]}"
+    elif before.get(bound[0], reads.decorated) != reads.decorated:
+        what = f"the decorator of {bound[0]}, whose decorator or signature changed,"
+    else:
+        return None  # the same registration as the live one: it holds the live object
+    if on[0] in imported:
+        where = (
+            f"{on[0]}, a live object this module imports: the new version's registration there "
+            "is undone (it holds the new version's objects) and cannot be made again with the "
+            "live ones"
+        )
+    else:
+        where = (
+            f"{on[0]}, which the patch keeps live: the registration would be made on the new "
+            f"version's own {on[0]}, which is discarded"
+        )
+    return (
+        f"{what} registers it on {where}, so the running process would not have it "
+        "(a rolling reload carries this change)"
+    )
+
+
 def derive(
     units: Iterable[Unit],
     *,
@@ -211,6 +262,7 @@ def derive(
     changed: Mapping[str, ModuleChange],
     is_module: Callable[[str], bool],
     exported: Callable[[str], Iterable[str]],
+    previous: Iterable[Unit] = (),
 ) -> Derivation:
     """Find the statements of a module that a restart would compute differently (module docstring).
 
@@ -221,6 +273,7 @@ def derive(
         changed: what the patch changed in other modules, by module name.
         is_module: whether a dotted name is an imported module.
         exported: the names ``from module import *`` binds from a changed module.
+        previous: the live version's statements, when known (a changed decorator is found there).
 
     Returns:
         The names to take from the candidate, or the first statement that needs a restart.
@@ -248,9 +301,31 @@ def derive(
                 found.add(f"{module}.{attr}")
         return found
 
+    decorated = {  # the live version's decorators, by the name their definition binds
+        name: unit.reads.decorated
+        for unit in previous
+        if unit.reads.decorated
+        for scope, name in unit.bound[:1]
+        if not scope
+    }
+    values = {  # names this module binds to values of its own (not imports, defs or classes)
+        name
+        for unit in units
+        if unit.reads.kind == "plain" and not unit.reads.imports
+        for scope, name in unit.bound
+        if not scope
+    }
     for unit in units:
         reads = unit.reads
         names = reads.names
+        registrars = {  # imported objects a decorator calls a method of (``@router.get``)
+            base for base, _ in reads.attrs if base in reads.decorators and base in origins
+        }
+        kept = _registers_on_kept_value(
+            unit, own, (values - hard - forced) | registrars, decorated, imported=registrars
+        )
+        if kept:
+            return Derivation(frozenset(forced), (unit.start, kept))
         if not reads.imports and (
             names.isdisjoint(soft)
             and names.isdisjoint(hard)

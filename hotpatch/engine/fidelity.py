@@ -328,7 +328,8 @@ def refuse_stale_references(plans: list[tuple[str, Plan, str]]) -> None:
     Raises:
         PatchRejected: stage ``compatibility``, naming what holds the old function.
     """
-    if not any(plan.replaced_definitions for _, plan, _ in plans):
+    values = _replaced_values(plans)
+    if not values and not any(plan.replaced_definitions for _, plan, _ in plans):
         return
     rebinding: dict[int, set[object]] = {}  # id(namespace or class) -> names re-bound there
     for _, plan, _ in plans:
@@ -362,6 +363,59 @@ def refuse_stale_references(plans: list[tuple[str, Plan, str]]) -> None:
                     "is needed",
                     filename=filename,
                 )
+    for path, old, (name, filename) in values:
+        if sys.getrefcount(old) <= 3 + _rebound_references(old, plans):
+            continue  # held only by the names the change set re-binds: no heap walk needed
+        # Another module's name bound at run time to the old value is that module's live state
+        # (as the module's own run-time names are); imports of it were re-derived above.
+        holders = _foreign_holders(old, rebinding, modules, class_dicts, modules_hold=False)
+        if holders:
+            raise PatchRejected(
+                name,
+                "compatibility",
+                f"{path} becomes a new object (its statement changed, or it is derived from what "
+                f"changed), but the old {type(old).__name__} is also held elsewhere "
+                f"({', '.join(sorted(set(holders))[:5])}: an attribute or a cache that read it "
+                "at start-up), which would keep using the old one where a restart builds it from "
+                "the new one: needs a restart (a rolling reload carries this change)",
+                filename=filename,
+            )
+
+
+def _rebound_references(old: object, plans: list[tuple[str, Plan, str]]) -> int:
+    """How many of ``old``'s references are names the change set re-binds (``SetName``)."""
+    count = 0
+    for _, plan, _ in plans:
+        for op in plan.changeset.assignments:
+            if isinstance(op, SetName) and op.namespace.get(op.name, _ABSENT) is old:
+                count += 1
+    return count  # (getrefcount's own argument, the loop's name and the record make the 3)
+
+
+# Values a holder may keep a copy of without being stale: equal is as good as the same.
+_IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), tuple, frozenset, range)
+
+
+def _replaced_values(
+    plans: list[tuple[str, Plan, str]],
+) -> list[tuple[str, object, tuple[str, str]]]:
+    """(``module.name``, old value, (module, file)) of every mutable module-level value that the
+    change set binds to another object: a list, a dict, an instance (not a function or class).
+    Shaped like the plan's (path, old, ...) records, which ``_foreign_holders`` knows as its own."""
+    found = []
+    for name, plan, filename in plans:
+        module = sys.modules.get(name)
+        namespace = getattr(module, "__dict__", None)
+        for op in plan.changeset.assignments:
+            if not isinstance(op, SetName) or op.namespace is not namespace:
+                continue
+            old = op.namespace.get(op.name, _ABSENT)
+            if old is _ABSENT or old is op.value or isinstance(old, _IMMUTABLE):
+                continue
+            if isinstance(old, type | types.ModuleType) or functions_of(old):
+                continue  # definitions: updated in place, or refused above when replaced
+            found.append((f"{name}.{op.name}", old, (name, filename)))
+    return found
 
 
 _WHOLE = object()  # marks an old value the change set replaces as a whole
@@ -372,6 +426,8 @@ def _foreign_holders(
     rebinding: dict[int, set[object]],
     modules: dict[int, types.ModuleType],
     class_dicts: dict[int, int],
+    *,
+    modules_hold: bool = True,
 ) -> list[str]:
     """What holds ``old`` besides the places the change set re-binds and hotpatch's own records.
 
@@ -383,7 +439,7 @@ def _foreign_holders(
         if isinstance(ref, bookkeeping) or _WHOLE in rebinding.get(id(ref), ()):
             continue
         if isinstance(ref, tuple) and len(ref) == 3 and ref[1] is old and isinstance(ref[0], str):
-            continue  # the plan's (path, old, ()) record
+            continue  # the plan's (path, old, ()) record, or _replaced_values' own
         if isinstance(ref, dict):
             keys: set[object] = set()
             only_int_keys = True
@@ -391,6 +447,8 @@ def _foreign_holders(
                 if value is old:
                     keys.add(key)
                 only_int_keys = only_int_keys and isinstance(key, int)
+            if not modules_hold and "__builtins__" in ref and "__name__" in ref:
+                continue  # a module's namespace, live or a candidate's kept by the history
             if id(ref) in modules:
                 if keys <= rebinding.get(id(ref), set()):
                     continue
@@ -402,10 +460,36 @@ def _foreign_holders(
                 continue
             if only_int_keys:
                 continue  # a remap table of the planner (id -> live object)
+            owner_name = _instance_of(ref, keys)
+            if owner_name:
+                holders.append(owner_name)
+                continue
         elif isinstance(ref, type) and _keys_rebound(ref, old, rebinding):
             continue
-        holders.append(type(ref).__name__)
+        holders.append(_attribute_of(ref, old) or type(ref).__name__)
     return holders
+
+
+def _attribute_of(owner: object, old: object) -> str | None:
+    """``Type.attr`` when ``owner`` holds ``old`` as an instance attribute (named in a refusal)."""
+    try:
+        attrs = object.__getattribute__(owner, "__dict__")
+    except Exception:
+        return None
+    if type(attrs) is not dict:
+        return None
+    for key, value in attrs.items():
+        if value is old:
+            return f"{type(owner).__qualname__}.{key}"
+    return None
+
+
+def _instance_of(attrs: dict[object, object], keys: set[object]) -> str | None:
+    """``Type.attr`` when ``attrs`` is an object's ``__dict__`` (named in a refusal)."""
+    for owner in gc.get_referrers(attrs):
+        if getattr(owner, "__dict__", None) is attrs:
+            return f"{type(owner).__qualname__}.{sorted(map(str, keys))[0] if keys else '?'}"
+    return None
 
 
 def _keys_rebound(cls: type, old: object, rebinding: dict[int, set[object]]) -> bool:

@@ -7,10 +7,12 @@ reported as a timeout instead of hanging the caller forever.
 
 from __future__ import annotations
 
+import abc
 import enum
 import inspect
 import threading
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -94,6 +96,46 @@ def class_incompatibility(old: type, new: type, remap: Callable[[object], object
         if old_members != new_members:
             return "its enum members changed"
     return None
+
+
+# Metaclasses that build nothing from a class body's declarations (enum members: checked above).
+_PLAIN_METACLASSES = (type, abc.ABCMeta, type(typing.Protocol), enum.EnumMeta)
+
+
+def metaclass_body_incompatibility(old: type, changed: Iterable[str]) -> str | None:
+    """Why a class built by its metaclass cannot take ``changed`` body declarations in place.
+
+    A metaclass such as Pydantic's ``ModelMetaclass``, Django's ``ModelBase`` or its forms'
+    ``DeclarativeFieldsMetaclass`` reads the class body once, when the class is created, and
+    derives state from it (fields, validators, a schema, a registration). Setting the new
+    attributes on the live class would not run it again: the class would keep validating,
+    saving or rendering by the old body while the patch said it changed.
+
+    Args:
+        old: the live class.
+        changed: the body's plain declarations (``name = ...``, ``name: T``) that were added,
+            removed or changed, as ``Class.name`` paths; methods are not declarations.
+    """
+    names = sorted(changed)
+    meta = type(old)
+    if not names or not _builds(meta):
+        return None
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (
+        f"its metaclass {meta.__module__}.{meta.__qualname__} built the class from its body "
+        f"when it was created (fields, schema, registrations), and the body's declarations "
+        f"changed ({shown}): the live class would keep what the old body built"
+    )
+
+
+def _builds(meta: type) -> bool:
+    """Whether a metaclass runs code of its own when a class is created (not only ``type``'s)."""
+    return any(
+        m not in _PLAIN_METACLASSES
+        and m is not object
+        and any(hook in m.__dict__ for hook in ("__new__", "__init__", "__prepare__"))
+        for m in meta.__mro__
+    )
 
 
 class DeadlineExceeded(TimeoutError):

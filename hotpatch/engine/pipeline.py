@@ -45,6 +45,7 @@ from hotpatch.engine.candidate import (
     read_source_file,
     source_from_text,
     text_sha256,
+    without_repeated_registrations,
 )
 from hotpatch.engine.changeset import ChangeSet, FunctionState, SetFunction
 from hotpatch.engine.derived import Derivation, ModuleChange, derive
@@ -436,6 +437,9 @@ class Engine:
             source, code = compiled.source, compiled.code  # compiled to order the change set
         else:
             source, code = compile_source(name, text, filename, previous=old_source)
+        code = without_repeated_registrations(
+            source, code, previous=old_source, live=module.__dict__
+        )
         shared = change_set or _ChangeSetContext()
         candidate, registrations = self._execute_candidate(module, source, code, shared)
         shared.candidates[name] = candidate.module
@@ -549,7 +553,9 @@ class Engine:
         assert p.plan is not None and p.candidate is not None
         replanned = False
         for _ in range(4):
-            derivation = self._derivation(p.name, p.source, p.plan, shared, own=True)
+            derivation = self._derivation(
+                p.name, p.source, p.plan, shared, own=True, previous=p.live_entry.source
+            )
             _raise_derivation(p.name, derivation, p.source.filename, p.name)
             if derivation.forced <= p.forced:
                 break
@@ -573,7 +579,14 @@ class Engine:
         return replanned
 
     def _derivation(
-        self, name: str, source: Source, plan: Plan, shared: _ChangeSetContext, *, own: bool
+        self,
+        name: str,
+        source: Source,
+        plan: Plan,
+        shared: _ChangeSetContext,
+        *,
+        own: bool,
+        previous: Source | None = None,
     ) -> Derivation:
         """What the module's statements derive from names this change set changed."""
 
@@ -595,6 +608,7 @@ class Engine:
             changed=shared.changes,
             is_module=lambda n: n in sys.modules,
             exported=exported,
+            previous=previous.index.units if previous is not None else (),
         )
 
     def _prepare_dependents(
@@ -658,6 +672,9 @@ class Engine:
             )
         try:
             _, code = compile_source(name, source.text, source.filename, previous=source)
+            code = without_repeated_registrations(
+                source, code, previous=source, live=module.__dict__
+            )
             candidate, registrations = self._execute_candidate(module, source, code, shared)
         except PatchRejected as exc:
             raise PatchRejected(

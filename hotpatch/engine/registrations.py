@@ -329,7 +329,17 @@ class _Ownership:
         if kind in (tuple, frozenset):
             items: tuple[object, ...] | frozenset[object] = value  # type: ignore[assignment]
             return len(items) <= 16 and any(self(item, depth + 1) for item in items)
-        return kind not in _BUILTIN_TYPES and self(kind, depth + 1)
+        if kind in _BUILTIN_TYPES:
+            return False
+        if self(kind, depth + 1):
+            return True
+        # An instance of another module's class that holds a candidate function (FastAPI's
+        # APIRoute made by ``@router.get`` for the candidate's endpoint): made for the candidate.
+        attributes = object.__getattribute__(value, "__dict__")
+        return type(attributes) is dict and any(
+            type(member) is types.FunctionType and member.__globals__ is self.namespace
+            for member in list(attributes.values())[:64]
+        )
 
 
 def _has_contents(cell: types.CellType) -> bool:

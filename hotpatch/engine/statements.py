@@ -64,6 +64,10 @@ class Reads:
     # called, so that a function calling a changed one counts as changed too.
     body: frozenset[str] = frozenset()
     body_attrs: frozenset[tuple[str, str]] = frozenset()
+    # A decorated def's or class's decorators and a def's signature (``ast.dump``), to tell
+    # whether what a registering decorator read (``@app.get("/x")``, FastAPI: the parameters)
+    # changed.
+    decorated: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,8 +428,17 @@ def _reads(stmt: ast.stmt) -> Reads:
         _class_members(stmt, stmt.name, members)
     body: set[str] = set()
     body_attrs: set[tuple[str, str]] = set()
+    decorated = ""
     if kind != "plain":
         _body_reads(stmt, body, body_attrs)
+        decorators_of = getattr(stmt, "decorator_list", ())
+        if decorators_of:  # what a registering decorator may read: itself, and the signature
+            signature: list[ast.AST | None] = (
+                [stmt.args, stmt.returns]
+                if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef)
+                else []
+            )
+            decorated = "\n".join(ast.dump(d) for d in [*decorators_of, *signature] if d)
         for decorator in getattr(stmt, "decorator_list", ()):
             decorators.update(
                 n.id
@@ -445,6 +458,7 @@ def _reads(stmt: ast.stmt) -> Reads:
         tuple(members),
         frozenset(body),
         frozenset(body_attrs),
+        decorated,
     )
 
 

@@ -56,7 +56,12 @@ from hotpatch.engine.compare import (
     same_repr,
     same_value,
 )
-from hotpatch.engine.guard import class_incompatibility, is_public, signature_incompatibility
+from hotpatch.engine.guard import (
+    class_incompatibility,
+    is_public,
+    metaclass_body_incompatibility,
+    signature_incompatibility,
+)
 from hotpatch.engine.rebind import CLASS_SKIP, Rebinder, is_own_class
 from hotpatch.engine.statements import StatementIndex
 
@@ -598,9 +603,13 @@ class _Planner:
             return
         self._classes_done.add(id(old))
         reason = class_incompatibility(old, new, self.remap_value)
+        if not reason and self.old_index is not None and type(old) is not type:
+            reason = metaclass_body_incompatibility(old, self._declarations_changed(path))
         if reason:
+            top = path.partition(".")[0]
+            lineno = next((u.start for u in self.new_index.units if ("", top) in u.bound), None)
             self.problems.append(
-                Problem(f"class {path}: {reason}; a restart or rolling reload is needed")
+                Problem(f"class {path}: {reason}; a restart or rolling reload is needed", lineno)
             )
             return
         is_enum = isinstance(old, enum.EnumMeta)
@@ -644,6 +653,20 @@ class _Planner:
             self.ops.append(SetAttr(old, name, MISSING))
             self.replaced.update(codes_of(ov))
             self.removed.append(f"{path}.{name}")
+
+    def _declarations_changed(self, path: str) -> list[str]:
+        """The plain statements of class ``path``'s body (nested classes too) that changed."""
+        assert self.old_index is not None
+        found = []
+        for index, other in ((self.old_index, self.new_index), (self.new_index, self.old_index)):
+            for scope, texts in index.texts.items():
+                if scope == path or scope.startswith(f"{path}."):
+                    found += [
+                        f"{scope}.{name}"
+                        for name in texts
+                        if texts[name] != other.texts.get(scope, {}).get(name)
+                    ]
+        return sorted(set(found))
 
     def update_member(
         self, cls: type, name: str, ov: object, nv: object, scope: str, *, public: bool

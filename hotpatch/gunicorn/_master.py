@@ -161,6 +161,9 @@ class Controller:
         self.has_served = False
         self.disabled_reason: str | None = None
         self.worker_release: dict[int, str] = {}
+        # The release each worker booted from: an in-place deploy moves worker_release on, but the
+        # worker still reads files under its boot release (package __path__, Django's templates).
+        self.worker_boot_release: dict[int, str] = {}
         self.worker_stage: dict[int, str] = {}
         self.recycled: set[int] = set()
         self.listening: set[int] = set()
@@ -587,6 +590,7 @@ class Controller:
             for pid in new:
                 rid = release.id if release else "unknown"
                 self.worker_release[pid] = rid
+                self.worker_boot_release[pid] = rid
                 self.worker_stage[pid] = "booting"
                 self._readers[pid] = ReportReader(read_fd)
                 if self.rollout is not None:
@@ -931,6 +935,7 @@ class Controller:
         self._arm_timer(None)
         self._set_num_workers(self.size)
         keep = {r for r in self.worker_release.values()}
+        keep.update(self.worker_boot_release.values())
         keep.update(r.id for r in (self.known_good, self.spawn_release) if r is not None)
         if self.releases_dir is not None:
             for rid in prune_releases(self.releases_dir, keep):
@@ -1166,6 +1171,7 @@ class Controller:
         self._deploy_participants = {}
         self._deploy_deadline = None
         keep = set(self.worker_release.values())
+        keep.update(self.worker_boot_release.values())
         keep.update(r.id for r in (self.known_good, self.spawn_release) if r is not None)
         if self.releases_dir is not None:
             for rid in prune_releases(self.releases_dir, keep):
@@ -1300,6 +1306,7 @@ class Controller:
         if reader is not None:
             reader.close()
         release = self.worker_release.pop(pid)
+        self.worker_boot_release.pop(pid, None)
         stage = self.worker_stage.pop(pid, None)
         is_recycled = pid in self.recycled
         if not is_recycled and self.rollout is None and stage != "failed":

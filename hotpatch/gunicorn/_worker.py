@@ -322,13 +322,20 @@ def _switched(release: str, release_dir: str) -> None:
     """A deploy committed (or rolled back): import from ``release_dir``, report ``release``."""
     state = _require()
     old = str(state.plan.release_dir).rstrip("/")
-    moved = []
-    for entry in sys.path:
-        if entry == old or entry.startswith(old + "/"):
-            moved.append(release_dir + entry[len(old) :])
-        else:
-            moved.append(entry)
-    sys.path[:] = moved
+
+    def move(entries: list[str]) -> None:
+        entries[:] = [
+            release_dir + e[len(old) :] if e == old or e.startswith(old + "/") else e
+            for e in entries
+        ]
+
+    move(sys.path)
+    # A package's submodule imported later (a Django template library, a lazy import) is found
+    # through the package's own __path__, not sys.path: it must come from the new release too.
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__path__", None)
+        if type(path) is list and all(isinstance(e, str) for e in path):
+            move(path)
     importlib.invalidate_caches()
     sys.path_importer_cache.clear()
     state.plan = replace(state.plan, release=release, release_dir=Path(release_dir))
