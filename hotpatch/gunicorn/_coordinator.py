@@ -26,6 +26,9 @@ The mechanism, for ``in-place`` (``deploy``):
    worker recycled later boots the new code. A worker that cannot be confirmed is retired (and
    respawned on the new release).
 
+``canary`` is a rollout that holds after its first new worker while this coordinator judges
+that worker against the old ones on real traffic (``_canary``).
+
 ``rolling`` is the master's rollout (``start_rollout``/``wait_for_rollout``). Each step reports an
 event (``on_event``) as it happens.
 """
@@ -40,6 +43,7 @@ from typing import Any
 
 from hotpatch.control.client import DeploySession, OutcomeUnknown
 from hotpatch.errors import ConfigError, HotpatchError
+from hotpatch.gunicorn._canary import CanaryOptions, run_canary
 from hotpatch.gunicorn._client import (
     RolloutStillRunning,
     ask_master,
@@ -75,6 +79,8 @@ class DeployResult:
         duration_s: the whole deploy.
         events: every event reported, in order.
         record: rolling: the master's record of the rollout.
+        canary: canary: the judge's figures (requests and errors per arm, rates, p-values,
+            median shift), once judged.
     """
 
     outcome: str
@@ -87,6 +93,7 @@ class DeployResult:
     duration_s: float = 0.0
     events: list[Event] = field(default_factory=list)
     record: dict[str, Any] | None = None
+    canary: dict[str, Any] | None = None
 
     @property
     def is_success(self) -> bool:
@@ -103,6 +110,7 @@ class DeployResult:
             "to_last_commit_s": self.to_last_commit_s,
             "duration_s": self.duration_s,
             "events": self.events,
+            **({"canary": self.canary} if self.strategy == "canary" else {}),
         }
 
 
@@ -168,6 +176,7 @@ def deploy(
     state_dir: str | None = None,
     on_event: Callable[[Event], None] | None = None,
     between_phases: Callable[[str], None] | None = None,
+    canary: CanaryOptions | None = None,
 ) -> DeployResult:
     """Deploy the code in the app directory of gunicorn master ``pid`` to all its workers.
 
@@ -182,6 +191,8 @@ def deploy(
         on_event: called with each progress event as it happens.
         between_phases: a test seam, called with ``"prepared"``, ``"switched"``,
             ``"committed"``, ``"checked"`` between the phases of an in-place deploy.
+        canary: ``canary`` only: bake time, minimum samples, deadline (default:
+            ``CanaryOptions()``, a 60 s bake). ``timeout_s`` must leave room for the deadline.
 
     Raises:
         ConfigError: a wrong argument, or no master of this user running hotpatch's hooks.
@@ -195,7 +206,21 @@ def deploy(
         on_event=on_event,
         between_phases=between_phases,
     )
+    if canary is not None and strategy != "canary":
+        raise ConfigError("canary options are for --strategy canary only")
+    if strategy == "canary":
+        canary = canary or CanaryOptions()
+        if timeout_s < canary.until_s + 10:
+            raise ConfigError(
+                f"a timeout of {timeout_s:g} s leaves no room for the canary's bake deadline of "
+                f"{canary.until_s:g} s (plus the canary's boot): give --timeout at least "
+                f"{canary.until_s + 10:g}"
+            )
     load_state(pid, state_dir)  # raises ConfigError: nothing to deploy to
+    if strategy == "canary":
+        assert canary is not None
+        result: DeployResult = run_canary(run, canary)
+        return result
     if strategy == "rolling":
         return _rolling(run, reason="", wait=wait)
     return _in_place(run, fallback=strategy == "auto", wait=wait)

@@ -25,8 +25,8 @@ from typing import Any
 
 from hotpatch.gunicorn._releases import Manifest
 
-STRATEGIES = ("auto", "in-place", "rolling")
-"""What ``hotpatch deploy --strategy`` takes today (canary and blue-green plug in here later)."""
+STRATEGIES = ("auto", "in-place", "rolling", "canary")
+"""What ``hotpatch deploy --strategy`` takes today (blue-green plugs in here later)."""
 
 PHASE_OK = {
     "prepare": ("accepted", "unchanged"),

@@ -1,0 +1,245 @@
+"""Request recording in every worker: the middleware, the per-release counts, the ``stats`` answer.
+
+A canary can only be judged on what it actually served, and the same numbers must reach an
+operator's dashboard; neither may need code in the app. The hook therefore wraps the worker's WSGI
+app (where ``_worker.py`` loads it) in ``RecordingMiddleware``. It must not change what the app
+does: an exception escaping the app is counted and re-raised unchanged; the response iterable is
+passed through, and its ``close()`` is called exactly once however often the server calls ours.
+It must also be cheap (a lock, a few additions and one clock read at each end; see
+docs/performance.md for the measured cost).
+
+Per request it records, under the release the worker runs at that moment (an in-place deploy
+moves a worker to another release): the status class (``2xx`` .. ``5xx``; a request whose app
+raised before ``start_response`` counts as ``5xx``, the answer gunicorn sends), whether an
+exception escaped (in the call or while iterating), and the latency, measured to the end of the
+response iterable (a streaming response counts until its last chunk, at ``close()``). The counts
+are cumulative; latencies go into a fixed ring of the last ``RING_SIZE`` requests numbered by a
+sequence, so a reader that asks with ``since=<last seq seen>`` gets exactly the latencies it has
+not seen (or, after more than ``RING_SIZE`` requests, the newest ones and how many it missed).
+The deploy coordinator reads them through the worker's control socket (the read-only ``stats``
+request of protocol v2): pulled only while a canary is judged, no cost otherwise, and the answer
+is capped. The optional Prometheus export (``_prometheus``) is fed from the same call.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+STATS_VERSION = 1
+"""The version of the ``stats`` answer's layout (``"stats_v"``)."""
+RING_SIZE = 8192
+"""Latencies kept per release (the newest)."""
+MAX_ANSWER_SAMPLES = 8192
+"""At most this many latencies in one ``stats`` answer."""
+MAX_RELEASES = 16
+"""Releases kept per worker (the oldest is dropped beyond that)."""
+CODE_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+Sink = Callable[[str, str, bool, float], None]
+"""``sink(release, code_class, exception, latency_s)``: another consumer of each request."""
+
+
+class _Counts:
+    __slots__ = ("classes", "errors", "exceptions", "requests", "ring")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.exceptions = 0
+        self.classes = dict.fromkeys(CODE_CLASSES, 0)
+        self.ring = array("d", bytes(8 * RING_SIZE))
+
+
+class Recorder:
+    """The counts of one worker, per release; safe to record from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._releases: dict[str, _Counts] = {}
+
+    def record(self, release: str, code_class: str, *, exception: bool, latency_s: float) -> None:
+        """Count one finished request."""
+        with self._lock:
+            counts = self._releases.get(release)
+            if counts is None:
+                counts = self._new(release)
+            counts.ring[counts.requests % RING_SIZE] = latency_s
+            counts.requests += 1
+            counts.classes[code_class] = counts.classes.get(code_class, 0) + 1
+            if exception:
+                counts.exceptions += 1
+            if exception or code_class == "5xx":
+                counts.errors += 1
+
+    def _new(self, release: str) -> _Counts:
+        while len(self._releases) >= MAX_RELEASES:
+            self._releases.pop(next(iter(self._releases)))
+        counts = self._releases[release] = _Counts()
+        return counts
+
+    def snapshot(self, *, since: int = 0, max_samples: int = MAX_ANSWER_SAMPLES) -> dict[str, Any]:
+        """The counts, and per release the latencies of the requests numbered above ``since``.
+
+        Returns:
+            ``{"stats_v": 1, "releases": {release: {"requests", "errors", "exceptions",
+            "classes", "seq", "latencies_from", "latencies_s", "missed"}}}``: ``seq`` is the
+            number of the last request counted (a reader passes it as the next ``since``);
+            ``latencies_s`` are the latencies of requests ``latencies_from + 1`` to ``seq``;
+            ``missed`` counts requests after ``since`` whose latency is no longer kept.
+        """
+        since = max(int(since), 0)
+        out: dict[str, Any] = {}
+        with self._lock:
+            for release, counts in self._releases.items():
+                n = counts.requests
+                first = max(since, n - RING_SIZE, n - max_samples)
+                first = min(first, n)
+                samples = [round(counts.ring[i % RING_SIZE], 7) for i in range(first, n)]
+                out[release] = {
+                    "requests": n,
+                    "errors": counts.errors,
+                    "exceptions": counts.exceptions,
+                    "classes": dict(counts.classes),
+                    "seq": n,
+                    "latencies_from": first,
+                    "latencies_s": samples,
+                    "missed": max(first - since, 0),
+                }
+        return {"stats_v": STATS_VERSION, "releases": out}
+
+
+def code_class(status: str | None) -> str:
+    """``"200 OK"`` -> ``"2xx"``; no status (the app raised first) or a bad one -> ``"5xx"``."""
+    if status and status[:1] in "2345" and status[1:3].isdigit():
+        return status[0] + "xx"
+    return "5xx"
+
+
+class RecordingMiddleware:
+    """A WSGI app around ``app`` that records each request (see the module docstring).
+
+    Args:
+        app: the worker's app.
+        recorder: where the counts go.
+        release_of: the release the worker runs now (read at each request's end).
+        sink: another consumer of each request (the Prometheus export), or ``None``.
+        metrics_path: a path the middleware answers itself with ``serve_metrics`` (the app never
+            sees it), or ``None``.
+        serve_metrics: ``(environ, start_response) -> body`` for ``metrics_path``.
+    """
+
+    __slots__ = ("app", "metrics_path", "recorder", "release_of", "serve_metrics", "sink")
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        recorder: Recorder,
+        release_of: Callable[[], str],
+        sink: Sink | None = None,
+        metrics_path: str | None = None,
+        serve_metrics: WSGIApp | None = None,
+    ) -> None:
+        self.app = app
+        self.recorder = recorder
+        self.release_of = release_of
+        self.sink = sink
+        self.metrics_path = metrics_path if serve_metrics is not None else None
+        self.serve_metrics = serve_metrics
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if self.metrics_path is not None and environ.get("PATH_INFO") == self.metrics_path:
+            assert self.serve_metrics is not None
+            return self.serve_metrics(environ, start_response)
+        body = _Body(self, time.perf_counter())
+
+        def recording_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+            body.status = status
+            if exc_info is None:
+                return start_response(status, headers)
+            return start_response(status, headers, exc_info)
+
+        try:
+            body.inner = self.app(environ, recording_start_response)
+        except BaseException:
+            body.failed = True
+            body.finish()
+            raise
+        return body
+
+    def record(self, status: str | None, *, exception: bool, latency_s: float) -> None:
+        release = self.release_of()
+        cls = code_class(status)
+        self.recorder.record(release, cls, exception=exception, latency_s=latency_s)
+        sink = self.sink
+        if sink is not None:
+            sink(release, cls, exception, latency_s)
+
+
+class _Body:
+    """The response iterable handed to the server: the app's, measured until ``close()``."""
+
+    __slots__ = ("failed", "finished", "inner", "it", "owner", "started", "status")
+
+    def __init__(self, owner: RecordingMiddleware, started: float) -> None:
+        self.owner = owner
+        self.started = started
+        self.status: str | None = None
+        self.inner: Iterable[bytes] | None = None
+        self.it: Iterator[bytes] | None = None
+        self.failed = False
+        self.finished = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.it is None:
+            try:
+                self.it = iter(self.inner if self.inner is not None else ())
+            except BaseException:
+                self.failed = True
+                raise
+        return self
+
+    def __next__(self) -> bytes:
+        assert self.it is not None
+        try:
+            return next(self.it)
+        except StopIteration:
+            raise
+        except BaseException:
+            self.failed = True
+            raise
+
+    def close(self) -> None:
+        """Close the app's iterable (once) and record the request (once)."""
+        if self.finished:
+            return
+        try:
+            close = getattr(self.inner, "close", None)
+            if close is not None:
+                close()
+        except BaseException:
+            self.failed = True
+            raise
+        finally:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        latency = time.perf_counter() - self.started
+        try:  # noqa: SIM105 (per request: cheaper than contextlib.suppress)
+            self.owner.record(self.status, exception=self.failed, latency_s=latency)
+        except Exception:  # recording must never break a response
+            pass
+
+
+def unwrap(app: Any) -> Any:
+    """The app inside a ``RecordingMiddleware`` (health probes bypass the recording)."""
+    return app.app if isinstance(app, RecordingMiddleware) else app
