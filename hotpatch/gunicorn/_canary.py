@@ -19,7 +19,9 @@ The mechanism, in three parts:
   escaped exceptions) and latencies to its arm, the canary's or the old workers' (``Window``, pure).
 - After ``bake_s`` the judge (``hotpatch.judge.judge``: one-sided Fisher exact test on the error
   rates at ``p < 0.01`` with at least 0.5 percentage points more, and Mann-Whitney U on latency
-  with at most a 25% median shift) decides: ``pass`` -> the master goes on (``canary_verdict``),
+  with at most a 25% median shift; a shift of less than ``min_latency_shift_s``, 1 ms by default,
+  is never a failure: at sub-millisecond latencies a busy host's scheduling alone moves a new
+  process's median by more than 25%) decides: ``pass`` -> the master goes on (``canary_verdict``),
   the rest roll; ``fail`` -> the master rolls back (retires the canary); ``inconclusive`` (fewer
   than ``min_samples`` requests in an arm) -> the bake goes on until ``deadline_s``, then fails.
   The verdict's figures (requests and errors per arm, rates, p-values, median shift) are part of
@@ -32,7 +34,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from hotpatch.errors import ConfigError, HotpatchError
@@ -40,6 +42,7 @@ from hotpatch.judge import Arm, ArmSummary, Verdict, judge
 
 DEFAULT_BAKE_S = 60.0
 DEFAULT_MIN_SAMPLES = 100
+DEFAULT_MIN_LATENCY_SHIFT_S = 0.001
 STATS_TIMEOUT_S = 3.0
 """How long one worker's ``stats`` answer may take (a worker that misses it is read next time)."""
 HOLD_GRACE_S = 10.0
@@ -59,11 +62,14 @@ class CanaryOptions:
         min_samples: requests each arm needs before any verdict (fewer: inconclusive).
         deadline_s: an inconclusive verdict extends the bake until this long after the bake
             began; then the canary fails (``None``: twice ``bake_s``).
+        min_latency_shift_s: the smallest rise of the median latency (absolute) that can fail
+            the canary, on top of the judge's 25% relative bound.
     """
 
     bake_s: float = DEFAULT_BAKE_S
     min_samples: int = DEFAULT_MIN_SAMPLES
     deadline_s: float | None = None
+    min_latency_shift_s: float = DEFAULT_MIN_LATENCY_SHIFT_S
 
     def __post_init__(self) -> None:
         for name in ("bake_s", "deadline_s"):
@@ -80,6 +86,9 @@ class CanaryOptions:
             or self.min_samples < 1
         ):
             raise ConfigError(f"min_samples must be a positive int, not {self.min_samples!r}")
+        shift = self.min_latency_shift_s
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift >= 0:
+            raise ConfigError(f"min_latency_shift_s must be >= 0 seconds, not {shift!r}")
         if self.deadline_s is not None and self.deadline_s < self.bake_s:
             raise ConfigError(
                 f"the bake deadline ({self.deadline_s:g} s) is shorter than the bake "
@@ -168,9 +177,22 @@ class Window:
             out.append(ArmSummary(self.calls[arm], self.errors[arm], latencies))
         return out[0], out[1]
 
-    def judge(self, *, min_samples: int) -> Verdict:
+    def judge(self, *, min_samples: int, min_latency_shift_s: float = 0.0) -> Verdict:
+        """The judge's verdict on the two arms; a latency failure whose median rose by less
+        than ``min_latency_shift_s`` passes (its detail says so)."""
         baseline, canary = self.summaries()
-        return judge(baseline, canary, min_calls=min_samples)
+        verdict = judge(baseline, canary, min_calls=min_samples)
+        if verdict.decision == "fail" and verdict.reason == "latency":
+            rise = (_median(canary) or 0.0) - (_median(baseline) or 0.0)
+            if rise < min_latency_shift_s:
+                return replace(
+                    verdict,
+                    decision="pass",
+                    reason="",
+                    detail=f"{verdict.detail}: {rise * 1e3:.3g} ms slower, under the "
+                    f"{min_latency_shift_s * 1e3:g} ms floor",
+                )
+        return verdict
 
 
 def figures(verdict: Verdict, *, window_s: float, baseline_workers: int) -> dict[str, Any]:
@@ -293,7 +315,10 @@ class Bake:
         elapsed = self.clock() - self.started
         if elapsed < self.options.bake_s:
             return None
-        verdict = self.window.judge(min_samples=self.options.min_samples)
+        verdict = self.window.judge(
+            min_samples=self.options.min_samples,
+            min_latency_shift_s=self.options.min_latency_shift_s,
+        )
         if verdict.decision == "inconclusive" and elapsed < self.options.until_s:
             return None
         return verdict
