@@ -1,0 +1,342 @@
+"""The request-recording middleware and its counts (``hotpatch.gunicorn._metrics``), no server.
+
+The middleware must not change what the app does (an exception escapes unchanged, the iterable's
+``close()`` runs exactly once) and must record the truth: the status class, escaped exceptions,
+and the latency to the end of the response iterable (a streaming response included).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from hotpatch.gunicorn._metrics import (
+    RING_SIZE,
+    Recorder,
+    RecordingMiddleware,
+    code_class,
+    unwrap,
+)
+
+
+class Closing:
+    """A response iterable that counts its ``close()`` calls."""
+
+    def __init__(self, chunks: list[bytes], *, fail_at: int | None = None) -> None:
+        self.chunks = chunks
+        self.fail_at = fail_at
+        self.closed = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for i, chunk in enumerate(self.chunks):
+            if i == self.fail_at:
+                raise RuntimeError("broken stream")
+            yield chunk
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def make(app: Any, release: str = "r1") -> tuple[RecordingMiddleware, Recorder]:
+    recorder = Recorder()
+    return RecordingMiddleware(app, recorder=recorder, release_of=lambda: release), recorder
+
+
+def serve(mw: Any, path: str = "/") -> tuple[list[str], bytes, Any]:
+    """What a WSGI server does: call, iterate, close (once)."""
+    seen: list[str] = []
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        seen.append(status)
+        return lambda data: None
+
+    body = mw({"PATH_INFO": path, "REQUEST_METHOD": "GET"}, start_response)
+    try:
+        data = b"".join(body)
+    finally:
+        if hasattr(body, "close"):
+            body.close()
+    return seen, data, body
+
+
+def counts(recorder: Recorder, release: str = "r1") -> dict[str, Any]:
+    return recorder.snapshot(since=0)["releases"][release]  # type: ignore[no-any-return]
+
+
+def test_a_request_is_counted_by_status_class_with_its_latency() -> None:
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("404 Not Found", [])
+        return [b"no"]
+
+    mw, recorder = make(app)
+    statuses, data, _ = serve(mw)
+    assert statuses == ["404 Not Found"]
+    assert data == b"no"
+    c = counts(recorder)
+    assert c["requests"] == 1
+    assert c["classes"] == {"2xx": 0, "3xx": 0, "4xx": 1, "5xx": 0}
+    assert c["errors"] == 0
+    assert c["exceptions"] == 0
+    assert len(c["latencies_s"]) == 1
+
+
+def test_an_exception_escaping_the_app_is_counted_and_re_raised_unchanged() -> None:
+    error = ValueError("app bug")
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        raise error
+
+    mw, recorder = make(app)
+    with pytest.raises(ValueError, match="app bug") as caught:
+        mw({"PATH_INFO": "/"}, lambda *a: None)
+    assert caught.value is error
+    assert caught.value.__traceback__ is not None
+    frames = []
+    tb = caught.value.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert frames[-1] == "app"  # the original traceback, re-raised (not a new exception)
+    c = counts(recorder)
+    assert (c["requests"], c["exceptions"], c["errors"]) == (1, 1, 1)
+    assert c["classes"]["5xx"] == 1  # what gunicorn answers when the app raised first
+
+
+def test_an_exception_while_streaming_is_counted_and_the_iterable_closed_once() -> None:
+    inner = Closing([b"a", b"b", b"c"], fail_at=1)
+
+    def app(environ: Any, start_response: Any) -> Closing:
+        start_response("200 OK", [])
+        return inner
+
+    mw, recorder = make(app)
+    with pytest.raises(RuntimeError, match="broken stream"):
+        serve(mw)
+    assert inner.closed == 1
+    c = counts(recorder)
+    assert (c["requests"], c["exceptions"], c["errors"]) == (1, 1, 1)
+    assert c["classes"]["2xx"] == 1
+
+
+def test_close_reaches_the_app_exactly_once_however_often_the_server_calls_it() -> None:
+    inner = Closing([b"x"])
+
+    def app(environ: Any, start_response: Any) -> Closing:
+        start_response("200 OK", [])
+        return inner
+
+    mw, recorder = make(app)
+    _, _, body = serve(mw)
+    body.close()
+    body.close()
+    assert inner.closed == 1
+    assert counts(recorder)["requests"] == 1
+
+
+def test_close_once_when_the_server_stops_iterating_early_and_the_body_is_collected() -> None:
+    inner = Closing([b"x", b"y", b"z"])
+
+    def app(environ: Any, start_response: Any) -> Closing:
+        start_response("200 OK", [])
+        return inner
+
+    mw, recorder = make(app)
+    body = mw({"PATH_INFO": "/"}, lambda *a: None)
+    iterator = iter(body)
+    assert next(iterator) == b"x"
+    body.close()  # the client went away: the server closes without finishing
+    del iterator, body
+    assert inner.closed == 1
+    assert counts(recorder)["requests"] == 1
+
+
+def test_a_generator_app_is_closed_and_its_finally_runs() -> None:
+    ran: list[str] = []
+
+    def app(environ: Any, start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        try:
+            yield b"1"
+            yield b"2"
+        finally:
+            ran.append("finally")
+
+    mw, recorder = make(app)
+    body = mw({"PATH_INFO": "/"}, lambda *a: None)
+    assert next(iter(body)) == b"1"
+    body.close()
+    assert ran == ["finally"]
+    assert counts(recorder)["requests"] == 1
+
+
+def test_the_latency_of_a_streaming_response_runs_to_its_last_chunk() -> None:
+    release_second = threading.Event()
+
+    def app(environ: Any, start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        yield b"first"
+        release_second.wait(5)
+        yield b"second"
+
+    mw, recorder = make(app)
+    body = mw({"PATH_INFO": "/"}, lambda *a: None)
+    it = iter(body)
+    assert next(it) == b"first"
+    started = time.perf_counter()
+    time.sleep(0.05)  # the stream is still open: this time is part of the request
+    release_second.set()
+    assert list(it) == [b"second"]
+    waited = time.perf_counter() - started
+    body.close()
+    (latency,) = counts(recorder)["latencies_s"]
+    assert latency >= waited - 1e-6 >= 0.05 - 1e-6
+
+
+def test_a_second_start_response_with_exc_info_sets_the_recorded_status() -> None:
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        try:
+            raise KeyError("late")
+        except KeyError:
+            start_response("503 Service Unavailable", [], sys.exc_info())
+        return [b"sorry"]
+
+    seen: list[tuple[str, bool]] = []
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        seen.append((status, exc_info is not None))
+
+    mw, recorder = make(app)
+    body = mw({"PATH_INFO": "/"}, start_response)
+    b"".join(body)
+    body.close()  # type: ignore[attr-defined]
+    assert seen == [("200 OK", False), ("503 Service Unavailable", True)]
+    c = counts(recorder)
+    assert c["classes"]["5xx"] == 1
+    assert c["errors"] == 1
+    assert c["exceptions"] == 0
+
+
+def test_counts_follow_the_release_the_worker_runs_at_each_request() -> None:
+    release = ["r1"]
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b""]
+
+    recorder = Recorder()
+    mw = RecordingMiddleware(app, recorder=recorder, release_of=lambda: release[0])
+    serve(mw)
+    release[0] = "d2"  # an in-place deploy moved the worker
+    serve(mw)
+    serve(mw)
+    releases = recorder.snapshot()["releases"]
+    assert releases["r1"]["requests"] == 1
+    assert releases["d2"]["requests"] == 2
+
+
+def test_the_metrics_path_is_answered_by_the_middleware_and_not_counted() -> None:
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        raise AssertionError("the app must not see the metrics path")
+
+    def metrics(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"metrics"]
+
+    recorder = Recorder()
+    mw = RecordingMiddleware(
+        app,
+        recorder=recorder,
+        release_of=lambda: "r1",
+        metrics_path="/metrics",
+        serve_metrics=metrics,
+    )
+    _, data, _ = serve(mw, "/metrics")
+    assert data == b"metrics"
+    assert recorder.snapshot()["releases"] == {}
+
+
+def test_a_failing_sink_never_breaks_the_response() -> None:
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    def sink(*args: Any) -> None:
+        raise OSError("disk full")
+
+    recorder = Recorder()
+    mw = RecordingMiddleware(app, recorder=recorder, release_of=lambda: "r1", sink=sink)
+    _, data, _ = serve(mw)
+    assert data == b"ok"
+    assert counts(recorder)["requests"] == 1
+
+
+def test_unwrap_gives_the_app_to_health_probes() -> None:
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        return []
+
+    mw, _ = make(app)
+    assert unwrap(mw) is app
+    assert unwrap(app) is app
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        ("200 OK", "2xx"),
+        ("302 Found", "3xx"),
+        ("499 Client Closed", "4xx"),
+        ("503 Busy", "5xx"),
+        (None, "5xx"),
+        ("", "5xx"),
+        ("abc", "5xx"),
+        ("99", "5xx"),
+    ],
+)
+def test_code_class(status: str | None, expected: str) -> None:
+    assert code_class(status) == expected
+
+
+def test_snapshot_since_returns_only_new_latencies_and_says_what_was_missed() -> None:
+    recorder = Recorder()
+    for i in range(10):
+        recorder.record("r1", "2xx", exception=False, latency_s=i / 1000)
+    first = recorder.snapshot(since=0)["releases"]["r1"]
+    assert first["seq"] == 10
+    assert first["latencies_s"] == [i / 1000 for i in range(10)]
+    for i in range(10, 13):
+        recorder.record("r1", "2xx", exception=False, latency_s=i / 1000)
+    later = recorder.snapshot(since=10)["releases"]["r1"]
+    assert later["latencies_s"] == [0.01, 0.011, 0.012]
+    assert later["missed"] == 0
+    # more requests than the ring keeps: the newest are returned, the others counted as missed
+    for _ in range(RING_SIZE + 5):
+        recorder.record("r1", "2xx", exception=False, latency_s=0.5)
+    overflow = recorder.snapshot(since=13)["releases"]["r1"]
+    assert len(overflow["latencies_s"]) == RING_SIZE
+    assert overflow["missed"] == 5
+    # a reader ahead of the worker (its first reading) gets no latencies, only the counts
+    ahead = recorder.snapshot(since=2**62)["releases"]["r1"]
+    assert ahead["latencies_s"] == []
+    assert ahead["missed"] == 0
+
+
+def test_recording_is_consistent_under_threads() -> None:
+    recorder = Recorder()
+
+    def hammer() -> None:
+        for _ in range(2000):
+            recorder.record("r1", "5xx", exception=True, latency_s=0.001)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    c = recorder.snapshot(since=2**62)["releases"]["r1"]
+    assert (c["requests"], c["errors"], c["exceptions"], c["classes"]["5xx"]) == (8000,) * 4
