@@ -218,6 +218,7 @@ def test_a_good_canary_passes_when_the_bake_is_over() -> None:
 
 def test_a_canary_failing_one_request_in_ten_fails_on_its_error_rate() -> None:
     verdict, at, _ = bake_until_verdict(FakeWorkers(10), CanaryOptions(bake_s=10, min_samples=100))
+    assert at == 10.0
     assert verdict.decision == "fail"
     assert verdict.reason == "error_rate"
     assert verdict.candidate.errors == 40
