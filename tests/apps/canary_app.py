@@ -2,7 +2,7 @@
 
 ``__VERSION__`` and ``__VARIANT__`` are replaced by the test. ``bad``: every tenth request to any
 path but ``/healthz`` answers 500 with the body ``canary-error pid=<pid>`` (10% of what this
-worker serves). ``/imported`` answers whether ``prometheus_client`` was imported in this worker.
+worker serves). ``/raise`` raises (gunicorn answers 500). ``/imported`` answers whether ``prometheus_client`` was imported in this worker.
 """
 
 import itertools
@@ -21,6 +21,8 @@ def app(environ, start_response):
     status = "200 OK"
     if path == "/healthz":
         body = b"ok\n"
+    elif path == "/raise":
+        raise RuntimeError("the app raised, as asked")
     elif path == "/imported":
         body = f"prometheus_client={'prometheus_client' in sys.modules}\n".encode()
     else:

@@ -1,0 +1,224 @@
+"""The Prometheus export (``hotpatch[prometheus]``) under real gunicorn, scraped over HTTP.
+
+The metrics are read the way Prometheus reads them: an HTTP GET of the WSGI path every worker
+answers and of the master's port, parsed with ``prometheus_client.parser``. The counters must
+match the requests the test sent, per release, across all 4 workers (multiprocess mode). Without
+the settings nothing is imported and nothing served; an unsafe ``PROMETHEUS_MULTIPROC_DIR`` stops
+gunicorn before it serves, with the reason.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("prometheus_client")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from hotpatch.demo.harness import Site, wait_until  # noqa: E402
+
+APPS = Path(__file__).resolve().parents[1] / "apps"
+WORKERS = 4
+ENV = {
+    "HOTPATCH_HEALTH_PATH": "/healthz",
+    "HOTPATCH_BOOT_TIMEOUT": "15",
+    "HOTPATCH_HEALTH_TIMEOUT": "5",
+    "HOTPATCH_SETTLE_TIME": "0.2",
+}
+
+
+def write_app(directory: Path, version: str) -> None:
+    source = (APPS / "canary_app.py").read_text(encoding="utf-8")
+    source = source.replace("__VERSION__", version).replace("__VARIANT__", "good")
+    tmp = directory / "app.py.tmp"
+    tmp.write_text(source, encoding="utf-8")
+    tmp.replace(directory / "app.py")
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        return int(sock.getsockname()[1])
+
+
+def fetch(port: int, path: str) -> tuple[int, str, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        response = conn.getresponse()
+        return (
+            response.status,
+            response.getheader("Content-Type") or "",
+            response.read().decode("utf-8", "replace"),
+        )
+    finally:
+        conn.close()
+
+
+def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (s.name, dict(s.labels), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    return sum(
+        value
+        for sample, have, value in samples(text)
+        if sample == name and all(have.get(k) == v for k, v in labels.items())
+    )
+
+
+@pytest.fixture(name="site", params=["sync", "gthread"])
+def _site(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Site]:
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "v1")
+    site = Site(app_dir, workers=WORKERS, env=ENV)
+    site.worker_class = request.param  # type: ignore[attr-defined]
+    try:
+        yield site
+    finally:
+        site.close()
+
+
+def start(site: Site, **env: str) -> None:
+    args: tuple[str, ...] = ("--worker-class", site.worker_class)  # type: ignore[attr-defined]
+    if site.worker_class == "gthread":  # type: ignore[attr-defined]
+        args += ("--threads", "4")
+    site.start(extra_args=args, env=env)
+    site.wait_settled(site.state()["known_good"])
+
+
+def test_scraped_counters_match_the_requests_sent_across_every_worker(site: Site) -> None:
+    port = free_port()
+    start(site, HOTPATCH_METRICS_PATH="/metrics", HOTPATCH_METRICS_PORT=str(port))
+    release = site.state()["known_good"]
+    pids = {str(p) for p in site.srv.worker_pids()}
+
+    status, content_type, before = fetch(site.srv.port, "/metrics")
+    assert status == 200
+    assert content_type.startswith("text/plain")
+    base_ok = total(before, "hotpatch_requests_total", release=release, code_class="2xx")
+    base_count = total(before, "hotpatch_request_duration_seconds_count", release=release)
+
+    sent = 240
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda _: site.srv.get("/")[0], range(sent)))
+    assert answers == [200] * sent
+    for _ in range(3):
+        assert site.srv.get("/raise")[0] == 500
+
+    def counted() -> bool:
+        text = fetch(site.srv.port, "/metrics")[2]  # the scrape itself is never counted
+        ok = total(text, "hotpatch_requests_total", release=release, code_class="2xx")
+        errors = total(text, "hotpatch_requests_total", release=release, code_class="5xx")
+        return ok - base_ok == sent and errors == 3
+
+    wait_until(counted, timeout_s=20, what=f"{sent} requests and 3 errors counted")
+
+    for text in (fetch(site.srv.port, "/metrics")[2], fetch(port, "/metrics")[2]):
+        assert total(text, "hotpatch_requests_total", release=release, code_class="2xx") == (
+            base_ok + sent
+        )
+        assert total(text, "hotpatch_request_exceptions_total", release=release) == 3
+        assert (
+            total(text, "hotpatch_request_duration_seconds_count", release=release)
+            == base_count + sent + 3
+        )
+        workers = {
+            labels["worker"]
+            for name, labels, value in samples(text)
+            if name == "hotpatch_requests_total" and value > 0
+        }
+        assert workers <= pids, (workers, pids)
+        assert len(workers) >= 2  # the load reached several workers: the files were merged
+        assert total(text, "hotpatch_release_info", release=release) == 1
+        assert total(text, "hotpatch_deploy_in_progress") == 0
+
+    # a rolling deploy: counted by strategy and outcome; requests after it under the new release
+    write_app(site.dir, "v2")
+    record = site.rollout(timeout_s=90)
+    assert record["outcome"] == "completed", record
+    new = record["release"]
+    site.wait_settled(new, timeout_s=60)
+    for _ in range(20):
+        assert site.srv.get("/")[0] == 200
+
+    def rolled() -> bool:
+        text = fetch(port, "/metrics")[2]
+        return (
+            total(text, "hotpatch_requests_total", release=new, code_class="2xx") >= 20
+            and total(text, "hotpatch_deploys_total", strategy="rolling", outcome="deployed") == 1
+        )
+
+    wait_until(rolled, timeout_s=20, what="the rollout and the new release's requests counted")
+    text = fetch(port, "/metrics")[2]
+    assert total(text, "hotpatch_release_info", release=new) == 1
+    assert total(text, "hotpatch_release_info", release=release) == 0  # its workers are gone
+    assert total(text, "hotpatch_deploy_in_progress") == 0
+
+
+def test_without_the_settings_nothing_is_imported_or_served(site: Site) -> None:
+    start(site)
+    for status, body in (site.srv.get("/imported") for _ in range(12)):
+        assert status == 200
+        assert body.strip() == "prometheus_client=False"
+    status, body = site.srv.get("/metrics")
+    assert status == 200
+    assert body.startswith("version=v1")  # the app's own answer: no metrics path
+
+
+@pytest.mark.parametrize("kind", ["open", "link"])
+def test_an_unsafe_multiprocess_directory_stops_gunicorn_before_it_serves(
+    tmp_path: Path, kind: str
+) -> None:
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    write_app(app_dir, "v1")
+    target = tmp_path / "metrics"
+    target.mkdir(mode=0o700)
+    if kind == "open":
+        target.chmod(0o755)  # what prometheus-client's docs suggest; readable by all
+        given = target
+    else:
+        given = tmp_path / "metrics-link"
+        given.symlink_to(target)
+    env = {
+        **os.environ,
+        **ENV,
+        "PROMETHEUS_MULTIPROC_DIR": str(given),
+        "HOTPATCH_METRICS_PATH": "/metrics",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--bind",
+            "127.0.0.1:0",
+            "-c",
+            "python:hotpatch.gunicorn",
+            "app:app",
+        ],
+        cwd=app_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        start_new_session=True,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "PROMETHEUS_MULTIPROC_DIR" in proc.stderr
+    assert str(given) in proc.stderr
+    assert not any(target.iterdir())  # nothing written there
