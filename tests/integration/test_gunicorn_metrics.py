@@ -19,11 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-pytest.importorskip("prometheus_client")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from hotpatch.demo.harness import Site, wait_until  # noqa: E402
+from hotpatch.demo.harness import Site, wait_until
 
 APPS = Path(__file__).resolve().parents[1] / "apps"
 WORKERS = 4
