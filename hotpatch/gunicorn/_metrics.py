@@ -38,6 +38,7 @@ MAX_ANSWER_SAMPLES = 8192
 MAX_RELEASES = 16
 """Releases kept per worker (the oldest is dropped beyond that)."""
 CODE_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+_clock = time.perf_counter
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -65,6 +66,10 @@ class Recorder:
 
     def record(self, release: str, code_class: str, *, exception: bool, latency_s: float) -> None:
         """Count one finished request."""
+        self.add(release, code_class, exception, latency_s)
+
+    def add(self, release: str, code_class: str, exception: bool, latency_s: float) -> None:
+        """``record``, positional (the middleware's per-request path)."""
         with self._lock:
             counts = self._releases.get(release)
             if counts is None:
@@ -114,10 +119,13 @@ class Recorder:
         return {"stats_v": STATS_VERSION, "releases": out}
 
 
+_CLASS_OF = {"2": "2xx", "3": "3xx", "4": "4xx", "5": "5xx"}
+
+
 def code_class(status: str | None) -> str:
     """``"200 OK"`` -> ``"2xx"``; no status (the app raised first) or a bad one -> ``"5xx"``."""
-    if status and status[:1] in "2345" and status[1:3].isdigit():
-        return status[0] + "xx"
+    if status and status[1:3].isdigit():
+        return _CLASS_OF.get(status[0], "5xx")
     return "5xx"
 
 
@@ -157,16 +165,9 @@ class RecordingMiddleware:
         if self.metrics_path is not None and environ.get("PATH_INFO") == self.metrics_path:
             assert self.serve_metrics is not None
             return self.serve_metrics(environ, start_response)
-        body = _Body(self, time.perf_counter())
-
-        def recording_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
-            body.status = status
-            if exc_info is None:
-                return start_response(status, headers)
-            return start_response(status, headers, exc_info)
-
+        body = _Body(self, start_response)
         try:
-            body.inner = self.app(environ, recording_start_response)
+            body.inner = self.app(environ, body.start_response)
         except BaseException:
             body.failed = True
             body.finish()
@@ -174,9 +175,10 @@ class RecordingMiddleware:
         return body
 
     def record(self, status: str | None, *, exception: bool, latency_s: float) -> None:
+        """Count one finished request."""
         release = self.release_of()
         cls = code_class(status)
-        self.recorder.record(release, cls, exception=exception, latency_s=latency_s)
+        self.recorder.add(release, cls, exception, latency_s)
         sink = self.sink
         if sink is not None:
             sink(release, cls, exception, latency_s)
@@ -185,31 +187,37 @@ class RecordingMiddleware:
 class _Body:
     """The response iterable handed to the server: the app's, measured until ``close()``."""
 
-    __slots__ = ("failed", "finished", "inner", "it", "owner", "started", "status")
+    __slots__ = ("failed", "finished", "inner", "owner", "respond", "started", "status")
 
-    def __init__(self, owner: RecordingMiddleware, started: float) -> None:
+    def __init__(self, owner: RecordingMiddleware, respond: StartResponse) -> None:
         self.owner = owner
-        self.started = started
+        self.respond = respond
+        self.started = _clock()
         self.status: str | None = None
         self.inner: Iterable[bytes] | None = None
-        self.it: Iterator[bytes] | None = None
         self.failed = False
         self.finished = False
 
-    def __iter__(self) -> Iterator[bytes]:
-        if self.it is None:
-            try:
-                self.it = iter(self.inner if self.inner is not None else ())
-            except BaseException:
-                self.failed = True
-                raise
-        return self
+    def start_response(self, status: str, headers: Any, exc_info: Any = None) -> Any:
+        """The ``start_response`` the app gets: notes the status, passes everything on."""
+        self.status = status
+        if exc_info is None:
+            return self.respond(status, headers)
+        return self.respond(status, headers, exc_info)
 
-    def __next__(self) -> bytes:
-        assert self.it is not None
+    def __iter__(self) -> Iterator[bytes]:
+        inner = self.inner
+        if type(inner) is list:  # the usual body: iterating a list cannot fail
+            return iter(inner)
+        return self._stream(inner if inner is not None else ())
+
+    def _stream(self, inner: Iterable[bytes]) -> Iterator[bytes]:
+        # A plain loop, not ``yield from``: closing this generator must not close ``inner``
+        # (``close()`` does that, once).
         try:
-            return next(self.it)
-        except StopIteration:
+            for chunk in inner:  # noqa: UP028 (see above)
+                yield chunk
+        except GeneratorExit:
             raise
         except BaseException:
             self.failed = True
@@ -220,7 +228,8 @@ class _Body:
         if self.finished:
             return
         try:
-            close = getattr(self.inner, "close", None)
+            inner = self.inner
+            close = None if type(inner) is list else getattr(inner, "close", None)
             if close is not None:
                 close()
         except BaseException:
@@ -233,11 +242,17 @@ class _Body:
         if self.finished:
             return
         self.finished = True
-        latency = time.perf_counter() - self.started
-        try:  # noqa: SIM105 (per request: cheaper than contextlib.suppress)
-            self.owner.record(self.status, exception=self.failed, latency_s=latency)
+        latency = _clock() - self.started
+        owner = self.owner
+        status = self.status
+        cls = _CLASS_OF.get(status[0], "5xx") if status and status[1:3].isdigit() else "5xx"
+        try:  # inline: this runs for every request
+            release = owner.release_of()
+            owner.recorder.add(release, cls, self.failed, latency)
+            if owner.sink is not None:
+                owner.sink(release, cls, self.failed, latency)
         except Exception:  # recording must never break a response
-            pass
+            return
 
 
 def unwrap(app: Any) -> Any:
