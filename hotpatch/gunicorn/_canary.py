@@ -364,9 +364,7 @@ POLL_S = 0.5
 """Time between two readings of the workers (shorter for short bakes)."""
 
 
-def run_canary(
-    run: Coordinator, options: CanaryOptions, *, read: StatsReader | None = None
-) -> Any:
+def run_canary(run: Coordinator, options: CanaryOptions, *, read: StatsReader | None = None) -> Any:
     """The canary strategy, from the coordinator's side (see the module docstring).
 
     Returns the coordinator's ``DeployResult``: ``deployed`` (passed, every worker rolled),
@@ -390,15 +388,37 @@ def run_canary(
     rollout_id = int(begin["rollout_id"])
     release = str(begin["release"])
     run.emit("canary.started", rollout_id=rollout_id, release=release)
+    shown = [0]  # the master's rollout events already passed on
+
+    def follow(record: dict[str, Any] | None) -> None:
+        events = (record or {}).get("events") or []
+        for event in events[shown[0] :]:
+            if isinstance(event, dict):
+                run.emit("rolling.event", rollout=event)
+        shown[0] = max(shown[0], len(events))
+
+    def follow_late(event: dict[str, Any]) -> None:
+        if shown[0] > 0:  # wait_for_rollout starts from the first event: skip those shown
+            shown[0] -= 1
+            return
+        run.emit("rolling.event", rollout=event)
 
     def finished(**extra: Any) -> Any:
         try:
             record = wait_for_rollout(
-                run.pid, rollout_id, timeout_s=run.remaining(), state_dir=run.state_dir
+                run.pid,
+                rollout_id,
+                timeout_s=run.remaining(),
+                state_dir=run.state_dir,
+                on_event=follow_late,
             )
         except (RolloutStillRunning, HotpatchError) as exc:
             return run.result(
-                "unknown", "canary", reason=str(exc), rollout_id=rollout_id, release=release,
+                "unknown",
+                "canary",
+                reason=str(exc),
+                rollout_id=rollout_id,
+                release=release,
                 **extra,
             )
         outcome = record.get("outcome")
@@ -418,8 +438,9 @@ def run_canary(
             if outcome == "refused"
             else "rollback_failed"
         )
-        return run.result(status, "canary", reason=reason, rollout_id=rollout_id,
-                          release=release, **fields)
+        return run.result(
+            status, "canary", reason=reason, rollout_id=rollout_id, release=release, **fields
+        )
 
     # 1. the canary boots and opens its control socket
     canary_pid = None
@@ -432,6 +453,7 @@ def run_canary(
             current = state.get("rollout") if isinstance(state.get("rollout"), dict) else None
             if current is None or current.get("id") != rollout_id:
                 return finished()  # over already: the canary failed to boot, or was stopped
+            follow(current)
             info = current.get("canary") if isinstance(current.get("canary"), dict) else {}
             pid = (info or {}).get("pid")
             workers = [w for w in state.get("workers") or [] if isinstance(w, dict)]
@@ -467,10 +489,13 @@ def run_canary(
             state = load_state(run.pid, run.state_dir)
             current = state.get("rollout") if isinstance(state.get("rollout"), dict) else None
             info = (current or {}).get("canary") if current else None
-            if current is None or current.get("id") != rollout_id or not (
-                isinstance(info, dict) and info.get("holding")
+            if (
+                current is None
+                or current.get("id") != rollout_id
+                or not (isinstance(info, dict) and info.get("holding"))
             ):
                 return finished()  # the canary crashed, or the master's deadline passed
+            follow(current)
             old = [
                 w["pid"]
                 for w in state.get("workers") or []
