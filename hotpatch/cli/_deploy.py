@@ -93,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="wait for the outcome (default); --no-wait returns once a rolling reload has "
-        "started (an in-place deploy is always waited for: this command coordinates it)",
+        "started (an in-place or canary deploy is always waited for: this command coordinates "
+        "it)",
     )
     parser.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
 

@@ -74,6 +74,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from hotpatch._log import get_logger
 from hotpatch.errors import ConfigError
+from hotpatch.gunicorn._canary import flat_figures
 from hotpatch.gunicorn._deploy import begin_problem, changed_files, pids, switch_problem
 from hotpatch.gunicorn._fileset import SnapshotRule
 from hotpatch.gunicorn._machine import (
@@ -1015,7 +1016,7 @@ class Controller:
         canary["verdict"] = {
             "decision": decision,
             "reason": reason,
-            "figures": figures if isinstance(figures, dict) else {},
+            "figures": flat_figures(figures) if isinstance(figures, dict) else {},
         }
         self._event(
             "canary.passed" if decision == "pass" else "canary.failed",

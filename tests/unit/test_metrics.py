@@ -340,3 +340,79 @@ def test_recording_is_consistent_under_threads() -> None:
         t.join(30)
     c = recorder.snapshot(since=2**62)["releases"]["r1"]
     assert (c["requests"], c["errors"], c["exceptions"], c["classes"]["5xx"]) == (8000,) * 4
+
+
+# -- settings and the Prometheus export's checks ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"HOTPATCH_METRICS_PORT": "0"}, "expected a TCP port"),
+        ({"HOTPATCH_METRICS_PORT": "65536"}, "expected a TCP port"),
+        ({"HOTPATCH_METRICS_PORT": "http"}, "expected a TCP port"),
+        ({"HOTPATCH_METRICS_PORT": "9.5"}, "expected a TCP port"),
+        ({"HOTPATCH_METRICS_PATH": "metrics"}, "the metrics path must start with '/'"),
+        ({"HOTPATCH_METRICS_PATH": "/me trics"}, "must not contain spaces"),
+        ({"HOTPATCH_METRICS_ADDR": "1.2.3.4 x"}, "expected an address"),
+    ],
+)
+def test_bad_metrics_settings_name_the_variable(env: dict[str, str], message: str) -> None:
+    from hotpatch.errors import ConfigError
+    from hotpatch.gunicorn._settings import load_settings
+
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_settings(env)
+    assert next(iter(env)) in str(caught.value)
+
+
+def test_metrics_settings_are_read_and_off_by_default() -> None:
+    from hotpatch.gunicorn._settings import load_settings
+
+    assert not load_settings({}).exports_metrics
+    settings = load_settings({"HOTPATCH_METRICS_PORT": "9102", "HOTPATCH_METRICS_PATH": "/m"})
+    assert (settings.metrics_port, settings.metrics_path, settings.metrics_addr) == (
+        9102,
+        "/m",
+        "127.0.0.1",
+    )
+    assert settings.exports_metrics
+
+
+def test_the_missing_extra_is_a_clear_setting_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hotpatch.errors import ConfigError
+    from hotpatch.gunicorn import _prometheus
+
+    monkeypatch.setattr(_prometheus, "is_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"pip install 'hotpatch\[prometheus\]'"):
+        _prometheus.check_multiproc_dir({})
+
+
+def test_a_multiprocess_directory_open_to_others_is_refused(tmp_path: Any) -> None:
+    from hotpatch.errors import ConfigError
+    from hotpatch.gunicorn import _prometheus
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o700)
+    shared.chmod(0o777)
+    with pytest.raises(ConfigError, match="PROMETHEUS_MULTIPROC_DIR") as caught:
+        _prometheus.check_multiproc_dir({"PROMETHEUS_MULTIPROC_DIR": str(shared)})
+    assert str(shared) in str(caught.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        _prometheus.check_multiproc_dir({"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "none")})
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    _prometheus.check_multiproc_dir({"PROMETHEUS_MULTIPROC_DIR": str(private)})
+
+
+def test_importing_the_hooks_and_the_middleware_imports_no_prometheus_client() -> None:
+    import subprocess
+
+    code = (
+        "import sys, hotpatch.gunicorn, hotpatch.gunicorn._metrics, hotpatch.gunicorn._canary, "
+        "hotpatch.gunicorn._prometheus; print('prometheus_client' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "False"
