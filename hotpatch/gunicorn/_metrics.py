@@ -255,6 +255,88 @@ class _Body:
             return
 
 
+class ASGIRecordingMiddleware:
+    """The ASGI form of ``RecordingMiddleware`` (uvicorn workers): the same counts.
+
+    Only ``http`` scopes are recorded (``lifespan`` and ``websocket`` pass through untouched). The
+    status is the ``http.response.start`` message's; the latency runs until the app returns (after
+    its last ``http.response.body`` was sent: streaming included); an exception escaping the app
+    is counted and re-raised unchanged (a cancellation, the client going away, is not an app
+    error). An app that returns without a response counts as ``5xx`` (uvicorn answers 500).
+
+    Args: as ``RecordingMiddleware``; ``serve_metrics`` is called as a WSGI app and its answer
+    sent as the response at ``metrics_path``.
+    """
+
+    __slots__ = ("app", "metrics_path", "recorder", "release_of", "serve_metrics", "sink")
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        recorder: Recorder,
+        release_of: Callable[[], str],
+        sink: Sink | None = None,
+        metrics_path: str | None = None,
+        serve_metrics: WSGIApp | None = None,
+    ) -> None:
+        self.app = app
+        self.recorder = recorder
+        self.release_of = release_of
+        self.sink = sink
+        self.metrics_path = metrics_path if serve_metrics is not None else None
+        self.serve_metrics = serve_metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.metrics_path is not None and scope.get("path") == self.metrics_path:
+            await self._metrics(send)
+            return
+        started = _clock()
+        status: list[int] = []
+
+        async def recording_send(message: Any) -> None:
+            if message.get("type") == "http.response.start":
+                status.append(message.get("status"))
+            await send(message)
+
+        failed = False
+        try:
+            await self.app(scope, receive, recording_send)
+        except Exception:
+            failed = True
+            raise
+        finally:
+            latency = _clock() - started
+            code = status[-1] if status else None
+            cls = f"{code // 100}xx" if isinstance(code, int) and 200 <= code < 600 else "5xx"
+            try:
+                release = self.release_of()
+                self.recorder.add(release, cls, failed, latency)
+                if self.sink is not None:
+                    self.sink(release, cls, failed, latency)
+            except Exception:  # recording must never break a response
+                pass
+
+    async def _metrics(self, send: Any) -> None:
+        assert self.serve_metrics is not None
+        answer: list[Any] = []
+        body = b"".join(self.serve_metrics({}, lambda s, h, e=None: answer.append((s, h))))
+        status, headers = answer[-1]
+        await send(
+            {
+                "type": "http.response.start",
+                "status": int(status.split(" ", 1)[0]),
+                "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
 def unwrap(app: Any) -> Any:
-    """The app inside a ``RecordingMiddleware`` (health probes bypass the recording)."""
-    return app.app if isinstance(app, RecordingMiddleware) else app
+    """The app inside a recording middleware (health probes bypass the recording)."""
+    if isinstance(app, (RecordingMiddleware, ASGIRecordingMiddleware)):
+        return app.app
+    return app

@@ -30,13 +30,18 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hotpatch._log import get_logger
-from hotpatch.gunicorn._asgi import Probe, guard_asgi_worker, serves_asgi
+from hotpatch.gunicorn._asgi import Probe, _is_uvicorn_worker, guard_asgi_worker, serves_asgi
 from hotpatch.gunicorn._diagnose import describe_exception
-from hotpatch.gunicorn._metrics import Recorder, RecordingMiddleware, unwrap
+from hotpatch.gunicorn._metrics import (
+    ASGIRecordingMiddleware,
+    Recorder,
+    RecordingMiddleware,
+    unwrap,
+)
 from hotpatch.gunicorn._releases import Manifest, pin_worker, verify_release
 from hotpatch.gunicorn._settings import Settings
 from hotpatch.gunicorn._state import WAKE_SIGNAL, StageReport, send_report
-from hotpatch.health import probe_wsgi
+from hotpatch.health import is_asgi_app, probe_wsgi
 
 log = get_logger(__name__)
 
@@ -152,10 +157,15 @@ def prepare_worker(worker: Any, plan: SpawnPlan) -> None:
 
 
 def _record_requests(worker: Any) -> None:
-    """Wrap the loaded WSGI app in the recording middleware (ASGI apps: not yet)."""
+    """Wrap the loaded app in the recording middleware (its ASGI form under uvicorn workers)."""
     state = _require()
-    if serves_asgi(worker) or isinstance(worker.wsgi, RecordingMiddleware):
+    if isinstance(worker.wsgi, (RecordingMiddleware, ASGIRecordingMiddleware)):
         return
+    middleware: type[RecordingMiddleware] | type[ASGIRecordingMiddleware] = RecordingMiddleware
+    if serves_asgi(worker):
+        if not (_is_uvicorn_worker(worker) and is_asgi_app(worker.wsgi)):
+            return  # a mismatch the health check refuses: nothing to record
+        middleware = ASGIRecordingMiddleware
     sink = metrics_path = serve_metrics = None
     settings = state.plan.settings
     if state.plan.exports_metrics:
@@ -165,7 +175,7 @@ def _record_requests(worker: Any) -> None:
         _prometheus.serving_release(None, state.plan.release)
         if settings.metrics_path is not None:
             metrics_path, serve_metrics = settings.metrics_path, _prometheus.serve_metrics
-    worker.wsgi = RecordingMiddleware(
+    worker.wsgi = middleware(
         worker.wsgi,
         recorder=state.recorder,
         release_of=lambda: state.plan.release,

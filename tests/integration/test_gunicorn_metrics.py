@@ -220,3 +220,62 @@ def test_an_unsafe_multiprocess_directory_stops_gunicorn_before_it_serves(
     assert "PROMETHEUS_MULTIPROC_DIR" in proc.stderr
     assert str(given) in proc.stderr
     assert not any(target.iterdir())  # nothing written there
+
+
+def test_uvicorn_workers_record_requests_for_stats_and_prometheus(tmp_path: Path) -> None:
+    """The ASGI form of the middleware under real uvicorn workers (FastAPI): the ``stats``
+    request and a scrape of the metrics path both count the requests sent."""
+    pytest.importorskip("uvicorn_worker", reason="the asgi extra is not installed")
+    pytest.importorskip("fastapi", reason="fastapi is not installed (the test extra has it)")
+    from hotpatch.control.client import send_request
+
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    source = (APPS / "asgi_good.py").read_text(encoding="utf-8").replace("__VERSION__", "v1")
+    (app_dir / "app.py").write_text(source, encoding="utf-8")
+    env = {**ENV, "HOTPATCH_BOOT_TIMEOUT": "60", "HOTPATCH_METRICS_PATH": "/metrics"}
+    site = Site(app_dir, workers=2, env=env)
+    try:
+        server = site.start(extra_args=("--worker-class", "uvicorn_worker.UvicornWorker"))
+        release = site.state()["known_good"]
+        site.wait_settled(release, timeout_s=120)
+        wait_until(
+            lambda: all(w.get("listening") for w in site.workers()),
+            timeout_s=60,
+            what="every worker listening",
+        )
+        pids = server.worker_pids()
+
+        def stats_total() -> int:
+            total_requests = 0
+            for pid in pids:
+                answer = send_request(pid, "stats", since=2**62, timeout_s=10)
+                assert answer["outcome"] == "stats", answer
+                assert answer["stats_v"] == 1
+                total_requests += answer["releases"].get(release, {}).get("requests", 0)
+            return total_requests
+
+        before_stats = stats_total()
+        before_scrape = total(
+            fetch(server.port, "/metrics")[2], "hotpatch_requests_total", release=release
+        )
+        sent = 60
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            answers = list(pool.map(lambda _: server.get("/")[0], range(sent)))
+        assert answers == [200] * sent
+        wait_until(
+            lambda: stats_total() - before_stats == sent,
+            timeout_s=20,
+            what=f"{sent} requests in the workers' stats",
+        )
+        wait_until(
+            lambda: (
+                total(fetch(server.port, "/metrics")[2], "hotpatch_requests_total", release=release)
+                - before_scrape
+                == sent
+            ),
+            timeout_s=20,
+            what=f"{sent} requests scraped",
+        )
+    finally:
+        site.close()

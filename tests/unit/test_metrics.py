@@ -416,3 +416,106 @@ def test_importing_the_hooks_and_the_middleware_imports_no_prometheus_client() -
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "False"
+
+
+# -- the ASGI form ----------------------------------------------------------------------------
+
+
+def asgi_serve(mw: Any, path: str = "/") -> list[dict[str, Any]]:
+    import asyncio
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(mw({"type": "http", "path": path, "method": "GET"}, receive, send))
+    return sent
+
+
+def test_asgi_requests_are_counted_by_status_class() -> None:
+    from hotpatch.gunicorn._metrics import ASGIRecordingMiddleware
+    from hotpatch.health import is_asgi_app
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 302, "headers": []})
+        await send({"type": "http.response.body", "body": b"moved"})
+
+    recorder = Recorder()
+    mw = ASGIRecordingMiddleware(app, recorder=recorder, release_of=lambda: "r1")
+    assert is_asgi_app(mw)  # uvicorn's interface="auto" still sees an ASGI 3 app
+    sent = asgi_serve(mw)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    c = counts(recorder)
+    assert (c["requests"], c["classes"]["3xx"], c["errors"]) == (1, 1, 0)
+    assert unwrap(mw) is app
+
+
+def test_an_asgi_exception_is_counted_and_re_raised_unchanged() -> None:
+    from hotpatch.gunicorn._metrics import ASGIRecordingMiddleware
+
+    error = LookupError("asgi bug")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise error
+
+    recorder = Recorder()
+    mw = ASGIRecordingMiddleware(app, recorder=recorder, release_of=lambda: "r1")
+    with pytest.raises(LookupError) as caught:
+        asgi_serve(mw)
+    assert caught.value is error
+    c = counts(recorder)
+    assert (c["requests"], c["exceptions"], c["errors"], c["classes"]["2xx"]) == (1, 1, 1, 1)
+
+
+def test_asgi_streaming_latency_runs_to_the_last_body_and_other_scopes_pass() -> None:
+    import asyncio
+
+    from hotpatch.gunicorn._metrics import ASGIRecordingMiddleware
+
+    scopes: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        scopes.append(scope["type"])
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await asyncio.sleep(0.05)  # the stream is open: part of the request's time
+        await send({"type": "http.response.body", "body": b"b"})
+
+    recorder = Recorder()
+    mw = ASGIRecordingMiddleware(app, recorder=recorder, release_of=lambda: "r1")
+    asgi_serve(mw)
+    asyncio.run(mw({"type": "lifespan"}, None, None))
+    assert scopes == ["http", "lifespan"]
+    (latency,) = counts(recorder)["latencies_s"]
+    assert latency >= 0.05
+    assert counts(recorder)["requests"] == 1  # the lifespan scope is not a request
+
+
+def test_asgi_no_response_counts_as_5xx_and_the_metrics_path_is_served() -> None:
+    from hotpatch.gunicorn._metrics import ASGIRecordingMiddleware
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    def metrics(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"m 1\n"]
+
+    recorder = Recorder()
+    mw = ASGIRecordingMiddleware(
+        app, recorder=recorder, release_of=lambda: "r1", metrics_path="/m", serve_metrics=metrics
+    )
+    asgi_serve(mw)
+    assert counts(recorder)["classes"]["5xx"] == 1
+    sent = asgi_serve(mw, "/m")
+    assert sent[0]["status"] == 200
+    assert sent[0]["headers"] == [(b"content-type", b"text/plain")]
+    assert sent[1]["body"] == b"m 1\n"
+    assert counts(recorder)["requests"] == 1
