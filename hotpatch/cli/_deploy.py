@@ -152,6 +152,11 @@ def describe(event: dict[str, Any]) -> str:
             text += f": {event['reason']}"
         else:
             text += f" ({(event.get('figures') or {}).get('detail')})"
+    elif kind == "canary.replaced":
+        text = (
+            f"canary worker {event.get('previous_pid')} was replaced by {event.get('worker_pid')}"
+            " (recycled): the bake starts over"
+        )
     elif kind == "canary.verdict_refused":
         text = f"the master refused the verdict: {event.get('reason')}"
     elif kind == "rolling.completed":

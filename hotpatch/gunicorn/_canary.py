@@ -485,6 +485,7 @@ def run_canary(run: Coordinator, options: CanaryOptions, *, read: StatsReader | 
     step = min(POLL_S, max(options.bake_s / 10, 0.05))
     verdict = None
     while verdict is None:
+        replaced = False
         with contextlib.suppress(ConfigError):
             state = load_state(run.pid, run.state_dir)
             current = state.get("rollout") if isinstance(state.get("rollout"), dict) else None
@@ -492,18 +493,33 @@ def run_canary(run: Coordinator, options: CanaryOptions, *, read: StatsReader | 
             if (
                 current is None
                 or current.get("id") != rollout_id
-                or not (isinstance(info, dict) and info.get("holding"))
+                or current.get("mode") != "forward"
             ):
                 return finished()  # the canary crashed, or the master's deadline passed
             follow(current)
+            workers = [w for w in state.get("workers") or [] if isinstance(w, dict)]
+            holding = isinstance(info, dict) and info.get("holding")
+            pid = info.get("pid") if isinstance(info, dict) else None
+            listening = {w.get("pid") for w in workers if w.get("listening")}
+            if not holding or pid not in listening:
+                replaced = True  # no canary serving now (recycled by max_requests: a new one boots)
+            elif pid != canary_pid and isinstance(pid, int):
+                run.emit("canary.replaced", worker_pid=pid, previous_pid=canary_pid)
+                canary_pid = pid  # its window starts over: the bake goes on from here
+                window = Window(canary_pid, release, known_good)
+                bake = Bake(window, options, read=read, emit=run.emit)
             old = [
                 w["pid"]
-                for w in state.get("workers") or []
-                if isinstance(w, dict)
-                and isinstance(w.get("pid"), int)
+                for w in workers
+                if isinstance(w.get("pid"), int)
                 and w.get("release") == known_good
                 and w.get("listening")
             ]
+        if replaced:
+            if time.monotonic() >= deadline:
+                return finished()
+            sleep_until(deadline, step_s=step)
+            continue
         bake.poll([canary_pid, *old])
         verdict = bake.verdict()
         if verdict is None:

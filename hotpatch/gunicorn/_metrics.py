@@ -167,11 +167,15 @@ class RecordingMiddleware:
             return self.serve_metrics(environ, start_response)
         body = _Body(self, start_response)
         try:
-            body.inner = self.app(environ, body.start_response)
+            result = self.app(environ, body.start_response)
         except BaseException:
             body.failed = True
             body.finish()
             raise
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if file_wrapper is not None and isinstance(result, file_wrapper):
+            return _keep_file_wrapper(result, body)
+        body.inner = result
         return body
 
     def record(self, status: str | None, *, exception: bool, latency_s: float) -> None:
@@ -182,6 +186,29 @@ class RecordingMiddleware:
         sink = self.sink
         if sink is not None:
             sink(release, cls, exception, latency_s)
+
+
+def _keep_file_wrapper(result: Any, body: _Body) -> Iterable[bytes]:
+    """Return the server's own file wrapper (so it still uses ``sendfile``), recording at its
+    ``close()``; a wrapper whose ``close`` cannot be replaced is wrapped like any body."""
+    inner_close = getattr(result, "close", None)
+
+    def close() -> None:
+        try:
+            if inner_close is not None:
+                inner_close()
+        except BaseException:
+            body.failed = True
+            raise
+        finally:
+            body.finish()
+
+    try:
+        result.close = close
+    except (AttributeError, TypeError):
+        body.inner = result
+        return body
+    return result  # type: ignore[no-any-return]
 
 
 class _Body:

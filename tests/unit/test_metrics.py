@@ -519,3 +519,38 @@ def test_asgi_no_response_counts_as_5xx_and_the_metrics_path_is_served() -> None
     assert sent[0]["headers"] == [(b"content-type", b"text/plain")]
     assert sent[1]["body"] == b"m 1\n"
     assert counts(recorder)["requests"] == 1
+
+
+def test_the_servers_file_wrapper_is_kept_for_sendfile_and_recorded_at_close() -> None:
+    class FileWrapper:  # as gunicorn's: close set on the instance when the file has one
+        def __init__(self, filelike: Any) -> None:
+            self.filelike = filelike
+            self.close = filelike.close
+
+        def __iter__(self) -> Iterator[bytes]:
+            yield self.filelike.read()
+
+    class File:
+        closed = 0
+
+        def read(self) -> bytes:
+            return b"data"
+
+        def close(self) -> None:
+            File.closed += 1
+
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [])
+        return environ["wsgi.file_wrapper"](File())
+
+    mw, recorder = make(app)
+    result = mw({"PATH_INFO": "/", "wsgi.file_wrapper": FileWrapper}, lambda *a: None)
+    assert isinstance(result, FileWrapper)  # the server can still sendfile() it
+    assert counts_or_none(recorder) is None  # not finished before the server closes it
+    result.close()
+    assert File.closed == 1
+    assert counts(recorder)["requests"] == 1
+
+
+def counts_or_none(recorder: Recorder) -> Any:
+    return recorder.snapshot()["releases"].get("r1")
