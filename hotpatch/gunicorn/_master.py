@@ -209,10 +209,10 @@ class Controller:
         self._deploy_participants: dict[int, str] = {}
         self._deploy_deadline: float | None = None
         self.canary: dict[str, Any] | None = None
+        """The running (or last) canary rollout's record: its rollout id, deadline, verdict."""
         self.exports_metrics = False
         """The Prometheus export runs (``_prometheus``; set by ``install_controller``)."""
         self._in_progress: bool | None = None
-        """The running (or last) canary rollout's record: its rollout id, deadline, verdict."""
 
     # -- installation -----------------------------------------------------------------------
 
@@ -936,12 +936,9 @@ class Controller:
             for rid in prune_releases(self.releases_dir, keep):
                 self.releases.pop(rid, None)
                 self.damaged.pop(rid, None)  # gone on purpose now: nothing left to warn about
-        if self.exports_metrics:
-            from hotpatch.gunicorn import _prometheus
-
-            outcome = {"completed": "deployed"}.get(str(rollout.outcome), str(rollout.outcome))
-            strategy = "canary" if self._canary_fields(rollout.rollout_id) else "rolling"
-            _prometheus.deploy_finished(strategy, outcome)
+        outcome = {"completed": "deployed"}.get(str(rollout.outcome), str(rollout.outcome))
+        strategy = "canary" if self._canary_fields(rollout.rollout_id) else "rolling"
+        self._count("deploy_finished", strategy, outcome)
         if self.pending:
             self.pending = False
             self.publish()
@@ -967,6 +964,18 @@ class Controller:
                 self.deploy_acks.pop(next(iter(self.deploy_acks)))
         if self._deploy_deadline is not None and time.monotonic() >= self._deploy_deadline:
             self._expire_deploy()
+
+    def _count(self, name: str, *args: Any) -> None:
+        """Update a Prometheus metric (``_prometheus.<name>``); a failure is logged, never raised
+        (the master's work goes on)."""
+        if not self.exports_metrics:
+            return
+        try:
+            from hotpatch.gunicorn import _prometheus
+
+            getattr(_prometheus, name)(*args)
+        except Exception:
+            log.exception("metrics.update_failed", master_pid=self.master_pid, metric=name)
 
     def _canary_fields(self, rollout_id: int) -> dict[str, Any]:
         canary = self.canary
@@ -1200,10 +1209,7 @@ class Controller:
                     release=self.worker_release.get(pid),
                 )
                 self._signal_worker(pid, signal.SIGTERM)
-        if self.exports_metrics:
-            from hotpatch.gunicorn import _prometheus
-
-            _prometheus.deploy_finished(str(deploy.get("strategy") or "in-place"), outcome)
+        self._count("deploy_finished", str(deploy.get("strategy") or "in-place"), outcome)
         started = deploy.get("started")
         self.last_deploy = {
             **deploy,
@@ -1453,10 +1459,8 @@ class Controller:
         """Write ``state.json`` if the state changed; a failure is logged (once), not raised."""
         running = self.rollout is not None or self.deploy is not None
         if self.exports_metrics and running != self._in_progress:
-            from hotpatch.gunicorn import _prometheus
-
             self._in_progress = running
-            _prometheus.deploy_in_progress(running)
+            self._count("deploy_in_progress", running)
         if not self.has_state_dir:
             return
         state = self.snapshot_state()
@@ -1509,9 +1513,8 @@ def install_controller(arbiter: Any) -> Controller:
         settings = load_settings(_environ_of(arbiter))
     except ConfigError as exc:
         exit_on_config_error(arbiter, exc)
-    _controller = Controller(arbiter, settings)
-    _controller.install()
-    if settings.exports_metrics:
+    exports_metrics = False
+    if settings.exports_metrics:  # before any worker is forked, and before any state is made
         from hotpatch.gunicorn import _prometheus
 
         try:
@@ -1523,8 +1526,10 @@ def install_controller(arbiter: Any) -> Controller:
         except Exception:  # never a reason not to serve: the app runs without metrics
             log.exception("metrics.disabled", master_pid=arbiter.pid)
         else:
-            _controller.exports_metrics = True
-            _controller.publish()
+            exports_metrics = True
+    _controller = Controller(arbiter, settings)
+    _controller.exports_metrics = exports_metrics
+    _controller.install()
     return _controller
 
 

@@ -169,12 +169,16 @@ def _record_requests(worker: Any) -> None:
     sink = metrics_path = serve_metrics = None
     settings = state.plan.settings
     if state.plan.exports_metrics:
-        from hotpatch.gunicorn import _prometheus
+        try:
+            from hotpatch.gunicorn import _prometheus
 
-        sink = _prometheus.worker_sink(worker.pid)
-        _prometheus.serving_release(None, state.plan.release)
-        if settings.metrics_path is not None:
-            metrics_path, serve_metrics = settings.metrics_path, _prometheus.serve_metrics
+            sink = _prometheus.worker_sink(worker.pid)
+            _prometheus.serving_release(None, state.plan.release)
+            if settings.metrics_path is not None:
+                metrics_path, serve_metrics = settings.metrics_path, _prometheus.serve_metrics
+        except Exception:  # never a reason not to serve: the counts for the canary go on
+            sink = metrics_path = serve_metrics = None
+            log.exception("metrics.unavailable", worker_pid=worker.pid)
     worker.wsgi = middleware(
         worker.wsgi,
         recorder=state.recorder,
@@ -369,16 +373,19 @@ def start_listening(worker: Any) -> bool:
 def _switched(release: str, release_dir: str) -> None:
     """A deploy committed (or rolled back): import from ``release_dir``, report ``release``."""
     state = _require()
+    is_undo = bool(state.earlier) and state.earlier[-1] == release
+    if is_undo:
+        state.earlier.pop()
+    else:
+        state.earlier.append(state.plan.release)
     if state.plan.exports_metrics:
-        from hotpatch.gunicorn import _prometheus
+        try:
+            from hotpatch.gunicorn import _prometheus
 
-        is_undo = bool(state.earlier) and state.earlier[-1] == release
-        _prometheus.patched("rolled_back" if is_undo else "applied")
-        _prometheus.serving_release(state.plan.release, release)
-        if is_undo:
-            state.earlier.pop()
-        else:
-            state.earlier.append(state.plan.release)
+            _prometheus.patched("rolled_back" if is_undo else "applied")
+            _prometheus.serving_release(state.plan.release, release)
+        except Exception:  # a metric must never stop a deploy's switch
+            log.exception("metrics.update_failed", worker_pid=state.pid)
     old = str(state.plan.release_dir).rstrip("/")
     moved = []
     for entry in sys.path:

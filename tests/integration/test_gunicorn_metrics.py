@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hotpatch.demo.harness import Site, wait_until
+from hotpatch.gunicorn._coordinator import deploy
 
 APPS = Path(__file__).resolve().parents[1] / "apps"
 WORKERS = 4
@@ -164,6 +165,29 @@ def test_scraped_counters_match_the_requests_sent_across_every_worker(site: Site
     assert total(text, "hotpatch_release_info", release=new) == 1
     assert total(text, "hotpatch_release_info", release=release) == 0  # its workers are gone
     assert total(text, "hotpatch_deploy_in_progress") == 0
+
+    # an in-place deploy: every worker counts its patch, and serves the new release from then on
+    wait_until(
+        lambda: all(w.get("listening") for w in site.workers()),
+        timeout_s=60,
+        what="every worker listening",
+    )
+    write_app(site.dir, "v3")
+    result = deploy(site.srv.pid, strategy="in-place", timeout_s=90)
+    assert result.outcome == "deployed", result.reason
+    patched = str(result.release)
+
+    def patched_counted() -> bool:
+        text = fetch(port, "/metrics")[2]
+        return (
+            total(text, "hotpatch_patches_total", outcome="applied") == WORKERS
+            and total(text, "hotpatch_deploys_total", strategy="in-place", outcome="deployed") == 1
+        )
+
+    wait_until(patched_counted, timeout_s=20, what="4 patches and the deploy counted")
+    text = fetch(port, "/metrics")[2]
+    assert total(text, "hotpatch_release_info", release=patched) == 1
+    assert total(text, "hotpatch_release_info", release=new) == 0
 
 
 def test_without_the_settings_nothing_is_imported_or_served(site: Site) -> None:
