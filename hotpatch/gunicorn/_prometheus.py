@@ -108,12 +108,11 @@ def start_master(master_pid: int, *, port: int | None, addr: str) -> Path:
         from prometheus_client import start_http_server
 
         try:
-            server, _thread = start_http_server(port, addr=addr, registry=_scrape_registry())
+            start_http_server(port, addr=addr, registry=_scrape_registry())
         except OSError as exc:
             raise ConfigError(
                 f"HOTPATCH_METRICS_PORT: cannot serve metrics on {addr}:{port}: {exc}"
             ) from None
-        log.debug("metrics.port_opened", address=str(server.server_address))
     log.info(
         "metrics.started",
         master_pid=master_pid,
