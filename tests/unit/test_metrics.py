@@ -7,6 +7,7 @@ and the latency to the end of the response iterable (a streaming response includ
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -554,3 +555,46 @@ def test_the_servers_file_wrapper_is_kept_for_sendfile_and_recorded_at_close() -
 
 def counts_or_none(recorder: Recorder) -> Any:
     return recorder.snapshot()["releases"].get("r1")
+
+
+def test_a_metrics_port_in_use_is_a_setting_error_and_the_directory_is_private(
+    tmp_path: Any,
+) -> None:
+    import json
+    import socket
+    import subprocess
+
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code = f"""
+import json, os, stat
+from hotpatch.errors import ConfigError
+from hotpatch.gunicorn import _prometheus
+os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+try:
+    _prometheus.start_master(4242, port={port}, addr="127.0.0.1")
+    out = {{"error": None}}
+except ConfigError as exc:
+    out = {{"error": str(exc)}}
+d = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+st = os.lstat(d)
+out.update(dir=d, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid)
+print(json.dumps(out))
+"""
+        env = {**os.environ, "HOTPATCH_RUNTIME_DIR": str(runtime)}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+            env=env,
+        )
+    out = json.loads(proc.stdout)
+    assert "cannot serve metrics on 127.0.0.1:" in out["error"]
+    assert out["dir"] == str(runtime / "prometheus-4242")
+    assert out["mode"] == 0o700
+    assert out["uid"] == os.getuid()
