@@ -263,9 +263,7 @@ class Rollout:
         canary = self.canary
         self.hold = False
         self.hold_until = None
-        self._record_failure(
-            Failure(canary.pid if canary else None, self.target, "canary", reason)
-        )
+        self._record_failure(Failure(canary.pid if canary else None, self.target, "canary", reason))
         return True
 
     # -- decisions --------------------------------------------------------------------------

@@ -99,7 +99,9 @@ def start_master(master_pid: int, *, port: int | None, addr: str) -> Path:
     check_multiproc_dir(dict(os.environ))
     given = os.environ.get(ENV_MULTIPROC_DIR)
     directory = (
-        check_private_dir(given) if given else private_dir(runtime_dir(), f"prometheus-{master_pid}")
+        check_private_dir(given)
+        if given
+        else private_dir(runtime_dir(), f"prometheus-{master_pid}")
     )
     removed = _remove_db_files(directory)
     os.environ[ENV_MULTIPROC_DIR] = str(directory)
@@ -214,7 +216,11 @@ def worker_sink(worker_pid: int) -> Callable[[str, str, bool, float], None]:
     """The middleware's sink in worker ``worker_pid``: counts each request into the metrics."""
     _define()
     worker = str(worker_pid)
-    requests, exceptions, duration = _metrics["requests"], _metrics["exceptions"], _metrics["duration"]
+    requests, exceptions, duration = (
+        _metrics["requests"],
+        _metrics["exceptions"],
+        _metrics["duration"],
+    )
     children: dict[tuple[str, str], Any] = {}
     per_release: dict[str, tuple[Any, Any]] = {}
 
