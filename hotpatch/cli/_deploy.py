@@ -17,7 +17,12 @@ from typing import Any
 from hotpatch.cli import _args
 from hotpatch.cli._rollout import add_master_arguments, describe_event, master_pid
 from hotpatch.errors import HotpatchError
-from hotpatch.gunicorn._canary import DEFAULT_BAKE_S, DEFAULT_MIN_SAMPLES, CanaryOptions
+from hotpatch.gunicorn._canary import (
+    DEFAULT_BAKE_S,
+    DEFAULT_MIN_LATENCY_SHIFT_S,
+    DEFAULT_MIN_SAMPLES,
+    CanaryOptions,
+)
 from hotpatch.gunicorn._client import load_state
 from hotpatch.gunicorn._coordinator import DeployResult, deploy
 from hotpatch.gunicorn._deploy import STRATEGIES
@@ -79,6 +84,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="canary: too few requests to judge extends the bake up to this long, then the "
         "canary is rolled back (default: twice --bake)",
+    )
+    parser.add_argument(
+        "--min-latency-shift",
+        type=_args.seconds,
+        default=None,
+        metavar="SECONDS",
+        help=f"canary: the smallest rise of the median latency that can fail the canary, on "
+        f"top of the 25%% bound (default: {DEFAULT_MIN_LATENCY_SHIFT_S:g}; raise it on a host "
+        f"whose CPU is saturated, where scheduling alone moves medians by milliseconds)",
     )
     parser.add_argument(
         "--timeout",
@@ -223,15 +237,23 @@ def _g(value: object) -> str:
 
 
 def _canary_options(args: argparse.Namespace) -> CanaryOptions | None:
-    given = (args.bake, args.min_samples, args.bake_deadline)
+    given = (args.bake, args.min_samples, args.bake_deadline, args.min_latency_shift)
     if args.strategy != "canary":
         if any(v is not None for v in given):
-            raise HotpatchError("--bake, --min-samples and --bake-deadline need --strategy canary")
+            raise HotpatchError(
+                "--bake, --min-samples, --bake-deadline and --min-latency-shift need "
+                "--strategy canary"
+            )
         return None
     return CanaryOptions(
         bake_s=DEFAULT_BAKE_S if args.bake is None else args.bake,
         min_samples=DEFAULT_MIN_SAMPLES if args.min_samples is None else args.min_samples,
         deadline_s=args.bake_deadline,
+        min_latency_shift_s=(
+            DEFAULT_MIN_LATENCY_SHIFT_S
+            if args.min_latency_shift is None
+            else args.min_latency_shift
+        ),
     )
 
 
