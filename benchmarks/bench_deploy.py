@@ -1,14 +1,15 @@
-"""Deploy strategies under load: stock gunicorn ``kill -HUP``, rolling, in-place, blue-green.
+"""Deploy strategies under load: stock gunicorn ``kill -HUP``, rolling, in-place, canary, blue-green.
 
-Run: .venv/bin/python benchmarks/bench_deploy.py [--clients 8] [--window 6] [--repeats 3]
+Run: .venv/bin/python benchmarks/bench_deploy.py [--clients 8] [--window 6] [--repeats 3] [--bake 5]
 [--strategies "stock HUP,blue-green"]
 
 For each strategy it starts gunicorn (4 sync workers, an app that imports flask for a realistic
 boot) on 127.0.0.1, runs client threads (a new connection per request), replaces ``app.py`` with a
 good new version and deploys it: stock gunicorn with no config gets SIGHUP; hotpatch's hooks get
-``hotpatch deploy --strategy rolling``, ``--strategy in-place`` or ``--strategy blue-green
---keep-old 1`` (the coordinator called in-process, as the command does; blue-green is waited for
-until the old master quits). Measured from the start of the deploy to the end of the window:
+``hotpatch deploy --strategy rolling``, ``--strategy in-place``, ``--strategy canary`` (with
+``--bake`` seconds, 50 samples per arm at least) or ``--strategy blue-green --keep-old 1`` (the
+coordinator called in-process, as the command does; blue-green is waited for until the old master
+quits). Measured from the start of the deploy to the end of the window:
 the time until every answer comes from the new version ("time to all-new": the first new answer
 after the last old one), the longest stretch with no completed request, failed requests and, for
 in-place, the coordinator's own time to the last worker's commit. In-place runs twice on one
@@ -28,14 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hotpatch.demo.harness import GunicornServer, LoadGenerator, wait_until
+from hotpatch.gunicorn._canary import CanaryOptions
 from hotpatch.gunicorn._client import read_state
 from hotpatch.gunicorn._coordinator import deploy
 
 APPS = Path(__file__).resolve().parents[1] / "tests" / "apps"
 WORKERS = 4
-STRATEGIES = ("stock HUP", "rolling", "in-place", "in-place (2nd)", "blue-green")
-GROUPS = [["stock HUP"], ["rolling"], ["in-place", "in-place (2nd)"], ["blue-green"]]
+STRATEGIES = ("stock HUP", "rolling", "in-place", "in-place (2nd)", "canary", "blue-green")
+GROUPS = [["stock HUP"], ["rolling"], ["in-place", "in-place (2nd)"], ["canary"], ["blue-green"]]
 KEEP_OLD_S = 1.0
+BAKE_S = 5.0
 
 
 @dataclass
@@ -77,11 +80,13 @@ def measure(
             os.kill(server.pid, signal.SIGHUP)
             outcome = "signalled"
         else:
+            kind = strategy.split(maxsplit=1)[0]
             result = deploy(
                 server.pid,
-                strategy=strategy if strategy in ("rolling", "blue-green") else "in-place",
-                timeout_s=120,
+                strategy=kind,
+                timeout_s=180,
                 keep_old_s=KEEP_OLD_S,
+                canary=CanaryOptions(bake_s=BAKE_S, min_samples=50) if kind == "canary" else None,
             )
             outcome = f"{result.outcome} ({result.strategy})"
             commit_s = result.to_last_commit_s
@@ -157,12 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--window", type=float, default=6.0, help="seconds measured per deploy")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bake", type=float, default=BAKE_S, help="canary bake, seconds")
     parser.add_argument(
         "--strategies",
         default=",".join(STRATEGIES),
         help="comma-separated rows to measure (default: all)",
     )
     args = parser.parse_args(argv)
+    globals()["BAKE_S"] = args.bake
     wanted = {s.strip() for s in args.strategies.split(",")}
     runs: dict[str, list[Result]] = {s: [] for s in STRATEGIES if s in wanted}
     for repeat in range(args.repeats):
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\ngunicorn {gunicorn.__version__}, Python {sys.version.split()[0]}, {WORKERS} sync "
         f"workers, {args.clients} clients, {os.cpu_count()} CPUs, window {args.window:g} s, "
-        f"medians of {args.repeats} runs\n"
+        f"canary bake {args.bake:g} s, medians of {args.repeats} runs\n"
     )
     print(
         "| strategy | time to all-new | longest gap ms | failed / total | to last commit | "

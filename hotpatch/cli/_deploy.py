@@ -19,6 +19,12 @@ from hotpatch.cli import _args
 from hotpatch.cli._rollout import add_master_arguments, describe_event, master_pid
 from hotpatch.errors import HotpatchError
 from hotpatch.gunicorn._bluegreen import switch_back
+from hotpatch.gunicorn._canary import (
+    DEFAULT_BAKE_S,
+    DEFAULT_MIN_LATENCY_SHIFT_S,
+    DEFAULT_MIN_SAMPLES,
+    CanaryOptions,
+)
 from hotpatch.gunicorn._client import load_state
 from hotpatch.gunicorn._coordinator import DeployResult, deploy
 from hotpatch.gunicorn._deploy import STRATEGIES
@@ -30,9 +36,10 @@ EXIT_ERROR = 2
 EXIT_UNKNOWN = 3
 HELP = (
     "deploy the code in a gunicorn master's app directory to all its workers: in place (every "
-    "worker patches itself, all or nothing, no restart), rolling, blue-green (a second master, "
-    "then a switch-back window), or auto (in place when every worker accepts the change, else "
-    "rolling); exit 0: deployed (or switched back), 1: refused or rolled back, 2: "
+    "worker patches itself, all or nothing, no restart), rolling, canary (one new worker judged "
+    "on real traffic first), blue-green (a second master, then a switch-back window), or auto "
+    "(in place when every worker accepts the change, else rolling); exit 0: deployed (or "
+    "switched back), 1: refused or rolled back, 2: "
     "usage or environment error, 3: outcome unknown, still running after --timeout"
 )
 _EXIT = {
@@ -54,10 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=STRATEGIES,
         default="auto",
         help="in-place: every worker patches its modules, all or nothing; rolling: replace the "
-        "workers one at a time; blue-green: a second master (gunicorn's USR2 re-exec) with a "
-        "full set of new workers, then the old workers stop and the old master waits --keep-old "
-        "seconds; auto (default): in-place when phase 1 accepts in every worker, otherwise "
-        "rolling",
+        "workers one at a time; canary: one new worker serves beside the old ones for --bake "
+        "seconds and is judged against them, then the rest roll (or it is rolled back); "
+        "blue-green: a second master (gunicorn's USR2 re-exec) with a full set of new workers, "
+        "then the old workers stop and the old master waits --keep-old seconds; auto "
+        "(default): in-place when phase 1 accepts in every worker, otherwise rolling",
     )
     parser.add_argument(
         "--keep-old",
@@ -74,20 +82,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "master's pid (the one deployed to; gunicorn's pidfile still names it during the window)",
     )
     parser.add_argument(
+        "--bake",
+        type=_args.seconds,
+        default=None,
+        metavar="SECONDS",
+        help=f"canary: how long the canary serves before it is judged (default: "
+        f"{DEFAULT_BAKE_S:g})",
+    )
+    parser.add_argument(
+        "--min-samples",
+        type=_args.positive_int,
+        default=None,
+        metavar="N",
+        help=f"canary: requests the canary and the old workers each need before a verdict "
+        f"(default: {DEFAULT_MIN_SAMPLES})",
+    )
+    parser.add_argument(
+        "--bake-deadline",
+        type=_args.seconds,
+        default=None,
+        metavar="SECONDS",
+        help="canary: too few requests to judge extends the bake up to this long, then the "
+        "canary is rolled back (default: twice --bake)",
+    )
+    parser.add_argument(
+        "--min-latency-shift",
+        type=_args.seconds,
+        default=None,
+        metavar="SECONDS",
+        help=f"canary: the smallest rise of the median latency that can fail the canary, on "
+        f"top of the 25%% bound (default: {DEFAULT_MIN_LATENCY_SHIFT_S:g}; raise it on a host "
+        f"whose CPU is saturated, where scheduling alone moves medians by milliseconds)",
+    )
+    parser.add_argument(
         "--timeout",
         type=_args.seconds,
-        default=120.0,
+        default=None,
         metavar="SECONDS",
         help="stop waiting after this long: the exit code is then 3, outcome unknown (default: "
-        "120)",
+        "120; canary: the bake deadline plus 120)",
     )
     parser.add_argument(
         "--wait",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="wait for the outcome (default); --no-wait returns once a rolling reload or a "
-        "blue-green has started (the master runs it; an in-place deploy is always waited for: "
-        "this command coordinates it)",
+        "blue-green has started (the master runs it; an in-place or canary deploy is always "
+        "waited for: this command coordinates it)",
     )
     parser.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
 
@@ -123,6 +164,37 @@ def describe(event: dict[str, Any]) -> str:
         return f"{t}  {describe_event(event.get('rollout') or {}).lstrip()}"
     elif kind == "deploy.completed":
         text = f"every worker confirmed {event.get('release')}"
+    elif kind == "canary.started":
+        text = (
+            f"canary rollout {event.get('rollout_id')} of {event.get('release')} started: one new "
+            "worker first"
+        )
+    elif kind == "canary.serving":
+        text = (
+            f"canary worker {event.get('worker_pid')} serves {event.get('release')} beside "
+            f"{len(event.get('old_workers') or [])} old workers; baking"
+        )
+    elif kind == "canary.progress":
+        text = (
+            f"canary {event.get('canary_requests')} requests, {event.get('canary_errors')} "
+            f"errors; old workers {event.get('baseline_requests')} requests, "
+            f"{event.get('baseline_errors')} errors"
+        )
+    elif kind == "canary.judged":
+        text = f"canary judged: {str(event.get('decision')).upper()}"
+        if event.get("reason"):
+            text += f": {event['reason']}"
+        else:
+            text += f" ({(event.get('figures') or {}).get('detail')})"
+    elif kind == "canary.replaced":
+        text = (
+            f"canary worker {event.get('previous_pid')} was replaced by {event.get('worker_pid')}"
+            " (recycled): the bake starts over"
+        )
+    elif kind == "canary.verdict_refused":
+        text = f"the master refused the verdict: {event.get('reason')}"
+    elif kind == "rolling.completed":
+        text = "every worker rolled to the new release"
     elif kind == "deploy.unchanged":
         text = "nothing changed: the app directory holds the code already running"
     elif isinstance(kind, str) and kind.startswith("bluegreen."):
@@ -187,6 +259,11 @@ def verdict(result: DeployResult) -> str:
             f"OK: deployed in place: release {result.release} is live in every worker, no worker "
             f"restarted; {result.to_last_commit_s:.3f} s from the start to the last commit"
         )
+    elif result.outcome == "deployed" and result.strategy == "canary":
+        line = (
+            f"OK: the canary passed and release {result.release} rolled to every worker"
+            f"{_canary_figures(result)}"
+        )
     elif result.outcome == "deployed":
         line = f"OK: deployed by a rolling reload: release {result.release} is live"
     elif result.outcome == "unchanged":
@@ -201,6 +278,11 @@ def verdict(result: DeployResult) -> str:
         line = f"FAILED ({result.strategy}): the rollback did not complete"
     else:
         line = "UNKNOWN: the deploy may still be running"
+    if result.strategy == "canary" and result.outcome == "rolled_back":
+        line = (
+            "ROLLED BACK (canary): the canary was retired, the old workers kept serving"
+            f"{_canary_figures(result)}"
+        )
     if result.reason:
         is_fallback = result.strategy == "rolling" and result.outcome in ("deployed", "started")
         line += f"; {'why rolling: ' if is_fallback else ''}{result.reason}"
@@ -238,9 +320,48 @@ def _blue_green_verdict(result: DeployResult) -> str:
     return line
 
 
+def _canary_figures(result: DeployResult) -> str:
+    f = result.canary or {}
+    if not f:
+        return ""
+    shift = f.get("median_shift")
+    return (
+        f" (canary {f.get('candidate_errors')}/{f.get('candidate_calls')} errors, old workers "
+        f"{f.get('baseline_errors')}/{f.get('baseline_calls')}; error p="
+        f"{_g(f.get('error_p_value'))}, latency p={_g(f.get('latency_p_value'))}, median shift "
+        f"{'n/a' if shift is None else f'{shift:+.1%}'})"
+    )
+
+
+def _g(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else "n/a"
+
+
+def _canary_options(args: argparse.Namespace) -> CanaryOptions | None:
+    given = (args.bake, args.min_samples, args.bake_deadline, args.min_latency_shift)
+    if args.strategy != "canary":
+        if any(v is not None for v in given):
+            raise HotpatchError(
+                "--bake, --min-samples, --bake-deadline and --min-latency-shift need "
+                "--strategy canary"
+            )
+        return None
+    return CanaryOptions(
+        bake_s=DEFAULT_BAKE_S if args.bake is None else args.bake,
+        min_samples=DEFAULT_MIN_SAMPLES if args.min_samples is None else args.min_samples,
+        deadline_s=args.bake_deadline,
+        min_latency_shift_s=(
+            DEFAULT_MIN_LATENCY_SHIFT_S
+            if args.min_latency_shift is None
+            else args.min_latency_shift
+        ),
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         pid = master_pid(args)
+        canary = _canary_options(args)
         load_state(pid, args.state_dir)  # a usage error before any output of the deploy
     except HotpatchError as exc:
         print(f"hotpatch deploy: {exc}", file=sys.stderr)
@@ -257,10 +378,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"deploy to gunicorn master {pid} (strategy {args.strategy})", flush=True)
     try:
+        timeout = args.timeout
+        if timeout is None:
+            timeout = 120.0 if canary is None else canary.until_s + 120.0
         if args.switch_back:
             result = switch_back(
                 pid,
-                timeout_s=args.timeout,
+                timeout_s=timeout,
                 state_dir=args.state_dir,
                 on_event=None if args.json else show,
             )
@@ -268,7 +392,8 @@ def run(args: argparse.Namespace) -> int:
             result = deploy(
                 pid,
                 strategy=args.strategy,
-                timeout_s=args.timeout,
+                timeout_s=timeout,
+                canary=canary,
                 wait=args.wait,
                 state_dir=args.state_dir,
                 on_event=None if args.json else show,

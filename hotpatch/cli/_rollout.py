@@ -90,6 +90,8 @@ def describe_event(event: dict[str, Any]) -> str:
         "rollout.completed": f"rollout completed: every worker runs {release}",
         "rollout.rolled_back": f"rolled back: every worker runs {release}",
         "rollout.rollback_failed": f"ROLLBACK FAILED: {event.get('reason')}",
+        "canary.passed": "canary passed: the rest of the workers roll",
+        "canary.failed": f"canary FAILED: {event.get('reason')}; retiring it",
     }
     return f"{t}  {texts.get(name, name)}"
 

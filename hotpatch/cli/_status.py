@@ -137,6 +137,11 @@ def describe_state(
             f"rollout {current['id']} in progress ({current.get('mode')}) to "
             f"{current.get('release')}"
         )
+        canary = current.get("canary")
+        if isinstance(canary, dict) and canary.get("holding"):
+            emit(f"  canary worker {canary.get('pid')} serves it, waiting for the judge's verdict")
+        elif isinstance(canary, dict) and not canary.get("verdict"):
+            emit("  canary: its worker is starting")
     if state.get("pending"):
         emit("one more rollout is queued")
     last = state.get("last_rollout")
@@ -147,6 +152,14 @@ def describe_state(
         if last.get("reason"):
             line += f": {last['reason']}"
         emit(line)
+        verdict = (last.get("canary") or {}).get("verdict") if last.get("canary") else None
+        if isinstance(verdict, dict):
+            f = verdict.get("figures") or {}
+            emit(
+                f"  canary verdict {verdict.get('decision')}: canary "
+                f"{f.get('candidate_errors')}/{f.get('candidate_calls')} errors, old workers "
+                f"{f.get('baseline_errors')}/{f.get('baseline_calls')}"
+            )
     else:
         emit("no rollout yet")
     watch = state.get("watch") or {}

@@ -248,6 +248,7 @@ def send_request(
     *,
     module: str | None = None,
     to: str | None = None,
+    since: int | None = None,
     timeout_s: float = 60.0,
 ) -> dict[str, Any]:
     """Ask process ``pid`` (which called ``listen``) to act; returns its answer.
@@ -258,6 +259,7 @@ def send_request(
             parallel run on ``module``).
         module: the module to roll back (required) or whose history to show (optional).
         to: for ``rollback``: the version to restore.
+        since: for ``stats``: the last request number already seen (latencies after it).
         timeout_s: how long to wait for the answer (a positive number of seconds).
 
     Returns:
@@ -288,7 +290,7 @@ def send_request(
     with _connect(pid, timeout_s) as sock:
         try:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            sock.sendall(Request(action, pid, module, to).encode())
+            sock.sendall(Request(action, pid, module, to, since=since).encode())
         except TimeoutError:
             raise NoAnswer(pid, timeout_s, started=False) from None
         except OSError as exc:

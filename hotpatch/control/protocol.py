@@ -17,7 +17,9 @@ queue and begins to run: the client uses it to say truthfully what it knows when
 waiting. The client keeps its end open until the answer: hanging up (or shutting down its
 writing side) before a queued request starts cancels it.
 
-Version 2 (a version-1 request keeps working unchanged) adds ``status`` and ``deploy``. A
+Version 2 (a version-1 request keeps working unchanged) adds ``status``, ``stats`` and ``deploy``.
+``stats`` is read-only: a gunicorn worker's request counts and the latencies after request number
+``since`` (``hotpatch.gunicorn._metrics``; the answer's own layout version is ``stats_v``). A
 ``deploy`` request opens a *session* on its connection, the in-place strategy's two-phase commit
 in one worker (docs/deploy.md): the process answers the request (phase 1: prepared or refused),
 then reads one *step* line at a time (``parse_step``: ``{"v": 2, "step": ..., "deploy_id": ...}``,
@@ -39,8 +41,8 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 MAX_DEPTH = 4
 MAX_NAME_CHARS = 1024
-ACTIONS = ("patch", "check", "rollback", "history", "status", "deploy", "promote", "abort")
-V2_ACTIONS = frozenset({"status", "deploy", "promote", "abort"})  # promote/abort: a trial
+ACTIONS = ("patch", "check", "rollback", "history", "status", "deploy", "stats", "promote", "abort")
+V2_ACTIONS = frozenset({"status", "deploy", "stats", "promote", "abort"})  # promote/abort: a trial
 FIELDS = {
     "v": int,
     "action": str,
@@ -51,10 +53,12 @@ FIELDS = {
     "release": str,
     "release_dir": str,
     "expires_ms": int,
+    "since": int,
 }
-OPTIONAL = frozenset({"module", "to", "deploy_id", "release", "release_dir", "expires_ms"})
+OPTIONAL = frozenset({"module", "to", "deploy_id", "release", "release_dir", "expires_ms", "since"})
 DEPLOY_FIELDS = ("deploy_id", "release", "release_dir", "expires_ms")
 MAX_EXPIRES_MS = 3_600_000
+MAX_SINCE = 2**62
 STEPS = ("commit", "health", "confirm", "rollback", "abort")
 STEP_FIELDS = {"v": int, "step": str, "deploy_id": str}
 STARTED_EVENT = "started"
@@ -78,6 +82,7 @@ class Request:
         release_dir: for ``deploy``: the release's snapshot directory.
         expires_ms: for ``deploy``: how long the process waits for each next step before it
             discards what it prepared (or rolls back what it committed).
+        since: for ``stats``: the last request number the client has seen (latencies after it).
         v: the protocol version the client speaks (answers use the same).
     """
 
@@ -89,6 +94,7 @@ class Request:
     release: str | None = None
     release_dir: str | None = None
     expires_ms: int | None = None
+    since: int | None = None
     v: int = field(default=PROTOCOL_VERSION, compare=False)
 
     def encode(self) -> bytes:
@@ -219,6 +225,11 @@ def parse_request(line: bytes) -> Request:
             raise BadRequest(f"field 'expires_ms' must be 1 to {MAX_EXPIRES_MS}")
     elif given:
         raise BadRequest(f"field {given[0]!r} belongs to action 'deploy' only")
+    since = data.get("since")
+    if since is not None and action != "stats":
+        raise BadRequest("field 'since' belongs to action 'stats' only")
+    if since is not None and not 0 <= since <= MAX_SINCE:
+        raise BadRequest(f"field 'since' must be 0 to {MAX_SINCE}")
     return Request(
         action,
         data["pid"],
@@ -228,6 +239,7 @@ def parse_request(line: bytes) -> Request:
         release=data.get("release"),
         release_dir=data.get("release_dir"),
         expires_ms=data.get("expires_ms"),
+        since=since,
         v=version,
     )
 

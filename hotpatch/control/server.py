@@ -464,7 +464,7 @@ class Listener:
                 pid, f"this is process {pid}, not {request.pid}", kind="wrong_process"
             )
         rlog = log.bind(action=request.action, peer_pid=peer_pid, peer_uid=peer_uid)
-        if request.action in ("history", "status"):
+        if request.action in ("history", "status", "stats"):
             return self._answer(request)
         if request.action == "deploy" and self.release is None:
             return error_answer(
@@ -536,7 +536,7 @@ class Listener:
         base["duration_s"] = round(time.perf_counter() - started, 6)
         log.info(
             "control.request_handled",
-            **{k: v for k, v in base.items() if k not in ("results", "modules", "v")},
+            **{k: v for k, v in base.items() if k not in ("results", "modules", "v", "releases")},
         )
         return base
 
@@ -546,6 +546,14 @@ class Listener:
             results = self._patch_changed(dry_run=dry_run)
             outcome = "unchanged" if not results else "patchable" if dry_run else "applied"
             return {"outcome": outcome, "results": [_describe_result(r) for r in results]}
+        if request.action == "stats":
+            stats = self.release.hooks.stats if self.release is not None else None
+            if stats is None:
+                raise HotpatchError(
+                    "this process records no request stats (only gunicorn workers started with "
+                    "hotpatch's hooks do)"
+                )
+            return {"outcome": "stats", **stats(request.since or 0)}
         listened = self.listened()
         if request.action == "status":
             versions = {}

@@ -62,6 +62,8 @@ class ReleaseHooks:
             after a rollback (the previous one): moves ``sys.path`` and the host's records.
         refuse_in_place: when set, phase 1 refuses every deploy with this reason (a host whose
             in-place commit is not supported yet: an ASGI worker's event loop).
+        stats: the process's request counts for the ``stats`` request, given the last request
+            number the client saw (``hotpatch.gunicorn._metrics.Recorder.snapshot``), if any.
     """
 
     release: str
@@ -69,6 +71,7 @@ class ReleaseHooks:
     health: Callable[[], str | None]
     switched: Callable[[str, str], None]
     refuse_in_place: str | None = None
+    stats: Callable[[int], dict[str, Any]] | None = None
 
 
 @dataclass

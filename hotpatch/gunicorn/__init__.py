@@ -104,6 +104,10 @@ def child_exit(server: Any, worker: Any) -> None:
     controller = current_controller()
     if controller is not None and isinstance(worker.pid, int):
         run_contained("child_exit", controller.child_exited, None, worker.pid)
+        if controller.exports_metrics:
+            from hotpatch.gunicorn import _prometheus
+
+            run_contained("child_exit", _prometheus.worker_exited, None, worker.pid)
 
 
 def worker_exit(server: Any, worker: Any) -> None:

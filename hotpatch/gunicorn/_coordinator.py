@@ -26,9 +26,10 @@ The mechanism, for ``in-place`` (``deploy``):
    worker recycled later boots the new code. A worker that cannot be confirmed is retired (and
    respawned on the new release).
 
-``rolling`` is the master's rollout (``start_rollout``/``wait_for_rollout``); ``blue-green`` is a
-second master run by the old one (``_bluegreen``). Each step reports an event (``on_event``) as it
-happens.
+``rolling`` is the master's rollout (``start_rollout``/``wait_for_rollout``); ``canary`` is a
+rollout that holds after its first new worker while this coordinator judges that worker
+against the old ones on real traffic (``_canary``); ``blue-green`` is a second master run by
+the old one (``_bluegreen``). Each step reports an event (``on_event``) as it happens.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any
 from hotpatch.control.client import DeploySession, OutcomeUnknown
 from hotpatch.errors import ConfigError, HotpatchError
 from hotpatch.gunicorn._bluegreen import run_blue_green
+from hotpatch.gunicorn._canary import CanaryOptions, run_canary
 from hotpatch.gunicorn._client import (
     RolloutStillRunning,
     ask_master,
@@ -78,6 +80,8 @@ class DeployResult:
         events: every event reported, in order.
         record: rolling: the master's record of the rollout.
         blue_green: blue-green: the old and new master's pids, the phase reached, the window.
+        canary: canary: the judge's figures (requests and errors per arm, rates, p-values,
+            median shift), once judged.
     """
 
     outcome: str
@@ -91,6 +95,7 @@ class DeployResult:
     events: list[Event] = field(default_factory=list)
     record: dict[str, Any] | None = None
     blue_green: dict[str, Any] | None = None
+    canary: dict[str, Any] | None = None
 
     @property
     def is_success(self) -> bool:
@@ -108,6 +113,7 @@ class DeployResult:
             "duration_s": self.duration_s,
             "events": self.events,
             **({"blue_green": self.blue_green} if self.blue_green is not None else {}),
+            **({"canary": self.canary} if self.strategy == "canary" else {}),
         }
 
 
@@ -174,6 +180,7 @@ def deploy(
     on_event: Callable[[Event], None] | None = None,
     between_phases: Callable[[str], None] | None = None,
     keep_old_s: float = 60.0,
+    canary: CanaryOptions | None = None,
 ) -> DeployResult:
     """Deploy the code in the app directory of gunicorn master ``pid`` to all its workers.
 
@@ -191,6 +198,8 @@ def deploy(
         between_phases: a test seam, called with ``"prepared"``, ``"switched"``,
             ``"committed"``, ``"checked"`` between the phases of an in-place deploy.
         keep_old_s: blue-green: how long the old master stays idle, ready to switch back.
+        canary: ``canary`` only: bake time, minimum samples, deadline (default:
+            ``CanaryOptions()``, a 60 s bake). ``timeout_s`` must leave room for the deadline.
 
     Raises:
         ConfigError: a wrong argument, or no master of this user running hotpatch's hooks.
@@ -204,7 +213,21 @@ def deploy(
         on_event=on_event,
         between_phases=between_phases,
     )
+    if canary is not None and strategy != "canary":
+        raise ConfigError("canary options are for --strategy canary only")
+    if strategy == "canary":
+        canary = canary or CanaryOptions()
+        if timeout_s < canary.until_s + 10:
+            raise ConfigError(
+                f"a timeout of {timeout_s:g} s leaves no room for the canary's bake deadline of "
+                f"{canary.until_s:g} s (plus the canary's boot): give --timeout at least "
+                f"{canary.until_s + 10:g}"
+            )
     load_state(pid, state_dir)  # raises ConfigError: nothing to deploy to
+    if strategy == "canary":
+        assert canary is not None
+        result: DeployResult = run_canary(run, canary)
+        return result
     if strategy == "rolling":
         return _rolling(run, reason="", wait=wait)
     if strategy == "blue-green":

@@ -25,8 +25,8 @@ from typing import Any
 
 from hotpatch.gunicorn._releases import Manifest
 
-STRATEGIES = ("auto", "in-place", "rolling", "blue-green")
-"""What ``hotpatch deploy --strategy`` takes today (canary plugs in here later)."""
+STRATEGIES = ("auto", "in-place", "rolling", "canary", "blue-green")
+"""What ``hotpatch deploy --strategy`` takes."""
 
 PHASE_OK = {
     "prepare": ("accepted", "unchanged"),

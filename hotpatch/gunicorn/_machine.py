@@ -9,6 +9,12 @@ it has loaded the app and passed its health check, retire one worker of another 
 At most one new worker boots at a time and a worker is retired only after its replacement is
 ready, so at least ``size`` workers are ready throughout. The first failure of a target worker
 turns the rollout into a rollback: the same procedure towards the known-good release.
+
+A canary rollout (``hold=True``) stops going forward once its first target worker is ready: that
+worker (the canary) serves beside every old worker (one more than ``size``; none is retired)
+until ``release_hold()`` (the judge passed it: the rollout goes on as any other) or
+``reject(reason)`` (it failed: the rollback retires the canary, and the old workers never
+stopped). No verdict by ``hold_until`` is a failure too (stage ``canary``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Literal
 Phase = Literal["booting", "loaded", "ready", "retiring", "failed", "killed"]
 Mode = Literal["forward", "rollback", "finished"]
 Outcome = Literal["completed", "rolled_back", "rollback_failed"]
-FailStage = Literal["spawn", "boot", "load", "health", "crash", "internal"]
+FailStage = Literal["spawn", "boot", "load", "health", "crash", "internal", "canary"]
 
 HEALTH_GRACE_S = 2.0
 """Extra time the master gives a worker past the health deadline (the worker enforces its own)."""
@@ -68,7 +74,8 @@ class Failure:
         stage: ``spawn`` (fork failed), ``boot`` (no report by the deadline), ``load`` (the app
             failed to import), ``health`` (the check failed, timed out, or the worker died during
             it), ``crash`` (the worker died after passing its check), ``internal`` (hotpatch's
-            own code failed in the master).
+            own code failed in the master), ``canary`` (the judge failed the canary, or gave no
+            verdict in time).
         reason: one line, naming the file and line when there is one.
         error: the worker's error output (traceback text), when there is one.
     """
@@ -131,6 +138,10 @@ class Rollout:
     workers: dict[int, WorkerSlot] = field(default_factory=dict)
     settle_until: float | None = None
     rollback_failures: int = 0
+    hold: bool = False
+    """A canary rollout still waiting for its verdict."""
+    hold_until: float | None = None
+    """The verdict's deadline (while ``hold``)."""
     _order: int = 0
     _finish_emitted: bool = False
 
@@ -145,8 +156,13 @@ class Rollout:
         size: int,
         timeouts: Timeouts,
         now: float,
+        hold_until: float | None = None,
     ) -> Rollout:
-        """Begin a rollout with ``workers`` (pid -> release) serving."""
+        """Begin a rollout with ``workers`` (pid -> release) serving.
+
+        With ``hold_until``, a canary rollout: it holds once one target worker is ready, until
+        ``release_hold``, ``reject`` or that time (a failure).
+        """
         rollout = cls(
             rollout_id=rollout_id,
             target=target,
@@ -154,6 +170,8 @@ class Rollout:
             size=max(size, 1),
             timeouts=timeouts,
             started_at=now,
+            hold=hold_until is not None,
+            hold_until=hold_until,
         )
         for pid in sorted(workers):
             rollout._add(pid, workers[pid], "ready", now)
@@ -222,6 +240,32 @@ class Rollout:
             reason = f"worker {pid} exited while loading the app, before reporting (stage: load)"
             self._record_failure(Failure(pid, slot.release, "load", reason))
 
+    @property
+    def canary(self) -> WorkerSlot | None:
+        """The canary (the first ready target worker) while the rollout holds."""
+        if not self.hold or self.mode != "forward":
+            return None
+        ready = [s for s in self._in_phase("ready") if s.release == self.target]
+        return min(ready, key=lambda s: s.order) if ready else None
+
+    def release_hold(self) -> bool:
+        """The canary passed: go on replacing workers. Returns whether the rollout held."""
+        if not self.hold or self.mode != "forward":
+            return False
+        self.hold = False
+        self.hold_until = None
+        return True
+
+    def reject(self, reason: str, now: float) -> bool:
+        """The canary failed: roll back. Returns whether the rollout held (and now rolls back)."""
+        if not self.hold or self.mode != "forward":
+            return False
+        canary = self.canary
+        self.hold = False
+        self.hold_until = None
+        self._record_failure(Failure(canary.pid if canary else None, self.target, "canary", reason))
+        return True
+
     # -- decisions --------------------------------------------------------------------------
 
     @property
@@ -255,6 +299,10 @@ class Rollout:
         goal = self.goal
         ready = sorted(self._in_phase("ready"), key=lambda s: s.order)
         stale = [s for s in ready if s.release != goal]
+        if self.hold and self.mode == "forward" and len(stale) < len(ready):
+            if len(stale) < self.size:  # an old worker died while the canary bakes
+                actions.append(Spawn(self.known_good))
+            return actions  # the canary serves beside every old worker until the verdict
         if len(ready) > self.size and stale:
             oldest = stale.pop(0)
             ready.remove(oldest)
@@ -292,6 +340,8 @@ class Rollout:
                 times.append(slot.since + FAILED_EXIT_GRACE_S)
         if self.mode == "forward" and self.settle_until is not None:
             times.append(self.settle_until)
+        if self.mode == "forward" and self.hold and self.hold_until is not None:
+            times.append(self.hold_until)
         return min(times) if times and self.mode != "finished" else None
 
     # -- internals --------------------------------------------------------------------------
@@ -299,6 +349,13 @@ class Rollout:
     def _enforce_deadlines(self, now: float) -> list[Action]:
         t = self.timeouts
         actions: list[Action] = []
+        if (
+            self.hold
+            and self.mode == "forward"
+            and self.hold_until is not None
+            and now >= self.hold_until
+        ):
+            self.reject("no canary verdict came before the deadline (stage: canary)", now)
         for slot in list(self.workers.values()):
             if slot.phase == "booting" and now >= slot.spawned_at + t.boot_s:
                 reason = (

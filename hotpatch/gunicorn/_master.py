@@ -26,6 +26,11 @@ worker is retired and respawned on the known-good release (the master cannot kno
 committed). While a deploy runs, a rollout request waits for it, and a deploy is refused while a
 rollout runs.
 
+``hotpatch deploy --strategy canary`` asks for a rollout that holds after its first new worker
+(``canary_begin``; ``_machine``: ``hold_until``), judges that worker on its own (``_canary``),
+and sends the verdict (``canary_verdict``): the rollout then goes on, or rolls back. A canary
+whose verdict does not come by its deadline is rolled back.
+
 Workers report through a pipe per worker whose read end wakes the master with ``WAKE_SIGNAL``
 (``_state.py``); a ``SIGALRM`` timer wakes it at the next deadline, so progress never waits for
 gunicorn's one-second loop.
@@ -70,6 +75,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 from hotpatch._log import get_logger
 from hotpatch.errors import ConfigError
 from hotpatch.gunicorn._bluegreen import BlueGreenDriver, fix_reexec_argv
+from hotpatch.gunicorn._canary import flat_figures
 from hotpatch.gunicorn._deploy import begin_problem, changed_files, pids, switch_problem
 from hotpatch.gunicorn._fileset import SnapshotRule
 from hotpatch.gunicorn._machine import (
@@ -212,6 +218,11 @@ class Controller:
         self.worker_failure_count = 0
         self.worker_crash_count = 0
         """Workers that exited outside a rollout without recycling or a failed report."""
+        self.canary: dict[str, Any] | None = None
+        """The running (or last) canary rollout's record: its rollout id, deadline, verdict."""
+        self.exports_metrics = False
+        """The Prometheus export runs (``_prometheus``; set by ``install_controller``)."""
+        self._in_progress: bool | None = None
 
     # -- installation -----------------------------------------------------------------------
 
@@ -397,6 +408,7 @@ class Controller:
             is_guarded=self.has_served,
             settings=self.settings,
             manifest=release.manifest,
+            exports_metrics=self.exports_metrics,
         )
 
     # -- the boundary with gunicorn's loop --------------------------------------------------
@@ -668,7 +680,9 @@ class Controller:
             return
         self.start_rollout()
 
-    def start_rollout(self) -> None:
+    def start_rollout(self, *, hold_s: float | None = None) -> None:
+        """Snapshot the app directory and roll it out (with ``hold_s``: a canary rollout that
+        holds after its first new worker for a verdict within ``hold_s`` seconds)."""
         assert self.known_good is not None
         rollout_id = self.next_rollout_id
         self.next_rollout_id += 1
@@ -700,6 +714,9 @@ class Controller:
         }
         s = self.settings
         retire_s = s.retire_timeout_s or float(self.arbiter.cfg.graceful_timeout) + 5.0
+        self.canary = None
+        if hold_s is not None:
+            self.canary = {"rollout_id": rollout_id, "hold_s": hold_s, "verdict": None}
         self.rollout = Rollout.start(
             rollout_id=rollout_id,
             target=release.id,
@@ -707,6 +724,7 @@ class Controller:
             workers=workers,
             size=self.size,
             now=started,
+            hold_until=None if hold_s is None else started + hold_s,
             timeouts=Timeouts(
                 boot_s=s.boot_timeout_s,
                 health_s=s.health_timeout_s,
@@ -928,6 +946,7 @@ class Controller:
             "worker_pid": failure.pid if failure else None,
             "error": failure.error if failure else None,
             "events": self.rollout_events,
+            **self._canary_fields(rollout.rollout_id),
         }
         self.rollout = None
         self.candidates.clear()
@@ -941,6 +960,9 @@ class Controller:
             for rid in prune_releases(self.releases_dir, keep):
                 self.releases.pop(rid, None)
                 self.damaged.pop(rid, None)  # gone on purpose now: nothing left to warn about
+        outcome = {"completed": "deployed"}.get(str(rollout.outcome), str(rollout.outcome))
+        strategy = "canary" if self._canary_fields(rollout.rollout_id) else "rolling"
+        self._count("deploy_finished", strategy, outcome)
         if self.pending:
             self.pending = False
             self.publish()
@@ -967,8 +989,83 @@ class Controller:
         if self._deploy_deadline is not None and time.monotonic() >= self._deploy_deadline:
             self._expire_deploy()
 
+    def _count(self, name: str, *args: Any) -> None:
+        """Update a Prometheus metric (``_prometheus.<name>``); a failure is logged, never raised
+        (the master's work goes on)."""
+        if not self.exports_metrics:
+            return
+        try:
+            from hotpatch.gunicorn import _prometheus
+
+            getattr(_prometheus, name)(*args)
+        except Exception:
+            log.exception("metrics.update_failed", master_pid=self.master_pid, metric=name)
+
+    def _canary_fields(self, rollout_id: int) -> dict[str, Any]:
+        canary = self.canary
+        if canary is None or canary.get("rollout_id") != rollout_id:
+            return {}
+        return {"strategy": "canary", "canary": dict(canary)}
+
+    def _begin_canary(self, request: dict[str, Any]) -> dict[str, Any]:
+        problem = begin_problem(
+            disabled_reason=self.disabled_reason,
+            rollout_id=self.rollout.rollout_id if self.rollout else None,
+            deploy_id=self.deploy["id"] if self.deploy else None,
+            workers={
+                pid: (self.worker_release.get(pid), self._deploy_phase(pid))
+                for pid in self.arbiter.WORKERS
+            },
+            known_good=self.known_good.id if self.known_good else None,
+            size=self.size,
+        )
+        if problem is not None:
+            return {"ok": False, "reason": problem}
+        hold_s = request.get("hold_s")
+        if isinstance(hold_s, bool) or not isinstance(hold_s, (int, float)) or not hold_s > 0:
+            return {"ok": False, "reason": "hold_s must be a positive number of seconds"}
+        rollout_id = self.next_rollout_id
+        self.start_rollout(hold_s=min(float(hold_s), MAX_DEPLOY_TIMEOUT_S))
+        rollout = self.rollout
+        if rollout is None or rollout.rollout_id != rollout_id:
+            record = self.last_rollout or {}
+            return {"ok": False, "reason": str(record.get("reason") or "the rollout did not start")}
+        return {"ok": True, "rollout_id": rollout_id, "release": rollout.target}
+
+    def _canary_verdict(self, request: dict[str, Any]) -> dict[str, Any]:
+        rollout, canary = self.rollout, self.canary
+        rollout_id = request.get("rollout_id")
+        if rollout is None or canary is None or rollout.rollout_id != rollout_id:
+            return {"ok": False, "reason": f"no canary rollout {rollout_id!r:.40} is running"}
+        decision = request.get("decision")
+        if decision not in ("pass", "fail"):
+            return {"ok": False, "reason": f"unknown decision {decision!r:.40}"}
+        reason = str(request.get("reason") or "")[:2000]
+        figures = request.get("figures")
+        now = time.monotonic()
+        held = rollout.release_hold() if decision == "pass" else rollout.reject(reason, now)
+        if not held:
+            return {"ok": False, "reason": f"rollout {rollout_id} is {rollout.mode}, not holding"}
+        canary["verdict"] = {
+            "decision": decision,
+            "reason": reason,
+            "figures": flat_figures(figures) if isinstance(figures, dict) else {},
+        }
+        self._event(
+            "canary.passed" if decision == "pass" else "canary.failed",
+            release=rollout.target,
+            reason=reason,
+            level="info" if decision == "pass" else "warning",
+        )
+        self._log_failure()
+        return {"ok": True}
+
     def _deploy_op(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
+        if op == "canary_begin":
+            return self._begin_canary(request)
+        if op == "canary_verdict":
+            return self._canary_verdict(request)
         if op == "begin":
             return self._begin_deploy(request)
         if op == "blue_green":
@@ -1144,6 +1241,7 @@ class Controller:
                     release=self.worker_release.get(pid),
                 )
                 self._signal_worker(pid, signal.SIGTERM)
+        self._count("deploy_finished", str(deploy.get("strategy") or "in-place"), outcome)
         started = deploy.get("started")
         self.last_deploy = {
             **deploy,
@@ -1360,7 +1458,11 @@ class Controller:
                 "known_good": rollout.known_good,
                 "mode": rollout.mode,
                 "events": self.rollout_events,
+                **self._canary_fields(rollout.rollout_id),
             }
+            canary = rollout.canary
+            if canary is not None and "canary" in current:
+                current["canary"] = {**current["canary"], "pid": canary.pid, "holding": True}
         return {
             "master_pid": self.arbiter.pid,
             "master_start_time": self.start_time,
@@ -1402,6 +1504,10 @@ class Controller:
 
     def publish(self) -> None:
         """Write ``state.json`` if the state changed; a failure is logged (once), not raised."""
+        running = self.rollout is not None or self.deploy is not None
+        if self.exports_metrics and running != self._in_progress:
+            self._in_progress = running
+            self._count("deploy_in_progress", running)
         if not self.has_state_dir:
             return
         state = self.snapshot_state()
@@ -1456,7 +1562,22 @@ def install_controller(arbiter: Any) -> Controller:
         settings = load_settings(_environ_of(arbiter))
     except ConfigError as exc:
         exit_on_config_error(arbiter, exc)
+    exports_metrics = False
+    if settings.exports_metrics:  # before any worker is forked, and before any state is made
+        from hotpatch.gunicorn import _prometheus
+
+        try:
+            _prometheus.start_master(
+                arbiter.pid, port=settings.metrics_port, addr=settings.metrics_addr
+            )
+        except ConfigError as exc:
+            exit_on_config_error(arbiter, exc)
+        except Exception:  # never a reason not to serve: the app runs without metrics
+            log.exception("metrics.disabled", master_pid=arbiter.pid)
+        else:
+            exports_metrics = True
     _controller = Controller(arbiter, settings)
+    _controller.exports_metrics = exports_metrics
     _controller.install()
     return _controller
 
@@ -1474,6 +1595,10 @@ def check_settings(arbiter: Any) -> None:
             _check_state_dir_setting(settings.state_dir)
         elif environ.get(ENV_RUNTIME_DIR):
             _check_runtime_dir_setting()
+        if settings.exports_metrics:
+            from hotpatch.gunicorn import _prometheus
+
+            _prometheus.check_multiproc_dir(environ)
     except ConfigError as exc:
         exit_on_config_error(arbiter, exc)
 

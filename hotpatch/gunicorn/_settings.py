@@ -30,6 +30,9 @@ ENV_VARS: dict[str, str] = {
     "watch_interval_s": "HOTPATCH_WATCH_INTERVAL",
     "releases_dir": "HOTPATCH_RELEASES_DIR",
     "snapshot_exclude": "HOTPATCH_SNAPSHOT_EXCLUDE",
+    "metrics_path": "HOTPATCH_METRICS_PATH",
+    "metrics_port": "HOTPATCH_METRICS_PORT",
+    "metrics_addr": "HOTPATCH_METRICS_ADDR",
 }
 _SECONDS = ("boot_timeout_s", "health_timeout_s", "settle_s", "retire_timeout_s")
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -62,6 +65,10 @@ class Settings:
             releases`` or ``~/.local/state/hotpatch/releases``, out of temp cleaners' reach).
         snapshot_exclude: gitignore-like patterns of what a release leaves out, on top of the
             built-in rule (``hotpatch.gunicorn._fileset``); also never triggers watch mode.
+        metrics_path: Prometheus metrics served by each worker's middleware at this WSGI path
+            (needs ``hotpatch[prometheus]``; docs/metrics.md).
+        metrics_port: Prometheus metrics of every worker served by the master on this port.
+        metrics_addr: the address ``metrics_port`` listens on (default ``127.0.0.1``).
     """
 
     health_path: str | None = None
@@ -76,6 +83,14 @@ class Settings:
     watch_interval_s: float = 0.25
     releases_dir: Path | None = None
     snapshot_exclude: tuple[str, ...] = ()
+    metrics_path: str | None = None
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+
+    @property
+    def exports_metrics(self) -> bool:
+        """Whether Prometheus metrics are exported (a path or a port is set)."""
+        return self.metrics_path is not None or self.metrics_port is not None
 
 
 _configured: dict[str, Any] = {}
@@ -95,6 +110,9 @@ def configure(
     watch_interval_s: float | None = None,
     releases_dir: str | os.PathLike[str] | None = None,
     snapshot_exclude: Sequence[str] | None = None,
+    metrics_path: str | None = None,
+    metrics_port: int | None = None,
+    metrics_addr: str | None = None,
 ) -> None:
     """Set rollout settings from a gunicorn config file (see ``Settings`` for each one).
 
@@ -115,6 +133,9 @@ def configure(
         "watch_interval_s": watch_interval_s,
         "releases_dir": releases_dir,
         "snapshot_exclude": snapshot_exclude,
+        "metrics_path": metrics_path,
+        "metrics_port": metrics_port,
+        "metrics_addr": metrics_addr,
     }
     for name, value in given.items():
         if value is not None:
@@ -147,11 +168,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 def _validate(name: str, value: object, *, source: str) -> Any:
-    if name == "health_path":
+    if name == "metrics_port":
+        return _port(value, source=source)
+    if name == "metrics_addr":
+        if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+            raise ConfigError(f"{source}: expected an address to listen on, got {value!r}")
+        return value
+    if name in ("health_path", "metrics_path"):
+        kind = name.split("_", maxsplit=1)[0]
         if not isinstance(value, str) or not value.startswith("/"):
-            raise ConfigError(f"{source}: the health path must start with '/', got {value!r}")
+            raise ConfigError(f"{source}: the {kind} path must start with '/', got {value!r}")
         if any(c.isspace() for c in value):
-            raise ConfigError(f"{source}: the health path must not contain spaces: {value!r}")
+            raise ConfigError(f"{source}: the {kind} path must not contain spaces: {value!r}")
         return value
     if name == "watch":
         return _flag(value, source=source)
@@ -175,6 +203,18 @@ def _validate(name: str, value: object, *, source: str) -> Any:
             raise ConfigError(f"{source}: {str(path)!r} is not a directory")
         return path
     raise ConfigError(f"{source}: unknown setting {name!r}")  # pragma: no cover
+
+
+def _port(value: object, *, source: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{source}: expected a TCP port (1 to 65535), got {value!r}")
+    try:
+        port: int = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: expected a TCP port (1 to 65535), got {value!r}") from None
+    if isinstance(value, float) or not 1 <= port <= 65535:
+        raise ConfigError(f"{source}: expected a TCP port (1 to 65535), got {value!r}")
+    return port
 
 
 def _patterns(value: object, *, source: str) -> tuple[str, ...]:

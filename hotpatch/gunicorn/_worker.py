@@ -10,6 +10,11 @@ whose files lie in its release's snapshot directory (the app's own code, never t
 library or installed packages), and takes part in in-place deploys (docs/deploy.md). Its deploy
 health check is the same probe as at boot (``health_problem``). When a deploy commits, the
 worker moves ``sys.path`` to the new release (``_switched``) and reports it from then on.
+
+The loaded WSGI app is wrapped in ``_metrics.RecordingMiddleware`` (requests, status classes,
+exceptions, latency, per release), read through the control socket's ``stats`` request (the
+canary judge) and, with the Prometheus settings, exported (``_prometheus``). Health probes call
+the app inside it: they are not counted.
 """
 
 from __future__ import annotations
@@ -25,12 +30,18 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hotpatch._log import get_logger
-from hotpatch.gunicorn._asgi import Probe, guard_asgi_worker, serves_asgi
+from hotpatch.gunicorn._asgi import Probe, _is_uvicorn_worker, guard_asgi_worker, serves_asgi
 from hotpatch.gunicorn._diagnose import describe_exception
+from hotpatch.gunicorn._metrics import (
+    ASGIRecordingMiddleware,
+    Recorder,
+    RecordingMiddleware,
+    unwrap,
+)
 from hotpatch.gunicorn._releases import Manifest, pin_worker, verify_release
 from hotpatch.gunicorn._settings import Settings
 from hotpatch.gunicorn._state import WAKE_SIGNAL, StageReport, send_report
-from hotpatch.health import probe_wsgi
+from hotpatch.health import is_asgi_app, probe_wsgi
 
 log = get_logger(__name__)
 
@@ -63,6 +74,7 @@ class SpawnPlan:
         settings: the rollout settings.
         manifest: what the release must hold; verified (every byte) before the worker pins
             itself to it. Empty: not verified (a plan made without a snapshot).
+        exports_metrics: the master runs the Prometheus export (``_prometheus``): count into it.
     """
 
     release: str
@@ -74,6 +86,7 @@ class SpawnPlan:
     is_guarded: bool
     settings: Settings = field(default_factory=Settings)
     manifest: Manifest = field(default_factory=dict, repr=False)
+    exports_metrics: bool = False
 
 
 @dataclass
@@ -81,6 +94,9 @@ class _WorkerState:
     plan: SpawnPlan
     pid: int
     listener: Any = None
+    recorder: Recorder = field(default_factory=Recorder)
+    earlier: list[str] = field(default_factory=list)
+    """The releases this worker ran before its in-place deploys (the last one first undone)."""
 
 
 _current: _WorkerState | None = None
@@ -134,9 +150,43 @@ def prepare_worker(worker: Any, plan: SpawnPlan) -> None:
             _fail_load(exc, app_module, started)
         except Exception as exc:
             _fail_load(exc, app_module, started)
+        _record_requests(worker)
         _publish(StageReport("loaded", duration_s=time.monotonic() - started))
 
     worker.load_wsgi = load_wsgi
+
+
+def _record_requests(worker: Any) -> None:
+    """Wrap the loaded app in the recording middleware (its ASGI form under uvicorn workers)."""
+    state = _require()
+    if isinstance(worker.wsgi, (RecordingMiddleware, ASGIRecordingMiddleware)):
+        return
+    middleware: type[RecordingMiddleware] | type[ASGIRecordingMiddleware] = RecordingMiddleware
+    if serves_asgi(worker):
+        if not (_is_uvicorn_worker(worker) and is_asgi_app(worker.wsgi)):
+            return  # a mismatch the health check refuses: nothing to record
+        middleware = ASGIRecordingMiddleware
+    sink = metrics_path = serve_metrics = None
+    settings = state.plan.settings
+    if state.plan.exports_metrics:
+        try:
+            from hotpatch.gunicorn import _prometheus
+
+            sink = _prometheus.worker_sink(worker.pid)
+            _prometheus.serving_release(None, state.plan.release)
+            if settings.metrics_path is not None:
+                metrics_path, serve_metrics = settings.metrics_path, _prometheus.serve_metrics
+        except Exception:  # never a reason not to serve: the counts for the canary go on
+            sink = metrics_path = serve_metrics = None
+            log.exception("metrics.unavailable", worker_pid=worker.pid)
+    worker.wsgi = middleware(
+        worker.wsgi,
+        recorder=state.recorder,
+        release_of=lambda: state.plan.release,
+        sink=sink,
+        metrics_path=metrics_path,
+        serve_metrics=serve_metrics,
+    )
 
 
 def _fail_load(exc: BaseException, app_module: str | None, started: float) -> NoReturn:
@@ -250,14 +300,15 @@ def _listen_in_background(worker: Any) -> None:
 
 def _run_checks(worker: Any, settings: Settings, port: int, probe: Probe = probe_wsgi) -> None:
     path = settings.health_path or "/"
-    result = probe(worker.wsgi, path, port=port)
+    app = unwrap(worker.wsgi)
+    result = probe(app, path, port=port)
     if settings.health_path is not None and not result.is_success:
         message = f"GET {path} answered {result.status}, expected 2xx"
         raise HealthCheckFailed(message, result.body)
     if settings.health_path is None and result.is_server_error:
         raise HealthCheckFailed(f"GET {path} answered {result.status}", result.body)
     for check in settings.checks:
-        if check(worker.wsgi) is False:
+        if check(app) is False:
             raise HealthCheckFailed(f"check {_name(check)} returned False", b"")
 
 
@@ -306,6 +357,7 @@ def start_listening(worker: Any) -> bool:
                 health=lambda: health_problem(worker),
                 switched=_switched,
                 refuse_in_place=ASGI_IN_PLACE_REFUSAL if serves_asgi(worker) else None,
+                stats=lambda since: state.recorder.snapshot(since=since),
             )
         )
     except Exception as exc:  # never a reason not to serve
@@ -321,6 +373,19 @@ def start_listening(worker: Any) -> bool:
 def _switched(release: str, release_dir: str) -> None:
     """A deploy committed (or rolled back): import from ``release_dir``, report ``release``."""
     state = _require()
+    is_undo = bool(state.earlier) and state.earlier[-1] == release
+    if is_undo:
+        state.earlier.pop()
+    else:
+        state.earlier.append(state.plan.release)
+    if state.plan.exports_metrics:
+        try:
+            from hotpatch.gunicorn import _prometheus
+
+            _prometheus.patched("rolled_back" if is_undo else "applied")
+            _prometheus.serving_release(state.plan.release, release)
+        except Exception:  # a metric must never stop a deploy's switch
+            log.exception("metrics.update_failed", worker_pid=state.pid)
     old = str(state.plan.release_dir).rstrip("/")
 
     def move(entries: list[str]) -> None:
