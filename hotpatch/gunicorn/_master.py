@@ -1008,17 +1008,7 @@ class Controller:
         return {"strategy": "canary", "canary": dict(canary)}
 
     def _begin_canary(self, request: dict[str, Any]) -> dict[str, Any]:
-        problem = begin_problem(
-            disabled_reason=self.disabled_reason,
-            rollout_id=self.rollout.rollout_id if self.rollout else None,
-            deploy_id=self.deploy["id"] if self.deploy else None,
-            workers={
-                pid: (self.worker_release.get(pid), self._deploy_phase(pid))
-                for pid in self.arbiter.WORKERS
-            },
-            known_good=self.known_good.id if self.known_good else None,
-            size=self.size,
-        )
+        problem = self._begin_problem()
         if problem is not None:
             return {"ok": False, "reason": problem}
         hold_s = request.get("hold_s")
@@ -1083,8 +1073,9 @@ class Controller:
             return self._finish_deploy(request)
         return {"ok": False, "reason": f"unknown request {op!r:.40}"}
 
-    def _begin_deploy(self, request: dict[str, Any]) -> dict[str, Any]:
-        problem = begin_problem(
+    def _begin_problem(self) -> str | None:
+        """Why no deploy or canary may begin now (``_deploy.begin_problem``), or ``None``."""
+        return begin_problem(
             disabled_reason=self.disabled_reason,
             rollout_id=self.rollout.rollout_id if self.rollout else None,
             deploy_id=self.deploy["id"] if self.deploy else None,
@@ -1095,6 +1086,9 @@ class Controller:
             known_good=self.known_good.id if self.known_good else None,
             size=self.size,
         )
+
+    def _begin_deploy(self, request: dict[str, Any]) -> dict[str, Any]:
+        problem = self._begin_problem()
         if problem is None and self.blue_green.is_active:
             problem = f"a blue-green switch is running ({self.blue_green.phase})"
         if problem is not None:

@@ -129,24 +129,14 @@ def code_class(status: str | None) -> str:
     return "5xx"
 
 
-class RecordingMiddleware:
-    """A WSGI app around ``app`` that records each request (see the module docstring).
-
-    Args:
-        app: the worker's app.
-        recorder: where the counts go.
-        release_of: the release the worker runs now (read at each request's end).
-        sink: another consumer of each request (the Prometheus export), or ``None``.
-        metrics_path: a path the middleware answers itself with ``serve_metrics`` (the app never
-            sees it), or ``None``.
-        serve_metrics: ``(environ, start_response) -> body`` for ``metrics_path``.
-    """
+class _Recording:
+    """What both middlewares hold (the app, where the counts go, the metrics path)."""
 
     __slots__ = ("app", "metrics_path", "recorder", "release_of", "serve_metrics", "sink")
 
     def __init__(
         self,
-        app: WSGIApp,
+        app: Any,
         *,
         recorder: Recorder,
         release_of: Callable[[], str],
@@ -160,6 +150,22 @@ class RecordingMiddleware:
         self.sink = sink
         self.metrics_path = metrics_path if serve_metrics is not None else None
         self.serve_metrics = serve_metrics
+
+
+class RecordingMiddleware(_Recording):
+    """A WSGI app around ``app`` that records each request (see the module docstring).
+
+    Args:
+        app: the worker's app.
+        recorder: where the counts go.
+        release_of: the release the worker runs now (read at each request's end).
+        sink: another consumer of each request (the Prometheus export), or ``None``.
+        metrics_path: a path the middleware answers itself with ``serve_metrics`` (the app never
+            sees it), or ``None``.
+        serve_metrics: ``(environ, start_response) -> body`` for ``metrics_path``.
+    """
+
+    __slots__ = ()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if self.metrics_path is not None and environ.get("PATH_INFO") == self.metrics_path:
@@ -282,7 +288,7 @@ class _Body:
             return
 
 
-class ASGIRecordingMiddleware:
+class ASGIRecordingMiddleware(_Recording):
     """The ASGI form of ``RecordingMiddleware`` (uvicorn workers): the same counts.
 
     Only ``http`` scopes are recorded (``lifespan`` and ``websocket`` pass through untouched). The
@@ -295,24 +301,7 @@ class ASGIRecordingMiddleware:
     sent as the response at ``metrics_path``.
     """
 
-    __slots__ = ("app", "metrics_path", "recorder", "release_of", "serve_metrics", "sink")
-
-    def __init__(
-        self,
-        app: Any,
-        *,
-        recorder: Recorder,
-        release_of: Callable[[], str],
-        sink: Sink | None = None,
-        metrics_path: str | None = None,
-        serve_metrics: WSGIApp | None = None,
-    ) -> None:
-        self.app = app
-        self.recorder = recorder
-        self.release_of = release_of
-        self.sink = sink
-        self.metrics_path = metrics_path if serve_metrics is not None else None
-        self.serve_metrics = serve_metrics
+    __slots__ = ()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope.get("type") != "http":
