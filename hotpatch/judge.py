@@ -154,6 +154,7 @@ def judge(
     min_error_diff: float = 0.005,
     min_success: float | None = 0.99,
     max_median_shift: float = 0.25,
+    min_median_rise_s: float = 0.0,
     max_p99_s: float | None = None,
 ) -> Verdict:
     """Is the candidate worse than the baseline? ``pass``, ``fail`` or ``inconclusive``.
@@ -166,6 +167,8 @@ def judge(
         min_error_diff: smallest error-rate excess (absolute, 0.005 = 0.5 pp) that can fail.
         min_success: the candidate's success rate below which it fails outright (None: no floor).
         max_median_shift: largest tolerated relative rise of the median latency (0.25 = 25%).
+        min_median_rise_s: smallest absolute rise of the median latency, in seconds, that can
+            fail (0: none): a 25% rise of a few microseconds is scheduling noise, not a defect.
         max_p99_s: an absolute bound on the candidate's p99 latency, in seconds (None: none).
     """
     _check_fraction("alpha", alpha, open_low=True)
@@ -210,7 +213,12 @@ def judge(
         base_median = quantile(baseline.latencies_s, 0.5)
         cand_median = quantile(candidate.latencies_s, 0.5)
         shift = cand_median / base_median - 1 if base_median > 0 else None
-        if latency_p < alpha and (shift is None or shift > max_median_shift):
+        rise = cand_median - base_median
+        if (
+            latency_p < alpha
+            and (shift is None or shift > max_median_shift)
+            and rise >= min_median_rise_s
+        ):
             return verdict(
                 "fail",
                 "latency",

@@ -169,6 +169,17 @@ def test_a_candidate_twice_as_slow_fails_on_latency_and_five_percent_slower_pass
     assert verdict.decision == "pass", verdict.detail
 
 
+def test_a_median_rise_below_the_absolute_floor_never_fails_on_latency() -> None:
+    base = [x * 1e-5 for x in FAST]  # microsecond-scale calls: 25% is scheduling noise here
+    slow = [x * 2 for x in base]
+    rise = quantile(slow, 0.5) - quantile(base, 0.5)
+    assert judge(summary(500, 0, base), summary(500, 0, slow)).decision == "fail"
+    verdict = judge(summary(500, 0, base), summary(500, 0, slow), min_median_rise_s=rise * 1.01)
+    assert verdict.decision == "pass", verdict.detail
+    verdict = judge(summary(500, 0, base), summary(500, 0, slow), min_median_rise_s=rise * 0.99)
+    assert (verdict.decision, verdict.reason) == ("fail", "latency")
+
+
 def test_an_absolute_p99_bound_fails_a_candidate_with_a_slow_tail() -> None:
     tail = FAST[:490] + [1.0] * 10
     verdict = judge(summary(500, 0, FAST), summary(500, 0, tail), max_p99_s=0.5)
