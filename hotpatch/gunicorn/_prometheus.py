@@ -192,20 +192,83 @@ def _define() -> None:
     _metrics["in_progress"].set(0)
 
 
+class _ReadableFilesCollector:
+    """prometheus-client's multiprocess merge over the files that can be read whole right now.
+
+    ``MultiProcessCollector`` fails the whole scrape on one file it cannot read, and a gunicorn
+    server makes such files in normal operation: a worker creates its file empty and sizes it
+    afterwards (a scrape in between raises ``struct.error``; prometheus/client_python#1199, and a
+    worker killed in that window leaves the empty file for good), and a file can be cut or
+    corrupted by a worker killed mid-write. Each file is read whole first; one that is missing,
+    empty or unparsable is left out of this scrape (an empty one has no values yet; the others
+    are logged), and the rest is merged as prometheus-client merges it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        readable = [path for path in self._files() if _readable(path)]
+        merged: Iterable[Any] = MultiProcessCollector.merge(readable, accumulate=True)  # type: ignore[no-untyped-call]
+        return merged
+
+    def _files(self) -> list[str]:
+        with os.scandir(self.path) as entries:
+            return [
+                entry.path
+                for entry in entries
+                if entry.name.endswith(".db") and entry.is_file(follow_symlinks=False)
+            ]
+
+
+def _readable(path: str) -> bool:
+    """Whether ``path`` is a whole multiprocess file: its header and every entry parse."""
+    import json
+    import struct
+
+    from prometheus_client.mmap_dict import MmapedDict
+
+    try:
+        if os.stat(path, follow_symlinks=False).st_size == 0:
+            return False  # being created: no values yet
+        for key, _value, _timestamp, _pos in MmapedDict.read_all_values_from_file(path):  # type: ignore[no-untyped-call]
+            json.loads(key)
+    except FileNotFoundError:
+        return False  # a dead worker's live gauge, removed by mark_process_dead
+    except (OSError, struct.error, RuntimeError, ValueError) as exc:
+        log.warning("metrics.file_unreadable", path=path, error=f"{type(exc).__name__}: {exc}")
+        return False
+    return True
+
+
 def _scrape_registry() -> Any:
     from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(_ReadableFilesCollector(os.environ[ENV_MULTIPROC_DIR]))
     return registry
 
 
 def serve_metrics(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    """The WSGI answer at ``HOTPATCH_METRICS_PATH``: every process's metrics, merged."""
+    """The WSGI answer at ``HOTPATCH_METRICS_PATH``: every process's metrics, merged.
+
+    A scrape that fails anyway answers 503 with the reason (Prometheus records a failed scrape),
+    never an exception into the worker.
+    """
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    body = generate_latest(_scrape_registry())
+    try:
+        body = generate_latest(_scrape_registry())
+    except Exception as exc:  # the scraper gets the reason, the worker goes on
+        log.warning("metrics.scrape_failed", error=f"{type(exc).__name__}: {exc}")
+        reason = f"metrics unavailable: {type(exc).__name__}\n".encode()
+        start_response(
+            "503 Service Unavailable",
+            [("Content-Type", "text/plain"), ("Content-Length", str(len(reason)))],
+        )
+        return [reason]
     start_response(
         "200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))]
     )

@@ -61,12 +61,22 @@ def fetch(port: int, path: str) -> tuple[int, str, str]:
         conn.close()
 
 
+def scrape(port: int) -> str:
+    """A scrape as Prometheus makes it: a failed one fails the test with what was answered."""
+    status, _content_type, text = fetch(port, "/metrics")
+    assert status == 200, (status, text[:2000])
+    return text
+
+
 def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
-    return [
-        (s.name, dict(s.labels), s.value)
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    ]
+    try:
+        return [
+            (s.name, dict(s.labels), s.value)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        ]
+    except ValueError as exc:
+        raise AssertionError(f"not the exposition format ({exc}):\n{text[:2000]}") from exc
 
 
 def total(text: str, name: str, **labels: str) -> float:
@@ -118,14 +128,14 @@ def test_scraped_counters_match_the_requests_sent_across_every_worker(site: Site
         assert site.srv.get("/raise")[0] == 500
 
     def counted() -> bool:
-        text = fetch(site.srv.port, "/metrics")[2]  # the scrape itself is never counted
+        text = scrape(site.srv.port)  # the scrape itself is never counted
         ok = total(text, "hotpatch_requests_total", release=release, code_class="2xx")
         errors = total(text, "hotpatch_requests_total", release=release, code_class="5xx")
         return ok - base_ok == sent and errors == 3
 
     wait_until(counted, timeout_s=20, what=f"{sent} requests and 3 errors counted")
 
-    for text in (fetch(site.srv.port, "/metrics")[2], fetch(port, "/metrics")[2]):
+    for text in (scrape(site.srv.port), scrape(port)):
         assert total(text, "hotpatch_requests_total", release=release, code_class="2xx") == (
             base_ok + sent
         )
@@ -154,14 +164,14 @@ def test_scraped_counters_match_the_requests_sent_across_every_worker(site: Site
         assert site.srv.get("/")[0] == 200
 
     def rolled() -> bool:
-        text = fetch(port, "/metrics")[2]
+        text = scrape(port)
         return (
             total(text, "hotpatch_requests_total", release=new, code_class="2xx") >= 20
             and total(text, "hotpatch_deploys_total", strategy="rolling", outcome="deployed") == 1
         )
 
     wait_until(rolled, timeout_s=20, what="the rollout and the new release's requests counted")
-    text = fetch(port, "/metrics")[2]
+    text = scrape(port)
     assert total(text, "hotpatch_release_info", release=new) == 1
     assert total(text, "hotpatch_release_info", release=release) == 0  # its workers are gone
     assert total(text, "hotpatch_deploy_in_progress") == 0
@@ -178,14 +188,14 @@ def test_scraped_counters_match_the_requests_sent_across_every_worker(site: Site
     patched = str(result.release)
 
     def patched_counted() -> bool:
-        text = fetch(port, "/metrics")[2]
+        text = scrape(port)
         return (
             total(text, "hotpatch_patches_total", outcome="applied") == WORKERS
             and total(text, "hotpatch_deploys_total", strategy="in-place", outcome="deployed") == 1
         )
 
     wait_until(patched_counted, timeout_s=20, what="4 patches and the deploy counted")
-    text = fetch(port, "/metrics")[2]
+    text = scrape(port)
     assert total(text, "hotpatch_release_info", release=patched) == 1
     assert total(text, "hotpatch_release_info", release=new) == 0
 
@@ -280,9 +290,7 @@ def test_uvicorn_workers_record_requests_for_stats_and_prometheus(tmp_path: Path
             return total_requests
 
         before_stats = stats_total()
-        before_scrape = total(
-            fetch(server.port, "/metrics")[2], "hotpatch_requests_total", release=release
-        )
+        before_scrape = total(scrape(server.port), "hotpatch_requests_total", release=release)
         sent = 60
         with ThreadPoolExecutor(max_workers=6) as pool:
             answers = list(pool.map(lambda _: server.get("/")[0], range(sent)))
@@ -294,7 +302,7 @@ def test_uvicorn_workers_record_requests_for_stats_and_prometheus(tmp_path: Path
         )
         wait_until(
             lambda: (
-                total(fetch(server.port, "/metrics")[2], "hotpatch_requests_total", release=release)
+                total(scrape(server.port), "hotpatch_requests_total", release=release)
                 - before_scrape
                 == sent
             ),

@@ -406,6 +406,43 @@ def test_a_multiprocess_directory_open_to_others_is_refused(tmp_path: Any) -> No
     _prometheus.check_multiproc_dir({"PROMETHEUS_MULTIPROC_DIR": str(private)})
 
 
+def test_a_scrape_leaves_out_files_a_worker_is_creating_or_left_broken(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker creates its file empty and sizes it afterwards (prometheus/client_python#1199);
+    a worker killed mid-write leaves a cut file. Neither may fail the scrape of every metric."""
+    import struct
+    import subprocess
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from hotpatch.gunicorn import _prometheus
+
+    directory = tmp_path / "metrics"
+    directory.mkdir(mode=0o700)
+    code = (
+        "from prometheus_client import Counter; "
+        "Counter('hotpatch_requests_total', 'h', ['release']).labels('r1').inc(7)"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    assert [p.name for p in directory.iterdir()]  # the worker's real file
+    (directory / "counter_999999.db").touch()  # a worker being created: 0 bytes
+    cut = struct.pack("i", 4096) + b"\0" * 4 + struct.pack("i", 900) + b"junk"
+    (directory / "histogram_999998.db").write_bytes(cut)  # says 4096 bytes used, has 16
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+
+    answered: list[str] = []
+    body = b"".join(_prometheus.serve_metrics({}, lambda status, headers: answered.append(status)))
+    assert answered == ["200 OK"]
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+    assert values[("hotpatch_requests_total", (("release", "r1"),))] == 7
+
+
 def test_importing_the_hooks_and_the_middleware_imports_no_prometheus_client() -> None:
     import subprocess
 
