@@ -13,6 +13,9 @@ from collections.abc import Sequence
 
 from hotpatch.check._report import MAX_FILE_BYTES, MAX_REASON_CHARS
 
+ORPHAN_POLL_S = 0.2
+"""How often the subprocess looks whether its parent, ``hotpatch check``, is still there."""
+
 
 # -- the subprocess -------------------------------------------------------------------------------
 def main() -> None:  # pragma: no cover - runs in the check subprocess
@@ -27,9 +30,18 @@ def main() -> None:  # pragma: no cover - runs in the check subprocess
     from hotpatch.errors import PatchRejected
 
     job = json.loads(control.readline())
-    import threading  # a last resort if the parent was killed while project code hangs here
+    import threading
+    import time
 
-    ender = threading.Timer(float(job["exit_after_s"]), os._exit, args=(124,))
+    parent = int(job["parent_pid"])
+
+    def end_when_orphaned() -> None:  # the parent killed while project code hangs here
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_POLL_S)
+        os._exit(125)
+
+    threading.Thread(target=end_when_orphaned, name="hotpatch-check-orphan", daemon=True).start()
+    ender = threading.Timer(float(job["exit_after_s"]), os._exit, args=(124,))  # a last resort
     ender.daemon = True
     ender.start()
     sys.path[:0] = job["roots"]

@@ -288,7 +288,8 @@ class _ChildRun:
                 "tree": self.tree,
                 "guard": list(self.plan.guard),
                 "new": list(self.plan.new),
-                "exit_after_s": self.timeout_s + ORPHAN_MARGIN_S,  # orphaned: it ends anyway
+                "parent_pid": os.getpid(),  # orphaned (this process killed), it ends at once
+                "exit_after_s": self.timeout_s + ORPHAN_MARGIN_S,  # and in any case by then
             }
             with contextlib.suppress(BrokenPipeError):  # it died: its exit says why, below
                 os.write(control_w, json.dumps(job).encode() + b"\n")
