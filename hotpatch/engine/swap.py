@@ -520,14 +520,15 @@ class _Planner:
             new.__doc__,
             new.__qualname__,
         )
+        same_code = old.__code__ == new.__code__  # line numbers included
         if not (
-            old.__code__ == new.__code__
+            same_code
             and same_value(old.__defaults__, state.defaults)
             and same_value(old.__kwdefaults__, state.kwdefaults)
             and old.__doc__ == new.__doc__
         ):
             self.ops.append(SetFunction(old, state))
-        behaves_alike = same_behavior(old.__code__, new.__code__)
+        behaves_alike = same_code or same_behavior(old.__code__, new.__code__)
         if not behaves_alike:
             self.replaced.add(old.__code__)
             self.replaced.update(nested_codes(old.__code__))
