@@ -184,10 +184,20 @@ class _Planner:
     _can: dict[tuple[int, int], bool] = field(default_factory=dict)
     _classes_done: set[int] = field(default_factory=set)
     _nested: dict[types.CodeType, types.CodeType] = field(default_factory=dict)
+    # id(value) -> (value, its functions): a class member is asked several times per plan;
+    # the value is kept, so its id is not reused while the plan runs (planning changes nothing)
+    _functions: dict[int, tuple[object, list[types.FunctionType]]] = field(default_factory=dict)
     rebinder: Rebinder = field(init=False)
 
     def __post_init__(self) -> None:
         self.rebinder = Rebinder(self.module, self.live, self.cand, self.remap)
+
+    def functions_of(self, value: object) -> list[types.FunctionType]:
+        """``changeset.functions_of``, once per value and plan (a copy: callers may keep it)."""
+        known = self._functions.get(id(value))
+        if known is None or known[0] is not value:
+            known = self._functions[id(value)] = (value, functions_of(value))
+        return list(known[1])
 
     def rebind(self, value: object) -> object:
         """The live form of a candidate object (``rebind.Rebinder``)."""
@@ -261,8 +271,8 @@ class _Planner:
                 and name not in CLASS_SKIP
                 and name not in _CLASS_TAKE_NEW
                 and not isinstance(nv, IMMUTABLE)
-                and not functions_of(ov)
-                and not functions_of(nv)
+                and not self.functions_of(ov)
+                and not self.functions_of(nv)
                 and not isinstance(nv, type)
                 and not self.take_new(path, name, ov, nv)
             ):
@@ -635,7 +645,7 @@ class _Planner:
                 or (is_enum and _enum_internal(old, name))
             ):
                 continue
-            is_code = bool(functions_of(ov)) or is_own_class(ov, self.module)
+            is_code = bool(self.functions_of(ov)) or is_own_class(ov, self.module)
             if not is_code and (self.old_index is None or not self.old_index.binds(path, name)):
                 continue  # set at run time or by a decorator: live state, kept
             if name in _CLASS_NEVER_SET:
@@ -695,7 +705,7 @@ class _Planner:
         self, cls: type, name: str, ov: object, nv: object, scope: str, *, public: bool
     ) -> None:
         member = f"{scope}.{name}"
-        old_funcs, new_funcs = functions_of(ov), functions_of(nv)
+        old_funcs, new_funcs = self.functions_of(ov), self.functions_of(nv)
         if is_own_class(ov, self.module) and is_own_class(nv, self.module) and ov is not nv:
             assert isinstance(ov, type) and isinstance(nv, type)
             self.update_class(ov, nv, member, public=public)
