@@ -262,9 +262,9 @@ _NEWLINE = re.compile(r"\r\n|\r|\n")
 
 
 def _chunks(lines: list[str]) -> tuple[list[str], list[int]]:
-    """``lines`` cut before every non-empty line that starts at column 0 (a top-level statement
-    can only start on such a line): the chunks' texts, and the 0-based first line of each (plus
-    ``len(lines)``). No chunk is empty."""
+    """``lines`` cut before every non-empty line that starts with neither a space nor a tab
+    (where top-level statements start): the chunks' texts, and the 0-based first line of each
+    (plus ``len(lines)``). No chunk is empty."""
     if not lines:
         return [], [0]
     starts = [i for i, line in enumerate(lines) if line[:1] not in _INDENTED]
@@ -275,16 +275,17 @@ def _chunks(lines: list[str]) -> tuple[list[str], list[int]]:
     return texts, starts
 
 
-_INDENTED = frozenset({" ", "\t", "\f", ""})  # "": an empty line starts no chunk
+_INDENTED = frozenset({" ", "\t", ""})  # "": an empty line starts no chunk
 
 
 def _chunk_hunks(old: list[str], new: list[str]) -> list[tuple[int, int, int, int]]:
     """``_hunks`` over chunks of lines (``_chunks``) instead of single lines, in line numbers.
 
-    Equal chunks are equal lines, so the alignment is one ``_hunks`` accepts, and a chunk lies
-    within the statements its lines belong to, so a hunk widened to whole chunks touches the
-    same top-level statements as the lines that differ in it. A release that edits a
-    17,000-line data table then aligns a few hundred chunks, not 17,000 lines.
+    Paired chunks are equal lines, so the alignment is one ``_hunks`` accepts; a hunk of whole
+    chunks only widens a stretch that ``updated`` widens to whole statements anyway (the lines
+    of a chunk after its first are indented, blank or continued: inside the statement its first
+    line begins or continues). A release that edits a 17,000-line data table then aligns a few
+    hundred chunks, not 17,000 lines.
     """
     if old == new:
         return []
