@@ -373,14 +373,46 @@ def refuse_stale_references(plans: list[tuple[str, Plan, str]]) -> None:
         walked.append((path, where))
     if not targets:
         return
-    referrers = _referrers_of(targets)
+    refusal = None
+    for attempt in range(2):
+        if attempt:
+            # What holds an old object may be garbage not collected yet (a cycle an earlier
+            # candidate left, more likely while the collector was paused for a parse): collect,
+            # then look again.
+            gc.collect()
+        refusal = _stale_reference(
+            plans,
+            values,
+            walked,
+            referrers=_referrers_of(targets),
+            rebinding=rebinding,
+            modules=modules,
+            class_dicts=class_dicts,
+        )
+        if refusal is None:
+            return
+    if refusal is not None:
+        raise refusal
+
+
+def _stale_reference(
+    plans: list[tuple[str, Plan, str]],
+    values: list[tuple[str, object, tuple[str, str]]],
+    walked: list[tuple[str, tuple[str, str]]],
+    *,
+    referrers: dict[int, list[object]],
+    rebinding: dict[int, set[object]],
+    modules: dict[int, types.ModuleType],
+    class_dicts: dict[int, int],
+) -> PatchRejected | None:
+    """The refusal of ``refuse_stale_references`` for these referrers, if any."""
     for name, plan, filename in plans:
         for path, old, _ in plan.replaced_definitions:
             holders = _foreign_holders(
                 old, referrers.get(id(old), []), rebinding, modules, class_dicts
             )
             if holders:
-                raise PatchRejected(
+                return PatchRejected(
                     name,
                     "compatibility",
                     f"{path} cannot be updated in place (it became a generator or a coroutine, "
@@ -390,25 +422,32 @@ def refuse_stale_references(plans: list[tuple[str, Plan, str]]) -> None:
                     "is needed",
                     filename=filename,
                 )
-    values_by_path = {path: old for path, old, _ in values}
     for path, (name, filename) in walked:
-        old = values_by_path[path]
+        for record in values:
+            if record[0] == path:
+                break
         # Another module's name bound at run time to the old value is that module's live state
         # (as the module's own run-time names are); imports of it were re-derived above.
         holders = _foreign_holders(
-            old, referrers.get(id(old), []), rebinding, modules, class_dicts, modules_hold=False
+            record[1],
+            referrers.get(id(record[1]), []),
+            rebinding,
+            modules,
+            class_dicts,
+            modules_hold=False,
         )
         if holders:
-            raise PatchRejected(
+            return PatchRejected(
                 name,
                 "compatibility",
                 f"{path} becomes a new object (its statement changed, or it is derived from what "
-                f"changed), but the old {type(old).__name__} is also held elsewhere "
+                f"changed), but the old {type(record[1]).__name__} is also held elsewhere "
                 f"({', '.join(sorted(set(holders))[:5])}: an attribute or a cache that read it "
                 "at start-up), which would keep using the old one where a restart builds it from "
                 "the new one: needs a restart (a rolling reload carries this change)",
                 filename=filename,
             )
+    return None
 
 
 def _rebound_references(old: object, plans: list[tuple[str, Plan, str]]) -> int:
