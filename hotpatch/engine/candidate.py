@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hotpatch.engine.statements import StatementIndex
+from hotpatch.engine.statements import StatementIndex, parse
 from hotpatch.errors import PatchRejected
 
 DEFAULT_MAX_SOURCE_BYTES = 4 * 1024 * 1024
@@ -197,7 +197,7 @@ def compile_source(
     """
     try:
         if name == "__main__":
-            tree = ast.parse(text, filename=filename)
+            tree = parse(text, filename=filename)
             if not any(_is_main_guard(stmt) for stmt in tree.body):
                 raise PatchRejected(
                     name,
@@ -220,9 +220,7 @@ def compile_source(
         keep = (lambda stmt: not _is_main_guard(stmt)) if name == "__main__" else None
         index = previous.index.updated(previous.text, text, keep=keep)
     if index is None:
-        index = StatementIndex.build(
-            _definitions_only(ast.parse(text, filename=filename), name), text
-        )
+        index = StatementIndex.build(_definitions_only(parse(text, filename=filename), name), text)
     return Source(text, filename, sha, index), code
 
 
@@ -271,7 +269,7 @@ def without_repeated_registrations(
             starts.add(unit.start)
     if not starts:
         return code
-    tree = ast.parse(source.text, filename=source.filename)
+    tree = parse(source.text, filename=source.filename)
     for stmt in tree.body:
         if (
             isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef)
@@ -297,7 +295,7 @@ def _identity_decorator() -> ast.expr:
 def source_from_text(name: str, text: str, filename: str) -> Source | None:
     """A ``Source`` for a baseline: ``None`` when it does not parse (the index is then unknown)."""
     try:
-        tree = ast.parse(text, filename=filename)
+        tree = parse(text, filename=filename)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     tree = _definitions_only(tree, name)

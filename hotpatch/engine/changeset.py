@@ -182,10 +182,19 @@ def functions_of(value: object) -> list[types.FunctionType]:
     return []
 
 
+# Built-in types that are not descriptors (none defines ``__get__``): most class and module
+# values are of these, and are answered without walking their type's MRO.
+_NOT_DESCRIPTORS = frozenset(
+    {str, int, float, bool, bytes, type(None), tuple, list, dict, set, frozenset, complex}
+)
+
+
 def descriptor_dict(value: object) -> dict[str, object] | None:
     """The instance dictionary of a descriptor (an object whose type defines ``__get__``), read
     without running its code; ``None`` for anything else."""
-    if isinstance(value, type | types.FunctionType | types.ModuleType):
+    if type(value) in _NOT_DESCRIPTORS or isinstance(
+        value, type | types.FunctionType | types.ModuleType
+    ):
         return None
     if not any("__get__" in vars(klass) for klass in type(value).__mro__[:-1]):
         return None

@@ -127,7 +127,7 @@ class NamespaceIndex:
                 continue
             known = self._files.get(name)
             if known is None or known[0] != id(module):
-                self._files[name] = (id(module), _file_key(namespace.get("__file__")))
+                self._files[name] = (id(module), file_key(namespace.get("__file__")))
             state = self._state.get(name)
             if state is not None and state[0] == id(namespace) and state[1] == len(namespace):
                 continue
@@ -160,7 +160,7 @@ class NamespaceIndex:
         known = self._files.get(name)
         if known is None or known[0] != id(module) or known[1] is None:
             return False
-        return _file_key(getattr(module, "__file__", None)) != known[1]
+        return file_key(getattr(module, "__file__", None)) != known[1]
 
     def holders(self, name: str, change: ModuleChange) -> list[str]:
         """Live modules whose namespace holds the module ``name``, or objects it changed or
@@ -210,7 +210,7 @@ _OWN_METADATA = frozenset(
 )
 
 
-def _file_key(filename: object) -> _FileKey | None:
+def file_key(filename: object) -> _FileKey | None:
     """What identifies a version of a file cheaply: device, inode, size, modification time."""
     if not isinstance(filename, str) or not filename.endswith(".py"):
         return None
@@ -236,12 +236,21 @@ def may_import(text: str, package: str, modules: Iterable[str]) -> bool:
     wanted = set(modules)
     if not wanted:
         return False
+    named = imported_modules(text, package)
+    return named is None or not wanted.isdisjoint(named)
+
+
+def imported_modules(text: str, package: str) -> frozenset[str] | None:
+    """Every module name the import statements of ``text`` may name (see ``may_import``);
+    ``None`` when one of them has non-ASCII text (it may name any module)."""
     if "\\\n" in text or "\\\r" in text:  # explicit line joins: one logical line
         text = re.sub(r"\\\r?\n", " ", text)
-    return any(
-        not statement.isascii() or not wanted.isdisjoint(_named_modules(statement, package))
-        for statement in _import_statements(text)
-    )
+    found: set[str] = set()
+    for statement in _import_statements(text):
+        if not statement.isascii():
+            return None
+        found |= _named_modules(statement, package)
+    return frozenset(found)
 
 
 _IMPORT_START = re.compile(r"(?:^|[;:])[ \t]*(?:from|import)\b", re.MULTILINE)
@@ -349,11 +358,61 @@ def refuse_stale_references(plans: list[tuple[str, Plan, str]]) -> None:
                 for inner in gc.get_referents(op.cls):
                     if type(inner) is dict and op.name in inner:
                         class_dicts[id(inner)] = id(op.cls)
+    # One walk of the heap for every old object (``gc.get_referrers`` reads every tracked
+    # object each time it is called): the replaced definitions, and the replaced values held
+    # by more than the names the change set re-binds.
+    targets: list[object] = []
+    for _, plan, _ in plans:
+        for _, old, _ in plan.replaced_definitions:
+            targets.append(old)
+    walked: list[tuple[str, tuple[str, str]]] = []
+    for path, old, where in values:
+        if sys.getrefcount(old) <= 3 + _rebound_references(old, plans):
+            continue  # held only by the names the change set re-binds: no heap walk needed
+        targets.append(old)
+        walked.append((path, where))
+    if not targets:
+        return
+    refusal = None
+    for attempt in range(2):
+        if attempt:
+            # What holds an old object may be garbage not collected yet (a cycle an earlier
+            # candidate left, more likely while the collector was paused for a parse): collect,
+            # then look again.
+            gc.collect()
+        refusal = _stale_reference(
+            plans,
+            values,
+            walked,
+            referrers=_referrers_of(targets),
+            rebinding=rebinding,
+            modules=modules,
+            class_dicts=class_dicts,
+        )
+        if refusal is None:
+            return
+    if refusal is not None:
+        raise refusal
+
+
+def _stale_reference(
+    plans: list[tuple[str, Plan, str]],
+    values: list[tuple[str, object, tuple[str, str]]],
+    walked: list[tuple[str, tuple[str, str]]],
+    *,
+    referrers: dict[int, list[object]],
+    rebinding: dict[int, set[object]],
+    modules: dict[int, types.ModuleType],
+    class_dicts: dict[int, int],
+) -> PatchRejected | None:
+    """The refusal of ``refuse_stale_references`` for these referrers, if any."""
     for name, plan, filename in plans:
         for path, old, _ in plan.replaced_definitions:
-            holders = _foreign_holders(old, rebinding, modules, class_dicts)
+            holders = _foreign_holders(
+                old, referrers.get(id(old), []), rebinding, modules, class_dicts
+            )
             if holders:
-                raise PatchRejected(
+                return PatchRejected(
                     name,
                     "compatibility",
                     f"{path} cannot be updated in place (it became a generator or a coroutine, "
@@ -363,23 +422,32 @@ def refuse_stale_references(plans: list[tuple[str, Plan, str]]) -> None:
                     "is needed",
                     filename=filename,
                 )
-    for path, old, (name, filename) in values:
-        if sys.getrefcount(old) <= 3 + _rebound_references(old, plans):
-            continue  # held only by the names the change set re-binds: no heap walk needed
+    for path, (name, filename) in walked:
+        for record in values:
+            if record[0] == path:
+                break
         # Another module's name bound at run time to the old value is that module's live state
         # (as the module's own run-time names are); imports of it were re-derived above.
-        holders = _foreign_holders(old, rebinding, modules, class_dicts, modules_hold=False)
+        holders = _foreign_holders(
+            record[1],
+            referrers.get(id(record[1]), []),
+            rebinding,
+            modules,
+            class_dicts,
+            modules_hold=False,
+        )
         if holders:
-            raise PatchRejected(
+            return PatchRejected(
                 name,
                 "compatibility",
                 f"{path} becomes a new object (its statement changed, or it is derived from what "
-                f"changed), but the old {type(old).__name__} is also held elsewhere "
+                f"changed), but the old {type(record[1]).__name__} is also held elsewhere "
                 f"({', '.join(sorted(set(holders))[:5])}: an attribute or a cache that read it "
                 "at start-up), which would keep using the old one where a restart builds it from "
                 "the new one: needs a restart (a rolling reload carries this change)",
                 filename=filename,
             )
+    return None
 
 
 def _rebound_references(old: object, plans: list[tuple[str, Plan, str]]) -> int:
@@ -421,8 +489,26 @@ def _replaced_values(
 _WHOLE = object()  # marks an old value the change set replaces as a whole
 
 
+def _referrers_of(targets: list[object]) -> dict[int, list[object]]:
+    """``id(target) -> what refers to it`` for every object of ``targets``, from one heap walk
+    (``targets`` itself and this function's own records left out)."""
+    wanted = set(map(id, targets))
+    found: dict[int, list[object]] = {}
+    for ref in gc.get_referrers(*targets):
+        if ref is targets or ref is found:
+            continue
+        seen: set[int] = set()
+        for inner in gc.get_referents(ref):
+            key = id(inner)
+            if key in wanted and key not in seen:
+                seen.add(key)
+                found.setdefault(key, []).append(ref)
+    return found
+
+
 def _foreign_holders(
     old: object,
+    referrers: list[object],
     rebinding: dict[int, set[object]],
     modules: dict[int, types.ModuleType],
     class_dicts: dict[int, int],
@@ -435,7 +521,7 @@ def _foreign_holders(
     """
     holders: list[str] = []
     bookkeeping = (SetName, SetAttr, SetFunction, types.FrameType)
-    for ref in gc.get_referrers(old):
+    for ref in referrers:
         if isinstance(ref, bookkeeping) or _WHOLE in rebinding.get(id(ref), ()):
             continue
         if isinstance(ref, tuple) and len(ref) == 3 and ref[1] is old and isinstance(ref[0], str):

@@ -54,7 +54,8 @@ from hotpatch.engine.fidelity import (
     completed_units,
     empty_plan,
     fidelity_problem,
-    may_import,
+    file_key,
+    imported_modules,
     module_change,
     refuse_stale_references,
 )
@@ -129,6 +130,9 @@ class Engine:
         self._attempted: dict[str, str] = {}  # module -> sha256 of the source being tried
         self._busy = threading.local()  # .patching: this thread is inside patch/check
         self._namespace_ids = NamespaceIndex()
+        # holder module -> (id of the module, its file's state, what its imports may name):
+        # a holder that imports none of a change set's modules is not read again per patch
+        self._holder_imports: dict[str, tuple[int, object, frozenset[str] | None]] = {}
         self._held: dict[str, str] = {}  # module -> what holds it (a running trial): no patch
         self._controls: dict[str, dict[str, Callable[[], Any]]] = {}  # holder -> its controls
 
@@ -721,7 +725,8 @@ class Engine:
         runs: a file changed since hotpatch first saw the module (``NamespaceIndex.file_changed``)
         is not, and the patch is refused. A source that imports none of the changed modules
         derives nothing from them (``fidelity.may_import``): it is not parsed, and no history is
-        started (met again, it is read again).
+        started (met again, it is read again only if its file changed since: what its imports
+        may name is kept with the file's state).
 
         Raises:
             PatchRejected: stage ``compatibility``: the module's file changed since its import.
@@ -739,13 +744,27 @@ class Engine:
                 "restart would re-derive from) is unknown",
                 filename=filename,
             )
+        state = file_key(filename)  # taken before the read: a write after it changes it
+        known = self._holder_imports.get(name)
+        if (
+            state is not None
+            and known is not None
+            and known[:2] == (id(module), state)
+            and known[2] is not None
+            and known[2].isdisjoint(shared.changes)
+        ):
+            return None  # the same file as last time, which imports none of the changed modules
         try:
             data = read_source_file(name, filename, max_bytes=self.max_source_bytes)
             text = decode_source(name, data, filename, max_bytes=self.max_source_bytes)
         except PatchRejected:
             text = None  # unreadable: the baseline is unknown (refused below if it matters)
-        if text is not None and not may_import(text, package_of(name), shared.changes):
-            return None
+        if text is not None:
+            named = imported_modules(text, package_of(name))
+            if state is not None:
+                self._holder_imports[name] = (id(module), state, named)
+            if named is not None and named.isdisjoint(shared.changes):
+                return None
         baseline = None if text is None else source_from_text(name, text, filename)
         record = ModuleHistory.start(name, baseline, limit=self.history_limit)
         self._histories[name] = record

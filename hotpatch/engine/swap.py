@@ -184,10 +184,20 @@ class _Planner:
     _can: dict[tuple[int, int], bool] = field(default_factory=dict)
     _classes_done: set[int] = field(default_factory=set)
     _nested: dict[types.CodeType, types.CodeType] = field(default_factory=dict)
+    # id(value) -> (value, its functions): a class member is asked several times per plan;
+    # the value is kept, so its id is not reused while the plan runs (planning changes nothing)
+    _functions: dict[int, tuple[object, list[types.FunctionType]]] = field(default_factory=dict)
     rebinder: Rebinder = field(init=False)
 
     def __post_init__(self) -> None:
         self.rebinder = Rebinder(self.module, self.live, self.cand, self.remap)
+
+    def functions_of(self, value: object) -> list[types.FunctionType]:
+        """``changeset.functions_of``, once per value and plan (a copy: callers may keep it)."""
+        known = self._functions.get(id(value))
+        if known is None or known[0] is not value:
+            known = self._functions[id(value)] = (value, functions_of(value))
+        return list(known[1])
 
     def rebind(self, value: object) -> object:
         """The live form of a candidate object (``rebind.Rebinder``)."""
@@ -261,8 +271,8 @@ class _Planner:
                 and name not in CLASS_SKIP
                 and name not in _CLASS_TAKE_NEW
                 and not isinstance(nv, IMMUTABLE)
-                and not functions_of(ov)
-                and not functions_of(nv)
+                and not self.functions_of(ov)
+                and not self.functions_of(nv)
                 and not isinstance(nv, type)
                 and not self.take_new(path, name, ov, nv)
             ):
@@ -491,7 +501,13 @@ class _Planner:
             self.replaced_definitions.append((path, old, ()))
 
     def check_signature(self, old: types.FunctionType, new: types.FunctionType, path: str) -> None:
-        if self.allow_removals or parameter_shape(old) == parameter_shape(new):
+        if self.allow_removals or (
+            old.__code__ == new.__code__  # the same parameters; then only defaults can differ
+            and len(old.__defaults__ or ()) == len(new.__defaults__ or ())
+            and (old.__kwdefaults__ or {}).keys() == (new.__kwdefaults__ or {}).keys()
+        ):
+            return
+        if parameter_shape(old) == parameter_shape(new):
             return  # same names, kinds and defaults present: every old call still binds
         reason = signature_incompatibility(old, new)
         if reason:
@@ -512,6 +528,18 @@ class _Planner:
             return False  # e.g. a plain function became a generator: the new one replaces it
         self._funcs_done.add(id(old))
         self.remap[id(new)] = old
+        if (
+            old.__defaults__ is None
+            and new.__defaults__ is None
+            and old.__kwdefaults__ is None
+            and new.__kwdefaults__ is None
+            and new.__closure__ is None
+            and old.__code__ == new.__code__  # line numbers included; so no closure in old
+            and old.__doc__ == new.__doc__
+            and "__wrapped__" not in old.__dict__
+            and "__wrapped__" not in new.__dict__
+        ):
+            return True  # what the full comparison below concludes: nothing to assign or report
         state = FunctionState(
             new.__code__,
             self.rebinder.rebind_tuple(new.__defaults__),
@@ -520,14 +548,15 @@ class _Planner:
             new.__doc__,
             new.__qualname__,
         )
+        same_code = old.__code__ == new.__code__  # line numbers included
         if not (
-            old.__code__ == new.__code__
+            same_code
             and same_value(old.__defaults__, state.defaults)
             and same_value(old.__kwdefaults__, state.kwdefaults)
             and old.__doc__ == new.__doc__
         ):
             self.ops.append(SetFunction(old, state))
-        behaves_alike = same_behavior(old.__code__, new.__code__)
+        behaves_alike = same_code or same_behavior(old.__code__, new.__code__)
         if not behaves_alike:
             self.replaced.add(old.__code__)
             self.replaced.update(nested_codes(old.__code__))
@@ -634,7 +663,7 @@ class _Planner:
                 or (is_enum and _enum_internal(old, name))
             ):
                 continue
-            is_code = bool(functions_of(ov)) or is_own_class(ov, self.module)
+            is_code = bool(self.functions_of(ov)) or is_own_class(ov, self.module)
             if not is_code and (self.old_index is None or not self.old_index.binds(path, name)):
                 continue  # set at run time or by a decorator: live state, kept
             if name in _CLASS_NEVER_SET:
@@ -694,7 +723,7 @@ class _Planner:
         self, cls: type, name: str, ov: object, nv: object, scope: str, *, public: bool
     ) -> None:
         member = f"{scope}.{name}"
-        old_funcs, new_funcs = functions_of(ov), functions_of(nv)
+        old_funcs, new_funcs = self.functions_of(ov), self.functions_of(nv)
         if is_own_class(ov, self.module) and is_own_class(nv, self.module) and ov is not nv:
             assert isinstance(ov, type) and isinstance(nv, type)
             self.update_class(ov, nv, member, public=public)

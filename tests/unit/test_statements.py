@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ast
+import gc
 import textwrap
 
 import pytest
 
-from hotpatch.engine.statements import StatementIndex
+from hotpatch.engine.statements import StatementIndex, _chunk_hunks, _hunks, _lines, parse
 
 BASE = textwrap.dedent(
     '''\
@@ -201,3 +202,42 @@ def test_lines_are_counted_as_python_counts_them() -> None:
     edited = text.replace("A = 1", "A = 2")
     updated = index.updated(text, edited)
     assert updated is not None and updated.units == full(edited).units
+
+
+def test_parse_pauses_the_collector_and_leaves_its_state_as_it_was() -> None:
+    # A syntax tree is many acyclic objects: collecting while they are made only costs time.
+    seen: list[bool] = []
+    gc.callbacks.append(lambda phase, info: seen.append(phase == "start"))
+    try:
+        assert gc.isenabled()
+        gc.collect()
+        seen.clear()
+        tree = parse("T = (\n" + "    (1, 'a'),\n" * 20000 + ")\n")
+        assert not seen  # no collection ran during the parse (20,000 tuples set off several)
+        assert isinstance(tree.body[0], ast.Assign)
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            parse("x = 1\n")
+            assert not gc.isenabled()  # disabled by the host: stays disabled
+        finally:
+            gc.enable()
+        with pytest.raises(SyntaxError):
+            parse("def (:\n")
+        assert gc.isenabled()
+    finally:
+        gc.callbacks.pop()
+
+
+def test_chunk_alignment_pairs_equal_lines_and_covers_every_changed_line() -> None:
+    old_text = _apply(BASE, MULTI_EDITS["method appended at the end of a class"])
+    for a, b in ((BASE, old_text), (old_text, BASE), (BASE, BASE + "\n# tail\nZ = 1\n")):
+        old, new = _lines(a), _lines(b)
+        hunks = _chunk_hunks(old, new)
+        line_hunks = _hunks(old, new)
+        i = j = 0
+        for first, last, new_first, new_last in [*hunks, (len(old) + 1, 0, len(new) + 1, 0)]:
+            assert old[i : first - 1] == new[j : new_first - 1]  # the lines between are paired
+            i, j = max(i, last), max(j, new_last)
+        changed = {n for f, e, _, _ in hunks for n in range(f, e + 1)}
+        assert {n for f, e, _, _ in line_hunks for n in range(f, e + 1)} <= changed
