@@ -462,6 +462,17 @@ def _rebound_references(old: object, plans: list[tuple[str, Plan, str]]) -> int:
 
 # Values a holder may keep a copy of without being stale: equal is as good as the same.
 _IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), tuple, frozenset, range)
+_ANNOTATION_MODULES = frozenset({"typing", "typing_extensions"})
+
+
+def _is_value(old: object) -> bool:
+    """Whether ``old`` is a value a holder may keep a copy of: an immutable built-in, or an
+    annotation object (``Optional``, ``list[int]``, ``int | None``, a ``TypeVar``: typing's own
+    caches hold every one made, in a restarted process as well)."""
+    return (
+        isinstance(old, (*_IMMUTABLE, types.GenericAlias, types.UnionType))
+        or type(old).__module__ in _ANNOTATION_MODULES
+    )
 
 
 def _replaced_values(
@@ -478,7 +489,7 @@ def _replaced_values(
             if not isinstance(op, SetName) or op.namespace is not namespace:
                 continue
             old = op.namespace.get(op.name, _ABSENT)
-            if old is _ABSENT or old is op.value or isinstance(old, _IMMUTABLE):
+            if old is _ABSENT or old is op.value or _is_value(old):
                 continue
             if isinstance(old, type | types.ModuleType) or functions_of(old):
                 continue  # definitions: updated in place, or refused above when replaced

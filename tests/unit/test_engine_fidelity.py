@@ -115,6 +115,24 @@ def test_a_reference_held_only_by_uncollected_garbage_does_not_refuse(make_modul
     assert inspect.isgeneratorfunction(lib.items) and list(lib.items(4, step=2)) == [0, 2, 4, 6]
 
 
+def test_typing_objects_held_by_typings_own_caches_do_not_refuse(make_module) -> None:
+    # idna 3.19 dropped ``from typing import Optional``; typing's caches hold ``Optional`` and
+    # every ``Optional[...]`` made, as they do in a restarted process: annotation objects are
+    # values, equal is as good as the same (refused before: "old _SpecialForm also held").
+    import typing
+
+    mod = make_module("from typing import Optional, Union\nT = Optional[int]\nX = 1\n")
+    held = (typing.Optional, typing.Optional[int])  # noqa: UP045 - the object under test
+    engine = Engine()
+    engine.patch(
+        mod.__name__,
+        source="from typing import Union\nT = Union[int, str]\nX = 1\n",
+        allow_removals=True,
+    )
+    assert not hasattr(mod, "Optional") and typing.get_args(mod.T) == (int, str)
+    assert held[0] is typing.Optional
+
+
 def test_a_kind_change_rebuilds_a_list_of_the_same_module(make_module) -> None:
     lib = make_module(KIND_OLD + "\nHANDLERS = [items]\n")
     Engine().patch(lib.__name__, source=KIND_NEW + "\nHANDLERS = [items]\n", allow_removals=True)
