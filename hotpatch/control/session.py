@@ -60,10 +60,13 @@ class ReleaseHooks:
         health: the process's health checks; returns ``None`` when healthy, else the reason.
         switched: called with ``(release, release_dir)`` after a commit (the new release) and
             after a rollback (the previous one): moves ``sys.path`` and the host's records.
-        refuse_in_place: when set, phase 1 refuses every deploy with this reason (a host whose
-            in-place commit is not supported yet: an ASGI worker's event loop).
+        refuse_in_place: when set, phase 1 refuses every deploy with this reason (a host that
+            cannot take an in-place commit).
         stats: the process's request counts for the ``stats`` request, given the last request
             number the client saw (``hotpatch.gunicorn._metrics.Recorder.snapshot``), if any.
+        commit_thread: the event loop this process serves on, as ``(thread ident,
+            loop.call_soon_threadsafe)`` or ``None`` while it does not run: every commit and
+            rollback of this process then runs on it (``hotpatch.engine.safepoint``).
     """
 
     release: str
@@ -72,6 +75,9 @@ class ReleaseHooks:
     switched: Callable[[str, str], None]
     refuse_in_place: str | None = None
     stats: Callable[[int], dict[str, Any]] | None = None
+    commit_thread: (
+        Callable[[], tuple[int, Callable[[Callable[[], None]], object]] | None] | None
+    ) = None
 
 
 @dataclass

@@ -26,6 +26,12 @@ raises or returns on the lifespan scope) is probed at that moment, still before 
 with ``lifespan="off"`` no lifespan scope ever comes, so the probe runs in a loop of its own from
 ``post_worker_init`` (nothing was started on the serving loop to depend on).
 
+In-place deploys (docs/deploy.md) need the same loop after boot. ``guard_asgi_worker`` notes the
+serving loop, its thread and the lifespan state (``_serving``): the deploy's health phase probes
+the app on that loop with that state (``serving_probe``), and every commit and rollback of the
+process runs on that thread between two coroutine steps (``commit_thread``, handed to the engine's
+safe point through the control channel), so the loop stops for the commit and no longer.
+
 One more thing a sync worker gets and uvicorn does not give: a retired worker that answers every
 connection it accepted. uvicorn's shutdown closes connections it accepted but has not read yet;
 ``_drain_fresh_connections`` gives those ``DRAIN_S`` for their request.
@@ -33,8 +39,10 @@ connection it accepted. uvicorn's shutdown closes connections it accepted but ha
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hotpatch._log import get_logger
@@ -96,6 +104,7 @@ def guard_asgi_worker(
         )
         return
     _drain_fresh_connections(worker)
+    _note_serving_loop_of(worker)
     mode = str(getattr(getattr(worker, "config", None), "lifespan", "auto"))
     if mode == "off":  # no lifespan scope will come: nothing to wait for on the serving loop
         check(_probe_in_own_loop(timeout_s))
@@ -147,6 +156,7 @@ class _LifespanGate:
         self._lifespan_seen = True
         import asyncio
 
+        _note_serving_loop(state=scope.get("state"))
         self.worker.wsgi = self.app  # the user's checks see their own app, not this gate
         self.started = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -251,6 +261,68 @@ class _LifespanGate:
             code = on_startup_failed(self.startup_error, self.started)
             if code is not None:
                 raise SystemExit(code)
+
+
+@dataclass
+class _ServingLoop:
+    """The loop this worker serves on (set on it), its thread, and the app's lifespan state."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+    ident: int = 0
+    state: dict[str, Any] | None = None
+
+
+_serving = _ServingLoop()
+
+
+def _note_serving_loop(*, state: Any = None) -> None:
+    """Called on the serving loop: remember it (and the lifespan state, when there is one)."""
+    import asyncio
+
+    _serving.loop = asyncio.get_running_loop()
+    _serving.ident = threading.get_ident()
+    if isinstance(state, dict):
+        _serving.state = state
+
+
+def _note_serving_loop_of(worker: Any) -> None:
+    """Note the loop uvicorn's worker creates in ``run`` as soon as it runs (any lifespan mode)."""
+    serve = getattr(worker, "_serve", None)
+    if serve is None or not callable(serve):
+        return  # another uvicorn worker: the lifespan gate notes the loop
+
+    async def serve_noting_the_loop() -> None:
+        _note_serving_loop()
+        await serve()
+
+    worker._serve = serve_noting_the_loop
+
+
+def commit_thread() -> tuple[int, Callable[[Callable[[], None]], object]] | None:
+    """The serving loop's thread and scheduler, while it runs (every commit goes there)."""
+    loop = _serving.loop
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return None
+    return _serving.ident, loop.call_soon_threadsafe
+
+
+def serving_probe(timeout_s: float) -> Probe:
+    """The deploy health phase's probe: the app on its serving loop, with the lifespan state.
+
+    Before the loop runs (or after it stopped) the probe runs in a loop of its own.
+    """
+    loop = _serving.loop
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return _probe_in_own_loop(timeout_s)
+    state = _serving.state
+
+    def probe(app: Any, path: str, *, port: int) -> ProbeResult:
+        import asyncio
+
+        coro = probe_asgi(app, path, port=port, state=state, timeout_s=timeout_s)
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    return probe
 
 
 DRAIN_S = 2.0

@@ -122,10 +122,10 @@ def test_good_rollout_puts_every_uvicorn_worker_on_the_new_version(site: Site) -
     assert len(site.startup_pids()) == 2 * WORKERS
 
 
-def test_deploy_refuses_in_place_in_uvicorn_workers_and_auto_rolls_saying_why(site: Site) -> None:
-    """In-place commits against a worker's event loop are not supported yet: phase 1 refuses in
-    every worker (nothing committed), ``--strategy in-place`` reports the refusal, and ``auto``
-    ships the change with a rolling deploy and says why."""
+def test_auto_deploys_a_fastapi_change_in_place_in_uvicorn_workers(site: Site) -> None:
+    """A changed FastAPI path operation is hot-patchable: ``auto`` picks in-place, every uvicorn
+    worker commits it on its event loop, the route table (which holds the endpoint function)
+    runs the new code, no worker restarts and no lifespan startup runs again."""
     site.start()
     wait_until(
         lambda: all(w.get("listening") for w in site.workers()),
@@ -136,17 +136,14 @@ def test_deploy_refuses_in_place_in_uvicorn_workers_and_auto_rolls_saying_why(si
     before = site.srv.worker_pids()
     site.start_load()
     write_app(site.dir, "asgi_good.py", "v2")
-    refused = deploy(site.srv.pid, strategy="in-place", timeout_s=ROLLOUT_TIMEOUT_S)
-    assert refused.outcome == "refused", refused
-    assert "not supported yet" in refused.reason and "uvicorn" in refused.reason, refused
-    assert site.srv.worker_pids() == before
-    assert set(site.versions_by_pid().values()) == {"v1"}
-    rolled = deploy(site.srv.pid, strategy="auto", timeout_s=ROLLOUT_TIMEOUT_S)
+    result = deploy(site.srv.pid, strategy="auto", timeout_s=ROLLOUT_TIMEOUT_S)
     stats = site.stop_load()
-    assert (rolled.outcome, rolled.strategy) == ("deployed", "rolling"), rolled
-    assert "not supported yet" in rolled.reason, rolled
-    assert_no_failures(stats)
+    assert (result.outcome, result.strategy) == ("deployed", "in-place"), result
+    assert site.srv.worker_pids() == before
     assert set(site.versions_by_pid().values()) == {"v2"}
+    assert_no_failures(stats)
+    site.assert_one_startup_per_worker()
+    assert len(site.startup_pids()) == WORKERS
 
 
 BAD_RELEASES = [
