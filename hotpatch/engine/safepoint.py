@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import os
 import re
 import sys
 import threading
@@ -82,8 +83,14 @@ class BusyThread:
     filename: str
     lineno: int
     suspended: str | None = None  # "generator", "coroutine"...: a suspended frame, no thread
+    is_commit_thread: bool = False  # the event loop that was to run the commit, and did not
 
     def describe(self) -> str:
+        if self.is_commit_thread:
+            return (
+                f"the event loop (thread {self.name!r}) did not run the commit: it is inside "
+                f"{self.function}() at {self.filename}:{self.lineno}"
+            )
         if self.suspended:
             return (
                 f"a suspended {self.suspended} of {self.function}() at {self.filename}:"
@@ -165,19 +172,27 @@ class _OnThread:
 
 
 def _stuck(ident: int) -> BusyThread:
-    """Where the commit thread is while it does not run the commit (a long step, a blocking call)."""
+    """Where the commit thread is while it does not run the commit (a long step, a blocking call):
+    the innermost frame outside the standard library (the app's code that holds the loop)."""
     frame = sys._current_frames().get(ident)
     names = {t.ident: t.name for t in threading.enumerate()}
     name = names.get(ident, f"<thread {ident}>")
     if frame is None:
-        return BusyThread(ident, name, "<gone>", "", 0)
-    code = frame.f_code
+        return BusyThread(ident, name, "<gone>", "", 0, is_commit_thread=True)
+    shown = frame
+    stdlib = os.path.dirname(threading.__file__) + os.sep
+    while shown is not None and shown.f_code.co_filename.startswith(stdlib):
+        shown = shown.f_back
+    if shown is None:
+        shown = frame
+    code = shown.f_code
     return BusyThread(
         ident,
-        f"{name} (the event loop, which did not run the commit)",
+        name,
         getattr(code, "co_qualname", code.co_name),
         code.co_filename,
-        frame.f_lineno,
+        shown.f_lineno,
+        is_commit_thread=True,
     )
 
 
