@@ -179,12 +179,11 @@ def _stuck(ident: int) -> BusyThread:
     name = names.get(ident, f"<thread {ident}>")
     if frame is None:
         return BusyThread(ident, name, "<gone>", "", 0, is_commit_thread=True)
-    shown = frame
     stdlib = os.path.dirname(threading.__file__) + os.sep
-    while shown is not None and shown.f_code.co_filename.startswith(stdlib):
-        shown = shown.f_back
-    if shown is None:
-        shown = frame
+    outside: types.FrameType | None = frame
+    while outside is not None and outside.f_code.co_filename.startswith(stdlib):
+        outside = outside.f_back
+    shown = outside or frame
     code = shown.f_code
     return BusyThread(
         ident,
