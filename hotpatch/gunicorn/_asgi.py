@@ -299,11 +299,31 @@ def _note_serving_loop_of(worker: Any) -> None:
 
 
 def commit_thread() -> tuple[int, Callable[[Callable[[], None]], object]] | None:
-    """The serving loop's thread and scheduler, while it runs (every commit goes there)."""
+    """The serving loop's thread and scheduler, while it runs (every commit goes there).
+
+    Each step the loop runs for the safe point (the last look at the stacks and the assignments)
+    is timed: ``event_loop.paused`` says how long the loop served nothing for it.
+    """
     loop = _serving.loop
     if loop is None or loop.is_closed() or not loop.is_running():
         return None
-    return _serving.ident, loop.call_soon_threadsafe
+
+    def timed(step: Callable[[], None]) -> None:
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        try:
+            step()
+        finally:
+            log.info(
+                "event_loop.paused",
+                reason="commit at the safe point",
+                paused_s=round(time.perf_counter() - started, 6),
+                cpu_s=round(time.thread_time() - cpu_started, 6),
+            )
+
+    def schedule(step: Callable[[], None]) -> object:
+        return loop.call_soon_threadsafe(timed, step)
+
+    return _serving.ident, schedule
 
 
 def serving_probe(timeout_s: float) -> Probe:

@@ -11,6 +11,7 @@ uvicorn worker is judged on its real traffic against the old ones. Every request
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,6 +131,23 @@ def test_in_place_deploys_into_uvicorn_workers_all_or_nothing(site: Site) -> Non
     assert not [v for v in stats.bodies if "mixed" in v], stats.bodies
     assert stats.bodies.get("version=v4", 0) > 0
     site.assert_master_alive()
+    # Every commit and rollback ran on the worker's event loop, as one step of it: the unhealthy
+    # deploy's commit and rollback, and the good deploy's commit (the loop ran at least these).
+    pauses = loop_pauses(site.srv.output())
+    assert all(len(pauses.get(pid, [])) >= 3 for pid in before), pauses
+    worst = max((p for found in pauses.values() for p in found), key=lambda p: p[0])
+    print(f"longest event-loop pause for a commit: {worst[0]:.4f} s wall, {worst[1]:.4f} s CPU")
+
+
+def loop_pauses(output: str) -> dict[int, list[tuple[float, float]]]:
+    """worker pid -> (wall, CPU) seconds of each ``event_loop.paused`` event in gunicorn's log."""
+    found: dict[int, list[tuple[float, float]]] = {}
+    for match in re.finditer(
+        r"\[(\d+)\] \[INFO\] event_loop\.paused .*?paused_s=([\d.e-]+) cpu_s=([\d.e-]+)", output
+    ):
+        pid, wall, cpu = int(match[1]), float(match[2]), float(match[3])
+        found.setdefault(pid, []).append((wall, cpu))
+    return found
 
 
 def test_canary_in_uvicorn_workers_promotes_a_good_release_and_rolls_back_a_bad_one(
