@@ -30,7 +30,10 @@ In-place deploys (docs/deploy.md) need the same loop after boot. ``guard_asgi_wo
 serving loop, its thread and the lifespan state (``_serving``): the deploy's health phase probes
 the app on that loop with that state (``serving_probe``), and every commit and rollback of the
 process runs on that thread between two coroutine steps (``commit_thread``, handed to the engine's
-safe point through the control channel), so the loop stops for the commit and no longer.
+safe point through the control channel), so the loop stops for the commit and no longer. The
+coroutines suspended once the lifespan startup is over (the lifespan itself, which waits for the
+shutdown, and the tasks its startup began) live as long as the worker: a change to their code can
+never reach a safe point, so phase 1 refuses it and ``auto`` rolls (``lifelong_frames``).
 
 One more thing a sync worker gets and uvicorn does not give: a retired worker that answers every
 connection it accepted. uvicorn's shutdown closes connections it accepted but has not read yet;
@@ -39,10 +42,13 @@ connection it accepted. uvicorn's shutdown closes connections it accepted but ha
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import types
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hotpatch._log import get_logger
@@ -231,6 +237,10 @@ class _LifespanGate:
 
     async def _check_then(self, send: ASGISend, complete: ASGIMessage, state: Any) -> None:
         if await self._run_check(state if isinstance(state, dict) else None):
+            import asyncio
+
+            # once this step is over the lifespan (and any task its startup began) is suspended
+            asyncio.get_running_loop().call_soon(_note_lifelong)
             await send(complete)
         else:
             await send({"type": "lifespan.startup.failed", "message": _REFUSED})
@@ -270,6 +280,8 @@ class _ServingLoop:
     loop: asyncio.AbstractEventLoop | None = None
     ident: int = 0
     state: dict[str, Any] | None = None
+    lifelong: list[weakref.ref[Any]] = field(default_factory=list)
+    """The coroutines and generators suspended when the lifespan startup completed."""
 
 
 _serving = _ServingLoop()
@@ -283,6 +295,54 @@ def _note_serving_loop(*, state: Any = None) -> None:
     _serving.ident = threading.get_ident()
     if isinstance(state, dict):
         _serving.state = state
+
+
+_SUSPENDABLE = (types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType)
+_FRAME_OF = {types.CoroutineType: "cr", types.GeneratorType: "gi", types.AsyncGeneratorType: "ag"}
+
+
+def _note_lifelong() -> None:
+    """Remember every coroutine and generator suspended right after the lifespan startup: the
+    lifespan itself (suspended until shutdown) and the tasks its startup began. They live as long
+    as the worker, so a change to their code can never reach a safe point (``lifelong_frames``)."""
+    found = []
+    for obj in gc.get_objects():
+        if isinstance(obj, _SUSPENDABLE) and _frame_of(obj) is not None:
+            try:
+                found.append(weakref.ref(obj))
+            except TypeError:  # pragma: no cover - every suspendable type takes weak references
+                continue
+    _serving.lifelong = found
+
+
+def _frame_of(obj: Any) -> types.FrameType | None:
+    prefix = _FRAME_OF.get(type(obj))
+    if prefix is None or getattr(obj, f"{prefix}_running", False):
+        return None
+    frame = getattr(obj, f"{prefix}_frame", None)
+    return frame if isinstance(frame, types.FrameType) else None
+
+
+def lifelong_frames() -> list[tuple[str, str, str, int]]:
+    """``(module, qualname, file, line)`` of the frames suspended since the lifespan startup that
+    are still suspended now (the lifespan, its tasks): a deploy must not change their code."""
+    frames = []
+    for ref in _serving.lifelong:
+        obj = ref()
+        frame = _frame_of(obj) if obj is not None else None
+        if frame is None:
+            continue
+        code = frame.f_code
+        module = frame.f_globals.get("__name__")
+        frames.append(
+            (
+                module if isinstance(module, str) else "",
+                getattr(code, "co_qualname", code.co_name),
+                code.co_filename,
+                frame.f_lineno or code.co_firstlineno,
+            )
+        )
+    return frames
 
 
 def _note_serving_loop_of(worker: Any) -> None:

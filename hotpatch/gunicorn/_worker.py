@@ -36,6 +36,7 @@ from hotpatch.gunicorn._asgi import (
     _is_uvicorn_worker,
     commit_thread,
     guard_asgi_worker,
+    lifelong_frames,
     serves_asgi,
     serving_probe,
 )
@@ -362,6 +363,7 @@ def start_listening(worker: Any) -> bool:
                 switched=_switched,
                 stats=lambda since: state.recorder.snapshot(since=since),
                 commit_thread=commit_thread if serves_asgi(worker) else None,
+                lifelong=lifelong_frames if serves_asgi(worker) else None,
             )
         )
     except Exception as exc:  # never a reason not to serve

@@ -150,6 +150,36 @@ def loop_pauses(output: str) -> dict[int, list[tuple[float, float]]]:
     return found
 
 
+def test_a_change_to_the_running_lifespan_is_refused_in_phase_one_and_auto_rolls(
+    site: Site,
+) -> None:
+    """The lifespan stays suspended (waiting for the shutdown) for the worker's life, so a change
+    to its code never reaches a safe point: phase 1 refuses it in every worker, naming it, and
+    ``auto`` ships it as a rolling deploy."""
+    site.boot()
+    before = site.srv.worker_pids()
+    site.start_load()
+    source = (site.dir / "app.py").read_text(encoding="utf-8")
+    shutdown = '            await send({"type": "lifespan.shutdown.complete"})'
+    assert shutdown in source
+    changed = source.replace("v1", "v2").replace(shutdown, f"            pass\n{shutdown}")
+    (site.dir / "app.py.tmp").write_text(changed, encoding="utf-8")
+    (site.dir / "app.py.tmp").replace(site.dir / "app.py")
+    refused = site.deploy(strategy="in-place")
+    assert refused.outcome == "refused", refused.reason
+    assert "lifespan() is suspended for the life of this worker" in refused.reason
+    assert "stage: safepoint" in refused.reason
+    assert [e for e in refused.events if e.get("phase") in ("commit", "health")] == []
+    assert site.srv.worker_pids() == before
+    rolled = site.deploy(strategy="auto")
+    stats = site.stop_load()
+    assert (rolled.outcome, rolled.strategy) == ("deployed", "rolling"), rolled.reason
+    assert "lifespan() is suspended" in rolled.reason
+    assert not set(site.srv.worker_pids()) & set(before)
+    assert set(site.versions_by_pid().values()) == {"v2"}
+    assert_no_failures(stats)
+
+
 def test_canary_in_uvicorn_workers_promotes_a_good_release_and_rolls_back_a_bad_one(
     site: Site,
 ) -> None:
