@@ -84,9 +84,10 @@ def _site(tmp_path: Path) -> Iterator[Site]:
 
 
 def test_in_place_deploys_into_uvicorn_workers_all_or_nothing(site: Site) -> None:
-    """One server, three deploys in turn: refused in one worker (nothing changes anywhere),
-    unhealthy in one worker (every worker rolls back), good (every worker runs it). No worker
-    restarts, no request fails, no request mixes old and new code."""
+    """One server, deploys in turn: refused in one worker (nothing changes anywhere), unhealthy in
+    one worker (every worker rolls back), good (every worker runs it, no worker restarts), then a
+    change to the running lifespan (refused in place; ``auto`` rolls). No request fails, no
+    request mixes old and new code."""
     site.boot()
     before = site.srv.worker_pids()
     known_good = site.state()["known_good"]
@@ -122,21 +123,42 @@ def test_in_place_deploys_into_uvicorn_workers_all_or_nothing(site: Site) -> Non
     assert set(seen.values()) == {"v4"} and set(seen) == set(before), seen
     assert good.to_last_commit_s is not None
     print(f"time from the deploy's start to the last commit: {good.to_last_commit_s:.3f} s")
-    stats = site.stop_load()
-
     assert site.srv.worker_pids() == before  # no worker restarted
     assert site.state()["known_good"] == good.release
     assert {w["release"] for w in site.workers()} == {good.release}
-    assert_no_failures(stats)
-    assert not [v for v in stats.bodies if "mixed" in v], stats.bodies
-    assert stats.bodies.get("version=v4", 0) > 0
-    site.assert_master_alive()
     # Every commit and rollback ran on the worker's event loop, as one step of it: the unhealthy
     # deploy's commit and rollback, and the good deploy's commit (the loop ran at least these).
     pauses = loop_pauses(site.srv.output())
     assert all(len(pauses.get(pid, [])) >= 3 for pid in before), pauses
     worst = max((p for found in pauses.values() for p in found), key=lambda p: p[0])
     print(f"longest event-loop pause for a commit: {worst[0]:.4f} s wall, {worst[1]:.4f} s CPU")
+
+    # The lifespan stays suspended (waiting for the shutdown) for the worker's life, so a change
+    # to its code never reaches a safe point: phase 1 refuses it in every worker, naming it, and
+    # auto ships it with a rolling reload.
+    source = (site.dir / "app.py").read_text(encoding="utf-8")
+    shutdown = '            await send({"type": "lifespan.shutdown.complete"})'
+    assert shutdown in source
+    changed = source.replace("v4", "v5").replace(shutdown, f"            pass\n{shutdown}")
+    (site.dir / "app.py.tmp").write_text(changed, encoding="utf-8")
+    (site.dir / "app.py.tmp").replace(site.dir / "app.py")
+    lifespan = site.deploy(strategy="in-place")
+    assert lifespan.outcome == "refused", lifespan.reason
+    assert "lifespan() is suspended for the life of this worker" in lifespan.reason
+    assert "stage: safepoint" in lifespan.reason
+    assert [e for e in lifespan.events if e.get("phase") in ("commit", "health")] == []
+    assert site.srv.worker_pids() == before
+    rolled = site.deploy(strategy="auto")
+    assert (rolled.outcome, rolled.strategy) == ("deployed", "rolling"), rolled.reason
+    assert "lifespan() is suspended" in rolled.reason
+    stats = site.stop_load()
+
+    assert not set(site.srv.worker_pids()) & set(before)
+    assert set(site.versions_by_pid().values()) == {"v5"}
+    assert_no_failures(stats)
+    assert not [v for v in stats.bodies if "mixed" in v], stats.bodies
+    assert stats.bodies.get("version=v4", 0) > 0
+    site.assert_master_alive()
 
 
 def loop_pauses(output: str) -> dict[int, list[tuple[float, float]]]:
@@ -148,36 +170,6 @@ def loop_pauses(output: str) -> dict[int, list[tuple[float, float]]]:
         pid, wall, cpu = int(match[1]), float(match[2]), float(match[3])
         found.setdefault(pid, []).append((wall, cpu))
     return found
-
-
-def test_a_change_to_the_running_lifespan_is_refused_in_phase_one_and_auto_rolls(
-    site: Site,
-) -> None:
-    """The lifespan stays suspended (waiting for the shutdown) for the worker's life, so a change
-    to its code never reaches a safe point: phase 1 refuses it in every worker, naming it, and
-    ``auto`` ships it as a rolling deploy."""
-    site.boot()
-    before = site.srv.worker_pids()
-    site.start_load()
-    source = (site.dir / "app.py").read_text(encoding="utf-8")
-    shutdown = '            await send({"type": "lifespan.shutdown.complete"})'
-    assert shutdown in source
-    changed = source.replace("v1", "v2").replace(shutdown, f"            pass\n{shutdown}")
-    (site.dir / "app.py.tmp").write_text(changed, encoding="utf-8")
-    (site.dir / "app.py.tmp").replace(site.dir / "app.py")
-    refused = site.deploy(strategy="in-place")
-    assert refused.outcome == "refused", refused.reason
-    assert "lifespan() is suspended for the life of this worker" in refused.reason
-    assert "stage: safepoint" in refused.reason
-    assert [e for e in refused.events if e.get("phase") in ("commit", "health")] == []
-    assert site.srv.worker_pids() == before
-    rolled = site.deploy(strategy="auto")
-    stats = site.stop_load()
-    assert (rolled.outcome, rolled.strategy) == ("deployed", "rolling"), rolled.reason
-    assert "lifespan() is suspended" in rolled.reason
-    assert not set(site.srv.worker_pids()) & set(before)
-    assert set(site.versions_by_pid().values()) == {"v2"}
-    assert_no_failures(stats)
 
 
 def test_canary_in_uvicorn_workers_promotes_a_good_release_and_rolls_back_a_bad_one(
