@@ -524,9 +524,9 @@ def commit_at_safe_point(
     suspended: list[BusyThread] = []
     next_look = 0.0
     host = _current_commit_thread()
-    last_busy: list[BusyThread] = []  # what held the last attempt at the commit
     try:
         while True:
+            last_busy: list[BusyThread] = []  # what held this turn's attempt at the commit
             now = time.monotonic()
             forced = force_at_deadline and now >= deadline
             # The commit thread is looked at when the commit runs on it, between two steps.
