@@ -61,6 +61,7 @@ from hotpatch.control.protocol import (
 from hotpatch.control.session import ReleaseHooks, ReleaseState, run_session
 from hotpatch.engine import Engine, PatchResult, Version, default_engine
 from hotpatch.engine.candidate import text_sha256
+from hotpatch.engine.safepoint import use_commit_thread
 from hotpatch.errors import ConfigError, HotpatchError, InsecurePath, PatchRejected
 from hotpatch.rundir import runtime_dir
 
@@ -711,6 +712,8 @@ def listen_release(hooks: ReleaseHooks, *, engine: Engine | None = None) -> List
         ConfigError: this process already listens, or the platform has no ``SO_PEERCRED``.
         InsecurePath: the runtime directory (or a file where the socket goes) is not safe.
     """
+    if hooks.commit_thread is not None:  # an event loop serves here: commits run on it
+        use_commit_thread(hooks.commit_thread)
     with _LISTEN_LOCK:
         for listener in list(_ACTIVE):  # the app listens already: that socket takes deploys too
             if listener._owner_pid == os.getpid() and not listener.is_closed:

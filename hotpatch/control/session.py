@@ -60,10 +60,16 @@ class ReleaseHooks:
         health: the process's health checks; returns ``None`` when healthy, else the reason.
         switched: called with ``(release, release_dir)`` after a commit (the new release) and
             after a rollback (the previous one): moves ``sys.path`` and the host's records.
-        refuse_in_place: when set, phase 1 refuses every deploy with this reason (a host whose
-            in-place commit is not supported yet: an ASGI worker's event loop).
+        refuse_in_place: when set, phase 1 refuses every deploy with this reason (a host that
+            cannot take an in-place commit).
         stats: the process's request counts for the ``stats`` request, given the last request
             number the client saw (``hotpatch.gunicorn._metrics.Recorder.snapshot``), if any.
+        commit_thread: the event loop this process serves on, as ``(thread ident,
+            loop.call_soon_threadsafe)`` or ``None`` while it does not run: every commit and
+            rollback of this process then runs on it (``hotpatch.engine.safepoint``).
+        lifelong: the frames suspended for the life of the process, as ``(module, qualname,
+            file, line)`` (an ASGI app's lifespan): phase 1 refuses a change to their code, which
+            no safe point would ever let in.
     """
 
     release: str
@@ -72,6 +78,10 @@ class ReleaseHooks:
     switched: Callable[[str, str], None]
     refuse_in_place: str | None = None
     stats: Callable[[int], dict[str, Any]] | None = None
+    commit_thread: (
+        Callable[[], tuple[int, Callable[[Callable[[], None]], object]] | None] | None
+    ) = None
+    lifelong: Callable[[], list[tuple[str, str, str, int]]] | None = None
 
 
 @dataclass
@@ -411,8 +421,30 @@ def _prepare(
             raise _Refused(str(exc), exc.details()) from None
         details = {k: (new_file if v == live_file else v) for k, v in exc.details().items()}
         raise _Refused(str(exc).replace(live_file, new_file), details) from None
+    if state.hooks.lifelong is not None:
+        _refuse_lifelong(state.hooks.lifelong(), results)
     ordered = {r.module: raw[r.module] for r in results if not r.is_noop}
     return ordered, list(ordered)
+
+
+def _refuse_lifelong(frames: list[tuple[str, str, str, int]], results: list[Any]) -> None:
+    """Refuse a change to the code of a frame that stays suspended for the process's life."""
+    changed = {r.module: r.changed for r in results if not r.is_noop}
+    for module, qualname, filename, lineno in frames:
+        for name in changed.get(module, ()):
+            if qualname == name or qualname.startswith(name + "."):
+                raise _Refused(
+                    f"{filename}:{lineno}: {qualname}() is suspended for the life of this worker "
+                    "(the app's lifespan, or a task its startup began) and this change replaces "
+                    "its code, which no safe point lets in while it runs; a rolling deploy "
+                    "carries it (stage: safepoint)",
+                    {
+                        "module": module,
+                        "stage": "safepoint",
+                        "filename": filename,
+                        "lineno": lineno,
+                    },
+                )
 
 
 def _same_bytes(filename: str, data: bytes, max_bytes: int) -> bool:

@@ -22,20 +22,32 @@ frame of its own), so the depth the application can still use is the same as wit
 Suspended generators and coroutines are old-world frames that no thread stack shows: one that
 runs replaced code holds the commit like a thread inside it, found by ``gc.get_referrers`` on the
 replaced generator codes (only when the change replaces one).
+
+An event loop is one thread that runs many requests, each a coroutine stepped in turn: a loop
+thread that waits at a gate stops every request it serves, not one. A process whose requests run
+on a loop (a uvicorn worker) names it as its *commit thread* (``use_commit_thread``): that thread
+never waits at a gate (like the committing thread, it runs the old code until the commit), and the
+last step, the final look at the stacks and the suspended coroutines plus the assignments, runs ON
+it, as a callback between two coroutine steps (``loop.call_soon_threadsafe``), so no coroutine is
+halfway through a step when the code changes, and the loop stops for exactly as long as the commit
+takes. The waiting (threads of its executor leaving, suspended coroutines finishing) happens in the
+calling thread while the loop serves; if a look on the loop finds the moment gone, the wait goes on.
 """
 
 from __future__ import annotations
 
 import gc
 import inspect
+import os
 import re
 import sys
 import threading
 import time
 import types
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 from hotpatch.engine.changeset import ChangeSet, FunctionState
@@ -71,8 +83,14 @@ class BusyThread:
     filename: str
     lineno: int
     suspended: str | None = None  # "generator", "coroutine"...: a suspended frame, no thread
+    is_commit_thread: bool = False  # the event loop that was to run the commit, and did not
 
     def describe(self) -> str:
+        if self.is_commit_thread:
+            return (
+                f"the event loop (thread {self.name!r}) did not run the commit: it is inside "
+                f"{self.function}() at {self.filename}:{self.lineno}"
+            )
         if self.suspended:
             return (
                 f"a suspended {self.suspended} of {self.function}() at {self.filename}:"
@@ -82,21 +100,118 @@ class BusyThread:
         return f"thread {self.name!r} is inside {self.function}() at {self.filename}:{self.lineno}"
 
 
+CommitThread = tuple[int, Callable[[Callable[[], None]], object]]
+"""``(thread ident, schedule)``: the thread every commit runs on, and how to run a callable there
+(``loop.call_soon_threadsafe``; it raises when it cannot, e.g. a closed loop)."""
+
+_commit_thread: Callable[[], CommitThread | None] | None = None
+
+
+def use_commit_thread(get: Callable[[], CommitThread | None] | None) -> None:
+    """Run every commit of this process on one thread, an event loop's (``None``: stop doing so).
+
+    Args:
+        get: returns the thread and its scheduler now, or ``None`` while there is none (the loop
+            has not started yet, or has stopped): the commit then runs in the calling thread.
+    """
+    global _commit_thread
+    _commit_thread = get
+
+
+def _current_commit_thread() -> CommitThread | None:
+    get = _commit_thread
+    if get is None:
+        return None
+    try:
+        found = get()
+    except Exception:  # a host that cannot say: commit as without one
+        return None
+    if found is None or found[0] == threading.get_ident():
+        return None  # called on the loop itself (a patch from a request): commit right here
+    return found
+
+
+_Attempt = tuple["list[ChangeSet] | None", "list[BusyThread]"]
+
+
+class _OnThread:
+    """One attempt to run a callable on the commit thread, abandoned if it has not started by
+    the caller's deadline (it then never runs: it checks under the lock when it starts)."""
+
+    def __init__(self, fn: Callable[[], _Attempt]) -> None:
+        self.fn = fn
+        self.lock = threading.Lock()
+        self.state = "pending"
+        self.done = threading.Event()
+        self.result: _Attempt = (None, [])
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        with self.lock:
+            if self.state != "pending":
+                return
+            self.state = "running"
+        try:
+            self.result = self.fn()
+        except BaseException as exc:  # handed to the waiting thread, never lost in the loop
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Whether it ran (its ``result``/``error`` are set); False: it never will."""
+        if not self.done.wait(max(timeout_s, 0.0)):
+            with self.lock:
+                if self.state == "pending":
+                    self.state = "abandoned"
+                    return False
+            self.done.wait()  # it started: the commit itself, short
+        if self.error is not None:
+            raise self.error
+        return True
+
+
+def _stuck(ident: int) -> BusyThread:
+    """Where the commit thread is while it does not run the commit (a long step, a blocking call):
+    the innermost frame outside the standard library (the app's code that holds the loop)."""
+    frame = sys._current_frames().get(ident)
+    names = {t.ident: t.name for t in threading.enumerate()}
+    name = names.get(ident, f"<thread {ident}>")
+    if frame is None:
+        return BusyThread(ident, name, "<gone>", "", 0, is_commit_thread=True)
+    stdlib = os.path.dirname(threading.__file__) + os.sep
+    outside: types.FrameType | None = frame
+    while outside is not None and outside.f_code.co_filename.startswith(stdlib):
+        outside = outside.f_back
+    shown = outside or frame
+    code = shown.f_code
+    return BusyThread(
+        ident,
+        name,
+        getattr(code, "co_qualname", code.co_name),
+        code.co_filename,
+        shown.f_lineno,
+        is_commit_thread=True,
+    )
+
+
 class SafePointTimeout(TimeoutError):
     def __init__(self, busy: BusyThread, timeout_s: float) -> None:
         self.busy = busy
         super().__init__(f"{busy.describe()}, still after {timeout_s:g}s (safepoint_timeout_s)")
 
 
-def threads_inside(codes: Collection[types.CodeType]) -> list[BusyThread]:
-    """Every other thread whose stack has a frame running one of ``codes``."""
+def threads_inside(
+    codes: Collection[types.CodeType], *, ignore: int | None = None
+) -> list[BusyThread]:
+    """Every other thread (but ``ignore``) whose stack has a frame running one of ``codes``."""
     if not codes:
         return []
     wanted = {id(code) for code in codes}
     me = threading.get_ident()
     busy = []
     for ident, frame in sys._current_frames().items():
-        inside = _stack_runs(frame, wanted) if ident != me else None
+        inside = _stack_runs(frame, wanted) if ident not in (me, ignore) else None
         if inside is not None:
             busy.append(_describe(ident, inside))
     return busy
@@ -211,7 +326,12 @@ class _Gate:
     compensates (``_Depth``).
     """
 
-    def __init__(self, funcs: Sequence[types.FunctionType], old_codes: Collection[types.CodeType]):
+    def __init__(
+        self,
+        funcs: Sequence[types.FunctionType],
+        old_codes: Collection[types.CodeType],
+        owners: frozenset[int] = frozenset(),
+    ):
         self.entries = {key: (f, FunctionState.capture(f)) for key, f in enumerate(funcs)}
         self.funcs = {key: f for key, (f, _) in self.entries.items()}
         self.twins = {key: _twin(f, old) for key, (f, old) in self.entries.items()}
@@ -219,7 +339,9 @@ class _Gate:
         self.is_open = False
         self.closed = threading.Lock()  # held while the gate is closed; waiters queue on it
         self.closed.acquire()
-        self.owner = threading.get_ident()
+        # Threads that never wait at the gate (they run the old code until the commit): the
+        # committing thread, and the commit thread (an event loop), which runs the commit itself.
+        self.owners = owners | {threading.get_ident()}
         self.get_ident = threading.get_ident
         self.getframe = sys._getframe
         self.id = id
@@ -270,7 +392,7 @@ G = {gate!r}
 k = {key!r}
 if G.is_open:
     fn = G.funcs[k]
-elif G.owner == G.get_ident():
+elif G.get_ident() in G.owners:
     fn = G.twins[k]
 else:
     fn = None
@@ -335,6 +457,25 @@ def _gate_code(freevars: tuple[str, ...], gate: _Gate, key: int) -> types.CodeTy
     return template.replace(co_consts=tuple(fill(c) for c in template.co_consts))
 
 
+def _attempt(
+    changesets: Sequence[ChangeSet],
+    codes: Collection[types.CodeType],
+    gate: _Gate | None,
+    *,
+    forced: bool,
+) -> _Attempt:
+    """The commit, if nothing is inside ``codes`` now: the inverses, or what is inside."""
+    with _exclusive():
+        busy = [] if forced else threads_inside(codes) or suspended_inside(codes)
+        if busy:
+            return None, busy
+        saved = gate.saved_states() if gate is not None else None
+        undos = [cs.capture_inverse(saved) for cs in changesets]
+        for cs in changesets:
+            cs.apply()
+        return undos, []
+
+
 def commit_at_safe_point(
     changesets: Sequence[ChangeSet],
     *,
@@ -382,11 +523,14 @@ def commit_at_safe_point(
     look_for_suspended = any(code.co_flags & _SUSPENDABLE for code in codes)
     suspended: list[BusyThread] = []
     next_look = 0.0
+    host = _current_commit_thread()
     try:
         while True:
+            last_busy: list[BusyThread] = []  # what held this turn's attempt at the commit
             now = time.monotonic()
             forced = force_at_deadline and now >= deadline
-            busy = threads_inside(codes)
+            # The commit thread is looked at when the commit runs on it, between two steps.
+            busy = threads_inside(codes, ignore=host[0] if host is not None else None)
             if look_for_suspended and now >= next_look:
                 suspended = suspended_inside(codes)
                 next_look = now + _SUSPENDED_POLL_S
@@ -404,23 +548,37 @@ def commit_at_safe_point(
                 # Partial gating is consistent too: a thread that enters a not-yet-gated
                 # function runs old code, so it is in the old world, which gates let through.
                 holdouts = set()
-                gate = _Gate(gated, codes)
+                gate = _Gate(
+                    gated, codes, frozenset([host[0]]) if host is not None else frozenset()
+                )
                 gate.close()
                 gate_closed_at = now
             if forced or (not busy and not suspended and (gate is not None or not gated)):
-                with _exclusive():
-                    if forced or not (threads_inside(codes) or suspended_inside(codes)):
-                        saved = gate.saved_states() if gate is not None else None
-                        undos = [cs.capture_inverse(saved) for cs in changesets]
-                        for cs in changesets:
-                            cs.apply()
-                        return undos
-            elif gate is not None and now - gate_closed_at >= gate_budget_s:
+                if host is None or forced:  # forced: a rollback goes in, stuck loop or not
+                    undos, last_busy = _attempt(changesets, codes, gate, forced=forced)
+                else:
+                    left_s = deadline - time.monotonic()
+                    if gate is not None:  # never hold the other threads past the gate's budget
+                        budget_left_s = gate_budget_s - (time.monotonic() - gate_closed_at)
+                        left_s = min(left_s, max(budget_left_s, 0.02))
+                    on_loop = _OnThread(partial(_attempt, changesets, codes, gate, forced=False))
+                    try:
+                        host[1](on_loop.run)
+                    except Exception:  # the loop is closed: nothing runs on it any more
+                        host = None
+                        continue
+                    if on_loop.wait(left_s):
+                        undos, last_busy = on_loop.result
+                    else:
+                        undos, last_busy = None, [_stuck(host[0])]
+                if undos is not None:
+                    return undos
+            if gate is not None and time.monotonic() - gate_closed_at >= gate_budget_s:
                 holdouts = {b.ident for b in busy}
                 gate.reopen()
                 gate = None
-            if now >= deadline and not force_at_deadline:
-                busy = threads_inside(codes) or suspended_inside(codes)
+            if time.monotonic() >= deadline and not force_at_deadline:
+                busy = threads_inside(codes) or suspended_inside(codes) or last_busy
                 if busy:
                     raise SafePointTimeout(busy[0], timeout_s)
             time.sleep(pause_s)

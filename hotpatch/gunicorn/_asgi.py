@@ -26,6 +26,15 @@ raises or returns on the lifespan scope) is probed at that moment, still before 
 with ``lifespan="off"`` no lifespan scope ever comes, so the probe runs in a loop of its own from
 ``post_worker_init`` (nothing was started on the serving loop to depend on).
 
+In-place deploys (docs/deploy.md) need the same loop after boot. ``guard_asgi_worker`` notes the
+serving loop, its thread and the lifespan state (``_serving``): the deploy's health phase probes
+the app on that loop with that state (``serving_probe``), and every commit and rollback of the
+process runs on that thread between two coroutine steps (``commit_thread``, handed to the engine's
+safe point through the control channel), so the loop stops for the commit and no longer. The
+coroutines suspended once the lifespan startup is over (the lifespan itself, which waits for the
+shutdown, and the tasks its startup began) live as long as the worker: a change to their code can
+never reach a safe point, so phase 1 refuses it and ``auto`` rolls (``lifelong_frames``).
+
 One more thing a sync worker gets and uvicorn does not give: a retired worker that answers every
 connection it accepted. uvicorn's shutdown closes connections it accepted but has not read yet;
 ``_drain_fresh_connections`` gives those ``DRAIN_S`` for their request.
@@ -33,8 +42,13 @@ connection it accepted. uvicorn's shutdown closes connections it accepted but ha
 
 from __future__ import annotations
 
+import gc
+import threading
 import time
+import types
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hotpatch._log import get_logger
@@ -96,6 +110,7 @@ def guard_asgi_worker(
         )
         return
     _drain_fresh_connections(worker)
+    _note_serving_loop_of(worker)
     mode = str(getattr(getattr(worker, "config", None), "lifespan", "auto"))
     if mode == "off":  # no lifespan scope will come: nothing to wait for on the serving loop
         check(_probe_in_own_loop(timeout_s))
@@ -147,6 +162,7 @@ class _LifespanGate:
         self._lifespan_seen = True
         import asyncio
 
+        _note_serving_loop(state=scope.get("state"))
         self.worker.wsgi = self.app  # the user's checks see their own app, not this gate
         self.started = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -221,6 +237,10 @@ class _LifespanGate:
 
     async def _check_then(self, send: ASGISend, complete: ASGIMessage, state: Any) -> None:
         if await self._run_check(state if isinstance(state, dict) else None):
+            import asyncio
+
+            # once this step is over the lifespan (and any task its startup began) is suspended
+            asyncio.get_running_loop().call_soon(_note_lifelong)
             await send(complete)
         else:
             await send({"type": "lifespan.startup.failed", "message": _REFUSED})
@@ -251,6 +271,138 @@ class _LifespanGate:
             code = on_startup_failed(self.startup_error, self.started)
             if code is not None:
                 raise SystemExit(code)
+
+
+@dataclass
+class _ServingLoop:
+    """The loop this worker serves on (set on it), its thread, and the app's lifespan state."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+    ident: int = 0
+    state: dict[str, Any] | None = None
+    lifelong: list[weakref.ref[Any]] = field(default_factory=list)
+    """The coroutines and generators suspended when the lifespan startup completed."""
+
+
+_serving = _ServingLoop()
+
+
+def _note_serving_loop(*, state: Any = None) -> None:
+    """Called on the serving loop: remember it (and the lifespan state, when there is one)."""
+    import asyncio
+
+    _serving.loop = asyncio.get_running_loop()
+    _serving.ident = threading.get_ident()
+    if isinstance(state, dict):
+        _serving.state = state
+
+
+_SUSPENDABLE = (types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType)
+_FRAME_OF = {types.CoroutineType: "cr", types.GeneratorType: "gi", types.AsyncGeneratorType: "ag"}
+
+
+def _note_lifelong() -> None:
+    """Remember every coroutine and generator suspended right after the lifespan startup: the
+    lifespan itself (suspended until shutdown) and the tasks its startup began. They live as long
+    as the worker, so a change to their code can never reach a safe point (``lifelong_frames``)."""
+    found = []
+    for obj in gc.get_objects():
+        if isinstance(obj, _SUSPENDABLE) and _frame_of(obj) is not None:
+            try:
+                found.append(weakref.ref(obj))
+            except TypeError:  # pragma: no cover - every suspendable type takes weak references
+                continue
+    _serving.lifelong = found
+
+
+def _frame_of(obj: Any) -> types.FrameType | None:
+    prefix = _FRAME_OF.get(type(obj))
+    if prefix is None or getattr(obj, f"{prefix}_running", False):
+        return None
+    frame = getattr(obj, f"{prefix}_frame", None)
+    return frame if isinstance(frame, types.FrameType) else None
+
+
+def lifelong_frames() -> list[tuple[str, str, str, int]]:
+    """``(module, qualname, file, line)`` of the frames suspended since the lifespan startup that
+    are still suspended now (the lifespan, its tasks): a deploy must not change their code."""
+    frames = []
+    for ref in _serving.lifelong:
+        obj = ref()
+        frame = _frame_of(obj) if obj is not None else None
+        if frame is None:
+            continue
+        code = frame.f_code
+        module = frame.f_globals.get("__name__")
+        frames.append(
+            (
+                module if isinstance(module, str) else "",
+                getattr(code, "co_qualname", code.co_name),
+                code.co_filename,
+                frame.f_lineno or code.co_firstlineno,
+            )
+        )
+    return frames
+
+
+def _note_serving_loop_of(worker: Any) -> None:
+    """Note the loop uvicorn's worker creates in ``run`` as soon as it runs (any lifespan mode)."""
+    serve = getattr(worker, "_serve", None)
+    if serve is None or not callable(serve):
+        return  # another uvicorn worker: the lifespan gate notes the loop
+
+    async def serve_noting_the_loop() -> None:
+        _note_serving_loop()
+        await serve()
+
+    worker._serve = serve_noting_the_loop
+
+
+def commit_thread() -> tuple[int, Callable[[Callable[[], None]], object]] | None:
+    """The serving loop's thread and scheduler, while it runs (every commit goes there).
+
+    Each step the loop runs for the safe point (the last look at the stacks and the assignments)
+    is timed: ``event_loop.paused`` says how long the loop served nothing for it.
+    """
+    loop = _serving.loop
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return None
+
+    def timed(step: Callable[[], None]) -> None:
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        try:
+            step()
+        finally:
+            log.info(
+                "event_loop.paused",
+                reason="commit at the safe point",
+                paused_s=round(time.perf_counter() - started, 6),
+                cpu_s=round(time.thread_time() - cpu_started, 6),
+            )
+
+    def schedule(step: Callable[[], None]) -> object:
+        return loop.call_soon_threadsafe(timed, step)
+
+    return _serving.ident, schedule
+
+
+def serving_probe(timeout_s: float) -> Probe:
+    """The deploy health phase's probe: the app on its serving loop, with the lifespan state.
+
+    Before the loop runs (or after it stopped) the probe runs in a loop of its own.
+    """
+    loop = _serving.loop
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return _probe_in_own_loop(timeout_s)
+    state = _serving.state
+
+    def probe(app: Any, path: str, *, port: int) -> ProbeResult:
+        import asyncio
+
+        coro = probe_asgi(app, path, port=port, state=state, timeout_s=timeout_s)
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    return probe
 
 
 DRAIN_S = 2.0

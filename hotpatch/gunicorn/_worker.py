@@ -8,7 +8,8 @@ After its checks, ``check_worker`` also makes the worker reachable through the c
 (``hotpatch.control.listen_release``), with no code in the app: the worker patches the modules
 whose files lie in its release's snapshot directory (the app's own code, never the standard
 library or installed packages), and takes part in in-place deploys (docs/deploy.md). Its deploy
-health check is the same probe as at boot (``health_problem``). When a deploy commits, the
+health check is the same probe as at boot (``health_problem``; in a uvicorn worker, the ASGI
+probe on the serving loop, whose thread also runs the commit: ``_asgi``). When a deploy commits, the
 worker moves ``sys.path`` to the new release (``_switched``) and reports it from then on.
 
 The loaded WSGI app is wrapped in ``_metrics.RecordingMiddleware`` (requests, status classes,
@@ -30,7 +31,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hotpatch._log import get_logger
-from hotpatch.gunicorn._asgi import Probe, _is_uvicorn_worker, guard_asgi_worker, serves_asgi
+from hotpatch.gunicorn._asgi import (
+    Probe,
+    _is_uvicorn_worker,
+    commit_thread,
+    guard_asgi_worker,
+    lifelong_frames,
+    serves_asgi,
+    serving_probe,
+)
 from hotpatch.gunicorn._diagnose import describe_exception
 from hotpatch.gunicorn._metrics import (
     ASGIRecordingMiddleware,
@@ -49,12 +58,6 @@ EXIT_LOAD_FAILED = 70
 """A rollout candidate that cannot load the app exits with this (never gunicorn's 3 or 4, which
 would halt the master)."""
 EXIT_HEALTH_FAILED = 71
-
-ASGI_IN_PLACE_REFUSAL = (
-    "in-place deploys into uvicorn (ASGI) workers are not supported yet: the commit and the "
-    "health check would have to run against the worker's event loop; a rolling deploy carries "
-    "this change (--strategy rolling, or auto) (stage: load)"
-)
 
 
 @dataclass(frozen=True)
@@ -317,8 +320,10 @@ def health_problem(worker: Any) -> str | None:
     ``None`` when healthy. Used by in-place deploys after the commit (phase 3)."""
     state = _require()
     settings = state.plan.settings
+    probe = serving_probe(settings.health_timeout_s) if serves_asgi(worker) else probe_wsgi
     error = _run_with_deadline(
-        lambda: _run_checks(worker, settings, _listen_port(worker)), settings.health_timeout_s
+        lambda: _run_checks(worker, settings, _listen_port(worker), probe),
+        settings.health_timeout_s,
     )
     if error is None:
         return None
@@ -356,8 +361,9 @@ def start_listening(worker: Any) -> bool:
                 release_dir=str(state.plan.release_dir),
                 health=lambda: health_problem(worker),
                 switched=_switched,
-                refuse_in_place=ASGI_IN_PLACE_REFUSAL if serves_asgi(worker) else None,
                 stats=lambda since: state.recorder.snapshot(since=since),
+                commit_thread=commit_thread if serves_asgi(worker) else None,
+                lifelong=lifelong_frames if serves_asgi(worker) else None,
             )
         )
     except Exception as exc:  # never a reason not to serve

@@ -122,10 +122,10 @@ def test_good_rollout_puts_every_uvicorn_worker_on_the_new_version(site: Site) -
     assert len(site.startup_pids()) == 2 * WORKERS
 
 
-def test_deploy_refuses_in_place_in_uvicorn_workers_and_auto_rolls_saying_why(site: Site) -> None:
-    """In-place commits against a worker's event loop are not supported yet: phase 1 refuses in
-    every worker (nothing committed), ``--strategy in-place`` reports the refusal, and ``auto``
-    ships the change with a rolling deploy and says why."""
+def test_auto_deploys_a_fastapi_change_in_place_in_uvicorn_workers(site: Site) -> None:
+    """A changed FastAPI path operation is hot-patchable: ``auto`` picks in-place, every uvicorn
+    worker commits it on its event loop, the route table (which holds the endpoint function)
+    runs the new code, no worker restarts and no lifespan startup runs again."""
     site.start()
     wait_until(
         lambda: all(w.get("listening") for w in site.workers()),
@@ -136,17 +136,14 @@ def test_deploy_refuses_in_place_in_uvicorn_workers_and_auto_rolls_saying_why(si
     before = site.srv.worker_pids()
     site.start_load()
     write_app(site.dir, "asgi_good.py", "v2")
-    refused = deploy(site.srv.pid, strategy="in-place", timeout_s=ROLLOUT_TIMEOUT_S)
-    assert refused.outcome == "refused", refused
-    assert "not supported yet" in refused.reason and "uvicorn" in refused.reason, refused
-    assert site.srv.worker_pids() == before
-    assert set(site.versions_by_pid().values()) == {"v1"}
-    rolled = deploy(site.srv.pid, strategy="auto", timeout_s=ROLLOUT_TIMEOUT_S)
+    result = deploy(site.srv.pid, strategy="auto", timeout_s=ROLLOUT_TIMEOUT_S)
     stats = site.stop_load()
-    assert (rolled.outcome, rolled.strategy) == ("deployed", "rolling"), rolled
-    assert "not supported yet" in rolled.reason, rolled
-    assert_no_failures(stats)
+    assert (result.outcome, result.strategy) == ("deployed", "in-place"), result
+    assert site.srv.worker_pids() == before
     assert set(site.versions_by_pid().values()) == {"v2"}
+    assert_no_failures(stats)
+    site.assert_one_startup_per_worker()
+    assert len(site.startup_pids()) == WORKERS
 
 
 BAD_RELEASES = [
@@ -248,7 +245,9 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fastapi_app"
 
 
 def test_the_fastapi_example_ships_a_change_and_refuses_its_broken_one(tmp_path: Path) -> None:
-    """examples/fastapi_app/README.md, under load: its config, its change, its broken change."""
+    """examples/fastapi_app/README.md, under load: its config, a change shipped in place, one
+    that needs a rolling reload (a new route), and its broken change (refused in place because it
+    changes the running lifespan, then rolled back by the rolling reload ``auto`` falls back to)."""
     site = Site(tmp_path / "example")
     shutil.copytree(EXAMPLE, site.dir)
     source = (site.dir / "app.py").read_text(encoding="utf-8")
@@ -260,23 +259,47 @@ def test_the_fastapi_example_ships_a_change_and_refuses_its_broken_one(tmp_path:
         config="gunicorn.conf.py",  # its health_path and health_timeout_s; generous boot deadline
         env={"HOTPATCH_BOOT_TIMEOUT": "60", "HOTPATCH_SETTLE_TIME": "0.5"},
     )
+
+    def deployable() -> None:
+        wait_until(
+            lambda: (
+                len(site.workers()) == WORKERS and all(w.get("listening") for w in site.workers())
+            ),
+            timeout_s=60,
+            what="every worker's control socket",
+            describe=site.srv.output,
+        )
+
     try:
         server.wait_serving(workers=WORKERS, timeout_s=120)
         wait_until(lambda: read_state(server.pid) is not None, timeout_s=30, what="state.json")
         assert server.get("/healthz") == (200, "ok\n")
+        deployable()
+        before = server.worker_pids()
         site.start_load()
-        (site.dir / "app.py").write_text(source.replace('VERSION = "1"', 'VERSION = "2"'))
-        shipped = site.rollout()
-        assert shipped["outcome"] == "completed", shipped
-        broken = source.replace('VERSION = "1"', 'VERSION = "3"')
-        broken = broken.replace("pool = Pool()  #", "pool = await connect()  #")
+        source = source.replace('VERSION = "1"', 'VERSION = "2"')
+        (site.dir / "app.py").write_text(source)
+        in_place = deploy(server.pid, strategy="auto", timeout_s=ROLLOUT_TIMEOUT_S)
+        assert (in_place.outcome, in_place.strategy) == ("deployed", "in-place"), in_place
+        assert server.worker_pids() == before
+        route = '@app.get("/about", response_class=PlainTextResponse)\n'
+        source += f'\n\n{route}async def about() -> str:\n    return "a FastAPI example\\n"\n'
+        (site.dir / "app.py").write_text(source)
+        rolled = deploy(server.pid, strategy="auto", timeout_s=ROLLOUT_TIMEOUT_S)
+        assert (rolled.outcome, rolled.strategy) == ("deployed", "rolling"), rolled
+        assert "the decorator of the new about registers it on app" in rolled.reason
+        site.wait_settled(rolled.release, timeout_s=60)
+        deployable()
+        assert server.get("/about") == (200, "a FastAPI example\n")
+        broken = source.replace("pool = Pool()  #", "pool = await connect()  #")
         (site.dir / "app.py").write_text(broken)
-        refused = site.rollout()
-        site.wait_settled(shipped["release"], timeout_s=60)
+        refused = deploy(server.pid, strategy="auto", timeout_s=ROLLOUT_TIMEOUT_S)
+        site.wait_settled(rolled.release, timeout_s=60)
         stats = site.stop_load()
-        assert refused["outcome"] == "rolled_back", refused
-        assert "app.py:29: NameError: name 'connect' is not defined" in refused["reason"]
-        assert "(stage: lifespan startup)" in refused["reason"]
+        assert (refused.outcome, refused.strategy) == ("rolled_back", "rolling"), refused
+        assert "lifespan() is suspended for the life of this worker" in str(refused.events)
+        assert "app.py:29: NameError: name 'connect' is not defined" in refused.reason
+        assert "(stage: lifespan startup)" in refused.reason
         assert set(site.versions_by_pid().values()) == {"2"}
         assert_no_failures(stats)
     finally:
