@@ -44,11 +44,12 @@ if TYPE_CHECKING:
         PatchRejected,
         RolloutFailed,
     )
-    from hotpatch.routing import routing_key
+    from hotpatch.routing import ASGIRoutingKeyMiddleware, RoutingKeyMiddleware, routing_key
     from hotpatch.trial import Trial, TrialResult, canary, experiment, record, shadow
     from hotpatch.watch import watch
 
 __all__ = [
+    "ASGIRoutingKeyMiddleware",
     "ConfigError",
     "Engine",
     "HealthCheckTimeout",
@@ -57,6 +58,7 @@ __all__ = [
     "PatchRejected",
     "PatchResult",
     "RolloutFailed",
+    "RoutingKeyMiddleware",
     "Trial",
     "TrialResult",
     "Version",
@@ -106,7 +108,9 @@ _SOURCES = {
     **dict.fromkeys(
         ("Trial", "TrialResult", "canary", "experiment", "record", "shadow"), "hotpatch.trial"
     ),
-    "routing_key": "hotpatch.routing",
+    **dict.fromkeys(
+        ("ASGIRoutingKeyMiddleware", "RoutingKeyMiddleware", "routing_key"), "hotpatch.routing"
+    ),
 }
 # Parts that ``import hotpatch`` used to load, still reachable as attributes.
 _PARTS = frozenset({"control", "engine", "errors"})
