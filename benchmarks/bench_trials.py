@@ -103,9 +103,9 @@ def main() -> None:
             rows.append(
                 ("dispatch, routing key", *compare(mod.f, twin, rounds=rounds, number=number))
             )
-        trial._dispatcher.local.arm = False  # as inside a dispatched call: the arm is set
+        trial._dispatcher.cell()[0] = False  # as inside a dispatched call: the arm is set
         rows.append(("dispatch, nested call", *compare(mod.f, twin, rounds=rounds, number=number)))
-        trial._dispatcher.local.arm = None
+        trial._dispatcher.cell()[0] = None
         result = trial.promote()
         assert result.outcome == "promoted", result
         rows.append(("after promote", *compare(mod.f, twin, rounds=rounds, number=number)))
