@@ -114,22 +114,38 @@ def _routing_tables(share: float, sample: float) -> tuple[list[bytes], list[floa
     return tables, weights
 
 
+def _timing_table(arm: bool) -> bytes:
+    """A table of one arm's keyed calls: which ones are timed (one in ``TIMED_SHARE``)."""
+    table = bytearray([_NEW_BIT if arm else 0]) * TABLE_SIZE
+    for p in random.sample(range(TABLE_SIZE), TABLE_SIZE // TIMED_SHARE):
+        table[p] |= _TIMED_BIT
+    return bytes(table)
+
+
+_TIMING_TABLES = (_timing_table(OLD), _timing_table(NEW))
+
+UNKEYED, KEYED_OLD, KEYED_NEW = 0, 1, 2
+"""The streams of a step: calls routed by its table, and calls routed otherwise, per arm."""
+
+
 class StepStats:
     """Calls, errors and recent latencies of each arm during one step; recorded lock-free.
 
     A call without a routing key takes the next byte of a shuffled *routing table* (``next`` on
     a bytes iterator: one C call, atomic under the GIL): it says the arm, whether the call is
     timed and (shadow) whether it is sampled. A table holds exactly ``share * TABLE_SIZE`` new
-    bytes (a fractional count is rounded up or down at random, per table, so the expectation
-    is exact too), so the share of unkeyed calls is exact over every 10,000 calls, and the
-    position in the table *is* the count: the calls of each arm are read from the tables
-    drawn (``counts``), with no counter to bump. A spent table is followed by the same one
-    rotated by a random offset (so no periodic workload lines up with it), taken under a lock
-    by the one call that finds the table empty.
+    bytes (a fractional count is rounded up or down at random, per table, so the expectation is
+    exact too): the share of unkeyed calls is exact over every 10,000 calls. A call routed
+    otherwise (a routing key's bucket, ``choose``) takes the next byte of its arm's *timing
+    table* (one call in ``TIMED_SHARE`` timed). Either way the position in the table *is* the
+    count: the calls of each arm are read from the tables drawn (``counts``), with no counter to
+    bump. A spent table is followed by the same one rotated by a random offset (so no periodic
+    workload lines up with it), started under a lock by a call that finds the table empty.
 
-    Calls routed otherwise (a routing key, ``choose``, the shadow worker) are counted on
-    ``calls``: ``next()`` on an ``itertools.count``, a single C call. Errors are counted the same
-    way; ``deque.append`` keeps the latencies. No count is lost under threads.
+    The trampolines read the three streams' iterators as ``it``, ``kold`` and ``knew``. Calls of
+    generators, coroutines and the shadow worker are counted on ``calls`` (``next()`` on an
+    ``itertools.count``, a single C call); errors the same way; ``deque.append`` keeps the
+    latencies. No count is lost under threads.
     """
 
     __slots__ = (
@@ -140,6 +156,8 @@ class StepStats:
         "calls",
         "errors",
         "it",
+        "knew",
+        "kold",
         "lat",
         "sample",
         "share",
@@ -155,31 +173,46 @@ class StepStats:
         ]
         self.started = time.monotonic()
         self.sample = sample
-        self._lock = threading.Lock()
-        self._banked = [0, 0]  # calls of each arm in tables spent and dropped from _drawn
-        self._drawn: list[tuple[bytes, Iterator[int]]] = []
         self.share = share
-        self._tables = _routing_tables(share, sample)
-        self.it = self._next_table()
+        self._lock = threading.Lock()
+        self._banked = [0, 0]  # calls of each arm in spent tables, dropped from _drawn
+        self._drawn: list[tuple[bytes, Iterator[int]]] = []
+        self._tables = [
+            _routing_tables(share, sample),
+            ([_TIMING_TABLES[OLD]], [1.0]),
+            ([_TIMING_TABLES[NEW]], [1.0]),
+        ]
+        self.it = self._next_table(UNKEYED)
+        self.kold = self._next_table(KEYED_OLD)
+        self.knew = self._next_table(KEYED_NEW)
 
     def set_share(self, share: float) -> None:
         """Route the unkeyed calls from now on by ``share`` (0..1); what was drawn stays counted."""
         tables = _routing_tables(share, self.sample)  # outside the lock: it takes a while
         with self._lock:
             self.share = share
-            self._tables = tables
-            self.it = self._next_table()
+            self._tables[UNKEYED] = tables
+            self.it = self._next_table(UNKEYED)
 
-    def draw(self) -> int:
-        """The next byte of the routing table, starting the next table when this one is spent."""
+    def draw(self, stream: int = UNKEYED) -> int:
+        """The next byte of a stream, starting its next table when this one is spent."""
         with self._lock:
             while True:
-                x = next(self.it, None)
+                x = next(self._iterator(stream), None)
                 if x is not None:
                     return x
-                self.it = self._next_table()
+                it = self._next_table(stream)
+                if stream == UNKEYED:
+                    self.it = it
+                elif stream == KEYED_OLD:
+                    self.kold = it
+                else:
+                    self.knew = it
 
-    def _next_table(self) -> Iterator[int]:
+    def _iterator(self, stream: int) -> Iterator[int]:
+        return self.it if stream == UNKEYED else self.kold if stream == KEYED_OLD else self.knew
+
+    def _next_table(self, stream: int) -> Iterator[int]:
         """A new table's iterator, recorded in ``_drawn`` (called under the lock, or in init)."""
         kept = []
         for table, it in self._drawn:  # a spent iterator never yields again: bank its counts
@@ -189,7 +222,7 @@ class StepStats:
                 new = table.count(_NEW_BIT) + table.count(_NEW_BIT | _TIMED_BIT)
                 self._banked[NEW] += new
                 self._banked[OLD] += len(table) - new
-        choices, weights = self._tables
+        choices, weights = self._tables[stream]
         table = random.choices(choices, weights)[0] if len(choices) > 1 else choices[0]
         turn = random.randrange(len(table))
         table = table[turn:] + table[:turn]
@@ -412,14 +445,26 @@ else:
     b = R.buckets.get(RUN)
     if b is None:
         b = R.bucket(RUN)
-    v = b < S.share
-    x = v if N(S.calls[v]) & 7 else v + 2
+    if b < S.share:
+        x = N(S.knew, None)
+        if x is None:
+            x = S.draw(2)
+    else:
+        x = N(S.kold, None)
+        if x is None:
+            x = S.draw(1)
 """
 
 _ROUTE_CHOOSE = """\
-v = D.choose()
 S = D.stats
-x = v if N(S.calls[v]) & 7 else v + 2
+if D.choose():
+    x = N(S.knew, None)
+    if x is None:
+        x = S.draw(2)
+else:
+    x = N(S.kold, None)
+    if x is None:
+        x = S.draw(1)
 """
 
 _ROUTE_SHADOW = """\
