@@ -372,7 +372,8 @@ class Dispatcher:
         self.random = random.random
         self.clock = time.perf_counter
         self.choose: Callable[[], bool] = self._bucket_choice
-        self.shadow: Callable[[int, tuple[Any, ...], dict[str, Any]], Any] = self._no_shadow
+        self.shadow: Callable[[int, list[bool | None], tuple[Any, ...], dict[str, Any]], Any]
+        self.shadow = self._no_shadow
 
     @property
     def share(self) -> float:
@@ -401,7 +402,9 @@ class Dispatcher:
         point = self.random() if key is None else key.bucket(self.run)
         return point < self.stats.share
 
-    def _no_shadow(self, k: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _no_shadow(
+        self, k: int, cell: list[bool | None], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         raise AssertionError("shadow mode without a shadow")
 
 
@@ -488,7 +491,7 @@ if x < 2:
 
 _CALL_SAMPLED = f"""\
 if x == {SAMPLED}:
-    return D.shadow(k, A, K)
+    return D.shadow(k, C, A, K)
 """
 
 _CALL_TIMED = """\
@@ -732,7 +735,7 @@ def _compile_template(
     positional, posonly, keyword_only, varargs, varkw = _parameters(code)
     used = {n for n in _CONSTANTS if re.search(rf"(?<![.\w]){n}\b", body)}
     text = "".join(f"{n} = {_placeholder(n)!r}\n" for n in _CONSTANTS if n in used) + body
-    text = text.replace("D.shadow(k, A, K)", "D.shadow(k, @ARGS@, @KWARGS@)")
+    text = text.replace("D.shadow(k, C, A, K)", "D.shadow(k, C, @ARGS@, @KWARGS@)")
     text = text.replace("(*A, **K)", "(@CALL@)")
     taken = set(freevars) | set(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount])
     taken |= {varargs or "", varkw or ""}

@@ -539,14 +539,17 @@ class Trial:
             next(self._routing_errors)  # counted, not raised: the caller gets the old version
             return OLD
 
-    def _shadow_call(self, k: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """A sampled call of shadowed function ``k``: the old version for the caller, and its
-        arguments and outcome offered to the worker (counted already: the routing table's)."""
+    def _shadow_call(
+        self, k: int, cell: list[bool | None], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """A sampled call of shadowed function ``k`` (``cell``: this thread's affinity): the old
+        version for the caller, then its arguments and outcome offered to the worker. Counted
+        already (the routing table's byte); timed here."""
         d = self._dispatcher
         stats = d.stats
-        cell = d.cell()
+        clock = d.clock
         cell[0] = OLD
-        started = d.clock()
+        started = clock()
         try:
             result = d.fns[k][OLD](*args, **kwargs)
         except BaseException as exc:
@@ -554,7 +557,7 @@ class Trial:
             self._offer(k, args, kwargs, False, exc)
             raise
         finally:
-            stats.lat[OLD].append(d.clock() - started)
+            stats.lat[OLD].append(clock() - started)
             cell[0] = None
         self._offer(k, args, kwargs, True, result)
         return result
@@ -562,11 +565,12 @@ class Trial:
     def _offer(
         self, k: int, args: tuple[Any, ...], kwargs: dict[str, Any], ok: bool, outcome: Any
     ) -> None:
-        if self._result is not None:
-            return
         q = self._queue
-        if q.qsize() < self._queue_size:  # may overshoot by one per thread racing here: bounded
-            q.put((k, args, kwargs, ok, outcome))
+        # qsize and put are single C calls and never wait; threads racing here may overshoot
+        # the bound by one each.
+        if q.qsize() < self._queue_size:
+            if self._result is None:
+                q.put((k, args, kwargs, ok, outcome))
         else:
             with self._shadow_lock:
                 self._dropped += 1
@@ -607,7 +611,9 @@ class Trial:
                                 _outcome_repr(new_ok, new) + note,
                             )
                         )
-            self._wake.set()
+                decisive = not same or self._compared == self._min_calls
+            if decisive:  # wake the controller only when its decision may change
+                self._wake.set()
 
     def _same(self, old_ok: bool, old: Any, new_ok: bool, new: Any) -> tuple[bool, str]:
         if old_ok != new_ok:
