@@ -15,21 +15,28 @@ trampoline's constants, not in any namespace) which version to run and calls it:
   adds (see ``new_globals``): the live classes, functions and mutable state, the candidate's
   constants.
 
-**Version affinity.** The first dispatched call of a chain (the outermost) picks the arm and sets
-it in a ``ContextVar`` for as long as it runs; every dispatched call beneath it, in any module of
-the run, follows that arm. So a request never mixes old and new code. A generator (or async
-generator) picks its arm when first resumed and sets it around each resume of the version it
-drives (set and reset within the one step, so it never leaks into whatever resumes it): the
-calls its body makes follow its arm.
+**Version affinity.** The first dispatched call of a chain (the outermost) picks the arm and
+keeps it where every dispatched call beneath it, in any module of the run, reached in any way
+(indirect calls cannot be ruled out statically), finds it for as long as it runs. A plain call
+keeps it in its thread's *affinity cell*, a one-item list held in a ``threading.local``: the
+outermost call writes the arm into the cell and clears it when it returns or raises, so the
+thread-local itself is only read (a plain call cannot be suspended, so nothing else runs on its
+thread meanwhile; another thread has its own cell, even one running a copy of this context,
+which is why the cell is not kept in a context variable). A generator (or async generator) picks
+its arm when first resumed and sets it in a ``ContextVar`` around each resume of the version it
+drives (set and reset within the one step, so it never leaks into whatever resumes it);
+coroutines keep theirs there too. So a request never mixes old and new code.
 
-**Cost.** The outermost plain call's trampoline does its routing (a routing key's bucket is cached
-on the key) and counting with C-level calls only (``ContextVar.get``, a thread-local's attribute,
-``next`` on an ``itertools.count``): no extra Python frame but the version it calls. A plain call
-keeps its arm in a thread-local (it cannot be suspended, so nothing else runs on its thread
-meanwhile); coroutines and generators keep it in the context variable. One call in eight is
-timed (``perf_counter`` twice, ``deque.append``): the latency sample of the step.
-Anything else (``key=``, ``route=``, ``flag=``, shadowing) costs one Python
-call of the dispatcher. Errors are counted in Python (they are the rare path).
+**Cost.** The outermost plain call's trampoline routes, counts and times with C-level calls
+only: ``threading.local`` read, ``ContextVar.get`` of the routing key, and ``next`` on a bytes
+iterator, the step's *routing table* (``StepStats``): its byte says the arm and whether this is
+one of the one in eight calls timed (``perf_counter`` twice, ``deque.append``), and its
+position is the count. With a routing key, the key's bucket is cached on the key and the
+call's count and timing come from its arm's timing table. The dispatcher, the versions, the
+affinity and the builtins are constants of the trampoline's code (no global or attribute
+lookups for them), and the mode and kind are compiled in. No extra Python frame but the version
+it calls. Anything else (``key=``, ``route=``, ``flag=``, a shadow sample) costs one Python call.
+Errors are counted in Python (they are the rare path).
 
 **Removal.** ``restore`` puts the functions' original code back (the dispatcher becomes garbage
 once the last call inside it returns); the trial does it at a safe point.
