@@ -448,8 +448,9 @@ _ROUTE_INLINE = """\
 S = D.stats
 R = KV.get()
 if R is None:
-    x = N(S.it, None)
-    if x is None:
+    try:
+        x = N(S.it)
+    except SI:
         x = S.draw()
 else:
     b = R.buckets.get(RUN)
@@ -479,8 +480,9 @@ else:
 
 _ROUTE_SHADOW = """\
 S = D.stats
-x = N(S.it, None)
-if x is None:
+try:
+    x = N(S.it)
+except SI:
     x = S.draw()
 """
 
