@@ -103,22 +103,40 @@ def shadow_figures(
 ) -> dict[str, tuple[float, float]]:
     """Per figure, (median over rounds for fn, for twin), in ns per call; alternating rounds.
 
-    ``worker CPU`` is the process's CPU time over a round and its drain, less the caller
-    thread's: what the other threads (the shadow worker) spent per call of the caller.
+    ``worker CPU`` is the shadow worker thread's CPU time over a round and its drain (its
+    thread CPU clock where the platform has one, else the process's CPU time less the
+    caller's), per call of the caller.
     """
+    worker = trial._worker
+    assert worker is not None and worker.ident is not None
+    try:
+        worker_clock = time.pthread_getcpuclockid(worker.ident)
+
+        def worker_cpu() -> float:
+            return time.clock_gettime(worker_clock)
+
+        def others_cpu(process: float, caller: float) -> float:
+            return worker_cpu()
+
+    except (AttributeError, OSError):  # no per-thread CPU clock here: all other threads
+
+        def others_cpu(process: float, caller: float) -> float:
+            return process - caller
+
     out: dict[str, tuple[list[float], list[float]]] = {
         k: ([], []) for k in ("caller CPU", "worker CPU", "wall", "wall p50", "wall p99")
     }
     for _ in range(rounds):
         for side, f in ((0, fn), (1, twin)):
-            cpu0, proc0, wall0 = time.thread_time(), time.process_time(), time.perf_counter()
+            cpu0, wall0 = time.thread_time(), time.perf_counter()
+            other0 = others_cpu(time.process_time(), cpu0)
             for i in range(number):
                 f(i)
             cpu1, wall1 = time.thread_time(), time.perf_counter()
             drain(trial)
-            proc1 = time.process_time()
+            other1 = others_cpu(time.process_time(), time.thread_time())
             out["caller CPU"][side].append((cpu1 - cpu0) / number)
-            out["worker CPU"][side].append(((proc1 - proc0) - (cpu1 - cpu0)) / number)
+            out["worker CPU"][side].append((other1 - other0) / number)
             out["wall"][side].append((wall1 - wall0) / number)
             each = []
             clock = time.perf_counter
