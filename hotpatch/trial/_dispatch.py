@@ -55,7 +55,7 @@ import types
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
-from operator import length_hint
+from operator import itemgetter, length_hint, or_
 from typing import Any
 
 from hotpatch.engine.changeset import ChangeSet, FunctionState, SetFunction, SetName
@@ -67,8 +67,10 @@ __all__ = ["Dispatcher", "StepStats", "Target", "build_trampoline", "refusal_of"
 LATENCY_SAMPLES = 10_000
 """Latencies kept per arm and step (the step's most recent ones)."""
 
-TABLE_SIZE = 10_000
-"""Calls per routing table: the new arm's share is exact over each table (to 1 in 10,000)."""
+TABLE_SIZE = 1_000
+"""Calls per routing table: the new arm's share is exact over each table, to 1 in 1,000 (and in
+expectation: a fractional count is rounded up or down per table at random). Small, so that a new
+step's tables are built in about a millisecond, with the GIL held."""
 
 TIMED_SHARE = 8
 """One call in this many is timed (``perf_counter`` twice): the latency samples of the step."""
@@ -79,8 +81,8 @@ _GEN_FLAGS = 0x20 | 0x100 | 0x200  # CO_GENERATOR | CO_COROUTINE | CO_ITERABLE_C
 _CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
 _SUSPENDABLE = _GEN_FLAGS | _CO_COROUTINE
 
-# What a routing table's byte says about one call: bit 0 the arm, bit 1 timed; SAMPLED (shadow
-# mode) is an old-arm call also offered to the shadow worker (always timed).
+# What a routing table's byte says about one call: bit 0 the arm, bit 1 timed; bit 2, SAMPLED
+# (shadow mode), an old-arm call also offered to the shadow worker (which times it anyway).
 _NEW_BIT, _TIMED_BIT, SAMPLED = 1, 2, 4
 
 
@@ -97,36 +99,35 @@ def _roundings(exact: float) -> list[tuple[int, float]]:
     return [(low, 1.0 - (exact - low)), (low + 1, exact - low)]
 
 
+def _shuffled(values: list[int]) -> tuple[int, ...]:
+    """``values`` in a random order, built with C calls only (sorted by random keys): a new step's
+    tables are built while the GIL is held, so this must be quick."""
+    keys = memoryview(random.randbytes(4 * len(values))).cast("I").tolist()
+    order = sorted(range(len(values)), key=keys.__getitem__)
+    return tuple(itemgetter(*order)(values)) if len(values) > 1 else tuple(values)
+
+
 def _routing_tables(share: float, sample: float) -> tuple[list[bytes], list[float]]:
     """The routing tables of one share (and shadow sample), with the weights to pick them by."""
     size = TABLE_SIZE
     share = min(max(share, 0.0), 1.0)
     sample = min(max(sample, 0.0), 1.0)
-    order = list(range(size))
-    random.shuffle(order)
-    timed = random.sample(range(size), size // TIMED_SHARE)
+    timed = _shuffled([_TIMED_BIT] * (size // TIMED_SHARE) + [0] * (size - size // TIMED_SHARE))
     tables, weights = [], []
     for new, new_weight in _roundings(share * size):
-        for sampled, sampled_weight in _roundings(sample * size):
-            table = bytearray(size)
-            for p in timed:
-                table[p] = _TIMED_BIT
-            for p in order[:new]:
-                table[p] |= _NEW_BIT
-            for p in order[size - sampled :]:  # the other end: old-arm calls (shadow: share 0)
-                if not table[p] & _NEW_BIT:
-                    table[p] = SAMPLED
-            tables.append(bytes(table))
+        for wanted, sampled_weight in _roundings(sample * size):
+            sampled = min(wanted, size - new)  # (shadow runs at share 0)
+            arms = [_NEW_BIT] * new + [SAMPLED] * sampled + [0] * (size - new - sampled)
+            tables.append(bytes(map(or_, _shuffled(arms), timed)))
             weights.append(new_weight * sampled_weight)
     return tables, weights
 
 
 def _timing_table(arm: bool) -> bytes:
     """A table of one arm's keyed calls: which ones are timed (one in ``TIMED_SHARE``)."""
-    table = bytearray([_NEW_BIT if arm else 0]) * TABLE_SIZE
-    for p in random.sample(range(TABLE_SIZE), TABLE_SIZE // TIMED_SHARE):
-        table[p] |= _TIMED_BIT
-    return bytes(table)
+    timed = [_TIMED_BIT] * (TABLE_SIZE // TIMED_SHARE)
+    timed += [0] * (TABLE_SIZE - len(timed))
+    return bytes(x | (_NEW_BIT if arm else 0) for x in _shuffled(timed))
 
 
 _TIMING_TABLES = (_timing_table(OLD), _timing_table(NEW))
@@ -142,7 +143,7 @@ class StepStats:
     a bytes iterator: one C call, atomic under the GIL): it says the arm, whether the call is
     timed and (shadow) whether it is sampled. A table holds exactly ``share * TABLE_SIZE`` new
     bytes (a fractional count is rounded up or down at random, per table, so the expectation is
-    exact too): the share of unkeyed calls is exact over every 10,000 calls. A call routed
+    exact too): the share of unkeyed calls is exact over every 1,000 calls. A call routed
     otherwise (a routing key's bucket, ``choose``) takes the next byte of its arm's *timing
     table* (one call in ``TIMED_SHARE`` timed). Either way the position in the table *is* the
     count: the calls of each arm are read from the tables drawn (``counts``), with no counter to
@@ -499,7 +500,7 @@ if x < 2:
 """
 
 _CALL_SAMPLED = f"""\
-if x == {SAMPLED}:
+if x >= {SAMPLED}:
     return D.shadow(k, C, A, K)
 """
 
