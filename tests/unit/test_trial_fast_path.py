@@ -19,6 +19,7 @@ from types import ModuleType
 import pytest
 
 import hotpatch
+from hotpatch.demo.harness import wait_until
 from hotpatch.engine import Engine
 from hotpatch.trial import Trial, canary
 from hotpatch.trial._dispatch import NEW, OLD, TABLE_SIZE, TIMED_SHARE
@@ -211,3 +212,32 @@ def test_the_arm_of_a_running_call_is_never_seen_by_another_thread(
         release.set()
         a.join(timeout=30)
     assert result == [("new", "new", "new", ["new"], "new")]  # A kept its arm throughout
+
+
+def test_a_shadow_samples_the_exact_share_and_counts_each_call_once(
+    make_module: Callable[..., ModuleType],
+) -> None:
+    mod = make_module("def double(i):\n    return i * 2\n")
+    trial = hotpatch.shadow(
+        {mod.__name__: "def double(i):\n    return i + i\n"},
+        sample=0.1,
+        min_calls=10**6,
+        promote=False,
+        queue_size=10**6,
+        engine=Engine(),
+    )
+    try:
+        calls = 5 * TABLE_SIZE
+        assert [mod.double(i) for i in range(calls)] == [i * 2 for i in range(calls)]
+        sampled = calls // 10  # a random draw misses this by ~21 (1 sd)
+        wait_until(
+            lambda: trial.status().compared >= sampled,
+            timeout_s=60,
+            what="the worker to compare every sampled call",
+        )
+        status = trial.status()
+        assert (status.compared, status.dropped, status.mismatches) == (sampled, 0, 0)
+        assert status.total_arms["old"].calls == calls  # the sampled ones too, once
+        assert status.total_arms["new"].calls == sampled  # the worker's runs
+    finally:
+        trial.abort()
