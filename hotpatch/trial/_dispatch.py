@@ -424,7 +424,7 @@ class Dispatcher:
 # affinity, the builtins used: so a module's own ``next`` can never stand in for them). Every
 # local is renamed with a prefix no parameter or free variable of the function uses.
 
-_CONSTANTS = ("D", "k", "F", "L", "N", "KV", "RUN", "AE", "BE", "SI", "SAI", "GE")
+_CONSTANTS = ("D", "k", "F", "L", "N", "KV", "RUN", "AE", "BE", "KE", "SI", "SAI", "GE")
 _LOCALS = (*_CONSTANTS, "C", "v", "x", "R", "b", "S", "T", "c", "A", "K", "g", "s", "e", "r")
 
 _HEAD = """\
@@ -454,8 +454,9 @@ if R is None:
     except SI:
         x = S.draw()
 else:
-    b = R.buckets.get(RUN)
-    if b is None:
+    try:
+        b = R.buckets[RUN]
+    except KE:
         b = R.bucket(RUN)
     if b < S.share:
         x = N(S.knew, None)
@@ -719,6 +720,7 @@ def build_trampoline(
         _placeholder("RUN"): dispatcher.run,
         _placeholder("AE"): AttributeError,
         _placeholder("BE"): BaseException,
+        _placeholder("KE"): KeyError,
         _placeholder("SI"): StopIteration,
         _placeholder("SAI"): StopAsyncIteration,
         _placeholder("GE"): GeneratorExit,
