@@ -49,6 +49,7 @@ import itertools
 import math
 import random
 import re
+import struct
 import threading
 import time
 import types
@@ -99,10 +100,13 @@ def _roundings(exact: float) -> list[tuple[int, float]]:
     return [(low, 1.0 - (exact - low)), (low + 1, exact - low)]
 
 
+_KEY_BYTES = struct.calcsize("I")
+
+
 def _shuffled(values: list[int]) -> tuple[int, ...]:
     """``values`` in a random order, built with C calls only (sorted by random keys): a new step's
     tables are built while the GIL is held, so this must be quick."""
-    keys = memoryview(random.randbytes(4 * len(values))).cast("I").tolist()
+    keys = memoryview(random.randbytes(_KEY_BYTES * len(values))).cast("I").tolist()
     order = sorted(range(len(values)), key=keys.__getitem__)
     return tuple(itemgetter(*order)(values)) if len(values) > 1 else tuple(values)
 
@@ -153,7 +157,8 @@ class StepStats:
     The trampolines read the three streams' iterators as ``it``, ``kold`` and ``knew``. Calls of
     generators, coroutines and the shadow worker are counted on ``calls`` (``next()`` on an
     ``itertools.count``, a single C call); errors the same way; ``deque.append`` keeps the
-    latencies. No count is lost under threads.
+    latencies. No count is lost under threads: each of these is one C call, atomic under the GIL
+    (a free-threaded build does not promise that for iterators shared between threads).
     """
 
     __slots__ = (
