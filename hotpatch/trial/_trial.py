@@ -24,7 +24,6 @@ the functions are the same objects as before and run the new code with no dispat
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import queue
@@ -390,30 +389,32 @@ class Trial:
                 f"nothing to try: {', '.join(self.modules)} {verb} the live version already"
             )
         self._targets = self._plan_targets()
-        self._dispatcher = Dispatcher(self.id, self._targets)
-        self._dispatcher.choose = self._choose if self._needs_choose() else self._dispatcher.choose
+        d = self._dispatcher = Dispatcher(self.id, self._targets)
+        d.choose = self._choose if self._needs_choose() else d.choose
         self._shadowed = self._pick_shadowed(functions)
-        self._queue: queue.Queue[tuple[int, tuple[Any, ...], dict[str, Any], bool, Any] | None]
-        self._queue = queue.Queue(maxsize=self._queue_size)
+        self._queue: queue.SimpleQueue[
+            tuple[int, tuple[Any, ...], dict[str, Any], bool, Any] | None
+        ]
+        self._queue = queue.SimpleQueue()  # put and qsize are single C calls: no lock to wait on
+        # The mode is compiled into the trampolines: set it (and the first share) first.
+        if kind == "shadow":
+            d.mode = 2
+            d.sample = self._sample
+            d.shadow = self._shadow_call
+        elif self._needs_choose():
+            d.mode = 1
+        share = self._steps[0] if kind == "canary" else self._split if kind == "experiment" else 0
+        d.stats = StepStats(share / 100, d.sample)
         for key_index, target in enumerate(self._targets):
             target.trampoline = build_trampoline(
-                target.func, self._dispatcher, key_index, exact=target.same_defaults
+                target.func,
+                d,
+                key_index,
+                exact=target.same_defaults,
+                shadowed=key_index in self._shadowed,
             )
         self._trampolines = frozenset(t.trampoline for t in self._targets if t.trampoline)
         self._new_codes = frozenset(t.new_code for t in self._targets)
-        if kind == "shadow":
-            self._dispatcher.mode = 2
-            self._dispatcher.sample = self._sample
-            self._dispatcher.shadow = self._shadow_call
-        elif self._needs_choose():
-            self._dispatcher.mode = 1
-        self._dispatcher.share = (
-            self._steps[0] / 100
-            if kind == "canary"
-            else self._split / 100
-            if kind == "experiment"
-            else 0
-        )
         try:
             commit_at_safe_point(
                 [install_set(self._targets)],
@@ -538,11 +539,17 @@ class Trial:
             next(self._routing_errors)  # counted, not raised: the caller gets the old version
             return OLD
 
-    def _shadow_call(self, k: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _shadow_call(
+        self, k: int, cell: list[bool | None], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """A sampled call of shadowed function ``k`` (``cell``: this thread's affinity): the old
+        version for the caller, then its arguments and outcome offered to the worker. Counted
+        already (the routing table's byte); timed here."""
         d = self._dispatcher
         stats = d.stats
-        d.local.arm = OLD
-        started = d.clock()
+        clock = d.clock
+        cell[0] = OLD
+        started = clock()
         try:
             result = d.fns[k][OLD](*args, **kwargs)
         except BaseException as exc:
@@ -550,27 +557,28 @@ class Trial:
             self._offer(k, args, kwargs, False, exc)
             raise
         finally:
-            stats.lat[OLD].append(d.clock() - started)
-            next(stats.calls[OLD])
-            d.local.arm = None
+            stats.lat[OLD].append(clock() - started)
+            cell[0] = None
         self._offer(k, args, kwargs, True, result)
         return result
 
     def _offer(
         self, k: int, args: tuple[Any, ...], kwargs: dict[str, Any], ok: bool, outcome: Any
     ) -> None:
-        if k not in self._shadowed or self._result is not None:
-            return  # (the trampoline drew the sample: only sampled calls come here)
-        try:
-            self._queue.put_nowait((k, args, kwargs, ok, outcome))
-        except queue.Full:
+        q = self._queue
+        # qsize and put are single C calls and never wait; threads racing here may overshoot
+        # the bound by one each.
+        if q.qsize() < self._queue_size:
+            if self._result is None:
+                q.put((k, args, kwargs, ok, outcome))
+        else:
             with self._shadow_lock:
                 self._dropped += 1
 
     def _shadow_worker(self) -> None:
         d = self._dispatcher
         d.var.set(NEW)  # this thread's own context: every call below runs the new version
-        d.local.arm = NEW
+        d.cell()[0] = NEW
         while True:
             item = self._queue.get()
             if item is None or self._done.is_set():
@@ -603,7 +611,9 @@ class Trial:
                                 _outcome_repr(new_ok, new) + note,
                             )
                         )
-            self._wake.set()
+                decisive = not same or self._compared == self._min_calls
+            if decisive:  # wake the controller only when its decision may change
+                self._wake.set()
 
     def _same(self, old_ok: bool, old: Any, new_ok: bool, new: Any) -> tuple[bool, str]:
         if old_ok != new_ok:
@@ -634,10 +644,9 @@ class Trial:
 
     def _next_step(self, index: int, share: float) -> StepStats:
         d = self._dispatcher
-        fresh = StepStats()
+        fresh = StepStats(share, d.sample)
         self._all_steps.append(d.stats)
         d.stats = fresh
-        d.share = share
         self._step = index
         return fresh
 
@@ -672,7 +681,8 @@ class Trial:
             if percent >= 100:
                 self.promote(_reason="complete")
                 return
-            stats = self._next_step(index, percent / 100)
+            # The first step's figures began with the dispatch (see _start).
+            stats = self._dispatcher.stats if index == 0 else self._next_step(index, percent / 100)
             started = time.monotonic()
             judge_at = started + self._step_s
             held = False
@@ -819,13 +829,7 @@ class Trial:
         with _ACTIVE_LOCK:
             _ACTIVE.pop(self.id, None)
         if self._worker is not None:
-            while True:  # make room for the sentinel: what is queued is not compared any more
-                try:
-                    self._queue.put_nowait(None)
-                    break
-                except queue.Full:
-                    with contextlib.suppress(queue.Empty):
-                        self._queue.get_nowait()
+            self._queue.put(None)  # the worker ends at once: what is queued is not compared
         self._done.set()
         self._wake.set()
         return self._result
