@@ -792,19 +792,28 @@ class Trial:
                 self._engine.record_discarded(
                     m.name, m.sha256, stage=self.kind, reason=f"{self.kind} {reason}: {detail}"
                 )
-            result = self._end(outcome, reason, detail)
-            self._log.warning(
-                "trial.rolled_back",
-                reason=reason,
-                detail=detail,
-                new_calls=result.new_calls,
-                new_errors=result.new_errors,
-            )
-            return result
+            return self._end(outcome, reason, detail, announce=self._rolled_back_event)
+
+    def _rolled_back_event(self, result: TrialResult) -> None:
+        self._log.warning(
+            "trial.rolled_back",
+            reason=result.reason,
+            detail=result.detail,
+            new_calls=result.new_calls,
+            new_errors=result.new_errors,
+        )
 
     def _end(
-        self, outcome: Outcome, reason: str, detail: str, results: Sequence[PatchResult] = ()
+        self,
+        outcome: Outcome,
+        reason: str,
+        detail: str,
+        results: Sequence[PatchResult] = (),
+        *,
+        announce: Callable[[TrialResult], None],
     ) -> TrialResult:
+        """Record the outcome, log it (``announce``), then let ``wait`` return: whoever sees the
+        result can also see its event."""
         self._phase = outcome
         self._reason = reason
         self._detail = detail
@@ -830,6 +839,7 @@ class Trial:
             _ACTIVE.pop(self.id, None)
         if self._worker is not None:
             self._queue.put(None)  # the worker ends at once: what is queued is not compared
+        announce(self._result)
         self._done.set()
         self._wake.set()
         return self._result
@@ -935,24 +945,18 @@ class Trial:
                 if any(t.func.__code__ is t.trampoline for t in self._targets):
                     self._restore_dispatch()  # refused before the commit: take the dispatch off
                 reason = "health_check" if exc.stage == "health" else "commit_refused"
-                result = self._end("rolled_back", reason, str(exc))
-                self._log.warning(
-                    "trial.rolled_back",
-                    reason=reason,
-                    detail=str(exc),
+                return self._end("rolled_back", reason, str(exc), announce=self._rolled_back_event)
+
+            def promoted(result: TrialResult) -> None:
+                self._log.info(
+                    "trial.promoted",
+                    reason=result.reason,
+                    versions=[r.version for r in result.results],
                     new_calls=result.new_calls,
                     new_errors=result.new_errors,
                 )
-                return result
-            result = self._end("promoted", _reason, self._detail, results)
-            self._log.info(
-                "trial.promoted",
-                reason=_reason,
-                versions=[r.version for r in results],
-                new_calls=result.new_calls,
-                new_errors=result.new_errors,
-            )
-            return result
+
+            return self._end("promoted", _reason, self._detail, results, announce=promoted)
 
     def abort(self) -> TrialResult:
         """Roll back to the old version now; the outcome is ``aborted``, reason ``manual``."""
