@@ -105,7 +105,12 @@ def _checkout_module(new_mean: float) -> tuple[str, str]:
         "    hotpatch.record('revenue', value)\n"
         "    return value\n"
     )
-    return body.format(mean=10.0), body.format(mean=new_mean).replace("value = ", "value =  ")
+    # The new version's code must differ for any mean (Python 3.10's code objects carry no
+    # columns: a whitespace edit compiles to the same code, and there is nothing to try).
+    new = body.format(mean=new_mean).replace(
+        "    return value", "    result = value\n    return result"
+    )
+    return body.format(mean=10.0), new
 
 
 def test_an_experiment_finds_a_true_difference_and_reports_per_arm(
