@@ -390,9 +390,8 @@ def _children(node: ast.AST) -> list[ast.AST]:
     found: list[ast.AST] = []
     for name in node._fields:
         value = getattr(node, name, None)
-        if type(value) is list:
-            if value and isinstance(value[0], _AST):  # else names (``global a, b``): strings
-                found.extend(filterfalse(_IS_CONSTANT, value))
+        if type(value) is list:  # nodes, names (``global a, b``), or nodes and None
+            found.extend(filterfalse(_IS_CONSTANT, filter(_IS_AST, value)))
         elif (
             isinstance(value, _AST)
             and type(value) is not _CONSTANT
@@ -405,6 +404,9 @@ def _children(node: ast.AST) -> list[ast.AST]:
 _AST = ast.AST
 _CONSTANT = ast.Constant
 _IS_CONSTANT = ast.Constant.__instancecheck__  # a C call per item: tables are long lists
+# Lists of nodes may hold None: a dict display's keys (``{**base, k: v}``), the keyword-only
+# defaults of a signature (``def f(*, a=1, b)``).
+_IS_AST = ast.AST.__instancecheck__
 
 
 def _walk(root: ast.AST) -> list[ast.AST]:
@@ -416,9 +418,8 @@ def _walk(root: ast.AST) -> list[ast.AST]:
             continue
         for name in node._fields:
             value = getattr(node, name, None)
-            if type(value) is list:
-                if value and isinstance(value[0], _AST):  # else names (``global a, b``): strings
-                    found.extend(filterfalse(_IS_CONSTANT, value))
+            if type(value) is list:  # nodes, names (``global a, b``), or nodes and None
+                found.extend(filterfalse(_IS_CONSTANT, filter(_IS_AST, value)))
             elif isinstance(value, _AST) and not isinstance(value, ast.expr_context):
                 found.append(value)
     return found

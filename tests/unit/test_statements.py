@@ -241,3 +241,23 @@ def test_chunk_alignment_pairs_equal_lines_and_covers_every_changed_line() -> No
             i, j = max(i, last), max(j, new_last)
         changed = {n for f, e, _, _ in hunks for n in range(f, e + 1)}
         assert {n for f, e, _, _ in line_hunks for n in range(f, e + 1)} <= changed
+
+
+def test_lists_of_nodes_with_none_are_read_around_the_none() -> None:
+    # A dict display's keys hold None for ``**spread`` entries, a signature's keyword-only
+    # defaults hold None for a parameter without one; a None first left a list unread, a None
+    # later crashed the index ("'NoneType' object has no attribute '_fields'", idna 3.19).
+    text = (
+        "X = {**BASE, KEY: 1}\n"
+        "Y = {KEY2: 1, **BASE2}\n"
+        "def f(*, a=DEFAULT, b):\n"
+        "    return {**LOCAL, K: v}\n"
+        "def g(*, b, a=DEFAULT2):\n"
+        "    pass\n"
+    )
+    index = full(text)
+    reads = {u.bound[0][1]: u.reads for u in index.units}
+    assert {"BASE", "KEY"} <= reads["X"].names
+    assert {"BASE2", "KEY2"} <= reads["Y"].names
+    assert "DEFAULT" in reads["f"].names and {"LOCAL", "K"} <= reads["f"].body
+    assert "DEFAULT2" in reads["g"].names
