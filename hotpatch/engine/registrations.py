@@ -43,18 +43,43 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
+import re
 import sys
+import threading
 import types
+import warnings
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 # Containers larger than this are taken for caches, not registries, and not copied.
 MAX_ENTRIES = 100_000
+# How many attributes deep the snapshot follows instances: a class's ``_meta`` (1), its ``apps``
+# (2), whose ``all_models`` is a registry; and how many instances one snapshot looks into at most.
+MAX_INSTANCE_DEPTH = 2
+MAX_INSTANCES = 5_000
+# The containers held in a container are copied too when it has at most this many entries.
+MAX_NESTED_SCAN = 1_000
 _BUILTIN_TYPES = frozenset(v for v in vars(builtins).values() if isinstance(v, type))
 _MISSING = object()
 _CONTAINERS = (dict, list, set)
 Container = dict[object, object] | list[object] | set[object]
+_NOT_INSTANCES = frozenset(
+    {
+        types.FunctionType,
+        types.MethodType,
+        types.BuiltinFunctionType,
+        types.CodeType,
+        types.FrameType,
+        types.GeneratorType,
+        types.CoroutineType,
+        types.CellType,
+        types.MappingProxyType,
+        functools.partial,
+        weakref.ref,
+    }
+)
 
 
 @dataclass
@@ -72,6 +97,55 @@ class _ListState:
     container: list[object]
     before: list[object]
     after: list[object]
+
+
+# Warnings a framework gives only because a module's top level runs a second time in one process:
+# the candidate declares a class that the live module declared under the same module and name.
+# The registration they warn about is undone with the rest (``quiet_re_execution``).
+_RE_EXECUTION_WARNINGS = (
+    # Django, apps.register_model: the candidate's model class, registered over the live one.
+    r"Model '[^']*' was already registered\. Reloading models is not advised",
+    # SQLAlchemy (SAWarning), the declarative class registry: the candidate's mapped class.
+    r"This declarative base already contains a class with the same class name and module name",
+)
+
+
+class _InThisThread:
+    """A ``warnings`` filter's message pattern that matches in one thread only.
+
+    The filters are process-wide; the warnings module asks a filter's message for ``.match``,
+    so this one answers for the candidate's thread alone: other threads' warnings are filtered
+    exactly as before."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = re.compile(pattern)
+        self.thread = threading.get_ident()
+
+    def match(self, text: str) -> bool:
+        return threading.get_ident() == self.thread and self.pattern.match(text) is not None
+
+
+@contextlib.contextmanager
+def quiet_re_execution() -> Iterator[None]:
+    """Ignore, in this thread, the warnings a framework gives when a candidate re-declares a live
+    class (``_RE_EXECUTION_WARNINGS``): a check printed Django's "Model ... was already
+    registered" each time, and under ``-W error`` refused every models module at ``execute``."""
+    filters: list[object] = warnings.filters  # type: ignore[assignment]  # a list at run time
+    added = [("ignore", _InThisThread(p), RuntimeWarning, None, 0) for p in _RE_EXECUTION_WARNINGS]
+    mutated = getattr(warnings, "_filters_mutated", None)  # the filters' cache key (3.10-3.13)
+    filters[:0] = added
+    if callable(mutated):
+        mutated()
+    try:
+        yield
+    finally:
+        for entry in added:
+            for index in range(len(filters) - 1, -1, -1):
+                if filters[index] is entry:
+                    del filters[index]
+                    break
+        if callable(mutated):
+            mutated()
 
 
 def _same_items(a: list[object], b: list[object]) -> bool:
@@ -192,85 +266,140 @@ class Snapshot:
 def snapshot(live: types.ModuleType) -> Snapshot:
     """Copy the containers reachable from ``live`` (see the module docstring); cheap and shallow."""
     namespace = vars(live)
-    copies: list[tuple[Container, Container]] = []
-    seen: set[int] = {id(namespace)}
-
-    def add(value: object) -> None:
-        if type(value) not in _CONTAINERS or id(value) in seen:
-            return
-        seen.add(id(value))
-        assert isinstance(value, dict | list | set)
-        if len(value) > MAX_ENTRIES:
-            return
-        with contextlib.suppress(Exception):
-            copies.append((value, type(value)(value)))
-
-    def add_class(cls: type) -> None:
-        metaclass: type = type(cls)
-        for klass in (*cls.__mro__, *metaclass.__mro__):
-            if klass in _BUILTIN_TYPES or id(klass) in seen:
-                continue
-            seen.add(id(klass))
-            for member in list(vars(klass).values()):
-                if type(member) in _CONTAINERS:
-                    add(member)
-
-    def add_namespace(other: dict[str, object]) -> None:
-        if id(other) in seen:
-            return
-        add(other)
-        for member in list(other.values()):
-            if type(member) in _CONTAINERS:
-                add(member)
-
-    def add_value(value: object) -> None:
-        kind = type(value)  # never isinstance(): it may ask a proxy for its __class__
-        add(value)
-        if issubclass(kind, types.ModuleType):
-            if value is not live:
-                add_namespace(vars(value))
-        elif issubclass(kind, type):
-            assert isinstance(value, type)
-            add_class(value)
-            other = sys.modules.get(str(value.__dict__.get("__module__")))
-            if other is not None and other is not live:
-                add_namespace(vars(other))
-        elif kind in (types.FunctionType, types.MethodType, functools.partial):
-            for inner in _functions_in(value):
-                if inner.__globals__ is not namespace:
-                    add_namespace(inner.__globals__)
-                for cell in inner.__closure__ or ():
-                    with contextlib.suppress(ValueError):
-                        add(cell.cell_contents)
-            bound_to = value.__self__ if kind is types.MethodType else None  # type: ignore[attr-defined]
-            if issubclass(type(bound_to), type):
-                add_class(bound_to)  # type: ignore[arg-type]
-            elif bound_to is not None:
-                _add_instance(bound_to, add, add_class)
-        else:
-            _add_instance(value, add, add_class)
-
+    walker = _Walker(live, namespace)
     for value in list(namespace.values()):
         try:
-            add_value(value)
+            walker.add_value(value)
         except Exception:  # an object that resists being looked at is no registry of ours
             continue
     live_ids = frozenset(id(v) for v in namespace.values())
     import_lists = [(value, list(value)) for value in _import_lists()]
-    return Snapshot(live.__name__, live_ids, copies, import_lists)
+    return Snapshot(live.__name__, live_ids, walker.copies, import_lists)
 
 
-def _add_instance(value: object, add: object, add_class: object) -> None:
-    """The containers an instance holds in its ``__dict__`` (a blueprint's deferred views)."""
-    assert callable(add) and callable(add_class)
-    if type(value) in _BUILTIN_TYPES:
-        return
-    with contextlib.suppress(Exception):
-        attributes = object.__getattribute__(value, "__dict__")
-        if type(attributes) is dict:
-            for member in list(attributes.values()):
-                add(member)
-            add_class(type(value))
+class _Walker:
+    """Finds and copies the containers of one snapshot, each once, within the budgets."""
+
+    def __init__(self, live: types.ModuleType, namespace: dict[str, object]) -> None:
+        self.live = live
+        self.namespace = namespace
+        self.copies: list[tuple[Container, Container]] = []
+        self.seen: set[int] = {id(namespace)}
+        self.instances = 0  # instances looked into, against MAX_INSTANCES
+
+    def add(self, value: object, nested: int = 1) -> None:
+        """Copy ``value`` if it is a container, and the containers it holds (``nested`` deep)."""
+        base = _container_base(type(value))
+        if base is None or id(value) in self.seen:
+            return
+        self.seen.add(id(value))
+        assert isinstance(value, dict | list | set)
+        size = len(value)
+        if size > MAX_ENTRIES:
+            return
+        try:
+            copy: Container = base.copy(value)  # type: ignore[attr-defined]
+        except Exception:
+            return
+        self.copies.append((value, copy))
+        if nested > 0 and size <= MAX_NESTED_SCAN:
+            # A registry of registries: Django's ``apps.all_models`` holds a dict per app.
+            for member in copy.values() if isinstance(copy, dict) else copy:
+                if _container_base(type(member)) is not None:
+                    self.add(member, nested - 1)
+
+    def add_class(self, cls: type, depth: int = 0) -> None:
+        """The containers in the ``__dict__`` of every class of ``cls``'s MRO and of its
+        metaclass's MRO, and those of the instances there (``depth``: how deep ``cls`` was met)."""
+        metaclass: type = type(cls)
+        for klass in (*cls.__mro__, *metaclass.__mro__):
+            if klass in _BUILTIN_TYPES or id(klass) in self.seen:
+                continue
+            self.seen.add(id(klass))
+            for member in list(vars(klass).values()):
+                if _container_base(type(member)) is not None:
+                    self.add(member)
+                elif depth < MAX_INSTANCE_DEPTH and _is_instance(member):
+                    self.add_instance(member, depth + 1)  # Django's ``Model._meta``
+
+    def add_namespace(self, other: dict[str, object]) -> None:
+        if id(other) in self.seen:
+            return
+        self.add(other, nested=0)
+        for member in list(other.values()):
+            self.add(member)
+
+    def add_value(self, value: object) -> None:
+        kind = type(value)  # never isinstance(): it may ask a proxy for its __class__
+        self.add(value)
+        if issubclass(kind, types.ModuleType):
+            if value is not self.live:
+                self.add_namespace(vars(value))
+        elif issubclass(kind, type):
+            assert isinstance(value, type)
+            self.add_class(value)
+            other = sys.modules.get(str(value.__dict__.get("__module__")))
+            if other is not None and other is not self.live:
+                self.add_namespace(vars(other))
+        elif kind in (types.FunctionType, types.MethodType, functools.partial):
+            for inner in _functions_in(value):
+                if inner.__globals__ is not self.namespace:
+                    self.add_namespace(inner.__globals__)
+                for cell in inner.__closure__ or ():
+                    with contextlib.suppress(ValueError):
+                        self.add(cell.cell_contents)
+            bound_to = value.__self__ if kind is types.MethodType else None  # type: ignore[attr-defined]
+            if issubclass(type(bound_to), type):
+                self.add_class(bound_to)  # type: ignore[arg-type]
+            elif bound_to is not None:
+                self.add_instance(bound_to, 0)
+        else:
+            self.add_instance(value, 0)
+
+    def add_instance(self, value: object, depth: int) -> None:
+        """The containers an instance holds in its ``__dict__`` (a blueprint's deferred views),
+        and those of the instances it holds, ``MAX_INSTANCE_DEPTH`` attributes deep (Django's
+        ``Model._meta.apps.all_models``, SQLAlchemy's ``Base.registry._class_registry``)."""
+        if type(value) in _BUILTIN_TYPES or id(value) in self.seen:
+            return
+        if self.instances >= MAX_INSTANCES:
+            return
+        self.seen.add(id(value))
+        self.instances += 1
+        with contextlib.suppress(Exception):
+            attributes = object.__getattribute__(value, "__dict__")
+            if type(attributes) is dict:
+                for member in list(attributes.values()):
+                    if _container_base(type(member)) is not None:
+                        self.add(member)
+                    elif depth < MAX_INSTANCE_DEPTH and _is_instance(member):
+                        self.add_instance(member, depth + 1)
+                self.add_class(type(value), depth)
+
+
+def _container_base(kind: type) -> type | None:
+    """``dict``, ``list`` or ``set`` for those and their subclasses (``defaultdict``,
+    ``OrderedDict``, a framework's registry type); ``None`` for anything else."""
+    if kind in _CONTAINERS:
+        return kind
+    if not issubclass(kind, _CONTAINERS):
+        return None
+    for base in _CONTAINERS:
+        if issubclass(kind, base):
+            return base
+    return None
+
+
+def _is_instance(value: object) -> bool:
+    """An object of a class of Python code whose ``__dict__`` may hold registries: not a class,
+    a module, a function, a container or a builtin value. Decided on ``type()`` alone."""
+    kind = type(value)
+    return (
+        kind not in _BUILTIN_TYPES
+        and kind not in _NOT_INSTANCES
+        and not issubclass(kind, type | types.ModuleType)
+        and _container_base(kind) is None
+    )
 
 
 def _functions_in(value: object) -> Iterator[types.FunctionType]:
