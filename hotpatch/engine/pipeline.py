@@ -501,6 +501,8 @@ class Engine:
         finally:
             for registrations in made:
                 registrations.undo()
+        if "__warningregistry__" not in module.__dict__:  # a warning's bookkeeping, not a name
+            candidate.namespace.pop("__warningregistry__", None)
         return candidate, made[0] if made else Registrations()
 
     def _in_dependency_order(

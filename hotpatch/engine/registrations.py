@@ -64,6 +64,8 @@ MAX_NESTED_SCAN = 1_000
 _BUILTIN_TYPES = frozenset(v for v in vars(builtins).values() if isinstance(v, type))
 _MISSING = object()
 _CONTAINERS = (dict, list, set)
+_NOT_INSTANCE_BASES = (type, types.ModuleType, dict, list, set)
+_SMALL_COLLECTIONS = (list, set, tuple, frozenset)
 Container = dict[object, object] | list[object] | set[object]
 _NOT_INSTANCES = frozenset(
     {
@@ -80,6 +82,8 @@ _NOT_INSTANCES = frozenset(
         weakref.ref,
     }
 )
+# Types whose objects hold no registry of their own: values, functions, code (not dict/list/set).
+_LEAVES = (_BUILTIN_TYPES - set(_CONTAINERS)) | _NOT_INSTANCES
 
 
 @dataclass
@@ -305,7 +309,7 @@ class _Walker:
         if nested > 0 and size <= MAX_NESTED_SCAN:
             # A registry of registries: Django's ``apps.all_models`` holds a dict per app.
             for member in copy.values() if isinstance(copy, dict) else copy:
-                if _container_base(type(member)) is not None:
+                if issubclass(type(member), _CONTAINERS):
                     self.add(member, nested - 1)
 
     def add_class(self, cls: type, depth: int = 0) -> None:
@@ -317,9 +321,13 @@ class _Walker:
                 continue
             self.seen.add(id(klass))
             for member in list(vars(klass).values()):
-                if _container_base(type(member)) is not None:
+                if issubclass(type(member), _CONTAINERS):
                     self.add(member)
-                elif depth < MAX_INSTANCE_DEPTH and _is_instance(member):
+                elif (
+                    depth < MAX_INSTANCE_DEPTH
+                    and _is_instance(member)
+                    and not hasattr(type(member), "__get__")  # a descriptor: a field, a property
+                ):
                     self.add_instance(member, depth + 1)  # Django's ``Model._meta``
 
     def add_namespace(self, other: dict[str, object]) -> None:
@@ -327,12 +335,14 @@ class _Walker:
             return
         self.add(other, nested=0)
         for member in list(other.values()):
-            self.add(member)
+            if issubclass(type(member), _CONTAINERS):
+                self.add(member)
 
     def add_value(self, value: object) -> None:
         kind = type(value)  # never isinstance(): it may ask a proxy for its __class__
-        self.add(value)
-        if issubclass(kind, types.ModuleType):
+        if issubclass(kind, _CONTAINERS):
+            self.add(value)
+        elif issubclass(kind, types.ModuleType):
             if value is not self.live:
                 self.add_namespace(vars(value))
         elif issubclass(kind, type):
@@ -360,21 +370,31 @@ class _Walker:
         """The containers an instance holds in its ``__dict__`` (a blueprint's deferred views),
         and those of the instances it holds, ``MAX_INSTANCE_DEPTH`` attributes deep (Django's
         ``Model._meta.apps.all_models``, SQLAlchemy's ``Base.registry._class_registry``)."""
-        if type(value) in _BUILTIN_TYPES or id(value) in self.seen:
-            return
+        kind = type(value)
+        if kind in _LEAVES or not kind.__dictoffset__ or id(value) in self.seen:
+            return  # a value, a function, or an instance with no ``__dict__`` (slots)
         if self.instances >= MAX_INSTANCES:
             return
         self.seen.add(id(value))
         self.instances += 1
-        with contextlib.suppress(Exception):
+        try:
             attributes = object.__getattribute__(value, "__dict__")
-            if type(attributes) is dict:
-                for member in list(attributes.values()):
-                    if _container_base(type(member)) is not None:
-                        self.add(member)
-                    elif depth < MAX_INSTANCE_DEPTH and _is_instance(member):
-                        self.add_instance(member, depth + 1)
-                self.add_class(type(value), depth)
+            if type(attributes) is not dict:
+                return
+            members = list(attributes.values())
+        except Exception:
+            return
+        deeper = depth < MAX_INSTANCE_DEPTH
+        for member in members:
+            member_kind = type(member)
+            if member_kind in _LEAVES:
+                continue
+            if issubclass(member_kind, _CONTAINERS):
+                self.add(member)
+            elif deeper and not issubclass(member_kind, _NOT_INSTANCE_BASES):
+                self.add_instance(member, depth + 1)
+        if depth == 0:  # the class of an instance the module holds (a registry class)
+            self.add_class(kind)
 
 
 def _container_base(kind: type) -> type | None:
@@ -382,8 +402,6 @@ def _container_base(kind: type) -> type | None:
     ``OrderedDict``, a framework's registry type); ``None`` for anything else."""
     if kind in _CONTAINERS:
         return kind
-    if not issubclass(kind, _CONTAINERS):
-        return None
     for base in _CONTAINERS:
         if issubclass(kind, base):
             return base
@@ -394,12 +412,7 @@ def _is_instance(value: object) -> bool:
     """An object of a class of Python code whose ``__dict__`` may hold registries: not a class,
     a module, a function, a container or a builtin value. Decided on ``type()`` alone."""
     kind = type(value)
-    return (
-        kind not in _BUILTIN_TYPES
-        and kind not in _NOT_INSTANCES
-        and not issubclass(kind, type | types.ModuleType)
-        and _container_base(kind) is None
-    )
+    return kind not in _LEAVES and not issubclass(kind, _NOT_INSTANCE_BASES)
 
 
 def _functions_in(value: object) -> Iterator[types.FunctionType]:
@@ -432,7 +445,7 @@ class _Ownership:
 
     def _owned(self, value: object, depth: int) -> bool:
         """Type-based checks only: ``isinstance`` may ask a proxy for its ``__class__``."""
-        if depth > 2 or id(value) in self.live_ids:
+        if depth > 3 or id(value) in self.live_ids:
             return False
         kind = type(value)
         if kind is types.FunctionType:
@@ -458,17 +471,47 @@ class _Ownership:
         if kind in (tuple, frozenset):
             items: tuple[object, ...] | frozenset[object] = value  # type: ignore[assignment]
             return len(items) <= 16 and any(self(item, depth + 1) for item in items)
+        if issubclass(kind, weakref.ref):  # a weak reference to one of the candidate's objects
+            return self(weakref.ref.__call__(value), depth + 1)  # type: ignore[arg-type]
         if kind in _BUILTIN_TYPES:
             return False
         if self(kind, depth + 1):
             return True
-        # An instance of another module's class that holds a candidate function (FastAPI's
-        # APIRoute made by ``@router.get`` for the candidate's endpoint): made for the candidate.
+        # An instance of another module's class made for the candidate: it holds a candidate
+        # function (FastAPI's APIRoute made by ``@router.get`` for the candidate's endpoint), or
+        # a few of the candidate's objects or weak references to them (SQLAlchemy's marker of
+        # two classes of one name, the candidate's and the live one, in the class registry).
+        for member in _attributes(value):
+            member_kind = type(member)
+            if member_kind is types.FunctionType and member.__globals__ is self.namespace:
+                return True
+            if (
+                member_kind in _SMALL_COLLECTIONS
+                and len(member) <= 16
+                and any(self(item, depth + 1) for item in list(member))
+            ):
+                return True
+        return False
+
+
+def _attributes(value: object, limit: int = 64) -> list[object]:
+    """Up to ``limit`` attribute values of an instance: its ``__dict__``, or its slots."""
+    try:
         attributes = object.__getattribute__(value, "__dict__")
-        return type(attributes) is dict and any(
-            type(member) is types.FunctionType and member.__globals__ is self.namespace
-            for member in list(attributes.values())[:64]
-        )
+    except AttributeError:
+        attributes = None
+    if type(attributes) is dict:
+        return list(attributes.values())[:limit]
+    found: list[object] = []
+    for klass in type(value).__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for name in (slots,) if type(slots) is str else slots:
+            if type(name) is str and name not in ("__dict__", "__weakref__"):
+                with contextlib.suppress(Exception):
+                    found.append(object.__getattribute__(value, name))
+                if len(found) >= limit:
+                    return found
+    return found
 
 
 def _has_contents(cell: types.CellType) -> bool:
