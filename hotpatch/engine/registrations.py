@@ -50,7 +50,7 @@ import types
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 # Containers larger than this are taken for caches, not registries, and not copied.
@@ -483,14 +483,14 @@ class _Ownership:
         # two classes of one name, the candidate's and the live one, in the class registry).
         for member in _attributes(value):
             member_kind = type(member)
-            if member_kind is types.FunctionType and member.__globals__ is self.namespace:
-                return True
-            if (
-                member_kind in _SMALL_COLLECTIONS
-                and len(member) <= 16
-                and any(self(item, depth + 1) for item in list(member))
-            ):
-                return True
+            if member_kind is types.FunctionType:
+                assert isinstance(member, types.FunctionType)
+                if member.__globals__ is self.namespace:
+                    return True
+            elif member_kind in _SMALL_COLLECTIONS:  # exactly these types: len() is theirs
+                held: Collection[object] = member  # type: ignore[assignment]
+                if len(held) <= 16 and any(self(item, depth + 1) for item in list(held)):
+                    return True
         return False
 
 
