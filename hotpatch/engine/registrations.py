@@ -12,15 +12,23 @@ module namespaces it imports from (modules, and the modules of the classes and f
 and the dicts, lists and sets at their top level; those held by the classes it uses (every class of
 their MRO and of their metaclass's MRO: ``Meta.registry``, a base class's list filled by
 ``__init_subclass__``); those in the closures of the functions it imports; and those in the
-``__dict__`` of the instances it holds (a blueprint's deferred views). After the candidate ran,
-whatever it raised, each container is compared with its copy: an entry added or replaced whose key
-or value is an object of the candidate (a function whose globals are the candidate's namespace, a
-class of the module that is not live, an instance, bound method, ``partial``, ``staticmethod`` or
-small tuple of those) is a registration, and is undone at once, so no live code ever sees a
-candidate object. When the patch is applied, the registrations are made again with the live twins of
-those objects (an edited function is the live one, a new function its re-bound copy, a new class
-itself); a rollback after a failed health check undoes that again. Entries changed by other threads
-meanwhile are left alone.
+``__dict__`` of the instances it holds (a blueprint's deferred views). Registries further away
+are reached too (issue 12): the containers of the instances those classes and instances hold, up
+to ``MAX_INSTANCE_DEPTH`` attributes deep (Django's ``Note._meta.apps.all_models``, a
+``defaultdict`` of dicts; SQLAlchemy's ``Base.registry._class_registry``), subclasses of dict,
+list and set, and the containers held in a copied container (a registry of registries), within
+budgets (``MAX_INSTANCES``, ``MAX_NESTED_SCAN``): a check of a models module used to leave the
+candidate's classes in Django's app registry, where ``apps.get_model()`` answered them.
+
+After the candidate ran, whatever it raised, each container is compared with its copy: an entry
+added or replaced whose key or value is an object of the candidate (a function whose globals are
+the candidate's namespace, a class of the module that is not live, an instance, bound method,
+``partial``, ``staticmethod`` or small tuple of those, a weak reference to one, an instance holding
+a few of them: SQLAlchemy's marker of two classes of one name) is a registration, and is undone at
+once, so no live code ever sees a candidate object. When the patch is applied, the registrations
+are made again with the live twins of those objects (an edited function is the live one, a new
+function its re-bound copy, a new class itself); a rollback after a failed health check undoes that
+again. Entries changed by other threads meanwhile are left alone.
 
 The import system's process-wide lists (``sys.meta_path``, ``sys.path_hooks``, ``sys.path``) are
 copied as well, and whatever the candidate did to them is undone: six takes the importer an earlier
@@ -31,8 +39,12 @@ with the live twin of every candidate object (the live importer when its stateme
 what a restart has when the module's code is idempotent, as six's is; a module that appends
 unconditionally gets a second entry, as after ``importlib.reload``.
 
+Warnings a framework gives only because a class is declared a second time in one process
+(Django's "Model ... was already registered") are ignored in the patching thread while the
+candidate runs (``quiet_re_execution``).
+
 What this cannot see is documented in docs/in-process.md ("Limits and refusals"): containers not
-reachable that way (a registry two attributes away, a C extension's table), containers over
+reachable that way (a registry further away, a C extension's table), containers over
 ``MAX_ENTRIES`` entries (caches), registrations of plain values (a string, a count), other side
 effects (files, sockets, threads), and ``Base.__subclasses__()``, which lists a candidate's
 subclasses until the garbage collector frees them.
