@@ -391,8 +391,8 @@ class _Walker:
         self.instances += 1
         try:
             attributes = object.__getattribute__(value, "__dict__")
-            if type(attributes) is not dict:
-                return
+            if type(attributes) is not dict or len(attributes) > MAX_NESTED_SCAN:
+                return  # not a plain namespace, or a table kept as attributes: not looked into
             members = list(attributes.values())
         except Exception:
             return

@@ -215,3 +215,29 @@ def test_re_execution_warnings_are_ignored_in_the_candidates_thread_only() -> No
             warnings.warn(message, RuntimeWarning, stacklevel=1)
     thread.join(30)
     assert len(other) == 1
+
+
+def test_the_snapshot_looks_into_a_bounded_number_of_instances(make_module) -> None:
+    """A class holding an object that holds thousands of objects, each with a registry-like
+    dict: the snapshot stops at ``MAX_INSTANCES`` instead of copying them all."""
+    from hotpatch.engine import registrations
+
+    mod = make_module(
+        "class Node:\n"
+        "    def __init__(self):\n"
+        "        self.table = {}\n"
+        "class Hub:\n"
+        "    def __init__(self, n):\n"
+        "        self.__dict__.update((f'n{i}', Node()) for i in range(n))\n"
+        "class Holder:\n"
+        "    hubs = None\n"
+        "Holder.a = Hub(900)\n"
+        "Holder.b = Hub(900)\n"
+        "hubs = [Hub(900) for _ in range(8)]\n"
+        "class Root:\n"
+        "    pass\n" + "".join(f"Root.h{i} = hubs[{i}]\n" for i in range(8))
+    )
+    taken = registrations.snapshot(mod)
+    assert registrations.MAX_INSTANCES < 9_000  # 10 hubs of 900 nodes, each with a dict
+    assert len(taken.copies) <= registrations.MAX_INSTANCES + 50
+    assert len(taken.copies) > 900  # the first hubs' nodes were looked into
