@@ -62,7 +62,7 @@ import types
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 # Containers larger than this are taken for caches, not registries, and not copied.
@@ -263,6 +263,10 @@ class Snapshot:
     live_ids: frozenset[int]
     copies: list[tuple[Container, Container]]
     import_lists: list[tuple[list[object], list[object]]] = field(default_factory=list)
+    # Where each copied container was found (a namespace, a class or an instance attribute):
+    # code that replaces the container with a new one (Django's ``Signal`` rebuilds its
+    # ``receivers`` list when one has died) is compared against the copy all the same.
+    held: list[tuple[Mapping[str, object], str, Container, Container]] = field(default_factory=list)
 
     def collect(self, namespace: dict[str, object]) -> Registrations:
         """The registrations the candidate whose namespace is ``namespace`` made."""
@@ -275,6 +279,13 @@ class Snapshot:
             try:
                 _compare(container, copy, owned, found.found)
             except Exception:  # a container mutated while we read it: skip it, not the patch
+                continue
+        for holder, name, container, copy in self.held:
+            try:
+                now = holder.get(name, _MISSING)
+                if now is not container and _container_base(type(now)) is type(copy):
+                    _compare(now, copy, owned, found.found)  # type: ignore[arg-type]
+            except Exception:
                 continue
         return found
 
@@ -290,7 +301,7 @@ def snapshot(live: types.ModuleType) -> Snapshot:
             continue
     live_ids = frozenset(id(v) for v in namespace.values())
     import_lists = [(value, list(value)) for value in _import_lists()]
-    return Snapshot(live.__name__, live_ids, walker.copies, import_lists)
+    return Snapshot(live.__name__, live_ids, walker.copies, import_lists, walker.held)
 
 
 class _Walker:
@@ -300,29 +311,38 @@ class _Walker:
         self.live = live
         self.namespace = namespace
         self.copies: list[tuple[Container, Container]] = []
+        self.held: list[tuple[Mapping[str, object], str, Container, Container]] = []
         self.seen: set[int] = {id(namespace)}
         self.instances = 0  # instances looked into, against MAX_INSTANCES
 
-    def add(self, value: object, nested: int = 1) -> None:
-        """Copy ``value`` if it is a container, and the containers it holds (``nested`` deep)."""
+    def add(self, value: object, nested: int = 1) -> Container | None:
+        """Copy ``value`` if it is a container, and the containers it holds (``nested`` deep);
+        returns the copy (``None``: not a container, met before, or too large)."""
         base = _container_base(type(value))
         if base is None or id(value) in self.seen:
-            return
+            return None
         self.seen.add(id(value))
         assert isinstance(value, dict | list | set)
         size = len(value)
         if size > MAX_ENTRIES:
-            return
+            return None
         try:
             copy: Container = base.copy(value)  # type: ignore[attr-defined]
         except Exception:
-            return
+            return None
         self.copies.append((value, copy))
         if nested > 0 and size <= MAX_NESTED_SCAN:
             # A registry of registries: Django's ``apps.all_models`` holds a dict per app.
             for member in copy.values() if isinstance(copy, dict) else copy:
                 if issubclass(type(member), _CONTAINERS):
                     self.add(member, nested - 1)
+        return copy
+
+    def add_held(self, holder: Mapping[str, object], name: object, value: object) -> None:
+        """``add(value)``, remembering that ``holder[name]`` held it."""
+        copy = self.add(value)
+        if copy is not None and type(name) is str:
+            self.held.append((holder, name, value, copy))  # type: ignore[arg-type]
 
     def add_class(self, cls: type, depth: int = 0) -> None:
         """The containers in the ``__dict__`` of every class of ``cls``'s MRO and of its
@@ -332,9 +352,10 @@ class _Walker:
             if klass in _BUILTIN_TYPES or id(klass) in self.seen:
                 continue
             self.seen.add(id(klass))
-            for member in list(vars(klass).values()):
+            attributes = vars(klass)
+            for name, member in list(attributes.items()):
                 if issubclass(type(member), _CONTAINERS):
-                    self.add(member)
+                    self.add_held(attributes, name, member)
                 elif (
                     depth < MAX_INSTANCE_DEPTH
                     and _is_instance(member)
@@ -346,9 +367,9 @@ class _Walker:
         if id(other) in self.seen:
             return
         self.add(other, nested=0)
-        for member in list(other.values()):
+        for name, member in list(other.items()):
             if issubclass(type(member), _CONTAINERS):
-                self.add(member)
+                self.add_held(other, name, member)
 
     def add_value(self, value: object) -> None:
         kind = type(value)  # never isinstance(): it may ask a proxy for its __class__
@@ -393,16 +414,16 @@ class _Walker:
             attributes = object.__getattribute__(value, "__dict__")
             if type(attributes) is not dict or len(attributes) > MAX_NESTED_SCAN:
                 return  # not a plain namespace, or a table kept as attributes: not looked into
-            members = list(attributes.values())
+            members = list(attributes.items())
         except Exception:
             return
         deeper = depth < MAX_INSTANCE_DEPTH
-        for member in members:
+        for name, member in members:
             member_kind = type(member)
             if member_kind in _LEAVES:
                 continue
             if issubclass(member_kind, _CONTAINERS):
-                self.add(member)
+                self.add_held(attributes, name, member)
             elif deeper and not issubclass(member_kind, _NOT_INSTANCE_BASES):
                 self.add_instance(member, depth + 1)
         if depth == 0:  # the class of an instance the module holds (a registry class)

@@ -241,3 +241,40 @@ def test_the_snapshot_looks_into_a_bounded_number_of_instances(make_module) -> N
     assert registrations.MAX_INSTANCES < 9_000  # 10 hubs of 900 nodes, each with a dict
     assert len(taken.copies) <= registrations.MAX_INSTANCES + 50
     assert len(taken.copies) > 900  # the first hubs' nodes were looked into
+
+
+# A signal that builds a new list of receivers at each connect (Django's ``Signal`` does when one
+# of its weakly held receivers has died), keyed and weakly held as Django keeps them.
+SIGNAL = """
+import weakref
+
+
+class Signal:
+    def __init__(self):
+        self.receivers = []
+
+    def connect(self, fn):
+        self.receivers = [r for r in self.receivers if r[1]() is not None]
+        self.receivers.append((id(fn), weakref.ref(fn)))
+        return fn
+
+
+saved = Signal()
+"""
+
+
+def test_a_registry_list_replaced_by_a_new_one_is_compared_all_the_same(make_module) -> None:
+    sig = make_module(SIGNAL)
+    source = (
+        f"from {sig.__name__} import saved\n\ndef on_save():\n    return 1\n\n"
+        "saved.connect(on_save)\n"
+    )
+    mod = make_module(source)
+    before = list(sig.saved.receivers)
+    assert [ref() for _, ref in before] == [mod.on_save]
+    engine = Engine()
+    engine.check(mod.__name__, source=source.replace("return 1", "return 2"))
+    assert sig.saved.receivers == before
+    engine.patch(mod.__name__, source=source.replace("return 1", "return 3"))
+    assert sig.saved.receivers == before
+    assert [ref()() for _, ref in sig.saved.receivers] == [3]

@@ -72,6 +72,8 @@ FILES = {
     """,
     "models.py": """
         from django.db import models
+        from django.db.models.signals import post_init
+        from django.dispatch import receiver
 
 
         class Note(models.Model):
@@ -83,6 +85,11 @@ FILES = {
 
         class Comment(models.Model):
             note = models.ForeignKey(Note, on_delete=models.CASCADE)
+
+
+        @receiver(post_init, sender=Note)
+        def noted(sender, instance, **kwargs):
+            instance.seen = True
     """,
     "templatetags/__init__.py": "",
     "templatetags/shout.py": """
@@ -234,15 +241,18 @@ def _app_registry() -> dict[str, object]:
 @pytest.mark.parametrize("how", ["refused", "checked", "applied"])
 def test_a_models_candidate_leaves_the_app_registry_as_it_was(client, engine, how) -> None:
     """A refused or checked models module (its candidate executed, so Django registered the
-    candidate's classes in ``apps.all_models``) leaves the app registry holding the live classes,
-    with no "Model ... was already registered" warning; an applied method change too."""
+    candidate's classes in ``apps.all_models`` and its signal receiver) leaves the app registry
+    holding the live classes and the receivers as they were, with no "Model ... was already
+    registered" warning; an applied method change too."""
     from django.apps import apps
+    from django.db.models.signals import post_init
 
     module = sys.modules[f"{PACKAGE}.models"]
     registry = _app_registry()
     assert registry == {"note": module.Note, "comment": module.Comment}
     related = [r.related_model for r in module.Note._meta.related_objects]
     assert related == [module.Comment]
+    receivers = list(post_init.receivers)
     source = _source("models.py")
     if how == "refused":
         source = source.replace(
@@ -267,6 +277,8 @@ def test_a_models_candidate_leaves_the_app_registry_as_it_was(client, engine, ho
         assert apps.get_model(PACKAGE, "Comment") is module.Comment
         assert apps.get_models() == [module.Note, module.Comment]
         assert [r.related_model for r in module.Note._meta.related_objects] == related
+        assert post_init.receivers == receivers
+        assert module.Note(text="x").seen is True
         assert str(apps.get_model(PACKAGE, "Note")(text="x")) == (
             "Note(x)" if how == "applied" else "note: x"
         )
