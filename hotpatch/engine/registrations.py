@@ -353,13 +353,17 @@ class _Walker:
                 continue
             self.seen.add(id(klass))
             attributes = vars(klass)
+            deeper = depth < MAX_INSTANCE_DEPTH
             for name, member in list(attributes.items()):
-                if issubclass(type(member), _CONTAINERS):
+                kind = type(member)
+                if kind in _LEAVES:  # most of a class body: functions, strings, numbers
+                    continue
+                if issubclass(kind, _CONTAINERS):
                     self.add_held(attributes, name, member)
                 elif (
-                    depth < MAX_INSTANCE_DEPTH
-                    and _is_instance(member)
-                    and not hasattr(type(member), "__get__")  # a descriptor: a field, a property
+                    deeper
+                    and not issubclass(kind, _NOT_INSTANCE_BASES)
+                    and not hasattr(kind, "__get__")  # a descriptor: a field, a property
                 ):
                     self.add_instance(member, depth + 1)  # Django's ``Model._meta``
 
@@ -439,13 +443,6 @@ def _container_base(kind: type) -> type | None:
         if issubclass(kind, base):
             return base
     return None
-
-
-def _is_instance(value: object) -> bool:
-    """An object of a class of Python code whose ``__dict__`` may hold registries: not a class,
-    a module, a function, a container or a builtin value. Decided on ``type()`` alone."""
-    kind = type(value)
-    return kind not in _LEAVES and not issubclass(kind, _NOT_INSTANCE_BASES)
 
 
 def _functions_in(value: object) -> Iterator[types.FunctionType]:
