@@ -134,18 +134,23 @@ class _InThisThread:
     exactly as before."""
 
     def __init__(self, pattern: str) -> None:
-        self.pattern = re.compile(pattern)
+        self.pattern = pattern  # a str, as ``re.Pattern.pattern`` is, for code that reads filters
+        self._regex = re.compile(pattern)
         self.thread = threading.get_ident()
 
     def match(self, text: str) -> bool:
-        return threading.get_ident() == self.thread and self.pattern.match(text) is not None
+        return threading.get_ident() == self.thread and self._regex.match(text) is not None
 
 
 @contextlib.contextmanager
 def quiet_re_execution() -> Iterator[None]:
     """Ignore, in this thread, the warnings a framework gives when a candidate re-declares a live
     class (``_RE_EXECUTION_WARNINGS``): a check printed Django's "Model ... was already
-    registered" each time, and under ``-W error`` refused every models module at ``execute``."""
+    registered" each time, and under ``-W error`` refused every models module at ``execute``.
+
+    The filters are taken out again by identity; if another thread's ``catch_warnings`` restores
+    a copy of the list made meanwhile, they stay there, matching these messages in this thread
+    only."""
     filters: list[object] = warnings.filters  # type: ignore[assignment]  # a list at run time
     added = [("ignore", _InThisThread(p), RuntimeWarning, None, 0) for p in _RE_EXECUTION_WARNINGS]
     mutated = getattr(warnings, "_filters_mutated", None)  # the filters' cache key (3.10-3.13)
