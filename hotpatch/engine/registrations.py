@@ -39,6 +39,9 @@ with the live twin of every candidate object (the live importer when its stateme
 what a restart has when the module's code is idempotent, as six's is; a module that appends
 unconditionally gets a second entry, as after ``importlib.reload``.
 
+``atexit`` keeps its callbacks where no copy reaches: when their number rose while the candidate
+ran, the candidate's functions are unregistered (``Registrations.exit_callbacks``).
+
 Warnings a framework gives only because a class is declared a second time in one process
 (Django's "Model ... was already registered") are ignored in the patching thread while the
 candidate runs (``quiet_re_execution``).
@@ -52,6 +55,7 @@ subclasses until the garbage collector frees them.
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import contextlib
 import functools
@@ -190,6 +194,7 @@ class Registrations:
 
     found: list[_Found] = field(default_factory=list)
     lists: list[_ListState] = field(default_factory=list)
+    exit_callbacks: list[object] = field(default_factory=list)  # given to ``atexit.register``
 
     def undo(self) -> None:
         """Take the candidate's entries out again, newest first; others' changes are kept.
@@ -202,6 +207,9 @@ class Registrations:
                     state.container[:] = state.before
         for entry in reversed(self.found):
             _remove(entry)
+        for callback in self.exit_callbacks:
+            with contextlib.suppress(Exception):
+                atexit.unregister(callback)  # type: ignore[arg-type]
 
     def redo(self, remap: dict[int, object]) -> Registrations:
         """Make the registrations again with live objects, after the commit; returns them.
@@ -272,6 +280,7 @@ class Snapshot:
     # code that replaces the container with a new one (Django's ``Signal`` rebuilds its
     # ``receivers`` list when one has died) is compared against the copy all the same.
     held: list[tuple[Mapping[str, object], str, Container, Container]] = field(default_factory=list)
+    exit_callbacks: int = -1  # how many ``atexit`` callbacks there were (-1: unknown)
 
     def collect(self, namespace: dict[str, object]) -> Registrations:
         """The registrations the candidate whose namespace is ``namespace`` made."""
@@ -292,7 +301,24 @@ class Snapshot:
                     _compare(now, copy, owned, found.found)  # type: ignore[arg-type]
             except Exception:
                 continue
+        if 0 <= self.exit_callbacks < _exit_callbacks():
+            # ``atexit`` keeps its callbacks where Python cannot see them: what was registered
+            # is found by trying the candidate's functions (``unregister`` removes by equality).
+            found.exit_callbacks = [
+                value
+                for value in list(namespace.values())
+                if type(value) in (types.FunctionType, types.MethodType) and owned(value)
+            ]
         return found
+
+
+def _exit_callbacks() -> int:
+    """How many callbacks ``atexit`` holds (-1 where the interpreter does not say)."""
+    count = getattr(atexit, "_ncallbacks", None)
+    try:
+        return int(count()) if callable(count) else -1
+    except Exception:
+        return -1
 
 
 def snapshot(live: types.ModuleType) -> Snapshot:
@@ -306,7 +332,9 @@ def snapshot(live: types.ModuleType) -> Snapshot:
             continue
     live_ids = frozenset(id(v) for v in namespace.values())
     import_lists = [(value, list(value)) for value in _import_lists()]
-    return Snapshot(live.__name__, live_ids, walker.copies, import_lists, walker.held)
+    return Snapshot(
+        live.__name__, live_ids, walker.copies, import_lists, walker.held, _exit_callbacks()
+    )
 
 
 class _Walker:

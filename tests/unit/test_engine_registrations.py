@@ -9,6 +9,9 @@ and an applied one must each leave the registry holding the live objects, exactl
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -278,3 +281,34 @@ def test_a_registry_list_replaced_by_a_new_one_is_compared_all_the_same(make_mod
     engine.patch(mod.__name__, source=source.replace("return 1", "return 3"))
     assert sig.saved.receivers == before
     assert [ref()() for _, ref in sig.saved.receivers] == [3]
+
+
+def test_an_exit_callback_the_candidate_registers_is_taken_back(tmp_path) -> None:
+    """``atexit`` holds its callbacks where no snapshot can copy them: each check used to leave
+    one more callback into the candidate's code, run when the process exits. A real process
+    exits here, and prints what its exit callbacks ran."""
+    module = tmp_path / "hp_exiting.py"
+    module.write_text(
+        'import atexit\n\ndef bye():\n    print("bye", VERSION)\n\nVERSION = 1\n'
+        "atexit.register(bye)\n",
+        encoding="utf-8",
+    )
+    script = (
+        "import hotpatch, hp_exiting\n"
+        "engine = hotpatch.Engine()\n"
+        "source = open(hp_exiting.__file__).read()\n"
+        "engine.check('hp_exiting', source=source.replace('VERSION = 1', 'VERSION = 2'))\n"
+        "engine.check('hp_exiting', source=source.replace('VERSION = 1', 'VERSION = 3'))\n"
+        "print('checked')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["checked", "bye 1"], done.stdout + done.stderr
