@@ -62,7 +62,7 @@ from hotpatch.engine.fidelity import (
 from hotpatch.engine.guard import DeadlineExceeded, run_with_deadline
 from hotpatch.engine.history import Entry, ModuleHistory, Version, version_id
 from hotpatch.engine.modulemap import dependency_order, executed_imports, package_of
-from hotpatch.engine.registrations import Registrations
+from hotpatch.engine.registrations import Registrations, quiet_re_execution
 from hotpatch.engine.registrations import snapshot as snapshot_registrations
 from hotpatch.engine.safepoint import SafePointTimeout, commit_at_safe_point
 from hotpatch.engine.swap import Plan, plan_update
@@ -494,16 +494,19 @@ class Engine:
         live_containers = snapshot_registrations(module)
         made: list[Registrations] = []
         try:
-            candidate = build_candidate(
-                module,
-                source,
-                code,
-                siblings=shared.candidates,
-                on_executed=lambda namespace: made.append(live_containers.collect(namespace)),
-            )
+            with quiet_re_execution():
+                candidate = build_candidate(
+                    module,
+                    source,
+                    code,
+                    siblings=shared.candidates,
+                    on_executed=lambda namespace: made.append(live_containers.collect(namespace)),
+                )
         finally:
             for registrations in made:
                 registrations.undo()
+        if "__warningregistry__" not in module.__dict__:  # a warning's bookkeeping, not a name
+            candidate.namespace.pop("__warningregistry__", None)
         return candidate, made[0] if made else Registrations()
 
     def _in_dependency_order(

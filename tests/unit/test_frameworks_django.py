@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import textwrap
 import uuid
+import warnings
 from collections.abc import Iterator
 from importlib import import_module
 
@@ -71,6 +72,8 @@ FILES = {
     """,
     "models.py": """
         from django.db import models
+        from django.db.models.signals import post_init
+        from django.dispatch import receiver
 
 
         class Note(models.Model):
@@ -78,6 +81,15 @@ FILES = {
 
             def __str__(self):
                 return f"note: {{self.text}}"
+
+
+        class Comment(models.Model):
+            note = models.ForeignKey(Note, on_delete=models.CASCADE)
+
+
+        @receiver(post_init, sender=Note)
+        def noted(sender, instance, **kwargs):
+            instance.seen = True
     """,
     "templatetags/__init__.py": "",
     "templatetags/shout.py": """
@@ -201,10 +213,10 @@ def test_a_urlconf_change_is_refused_because_the_resolver_holds_the_old_patterns
     assert client.get("/hello/").content == b"hello v1"
 
 
-@pytest.mark.filterwarnings("ignore:Model '.*' was already registered:RuntimeWarning")
 def test_a_model_field_change_is_refused_and_a_model_method_change_applies(client, engine) -> None:
     module = sys.modules[f"{PACKAGE}.models"]
     note = module.Note
+    fields = note._meta.get_fields()
     refusal = _refused(
         engine,
         "models",
@@ -213,8 +225,63 @@ def test_a_model_field_change_is_refused_and_a_model_method_change_applies(clien
     )
     assert "ModelBase" in str(refusal) and "Note.stars" in str(refusal)
     assert "restart or rolling reload is needed" in str(refusal)
-    assert [f.name for f in note._meta.get_fields()] == ["id", "text"]
+    assert note._meta.get_fields() == fields
     _patch(engine, "models", 'f"note: {self.text}"', 'f"Note({self.text})"')
     assert module.Note is note and str(note(text="x")) == "Note(x)"
     engine.rollback(f"{PACKAGE}.models")
     assert str(note(text="x")) == "note: x"
+
+
+def _app_registry() -> dict[str, object]:
+    from django.apps import apps
+
+    return dict(apps.all_models[PACKAGE])
+
+
+@pytest.mark.parametrize("how", ["refused", "checked", "applied"])
+def test_a_models_candidate_leaves_the_app_registry_as_it_was(client, engine, how) -> None:
+    """A refused or checked models module (its candidate executed, so Django registered the
+    candidate's classes in ``apps.all_models`` and its signal receiver) leaves the app registry
+    holding the live classes and the receivers as they were, with no "Model ... was already
+    registered" warning; an applied method change too."""
+    from django.apps import apps
+    from django.db.models.signals import post_init
+
+    module = sys.modules[f"{PACKAGE}.models"]
+    registry = _app_registry()
+    assert registry == {"note": module.Note, "comment": module.Comment}
+    related = [r.related_model for r in module.Note._meta.related_objects]
+    assert related == [module.Comment]
+    receivers = list(post_init.receivers)
+    source = _source("models.py")
+    if how == "refused":
+        source = source.replace(
+            "max_length=100)\n", "max_length=100)\n    stars = models.IntegerField()\n"
+        )
+    else:
+        source = source.replace('f"note: {self.text}"', 'f"Note({self.text})"')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if how == "refused":
+            with pytest.raises(PatchRejected, match="restart or rolling reload is needed"):
+                engine.patch(f"{PACKAGE}.models", source=source)
+        elif how == "checked":
+            assert not engine.check(f"{PACKAGE}.models", source=source).is_noop
+        else:
+            engine.patch(f"{PACKAGE}.models", source=source)
+    try:
+        assert [str(w.message) for w in caught] == []
+        assert _app_registry() == registry
+        assert all(_app_registry()[name] is model for name, model in registry.items())
+        assert apps.get_model(PACKAGE, "Note") is module.Note
+        assert apps.get_model(PACKAGE, "Comment") is module.Comment
+        assert apps.get_models() == [module.Note, module.Comment]
+        assert [r.related_model for r in module.Note._meta.related_objects] == related
+        assert post_init.receivers == receivers
+        assert module.Note(text="x").seen is True
+        assert str(apps.get_model(PACKAGE, "Note")(text="x")) == (
+            "Note(x)" if how == "applied" else "note: x"
+        )
+    finally:
+        if how == "applied":
+            engine.rollback(f"{PACKAGE}.models")
