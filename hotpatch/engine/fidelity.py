@@ -475,6 +475,19 @@ def _is_value(old: object) -> bool:
     )
 
 
+def _home_object(old: object, changed: str) -> bool:
+    """Whether ``old`` is an object of the module that defines its type, bound there by name
+    (``from __future__ import annotations``: ``__future__.annotations``, a ``_Feature``): that
+    module made it and keeps it, in a restarted process as well, so whatever else holds it did
+    not read it from the module that changed."""
+    home = type(old).__module__
+    if home == changed:
+        return False
+    module = sys.modules.get(home)
+    namespace = getattr(module, "__dict__", None)
+    return isinstance(namespace, dict) and any(v is old for v in list(namespace.values()))
+
+
 def _replaced_values(
     plans: list[tuple[str, Plan, str]],
 ) -> list[tuple[str, object, tuple[str, str]]]:
@@ -489,7 +502,7 @@ def _replaced_values(
             if not isinstance(op, SetName) or op.namespace is not namespace:
                 continue
             old = op.namespace.get(op.name, _ABSENT)
-            if old is _ABSENT or old is op.value or _is_value(old):
+            if old is _ABSENT or old is op.value or _is_value(old) or _home_object(old, name):
                 continue
             if isinstance(old, type | types.ModuleType) or functions_of(old):
                 continue  # definitions: updated in place, or refused above when replaced

@@ -754,3 +754,26 @@ def test_policy_refusals_say_they_are_policy_not_restart(make_module) -> None:
     assert info.value.reason.endswith("(and 1 more)") and both.K.__slots__ == ("a",)
     result = Engine().patch(mod.__name__, source="def f(a):\n    return -a\n", allow_removals=True)
     assert mod.f(3) == -3 and "g" in result.removed
+
+
+def test_an_object_of_the_module_that_defines_its_type_does_not_refuse(make_module) -> None:
+    # idna 3.19 -> 3.18 drops ``from __future__ import annotations``: the old value is
+    # ``__future__.annotations`` (a ``_Feature``), which other objects hold as they do in a
+    # restarted process (refused before: "the old _Feature is also held elsewhere").
+    import __future__
+
+    mod = make_module("from __future__ import annotations\nX = 1\n")
+    held = [__future__.annotations]
+    Engine().patch(mod.__name__, source="X = 2\n", allow_removals=True)
+    assert not hasattr(mod, "annotations") and mod.X == 2
+    assert held[0] is __future__.annotations
+
+
+def test_a_registry_of_the_changed_module_held_elsewhere_still_refuses(make_module) -> None:
+    # The rule above is about objects of another module: this module's own dict, held by
+    # another object, is still refused when the module builds a new one.
+    mod = make_module("REGISTRY = {'a': 1}\n")
+    held = [mod.REGISTRY]
+    with pytest.raises(PatchRejected, match=r"REGISTRY becomes a new object"):
+        Engine().patch(mod.__name__, source="REGISTRY = {'a': 2}\n")
+    assert held[0] is mod.REGISTRY and mod.REGISTRY == {"a": 1}
