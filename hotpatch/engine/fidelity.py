@@ -461,7 +461,20 @@ def _rebound_references(old: object, plans: list[tuple[str, Plan, str]]) -> int:
 
 
 # Values a holder may keep a copy of without being stale: equal is as good as the same.
-_IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), tuple, frozenset, range)
+# (a compiled pattern too: ``re``'s cache holds every one compiled, in a restart as well)
+_IMMUTABLE = (
+    str,
+    bytes,
+    int,
+    float,
+    complex,
+    bool,
+    type(None),
+    tuple,
+    frozenset,
+    range,
+    re.Pattern,
+)
 _ANNOTATION_MODULES = frozenset({"typing", "typing_extensions"})
 
 

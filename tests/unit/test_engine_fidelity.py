@@ -777,3 +777,11 @@ def test_a_registry_of_the_changed_module_held_elsewhere_still_refuses(make_modu
     with pytest.raises(PatchRejected, match=r"REGISTRY becomes a new object"):
         Engine().patch(mod.__name__, source="REGISTRY = {'a': 2}\n")
     assert held[0] is mod.REGISTRY and mod.REGISTRY == {"a": 1}
+
+
+def test_a_compiled_pattern_held_by_the_re_cache_does_not_refuse(make_module) -> None:
+    # ``re`` keeps every pattern it compiled in its cache, in a restarted process as well
+    # (idna 3.19 -> 3.18: "the old Pattern is also held elsewhere (dict)").
+    mod = make_module("import re\nPAT = re.compile('a+')\n")
+    Engine().patch(mod.__name__, source="import re\nPAT = re.compile('b+')\n")
+    assert mod.PAT.pattern == "b+"
