@@ -1,7 +1,7 @@
 """The example shop: a WSGI app whose ``pricing`` module is canaried per user.
 
-``routing_key_middleware`` sets the user id from the ``X-User-Id`` header as the routing key of
-the request, so every request of one user sees the same version of ``pricing`` for the whole
+``hotpatch.RoutingKeyMiddleware`` sets the user id from the ``X-User-Id`` header as the routing key
+of the request, so every request of one user sees the same version of ``pricing`` for the whole
 ramp (and, once on the new version, stays there). Works under any WSGI server: gunicorn
 (``gunicorn app:application``) or the standard library's (``run.py``).
 """
@@ -37,17 +37,4 @@ def shop(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byt
     return [data]
 
 
-def routing_key_middleware(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
-    """Route each request by its user: the ``X-User-Id`` header is the routing key."""
-
-    def wrapped(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        user = environ.get("HTTP_X_USER_ID", "")[:200]
-        if not user:
-            return app(environ, start_response)
-        with hotpatch.routing_key(user):
-            return list(app(environ, start_response))  # the body is made inside the key
-
-    return wrapped
-
-
-application = routing_key_middleware(shop)
+application = hotpatch.RoutingKeyMiddleware(shop, header="X-User-Id")
