@@ -423,6 +423,28 @@ finally:
 """
 
 
+def closure_code(
+    header: str, body: str, freevars: tuple[str, ...], filename: str
+) -> types.CodeType:
+    """The code of ``{header}: {body}`` compiled with ``freevars`` as its free variables, so that
+    it may replace the ``__code__`` of a function whose closure has those cells.
+
+    ``header`` is the ``def`` line without its colon (``async def`` for a coroutine); the body
+    must name every free variable (it is read once at its top, which makes each one free).
+    """
+    lines = ["def _outer():"]
+    lines += [f"    {name} = None" for name in freevars]
+    lines.append(f"    {header}:")
+    if freevars:
+        lines.append("        " + ", ".join(freevars))
+    lines += ["        " + line for line in body.splitlines()]
+    namespace: dict[str, object] = {}
+    exec(compile("\n".join(lines), filename, "exec"), namespace)
+    outer = namespace["_outer"]
+    assert isinstance(outer, types.FunctionType)
+    return next(c for c in outer.__code__.co_consts if isinstance(c, types.CodeType))
+
+
 def _gate_code(freevars: tuple[str, ...], gate: _Gate, key: int) -> types.CodeType:
     """A trampoline with the same free variables as the function it stands in for."""
     template = _gate_templates.get(freevars)
@@ -434,17 +456,9 @@ def _gate_code(freevars: tuple[str, ...], gate: _Gate, key: int) -> types.CodeTy
             prefix += "_"
         for n in local_names:  # whole-word renames, so no local can shadow a free variable
             body = re.sub(rf"\b{n}\b", prefix + n, body)
-        lines = ["def _outer():"]
-        lines += [f"    {name} = None" for name in freevars]
-        lines.append(f"    def _hotpatch_gate(*{prefix}A, **{prefix}K):")
-        if freevars:
-            lines.append("        " + ", ".join(freevars))
-        lines += ["        " + line for line in body.splitlines()]
-        namespace: dict[str, object] = {}
-        exec(compile("\n".join(lines), "<hotpatch gate>", "exec"), namespace)
-        outer = namespace["_outer"]
-        assert isinstance(outer, types.FunctionType)
-        template = next(c for c in outer.__code__.co_consts if isinstance(c, types.CodeType))
+        template = closure_code(
+            f"def _hotpatch_gate(*{prefix}A, **{prefix}K)", body, freevars, "<hotpatch gate>"
+        )
         _gate_templates[freevars] = template
 
     def fill(c: object) -> object:

@@ -60,6 +60,7 @@ from operator import itemgetter, length_hint, or_
 from typing import Any
 
 from hotpatch.engine.changeset import ChangeSet, FunctionState, SetFunction, SetName
+from hotpatch.engine.safepoint import closure_code
 from hotpatch.judge import ArmSummary
 from hotpatch.routing import _KEY as ROUTING_KEY  # the routing key's context variable
 
@@ -787,17 +788,9 @@ def _compile_template(
         text = text.replace("@ARGS@", f"{prefix}A").replace("@KWARGS@", f"{prefix}K")
         header_params = f"*{prefix}A, **{prefix}K"
     header = "async def" if kind in ("coroutine", "async_generator") else "def"
-    lines = ["def _outer():"]
-    lines += [f"    {name} = None" for name in freevars]
-    lines.append(f"    {header} _hotpatch_trial({header_params}):")
-    if freevars:
-        lines.append("        " + ", ".join(freevars))
-    lines += ["        " + line for line in text.splitlines()]
-    namespace: dict[str, object] = {}
-    exec(compile("\n".join(lines), "<hotpatch trial>", "exec"), namespace)
-    outer = namespace["_outer"]
-    assert isinstance(outer, types.FunctionType)
-    return next(c for c in outer.__code__.co_consts if isinstance(c, types.CodeType))
+    return closure_code(
+        f"{header} _hotpatch_trial({header_params})", text, freevars, "<hotpatch trial>"
+    )
 
 
 def install_set(targets: Sequence[Target]) -> ChangeSet:
