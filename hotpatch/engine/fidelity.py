@@ -531,8 +531,11 @@ def _referrers_of(targets: list[object]) -> dict[int, list[object]]:
     (``targets`` itself and this function's own records left out)."""
     wanted = set(map(id, targets))
     found: dict[int, list[object]] = {}
-    for ref in gc.get_referrers(*targets):
-        if ref is targets or ref is found:
+    # The call's own argument tuple holds every target and is tracked on 3.13: made here, it
+    # is passed as it is (``f(*t)`` with a tuple), so it can be left out by identity.
+    arguments = tuple(targets)
+    for ref in gc.get_referrers(*arguments):
+        if ref is targets or ref is found or ref is arguments:
             continue
         seen: set[int] = set()
         for inner in gc.get_referents(ref):
