@@ -66,9 +66,39 @@ preload_app = (_here / "preload.txt").read_text().strip() == "yes"
 """
 
 
-def write_app(directory: Path, version: str, *, unhealthy: bool = False) -> None:
+ASGI_APP = """
+import os
+
+VERSION = "{version}" + os.environ.get("NOTE", "")
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({{"type": "lifespan.startup.complete"}})
+            elif message["type"] == "lifespan.shutdown":
+                await send({{"type": "lifespan.shutdown.complete"}})
+                return
+    status, body = 200, f"version={{VERSION}} pid={{os.getpid()}}\\n".encode()
+    if scope["path"] == "/healthz":
+        body = b"ok\\n"
+        if {unhealthy}:
+            status, body = 500, b"this release is broken\\n"
+    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+    await send({{"type": "http.response.start", "status": status, "headers": headers}})
+    await send({{"type": "http.response.body", "body": body}})
+"""
+UVICORN = "uvicorn_worker.UvicornWorker"
+
+
+def write_app(
+    directory: Path, version: str, *, unhealthy: bool = False, asgi: bool = False
+) -> None:
     tmp = directory / "app.py.tmp"
-    tmp.write_text(APP.format(version=version, unhealthy=unhealthy), encoding="utf-8")
+    template = ASGI_APP if asgi else APP
+    tmp.write_text(template.format(version=version, unhealthy=unhealthy), encoding="utf-8")
     tmp.replace(directory / "app.py")
 
 
@@ -91,14 +121,17 @@ class Site(BaseSite):
     """A gunicorn master with a pidfile, serving ``app.py`` from a temporary directory."""
 
     def __init__(self, directory: Path, worker_class: str) -> None:
-        super().__init__(directory, workers=WORKERS, env=ENV)
+        self.asgi = worker_class == UVICORN
+        # uvicorn workers import more at boot: the ASGI tests' boot deadline
+        env = {**ENV, "HOTPATCH_BOOT_TIMEOUT": "60"} if self.asgi else ENV
+        super().__init__(directory, workers=WORKERS, env=env)
         self.worker_class = worker_class
         self.pidfile = directory.parent / "gunicorn.pid"
         self.new_masters: dict[int, int | None] = {}
         """Every second master a test caused: pid -> start time (only those are signalled)."""
 
     def boot(self, *, config: str = "python:hotpatch.gunicorn") -> None:
-        write_app(self.dir, "v1")
+        write_app(self.dir, "v1", asgi=self.asgi)
         args = ["--worker-class", self.worker_class, "--pid", str(self.pidfile)]
         if self.worker_class == "gthread":
             args += ["--threads", "4"]
@@ -110,7 +143,7 @@ class Site(BaseSite):
             workers=WORKERS,
             config=config,
             extra_args=args,
-            env=ENV,
+            env=self.env,
             pass_socket=False,
         )
         self.server.wait_serving(workers=WORKERS)
@@ -382,3 +415,31 @@ def test_a_new_config_that_turns_preload_on_is_refused_and_the_old_workers_serve
     assert site.srv.worker_pids() == old_workers
     assert site.answers() == {"v1-a"}
     assert_no_failures(stats)
+
+
+def test_blue_green_under_uvicorn_workers_refuses_a_bad_set_then_switches(tmp_path: Path) -> None:
+    """The ASGI form (issue 12): a new set that fails its ASGI health probe is stopped while the
+    old uvicorn workers serve on; a good one then takes over; no request fails."""
+    pytest.importorskip("uvicorn_worker", reason="the asgi extra is not installed")
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    site = Site(app_dir, UVICORN)
+    try:
+        site.boot()
+        old_workers = site.srv.worker_pids()
+        site.start_load()
+        write_app(site.dir, "v2", unhealthy=True, asgi=True)
+        refused = site.deploy(keep_old_s=1)
+        assert refused.outcome == "refused", refused.reason
+        assert "/healthz" in refused.reason
+        assert site.srv.worker_pids() == old_workers and site.answers() == {"v1"}
+        write_app(site.dir, "v3", asgi=True)
+        result = site.deploy(keep_old_s=1)
+        stats = site.stop_load()
+        assert result.outcome == "deployed", result.reason
+        wait_until(lambda: site.srv.proc.poll() is not None, timeout_s=30, what="old master gone")
+        assert not any(is_alive(p) for p in old_workers)
+        assert site.answers() == {"v3"}
+        assert_no_failures(stats)
+    finally:
+        site.close()
