@@ -365,40 +365,40 @@ def refuse_stale_references(plans: list[tuple[str, Plan, str]]) -> None:
     for _, plan, _ in plans:
         for _, old, _ in plan.replaced_definitions:
             targets.append(old)
-    walked: list[tuple[str, tuple[str, str]]] = []
-    for path, old, where in values:
+    walked: list[tuple[str, object, tuple[str, str]]] = []
+    for record in values:
+        old = record[1]
         if sys.getrefcount(old) <= 3 + _rebound_references(old, plans):
             continue  # held only by the names the change set re-binds: no heap walk needed
         targets.append(old)
-        walked.append((path, where))
+        walked.append(record)
     if not targets:
         return
-    refusal = None
-    for attempt in range(2):
-        if attempt:
-            # What holds an old object may be garbage not collected yet (a cycle an earlier
-            # candidate left, more likely while the collector was paused for a parse): collect,
-            # then look again.
-            gc.collect()
-        refusal = _stale_reference(
+
+    def refusal() -> PatchRejected | None:
+        return _stale_reference(
             plans,
-            values,
             walked,
             referrers=_referrers_of(targets),
             rebinding=rebinding,
             modules=modules,
             class_dicts=class_dicts,
         )
-        if refusal is None:
-            return
-    if refusal is not None:
-        raise refusal
+
+    found = refusal()
+    if found is not None:
+        # What holds an old object may be garbage not collected yet (a cycle an earlier
+        # candidate left, more likely while the collector was paused for a parse): collect,
+        # then look again.
+        gc.collect()
+        found = refusal()
+    if found is not None:
+        raise found
 
 
 def _stale_reference(
     plans: list[tuple[str, Plan, str]],
-    values: list[tuple[str, object, tuple[str, str]]],
-    walked: list[tuple[str, tuple[str, str]]],
+    walked: list[tuple[str, object, tuple[str, str]]],
     *,
     referrers: dict[int, list[object]],
     rebinding: dict[int, set[object]],
@@ -422,15 +422,12 @@ def _stale_reference(
                     "is needed",
                     filename=filename,
                 )
-    for path, (name, filename) in walked:
-        for record in values:
-            if record[0] == path:
-                break
+    for path, old, (name, filename) in walked:
         # Another module's name bound at run time to the old value is that module's live state
         # (as the module's own run-time names are); imports of it were re-derived above.
         holders = _foreign_holders(
-            record[1],
-            referrers.get(id(record[1]), []),
+            old,
+            referrers.get(id(old), []),
             rebinding,
             modules,
             class_dicts,
@@ -441,7 +438,7 @@ def _stale_reference(
                 name,
                 "compatibility",
                 f"{path} becomes a new object (its statement changed, or it is derived from what "
-                f"changed), but the old {type(record[1]).__name__} is also held elsewhere "
+                f"changed), but the old {type(old).__name__} is also held elsewhere "
                 f"({', '.join(sorted(set(holders))[:5])}: an attribute or a cache that read it "
                 "at start-up), which would keep using the old one where a restart builds it from "
                 "the new one: needs a restart (a rolling reload carries this change)",

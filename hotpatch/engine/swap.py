@@ -531,13 +531,14 @@ class _Planner:
             return False  # e.g. a plain function became a generator: the new one replaces it
         self._funcs_done.add(id(old))
         self.remap[id(new)] = old
+        same_code = old.__code__ == new.__code__  # line numbers included
         if (
-            old.__defaults__ is None
+            same_code  # and so no closure in old when there is none in new
+            and old.__defaults__ is None
             and new.__defaults__ is None
             and old.__kwdefaults__ is None
             and new.__kwdefaults__ is None
             and new.__closure__ is None
-            and old.__code__ == new.__code__  # line numbers included; so no closure in old
             and old.__doc__ == new.__doc__
             and "__wrapped__" not in old.__dict__
             and "__wrapped__" not in new.__dict__
@@ -551,7 +552,6 @@ class _Planner:
             new.__doc__,
             new.__qualname__,
         )
-        same_code = old.__code__ == new.__code__  # line numbers included
         if not (
             same_code
             and same_value(old.__defaults__, state.defaults)
