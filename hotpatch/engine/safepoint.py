@@ -533,10 +533,11 @@ def commit_at_safe_point(
     holdouts: set[int] = set()  # threads that outlasted a gate: no new gate until they leave
     pause_s = 0.00005
     # Suspended generators in replaced code hold the commit as threads do; the search walks the
-    # heap, so it runs every _SUSPENDED_POLL_S while waiting, and once more just before the commit.
+    # heap, so it runs just before each attempt at the commit and, once one has held it, every
+    # _SUSPENDED_POLL_S while waiting (not before the first attempt: that would walk twice).
     look_for_suspended = any(code.co_flags & _SUSPENDABLE for code in codes)
     suspended: list[BusyThread] = []
-    next_look = 0.0
+    next_look = time.monotonic() + _SUSPENDED_POLL_S
     host = _current_commit_thread()
     try:
         while True:
@@ -587,6 +588,12 @@ def commit_at_safe_point(
                         undos, last_busy = None, [_stuck(host[0])]
                 if undos is not None:
                     return undos
+                if look_for_suspended and any(b.suspended for b in last_busy):
+                    suspended = last_busy  # looked for at the attempt: wait as for the others
+                    next_look = time.monotonic() + _SUSPENDED_POLL_S
+                    if gate is not None:
+                        gate.reopen()
+                        gate = None
             if gate is not None and time.monotonic() - gate_closed_at >= gate_budget_s:
                 holdouts = {b.ident for b in busy}
                 gate.reopen()

@@ -197,7 +197,7 @@ class StatementIndex:
         line = 1
         for _, _, new_lo, new_hi in regions:
             pieces.append("\n" * (new_lo - line))
-            pieces.extend(text + "\n" for text in new[new_lo - 1 : new_hi])
+            pieces.append(_blank_literal_rows("".join(t + "\n" for t in new[new_lo - 1 : new_hi])))
             line = max(line, new_hi + 1)
         try:
             tree = parse("".join(pieces))
@@ -223,6 +223,54 @@ class StatementIndex:
 
     def binds(self, scope: str, name: str) -> bool:
         return name in self.bound.get(scope, frozenset())
+
+
+# One row of a data table: indented literals (numbers, strings without an ``f`` prefix, None,
+# True, False; signs between them), tuples of those, separated by commas or colons, then perhaps
+# a comment. Whatever such a line parses as reads, binds and calls no name, and it opens and
+# closes no bracket but its tuples'. (A word that starts with a digit is a number to the
+# tokenizer, or a number and a keyword: ``1if 2else 3`` reads nothing either.)
+_STR = r"""[bBrRuU]{0,2}(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")"""
+_TOKEN = rf"(?:[0-9][0-9a-zA-Z_.]*|{_STR}|None\b|True\b|False\b)"
+_ATOMS = rf"[-+]?{_TOKEN}(?:[ \t]*[-+]?[ \t]*{_TOKEN})*"
+_TUPLE = rf"\([ \t]*(?:{_ATOMS}[ \t]*(?:,[ \t]*{_ATOMS}[ \t]*)*,?[ \t]*)?\)"
+_ITEM = rf"(?:{_ATOMS}|{_TUPLE})"
+_ROW = rf"[ \t]+{_ITEM}(?:[ \t]*[,:][ \t]*{_ITEM})*[ \t]*,?[ \t]*(?:#[^\n]*)?"
+# A line that ends with an opening bracket (and has no comment that could hide where it ends),
+# then the rows, comments and blank lines after it: all inside that bracket.
+_TABLE = re.compile(
+    rf"^(?P<open>[^\n#]*[\[({{])[ \t]*\n(?P<rows>(?:(?:{_ROW}|[ \t]*(?:#[^\n]*)?)\n)+)",
+    re.MULTILINE,
+)
+
+
+def _blank_literal_rows(block: str) -> str:
+    """``block`` (whole top-level statements, each line ending in a newline) with the rows of
+    its data tables emptied, line numbers unchanged: what the index re-parses of a changed table.
+
+    A row (``_ROW``) reads, binds, calls and changes nothing, so the index of the statements is
+    the same without it (their texts are taken from the real lines), and a 17,000-row table
+    parses as its few lines of code. A row is emptied only where it is surely inside brackets:
+    in the run of rows after a line that ends with an opening bracket (a row opens and closes no
+    bracket), so no statement starts or ends on an emptied line.
+    Only after the last triple quote (no string token spans a line there) and with no backslash
+    at a line's end; not at all in a block with a decorator (the index compares the syntax tree
+    of a decorator's arguments). An expression statement's description in a refusal (``the
+    expression [...]``) shows such a table empty.
+    """
+    last = max(block.rfind('"""'), block.rfind("'''"))
+    cut = 0 if last < 0 else block.find("\n", last) + 1
+    tail = block[cut:]
+    if (last >= 0 and not cut) or "\\\n" in tail or _DECORATOR.search(block):
+        return block
+    return block[:cut] + _TABLE.sub(_keep_open_line, tail)
+
+
+_DECORATOR = re.compile(r"^[ \t]*@", re.MULTILINE)
+
+
+def _keep_open_line(match: re.Match[str]) -> str:
+    return match["open"] + "\n" * (1 + match["rows"].count("\n"))
 
 
 def parse(text: str, filename: str = "<unknown>") -> ast.Module:

@@ -5,6 +5,7 @@ Real threads, real imports, real files: each test fails on the engine before the
 
 from __future__ import annotations
 
+import gc
 import importlib
 import math
 import subprocess
@@ -353,6 +354,26 @@ def test_a_suspended_generator_in_replaced_code_holds_the_patch(make_module) -> 
     del running, not_started
     engine.patch(mod.__name__, source=GENERATOR_NEW)
     assert list(mod.stream()) == [100, 200]
+
+
+def test_generator_code_costs_one_heap_walk_at_the_commit(
+    make_module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The search for suspended generators walks the heap (``gc.get_referrers``); with none
+    # suspended, the commit needs it once, just before the assignments, not also before.
+    mod = make_module(GENERATOR)
+    walks: list[str] = []
+    real = gc.get_referrers
+
+    def counting(*objs: object) -> list[object]:
+        walks.append(sys._getframe(1).f_code.co_name)
+        return real(*objs)
+
+    monkeypatch.setattr(gc, "get_referrers", counting)
+    Engine().patch(mod.__name__, source=GENERATOR_NEW, safepoint_timeout_s=20)
+    monkeypatch.undo()
+    assert list(mod.stream()) == [100, 200]
+    assert walks.count("suspended_inside") == 1, walks
 
 
 def test_the_patch_waits_for_a_suspended_generator_to_finish(make_module) -> None:

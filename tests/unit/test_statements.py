@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from hotpatch.engine import statements
 from hotpatch.engine.statements import StatementIndex, _chunk_hunks, _hunks, _lines, parse
 
 BASE = textwrap.dedent(
@@ -261,3 +262,121 @@ def test_lists_of_nodes_with_none_are_read_around_the_none() -> None:
     assert {"BASE2", "KEY2"} <= reads["Y"].names
     assert "DEFAULT" in reads["f"].names and {"LOCAL", "K"} <= reads["f"].body
     assert "DEFAULT2" in reads["g"].names
+
+
+# -- data tables: their rows are not parsed again ------------------------------------------------
+TABLE_MODULE = '''"""A module with data tables."""
+from array import array
+
+HEADER = "v1"
+
+def _seg_0():
+    return [
+        (0x0, "3"),
+        (0x1, '3', b"x" b'y'),  # a comment with a quote "
+        # a comment line
+
+        (-2, 1.5e-3, None, True),
+    ]
+
+starts = array(
+    "I",
+    (
+        0x0,
+        0x1,
+        0x2,
+    ),
+)
+
+classes = {
+    "Greek": (0x370, 0x374),
+    0xAD: 84,
+    "Latin": (first, 0x41),
+    0xAE: 85,
+}
+
+def f():
+    x = 1,
+    2,
+    doc = """
+    (1, 2),
+    """
+    return x
+'''
+
+
+def _count_rows_read(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The texts the index's re-parse reads, recorded."""
+    seen: list[str] = []
+    real = statements.parse
+
+    def recording(text: str, filename: str = "<unknown>") -> ast.Module:
+        seen.append(text)
+        return real(text, filename)
+
+    monkeypatch.setattr(statements, "parse", recording)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("(0x1, '3', b\"x\" b'y')", "(0x1, '4')"),  # a row of the first table
+        ("        0x1,\n", "        0x1,\n        0x9,\n"),  # a row added to the array
+        ('"Latin": (first, 0x41)', '"Latin": (second, 0x41)'),  # a row that reads a name
+        ("0xAE: 85", "0xAE: 86"),  # after the row that reads a name
+        ("    2,\n", "    3,\n"),  # a statement of its own, not a table row
+        ('    (1, 2),\n    """', '    (1, 3),\n    """'),  # inside a string
+    ],
+)
+def test_an_edited_data_table_is_indexed_as_a_full_parse_would(
+    old: str, new: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    edited = TABLE_MODULE.replace(old, new, 1)
+    assert edited != TABLE_MODULE
+    before = full(TABLE_MODULE)
+    read = _count_rows_read(monkeypatch)
+    updated = before.updated(TABLE_MODULE, edited)
+    assert updated is not None
+    expected = full(edited)
+    assert updated.units == expected.units
+    assert updated.texts == expected.texts
+    assert read  # the index was updated by a re-parse
+
+
+def test_the_rows_of_a_changed_table_are_not_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = "".join(f'        ({i:#x}, "V"),\n' for i in range(2000))
+    old = f"def _seg_0():\n    return [\n{rows}    ]\n"
+    new = old.replace('(0x7, "V")', '(0x7, "M", "x")')
+    read = _count_rows_read(monkeypatch)
+    updated = full(old).updated(old, new)
+    assert updated is not None and updated.units == full(new).units
+    (text,) = read
+    assert text.count("\n") == new.count("\n")  # line numbers kept
+    assert "0x" not in text  # not one row of the 2,000 read again
+    assert "def _seg_0():\n    return [\n" in text
+
+
+@pytest.mark.parametrize(
+    ("block", "kept"),
+    [
+        ("x = [\n    1,\n    2,\n]\n", False),
+        ("def f():\n    x = 1,\n    2,\n", True),  # after a comma, not a bracket: a statement
+        ("x = [  # (\n    1,\n]\n", True),  # a comment may hide where the line ends
+        ('@deco(\n    "GET",\n)\ndef f(): pass\n', True),  # a decorator's syntax is compared
+        ('x = """\ny = [\n    1,\n"""\n', True),  # inside a string
+        ("x = f(\n    g,\n    1,\n)\n", True),  # g is a name: the run stops there
+        ("x = [\n    f'{a}',\n]\n", True),  # an f-string reads names
+        ("x = [\n    1, \\\n    2,\n]\n", True),  # a backslash continuation
+        ("x = [\n    0o17, 1_000,\n    -1.5e3j, +0.5,\n]\n", False),  # literals only
+    ],
+)
+def test_which_rows_are_left_out_of_the_re_parse(block: str, kept: bool) -> None:
+    blanked = statements._blank_literal_rows(block)
+    assert blanked.count("\n") == block.count("\n")
+    assert (blanked == block) is kept
+    if not kept:
+        ast.parse(blanked)  # still Python, with the same statements
+        assert [type(s) for s in ast.parse(blanked).body] == [
+            type(s) for s in ast.parse(block).body
+        ]
