@@ -62,6 +62,7 @@ from hotpatch.engine.fidelity import (
 from hotpatch.engine.guard import DeadlineExceeded, run_with_deadline
 from hotpatch.engine.history import Entry, ModuleHistory, Version, version_id
 from hotpatch.engine.modulemap import dependency_order, executed_imports, package_of
+from hotpatch.engine.rebind import IdentityMap
 from hotpatch.engine.registrations import Registrations, quiet_re_execution
 from hotpatch.engine.registrations import snapshot as snapshot_registrations
 from hotpatch.engine.safepoint import SafePointTimeout, commit_at_safe_point
@@ -447,7 +448,7 @@ class Engine:
         shared = change_set or _ChangeSetContext()
         candidate, registrations = self._execute_candidate(module, source, code, shared)
         shared.candidates[name] = candidate.module
-        shared.remap[id(candidate.module)] = module
+        shared.remap.pair(candidate.module, module)
         forced = self._migrate(candidate, module)
         plan = plan_update(
             name,
@@ -693,7 +694,7 @@ class Engine:
                 lineno=exc.lineno,
             ) from None
         shared.candidates[name] = candidate.module
-        shared.remap[id(candidate.module)] = module
+        shared.remap.pair(candidate.module, module)
         plan = plan_update(
             name,
             module.__dict__,
@@ -1229,7 +1230,7 @@ class _ChangeSetContext:
     """What the modules of one change set share while they are prepared, in order."""
 
     candidates: dict[str, types.ModuleType] = field(default_factory=dict)
-    remap: dict[int, object] = field(default_factory=dict)
+    remap: IdentityMap = field(default_factory=IdentityMap)
     changes: dict[str, ModuleChange] = field(default_factory=dict)
 
 
@@ -1252,7 +1253,7 @@ class _Prepared:
     candidate: Candidate | None
     undo: ChangeSet | None = None
     registrations: Registrations = field(default_factory=Registrations)  # undone after execute
-    remap: dict[int, object] = field(default_factory=dict)
+    remap: IdentityMap = field(default_factory=IdentityMap)
     registered: Registrations = field(default_factory=Registrations)  # redone after commit
     derived_from: str | None = None  # re-derived (source unchanged) because this module changed
     forced: frozenset[str] = frozenset()  # names taken from the candidate whatever the statements

@@ -64,6 +64,25 @@ def is_own_class(value: object, module: str) -> bool:
     return isinstance(value, type) and value.__dict__.get("__module__") == module
 
 
+class IdentityMap(dict[int, object]):
+    """``id(candidate object) -> live object``, keeping alive every candidate object it pairs,
+    as long as itself.
+
+    An ``id`` is an address: once the object is freed (a candidate's value rebuilt, re-bound or
+    dropped by a later plan), the next object made may take the address, and would be paired
+    with the live object of another (seen in a replay: a method of one class committed as the
+    ``__call__`` of a descriptor of another module). Entries are made with ``pair``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._alive: list[object] = []
+
+    def pair(self, new: object, old: object) -> None:
+        self[id(new)] = old
+        self._alive.append(new)
+
+
 @dataclass
 class Rebinder:
     """Turns candidate objects into live ones for one module (see the module docstring)."""
@@ -71,7 +90,7 @@ class Rebinder:
     module: str
     live: dict[str, object]
     cand: dict[str, object]
-    remap: dict[int, object] = field(default_factory=dict)
+    remap: IdentityMap = field(default_factory=IdentityMap)
     problems: list[str] = field(default_factory=list)
     _cells: dict[int, types.CellType] = field(default_factory=dict)
     _adopted: set[int] = field(default_factory=set)
@@ -237,7 +256,7 @@ class Rebinder:
             base.__init__(rebuilt, parts[0])
         if new_state:
             object.__getattribute__(rebuilt, "__dict__").update(new_state)
-        self.remap[id(value)] = rebuilt
+        self.remap.pair(value, rebuilt)
         return rebuilt
 
     def rebind_tuple(self, values: tuple[object, ...] | None) -> tuple[object, ...] | None:
@@ -253,7 +272,7 @@ class Rebinder:
                 self._cells.setdefault(id(c), types.CellType()) for c in func.__closure__
             )
         rebound = types.FunctionType(func.__code__, self.live, func.__name__, None, closure)
-        self.remap[id(func)] = rebound
+        self.remap.pair(func, rebound)
         rebound.__defaults__ = self.rebind_tuple(func.__defaults__)
         rebound.__kwdefaults__ = self.rebind_kwdefaults(func.__kwdefaults__)
         rebound.__annotations__ = func.__annotations__
@@ -274,7 +293,7 @@ class Rebinder:
         if id(cls) in self._adopted:
             return
         self._adopted.add(id(cls))
-        self.remap[id(cls)] = cls
+        self.remap.pair(cls, cls)
         bases = tuple(self.remap.get(id(b), b) for b in cls.__bases__)
         if bases != cls.__bases__:
             try:

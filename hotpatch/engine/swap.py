@@ -62,7 +62,7 @@ from hotpatch.engine.guard import (
     metaclass_body_incompatibility,
     signature_incompatibility,
 )
-from hotpatch.engine.rebind import CLASS_SKIP, Rebinder, is_own_class
+from hotpatch.engine.rebind import CLASS_SKIP, IdentityMap, Rebinder, is_own_class
 from hotpatch.engine.statements import StatementIndex
 
 MODULE_SKIP = frozenset(
@@ -172,7 +172,7 @@ class _Planner:
     new_index: StatementIndex
     allow_removals: bool
     forced: frozenset[str]
-    remap: dict[int, object] = field(default_factory=dict)
+    remap: IdentityMap = field(default_factory=IdentityMap)
     ops: list[Assignment] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     added: list[str] = field(default_factory=list)
@@ -242,10 +242,10 @@ class _Planner:
             kind = self.kind(old, new)
             if kind == "function":
                 if self.can_update(old, new):  # else the new function replaces the old one
-                    self.remap[id(new)] = old
+                    self.remap.pair(new, old)
             elif kind == "wrapped":
                 if self.can_update(_innermost_own(old, self.live), _innermost_own(new, self.cand)):
-                    self.remap[id(new)] = old
+                    self.remap.pair(new, old)
             elif kind == "class":
                 self._pair_class(old, new, name)  # type: ignore[arg-type]
             elif (
@@ -253,13 +253,13 @@ class _Planner:
                 and not isinstance(new, IMMUTABLE)
                 and not self.take_new("", name, old, new)
             ):
-                self.remap[id(new)] = old
+                self.remap.pair(new, old)
                 self.paired_plain.append(id(new))
 
     def _pair_class(self, old: type, new: type, path: str) -> None:
         if self.remap.get(id(new)) is old:
             return  # paired already (a class attribute that refers back to its class)
-        self.remap[id(new)] = old
+        self.remap.pair(new, old)
         self._pair_generated_bases(old, new)
         for name, nv in new.__dict__.items():
             ov = old.__dict__.get(name, MISSING)
@@ -267,7 +267,7 @@ class _Planner:
                 assert isinstance(ov, type) and isinstance(nv, type)
                 self._pair_class(ov, nv, f"{path}.{name}")
             elif self.can_update(ov, nv):
-                self.remap[id(nv)] = ov
+                self.remap.pair(nv, ov)
             elif (
                 ov is not MISSING
                 and id(nv) not in self.remap
@@ -282,7 +282,7 @@ class _Planner:
                 # A plain class-body value kept live (a sentinel ``__marker = object()``): what
                 # the candidate's methods refer to (defaults, kw-defaults, closure cells) is
                 # re-bound to it, as for a module-level value.
-                self.remap[id(nv)] = ov
+                self.remap.pair(nv, ov)
                 self.paired_plain.append(id(nv))
 
     def _pair_generated_bases(self, old: type, new: type) -> None:
@@ -300,7 +300,7 @@ class _Planner:
                 and is_own_class(nb, self.module)
                 and self._same_generated_class(ob, nb, depth=0)
             ):
-                self.remap[id(nb)] = ob
+                self.remap.pair(nb, ob)
 
     def _same_generated_class(self, old: type, new: type, *, depth: int) -> bool:
         if depth > 8 or type(old) is not type(new):
@@ -530,7 +530,7 @@ class _Planner:
         if not self.can_update(old, new):
             return False  # e.g. a plain function became a generator: the new one replaces it
         self._funcs_done.add(id(old))
-        self.remap[id(new)] = old
+        self.remap.pair(new, old)
         same_code = old.__code__ == new.__code__  # line numbers included
         if (
             same_code  # and so no closure in old when there is none in new
@@ -862,7 +862,7 @@ def plan_update(
     new_index: StatementIndex,
     allow_removals: bool,
     forced: frozenset[str] = frozenset(),
-    remap: dict[int, object] | None = None,
+    remap: IdentityMap | None = None,
 ) -> Plan:
     """Pair ``live`` with ``candidate`` and return what a commit must do (changes nothing).
 
@@ -877,7 +877,7 @@ def plan_update(
         new_index,
         allow_removals,
         forced,
-        remap if remap is not None else {},
+        remap if remap is not None else IdentityMap(),
     )
     planner.plan_module()
     planner.problems.extend(Problem(message) for message in planner.rebinder.problems)

@@ -785,3 +785,43 @@ def test_a_compiled_pattern_held_by_the_re_cache_does_not_refuse(make_module) ->
     mod = make_module("import re\nPAT = re.compile('a+')\n")
     Engine().patch(mod.__name__, source="import re\nPAT = re.compile('b+')\n")
     assert mod.PAT.pattern == "b+"
+
+
+# -- the pairing of candidate objects with live ones is by identity, for the whole change set ------
+
+
+ADDRESS_M1 = "def f():\n    return 1\n"
+ADDRESS_K = "from . import m1\n\nclass T(tuple):\n    pass\n"
+ADDRESS_M1_NEW = (
+    ADDRESS_M1
+    + "\nclass New:\n"
+    + "".join(f"    def m{i}(self):\n        return {i}\n\n" for i in range(8))
+)
+ADDRESS_K_NEW = (
+    "from . import m1\n\nclass T(tuple):\n    def __add__(self, other):\n"
+    "        return 'new'\n\n    def __radd__(self, other):\n        return 'rnew'\n"
+)
+
+
+def test_an_address_freed_while_planning_is_never_paired_again(make_package) -> None:
+    # The methods of a class new in m1 are rebuilt on the live module's globals and the
+    # candidate's functions dropped; k, planned next, makes new functions that may take their
+    # addresses. Keyed by id() alone, a new method of k was paired with a method of m1's class
+    # (found replaying cachetools 8.0.0 -> 7.3.3: ``_HashedTuple.__add__`` committed as
+    # ``_ClassMethodDescriptor.__call__``, caught by the check after the commit).
+    pkg = make_package({"__init__.py": "", "m1.py": ADDRESS_M1, "k.py": ADDRESS_K})
+    __import__(f"{pkg}.k")
+    root = Path(str(sys.modules[pkg].__file__)).parent
+    names = [f"{pkg}.m1", f"{pkg}.k"]
+    for _ in range(3):  # there and back: the addresses differ from one round to the next
+        (root / "m1.py").write_text(ADDRESS_M1_NEW)
+        (root / "k.py").write_text(ADDRESS_K_NEW)
+        results = Engine().patch_many(names, allow_removals=True)
+        k, m1 = sys.modules[f"{pkg}.k"], sys.modules[f"{pkg}.m1"]
+        assert results[1].added == ("T.__add__", "T.__radd__")
+        assert k.T() + () == "new" and () + k.T() == "rnew"  # noqa: RUF005 - the operators
+        assert [getattr(m1.New(), f"m{i}")() for i in range(8)] == list(range(8))
+        (root / "m1.py").write_text(ADDRESS_M1)
+        (root / "k.py").write_text(ADDRESS_K)
+        Engine().patch_many(names, allow_removals=True)
+        assert not hasattr(k.T, "__add__") or k.T.__add__ is tuple.__add__
