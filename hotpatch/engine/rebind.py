@@ -95,6 +95,9 @@ class Rebinder:
     _cells: dict[int, types.CellType] = field(default_factory=dict)
     _adopted: set[int] = field(default_factory=set)
     _walked: set[int] = field(default_factory=set)
+    # What ``_cells`` and ``_walked`` name by id, kept alive while they are (see IdentityMap):
+    # a walked tuple is replaced by its rebuilt copy and freed, and its address is free again.
+    _alive: list[object] = field(default_factory=list)
     _visits: int = 0
     _depth: int = 0
 
@@ -148,6 +151,7 @@ class Rebinder:
     def _rebind_object(self, value: object) -> object:
         """``rebind`` for containers, descriptors and instances (walked, cycles cut)."""
         self._walked.add(id(value))
+        self._alive.append(value)
         self._visits += 1
         if self._visits > _WALK_LIMIT:
             if self._visits == _WALK_LIMIT + 1:
@@ -210,6 +214,7 @@ class Rebinder:
         if id(func) in self._walked:
             return
         self._walked.add(id(func))
+        self._alive.append(func)
         for cell in func.__closure__ or ():
             content = cell_value(cell)
             if content is not MISSING:
@@ -271,6 +276,7 @@ class Rebinder:
             closure = tuple(
                 self._cells.setdefault(id(c), types.CellType()) for c in func.__closure__
             )
+            self._alive.append(func.__closure__)
         rebound = types.FunctionType(func.__code__, self.live, func.__name__, None, closure)
         self.remap.pair(func, rebound)
         rebound.__defaults__ = self.rebind_tuple(func.__defaults__)
