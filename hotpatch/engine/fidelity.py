@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import types
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 from hotpatch.engine.changeset import ChangeSet, SetAttr, SetFunction, SetName, functions_of
@@ -325,7 +326,9 @@ def _import_statements(text: str) -> Iterator[str]:
         pos = text.find("import", end)
 
 
-def refuse_stale_references(plans: list[tuple[str, Plan, str]]) -> None:
+def refuse_stale_references(
+    plans: list[tuple[str, Plan, str]], candidates: Iterable[dict[str, object]] = ()
+) -> None:
     """A function replaced rather than updated in place (it became a generator, a coroutine, or
     the reverse) must have no reference the commit leaves pointing at it: module namespaces and
     class attributes that the change set re-binds are fine; anything else (a registry, a
@@ -333,6 +336,8 @@ def refuse_stale_references(plans: list[tuple[str, Plan, str]]) -> None:
 
     Args:
         plans: (module name, plan, file name) of every module the change set commits.
+        candidates: the namespaces of the change set's candidates (they hold the live values
+            of the statements that did not change).
 
     Raises:
         PatchRejected: stage ``compatibility``, naming what holds the old function.
@@ -366,10 +371,14 @@ def refuse_stale_references(plans: list[tuple[str, Plan, str]]) -> None:
         for _, old, _ in plan.replaced_definitions:
             targets.append(old)
     walked: list[tuple[str, object, tuple[str, str]]] = []
+    # Besides the namespaces: each record of ``values`` holding the value (one per module that
+    # re-binds a name to it), the loop's name and getrefcount's own argument.
+    records = Counter(id(record[1]) for record in values)
+    held = _held_by_namespaces(set(records), candidates)
     for record in values:
         old = record[1]
-        if sys.getrefcount(old) <= 3 + _rebound_references(old, plans):
-            continue  # held only by the names the change set re-binds: no heap walk needed
+        if sys.getrefcount(old) <= 2 + records[id(old)] + held[id(old)]:
+            continue  # held only by module namespaces (as a walk would find): no walk needed
         targets.append(old)
         walked.append(record)
     if not targets:
@@ -447,14 +456,27 @@ def _stale_reference(
     return None
 
 
-def _rebound_references(old: object, plans: list[tuple[str, Plan, str]]) -> int:
-    """How many of ``old``'s references are names the change set re-binds (``SetName``)."""
-    count = 0
-    for _, plan, _ in plans:
-        for op in plan.changeset.assignments:
-            if isinstance(op, SetName) and op.namespace.get(op.name, _ABSENT) is old:
-                count += 1
-    return count  # (getrefcount's own argument, the loop's name and the record make the 3)
+def _held_by_namespaces(wanted: set[int], candidates: Iterable[dict[str, object]]) -> Counter[int]:
+    """How many references to each object of ``wanted`` (by id) the module namespaces hold, live
+    or of this change set's candidates: the holders ``_foreign_holders`` does not count for a
+    replaced value (``modules_hold=False``). One pass over their values, in C."""
+    held: Counter[int] = Counter()
+    if not wanted:
+        return held
+    seen: set[int] = set()
+    for namespace in (
+        *(getattr(m, "__dict__", None) for m in list(sys.modules.values())),
+        *candidates,
+    ):
+        if (
+            type(namespace) is dict
+            and id(namespace) not in seen
+            and "__builtins__" in namespace
+            and "__name__" in namespace
+        ):
+            seen.add(id(namespace))
+            held.update(filter(wanted.__contains__, map(id, list(namespace.values()))))
+    return held
 
 
 # Values a holder may keep a copy of without being stale: equal is as good as the same.

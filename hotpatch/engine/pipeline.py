@@ -373,7 +373,8 @@ class Engine:
                 current = todo[0].name
                 todo += self._prepare_dependents(todo, shared)
                 refuse_stale_references(
-                    [(p.name, p.plan, p.source.filename) for p in todo if p.plan]
+                    [(p.name, p.plan, p.source.filename) for p in todo if p.plan],
+                    [m.__dict__ for m in shared.candidates.values()],
                 )
         except (PatchRejected, KeyboardInterrupt, SystemExit):
             raise
