@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 import types
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,7 +49,7 @@ from hotpatch.engine.candidate import (
     text_sha256,
     without_repeated_registrations,
 )
-from hotpatch.engine.changeset import ChangeSet, FunctionState, SetFunction
+from hotpatch.engine.changeset import ChangeSet, FunctionState, SetFunction, functions_of
 from hotpatch.engine.derived import Derivation, ModuleChange, derive
 from hotpatch.engine.fidelity import (
     NamespaceIndex,
@@ -136,6 +138,9 @@ class Engine:
         self._holder_imports: dict[str, tuple[int, object, frozenset[str] | None]] = {}
         self._held: dict[str, str] = {}  # module -> what holds it (a running trial): no patch
         self._controls: dict[str, dict[str, Callable[[], Any]]] = {}  # holder -> its controls
+        # Candidate modules of earlier change sets: garbage in reference cycles until the
+        # collector's next full pass, their functions may still have codes a commit replaces.
+        self._earlier_candidates: deque[weakref.ref[types.ModuleType]] = deque(maxlen=64)
 
     # -- registration ----------------------------------------------------------------------------
     def verifier(self, module: str | None = None) -> Callable[[F], F]:
@@ -385,6 +390,8 @@ class Engine:
                 f"hotpatch could not plan this change ({type(exc).__name__}: {exc}); "
                 "nothing was changed",
             ) from None
+        finally:
+            self._earlier_candidates.extend(map(weakref.ref, shared.candidates.values()))
         return prepared, todo
 
     @contextmanager
@@ -471,6 +478,7 @@ class Engine:
             forced=forced,
             registrations=registrations,
             remap=shared.remap,
+            candidates=shared.candidates,
         )
         self._replan_derived(prepared, shared, allow_removals=allow_removals)
         if prepared.plan is None or not prepared.plan.changeset:
@@ -719,6 +727,7 @@ class Engine:
             candidate,
             registrations=registrations,
             remap=shared.remap,
+            candidates=shared.candidates,
         )
 
     def _holder_history(
@@ -838,12 +847,19 @@ class Engine:
         # One change set for all modules, so that an assignment that fails undoes them all
         # (``ChangeSet.apply``); its inverse is split back per module below.
         merged = ChangeSet(tuple(a for plan in plans for a in plan.changeset.assignments))
+        earlier = [m for m in (ref() for ref in self._earlier_candidates) if m is not None]
+        holders = _code_holders(todo, earlier)
         try:
             if trial is None:
-                (merged_undo,) = commit_at_safe_point([merged], codes=codes, timeout_s=timeout_s)
+                (merged_undo,) = commit_at_safe_point(
+                    [merged], codes=codes, timeout_s=timeout_s, holders=holders
+                )
             else:  # the trial's dispatch comes off in the same safe point as the commit
                 _, merged_undo = commit_at_safe_point(
-                    [trial.restore, merged], codes=codes | trial.codes, timeout_s=timeout_s
+                    [trial.restore, merged],
+                    codes=codes | trial.codes,
+                    timeout_s=timeout_s,
+                    holders=[*holders, trial.codes],
                 )
                 merged_undo = trial.undo_to_originals(merged_undo)
         except Exception as exc:
@@ -1255,6 +1271,8 @@ class _Prepared:
     undo: ChangeSet | None = None
     registrations: Registrations = field(default_factory=Registrations)  # undone after execute
     remap: IdentityMap = field(default_factory=IdentityMap)
+    # the candidate modules of the whole change set, by name (shared, as ``remap`` is)
+    candidates: dict[str, types.ModuleType] = field(default_factory=dict)
     registered: Registrations = field(default_factory=Registrations)  # redone after commit
     derived_from: str | None = None  # re-derived (source unchanged) because this module changed
     forced: frozenset[str] = frozenset()  # names taken from the candidate whatever the statements
@@ -1325,6 +1343,47 @@ class _TrialCommit:
                 for a in undo.assignments
             )
         )
+
+
+def _code_holders(todo: list[_Prepared], earlier: list[types.ModuleType]) -> list[object]:
+    """What refers to the codes a commit takes out of service and runs nothing, besides the
+    live functions (``safepoint.suspended_inside``): each plan's set of them, the definitions
+    replaced, and every function of the change set's candidates and of ``earlier`` ones not
+    collected yet (a candidate's function may have been given the live code; a function runs
+    nothing by being there, only a frame does)."""
+    holders: list[object] = []
+    candidates: dict[int, types.ModuleType] = {}
+    for p in todo:
+        if p.plan is not None:
+            holders.append(p.plan.replaced_codes)
+            for _, old, _ in p.plan.replaced_definitions:
+                holders.extend(functions_of(old))
+        for module in (p.candidate.module,) if p.candidate is not None else ():
+            candidates[id(module)] = module
+        for module in p.candidates.values():
+            candidates[id(module)] = module
+    for module in earlier:
+        candidates[id(module)] = module
+    for module in candidates.values():
+        holders.extend(_functions_in(module.__dict__))
+    return holders
+
+
+def _functions_in(namespace: dict[str, object]) -> list[types.FunctionType]:
+    """The functions of a module's namespace and of the classes it defines, nested ones too."""
+    found: list[types.FunctionType] = []
+    todo = list(namespace.values())
+    classes: set[int] = set()
+    name = namespace.get("__name__")
+    while todo:
+        value = todo.pop()
+        if isinstance(value, type):
+            if id(value) not in classes and value.__module__ == name:
+                classes.add(id(value))
+                todo.extend(value.__dict__.values())
+        else:
+            found.extend(functions_of(value))
+    return found
 
 
 def _as_changes(

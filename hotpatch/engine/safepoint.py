@@ -41,10 +41,11 @@ import inspect
 import os
 import re
 import sys
+import sysconfig
 import threading
 import time
 import types
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -217,15 +218,27 @@ def threads_inside(
     return busy
 
 
-def suspended_inside(codes: Collection[types.CodeType]) -> list[BusyThread]:
+def suspended_inside(
+    codes: Collection[types.CodeType], holders: Collection[object] = ()
+) -> list[BusyThread]:
     """Suspended (or not yet started) generators and coroutines whose frame runs one of ``codes``.
 
     They are on no thread's stack, so ``threads_inside`` cannot see them; resumed after a commit,
-    they would run their old code against the new code around it. Costs a walk of the heap
-    (``gc.get_referrers``), paid only when ``codes`` holds generator or coroutine code.
+    they would run their old code against the new code around it. Finding them costs a walk of
+    the heap (``gc.get_referrers``, with the GIL held: every thread waits), paid only when
+    ``codes`` holds generator or coroutine code, and only when something but ``codes``, the
+    code objects holding them as constants and ``holders`` refers to one of those codes (a
+    frame does: see ``_unknown_references``).
+
+    Args:
+        codes: the code objects a change takes out of service.
+        holders: what is known to refer to them and runs nothing: the functions that have them
+            as their code, the change set's other collections of them.
     """
     suspendable = [code for code in codes if code.co_flags & _SUSPENDABLE]
     if not suspendable:
+        return []
+    if _OWN_REFERENCES is not None and not _unknown_references(suspendable, codes, holders):
         return []
     wanted = {id(code) for code in suspendable}
     found = []
@@ -247,6 +260,86 @@ def suspended_inside(codes: Collection[types.CodeType]) -> list[BusyThread]:
                     )
                 break
     return found
+
+
+def _unknown_references(
+    suspendable: list[types.CodeType],
+    codes: Collection[types.CodeType],
+    holders: Collection[object],
+) -> int:
+    """How many references to the most referred-to of ``suspendable`` no known holder accounts
+    for (``_OWN_REFERENCES`` taken off: the ones this call makes itself).
+
+    A generator, suspended or not started, holds its code (through its frame), as a running
+    frame does; so does a traceback's frame, or a function made elsewhere from the same code.
+    When every reference to each code is one of the known holders', none of them exists and
+    the heap need not be walked: ``sys.getrefcount`` is exact, and each known reference is
+    counted by identity, each holder once. Counting one reference too many could hide a
+    generator: the holders are deduplicated, and ``_OWN_REFERENCES`` is measured at import
+    through this very function (``_calibrate``); a reference not counted only costs the walk.
+    """
+    known = _known_references(
+        {id(code) for code in suspendable}, (codes, suspendable, *codes, *holders)
+    )
+    own = _OWN_REFERENCES or 0
+    return max(sys.getrefcount(code) - own - known[id(code)] for code in suspendable)
+
+
+def _known_references(wanted: set[int], holders: tuple[object, ...]) -> dict[int, int]:
+    """``id(code) -> references to it from holders`` (each holder counted once), for every id
+    of ``wanted``. A function of its own: none of its names outlives it to hold a code."""
+    known = dict.fromkeys(wanted, 0)
+    seen: set[int] = set()
+    for holder in holders:
+        if id(holder) in seen:
+            continue
+        seen.add(id(holder))
+        kind = type(holder)
+        items: Iterable[object]
+        if kind is types.CodeType:
+            items = holder.co_consts  # type: ignore[attr-defined]
+        elif kind is types.FunctionType:
+            items = (holder.__code__,)  # type: ignore[attr-defined]
+        elif kind in (frozenset, set, list, tuple):
+            items = holder  # type: ignore[assignment]
+        else:
+            continue
+        for key in filter(wanted.__contains__, map(id, items)):
+            known[key] += 1
+    return known
+
+
+def _calibrate() -> int | None:
+    """``_OWN_REFERENCES``: what ``_unknown_references`` counts of a code nothing else holds,
+    checked to see one more reference and a generator (which holds its code once or twice,
+    by version); ``None`` (always walk the
+    heap) where reference counts are not exact (a free-threaded build) or the checks fail."""
+    global _OWN_REFERENCES
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return None
+    namespace: dict[str, object] = {}
+    exec(compile("def probe():\n    yield 1\n", "<hotpatch probe>", "exec"), namespace)
+    probe = namespace.pop("probe")
+    assert isinstance(probe, types.FunctionType)
+    codes = frozenset([probe.__code__])
+    _OWN_REFERENCES = 0
+    try:
+        own = _unknown_references([c for c in codes if c.co_flags & _SUSPENDABLE], codes, [probe])
+        _OWN_REFERENCES = own
+        extra = [probe.__code__]
+        one_more = _unknown_references([c for c in codes if c.co_flags], codes, [probe])
+        del extra
+        generator = probe()
+        suspended = _unknown_references([c for c in codes if c.co_flags], codes, [probe])
+        del generator
+        again = _unknown_references([c for c in codes if c.co_flags], codes, [probe])
+    finally:
+        _OWN_REFERENCES = None
+    return own if one_more == 1 and suspended >= 1 and again == 0 else None
+
+
+_OWN_REFERENCES: int | None = None
+_OWN_REFERENCES = _calibrate()
 
 
 def _stack_runs(frame: types.FrameType | None, wanted: set[int]) -> types.FrameType | None:
@@ -477,10 +570,11 @@ def _attempt(
     gate: _Gate | None,
     *,
     forced: bool,
+    holders: Collection[object] = (),
 ) -> _Attempt:
     """The commit, if nothing is inside ``codes`` now: the inverses, or what is inside."""
     with _exclusive():
-        busy = [] if forced else threads_inside(codes) or suspended_inside(codes)
+        busy = [] if forced else threads_inside(codes) or suspended_inside(codes, holders)
         if busy:
             return None, busy
         saved = gate.saved_states() if gate is not None else None
@@ -497,6 +591,7 @@ def commit_at_safe_point(
     timeout_s: float,
     force_at_deadline: bool = False,
     gate_budget_s: float = GATE_BUDGET_S,
+    holders: Collection[object] = (),
 ) -> list[ChangeSet]:
     """Apply ``changesets`` when no other thread is inside ``codes``, and return their inverses.
 
@@ -513,6 +608,8 @@ def commit_at_safe_point(
         timeout_s: how long to wait for the threads inside ``codes`` to leave.
         force_at_deadline: apply anyway at the deadline (used to restore a known-good version).
         gate_budget_s: the longest a caller may be held at a gate.
+        holders: what else refers to ``codes`` and runs nothing (see ``suspended_inside``);
+            the change sets' functions are added here.
 
     Returns:
         One inverse per change set (applying them in reverse order undoes the commit exactly).
@@ -522,6 +619,7 @@ def commit_at_safe_point(
     """
     deadline = time.monotonic() + timeout_s
     code_ids = {id(c) for c in codes}
+    holders = [*holders, *(f for cs in changesets for f in cs.functions())]
     gated = [
         f
         for cs in changesets
@@ -547,7 +645,7 @@ def commit_at_safe_point(
             # The commit thread is looked at when the commit runs on it, between two steps.
             busy = threads_inside(codes, ignore=host[0] if host is not None else None)
             if look_for_suspended and now >= next_look:
-                suspended = suspended_inside(codes)
+                suspended = suspended_inside(codes, holders)
                 next_look = now + _SUSPENDED_POLL_S
                 if suspended and gate is not None:
                     gate.reopen()  # no point holding callers while a generator holds the commit
@@ -570,13 +668,17 @@ def commit_at_safe_point(
                 gate_closed_at = now
             if forced or (not busy and not suspended and (gate is not None or not gated)):
                 if host is None or forced:  # forced: a rollback goes in, stuck loop or not
-                    undos, last_busy = _attempt(changesets, codes, gate, forced=forced)
+                    undos, last_busy = _attempt(
+                        changesets, codes, gate, forced=forced, holders=holders
+                    )
                 else:
                     left_s = deadline - time.monotonic()
                     if gate is not None:  # never hold the other threads past the gate's budget
                         budget_left_s = gate_budget_s - (time.monotonic() - gate_closed_at)
                         left_s = min(left_s, max(budget_left_s, 0.02))
-                    on_loop = _OnThread(partial(_attempt, changesets, codes, gate, forced=False))
+                    on_loop = _OnThread(
+                        partial(_attempt, changesets, codes, gate, forced=False, holders=holders)
+                    )
                     try:
                         host[1](on_loop.run)
                     except Exception:  # the loop is closed: nothing runs on it any more
@@ -599,7 +701,7 @@ def commit_at_safe_point(
                 gate.reopen()
                 gate = None
             if time.monotonic() >= deadline and not force_at_deadline:
-                busy = threads_inside(codes) or suspended_inside(codes) or last_busy
+                busy = threads_inside(codes) or suspended_inside(codes, holders) or last_busy
                 if busy:
                     raise SafePointTimeout(busy[0], timeout_s)
             time.sleep(pause_s)
