@@ -379,7 +379,7 @@ class Engine:
                 todo += self._prepare_dependents(todo, shared)
                 refuse_stale_references(
                     [(p.name, p.plan, p.source.filename) for p in todo if p.plan],
-                    [m.__dict__ for m in shared.candidates.values()],
+                    [m.__dict__ for m in (*shared.candidates.values(), *self._earlier())],
                 )
         except (PatchRejected, KeyboardInterrupt, SystemExit):
             raise
@@ -838,6 +838,10 @@ class Engine:
             except BaseException as exc:
                 raise _rejection(candidate, "verify", f"verifier {label}", exc) from None
 
+    def _earlier(self) -> list[types.ModuleType]:
+        """The candidate modules of earlier change sets that are not collected yet."""
+        return [m for m in (ref() for ref in self._earlier_candidates) if m is not None]
+
     def _commit(
         self, todo: list[_Prepared], *, timeout_s: float, trial: _TrialCommit | None = None
     ) -> None:
@@ -847,8 +851,7 @@ class Engine:
         # One change set for all modules, so that an assignment that fails undoes them all
         # (``ChangeSet.apply``); its inverse is split back per module below.
         merged = ChangeSet(tuple(a for plan in plans for a in plan.changeset.assignments))
-        earlier = [m for m in (ref() for ref in self._earlier_candidates) if m is not None]
-        holders = _code_holders(todo, earlier)
+        holders = _code_holders(todo, self._earlier())
         try:
             if trial is None:
                 (merged_undo,) = commit_at_safe_point(
