@@ -67,7 +67,7 @@ from hotpatch.engine.modulemap import dependency_order, executed_imports, packag
 from hotpatch.engine.rebind import IdentityMap
 from hotpatch.engine.registrations import Registrations, quiet_re_execution
 from hotpatch.engine.registrations import snapshot as snapshot_registrations
-from hotpatch.engine.safepoint import SafePointTimeout, commit_at_safe_point
+from hotpatch.engine.safepoint import SafePointTimeout, can_suspend, commit_at_safe_point
 from hotpatch.engine.swap import Plan, plan_update
 from hotpatch.errors import HotpatchError, PatchRejected
 
@@ -140,7 +140,8 @@ class Engine:
         self._controls: dict[str, dict[str, Callable[[], Any]]] = {}  # holder -> its controls
         # Candidate modules of earlier change sets: garbage in reference cycles until the
         # collector's next full pass, their functions may still have codes a commit replaces.
-        self._earlier_candidates: deque[weakref.ref[types.ModuleType]] = deque(maxlen=64)
+        # The last two change sets' are kept (weakly): an older one still uncollected costs a walk.
+        self._earlier_candidates: deque[tuple[weakref.ref[types.ModuleType], ...]] = deque(maxlen=2)
 
     # -- registration ----------------------------------------------------------------------------
     def verifier(self, module: str | None = None) -> Callable[[F], F]:
@@ -391,7 +392,7 @@ class Engine:
                 "nothing was changed",
             ) from None
         finally:
-            self._earlier_candidates.extend(map(weakref.ref, shared.candidates.values()))
+            self._earlier_candidates.append(tuple(map(weakref.ref, shared.candidates.values())))
         return prepared, todo
 
     @contextmanager
@@ -840,7 +841,8 @@ class Engine:
 
     def _earlier(self) -> list[types.ModuleType]:
         """The candidate modules of earlier change sets that are not collected yet."""
-        return [m for m in (ref() for ref in self._earlier_candidates) if m is not None]
+        refs = [ref for change_set in self._earlier_candidates for ref in change_set]
+        return [m for m in (ref() for ref in refs) if m is not None]
 
     def _commit(
         self, todo: list[_Prepared], *, timeout_s: float, trial: _TrialCommit | None = None
@@ -851,7 +853,12 @@ class Engine:
         # One change set for all modules, so that an assignment that fails undoes them all
         # (``ChangeSet.apply``); its inverse is split back per module below.
         merged = ChangeSet(tuple(a for plan in plans for a in plan.changeset.assignments))
-        holders = _code_holders(todo, self._earlier())
+        holders: list[object] = []
+        if can_suspend(codes):
+            try:
+                holders = _code_holders(todo, self._earlier())
+            except Exception:  # only a shortcut: without it, the heap is walked
+                holders = []
         try:
             if trial is None:
                 (merged_undo,) = commit_at_safe_point(
@@ -1380,10 +1387,11 @@ def _functions_in(namespace: dict[str, object]) -> list[types.FunctionType]:
     name = namespace.get("__name__")
     while todo:
         value = todo.pop()
-        if isinstance(value, type):
-            if id(value) not in classes and value.__module__ == name:
+        if issubclass(type(value), type):  # not isinstance: a proxy's __class__ is its code
+            members = dict(vars(value))
+            if id(value) not in classes and members.get("__module__") == name:
                 classes.add(id(value))
-                todo.extend(value.__dict__.values())
+                todo.extend(members.values())
         else:
             found.extend(functions_of(value))
     return found

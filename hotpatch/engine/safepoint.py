@@ -218,6 +218,11 @@ def threads_inside(
     return busy
 
 
+def can_suspend(codes: Collection[types.CodeType]) -> bool:
+    """Whether ``codes`` holds generator or coroutine code (what ``suspended_inside`` looks for)."""
+    return any(code.co_flags & _SUSPENDABLE for code in codes)
+
+
 def suspended_inside(
     codes: Collection[types.CodeType], holders: Collection[object] = ()
 ) -> list[BusyThread]:
@@ -311,9 +316,9 @@ def _known_references(wanted: set[int], holders: tuple[object, ...]) -> dict[int
 
 def _calibrate() -> int | None:
     """``_OWN_REFERENCES``: what ``_unknown_references`` counts of a code nothing else holds,
-    checked to see one more reference and a generator (which holds its code once or twice,
-    by version); ``None`` (always walk the
-    heap) where reference counts are not exact (a free-threaded build) or the checks fail."""
+    checked to see one more reference and a generator (which holds its code once or twice, by
+    version); ``None`` (always walk the heap) where reference counts are not exact (a
+    free-threaded build) or the checks fail."""
     global _OWN_REFERENCES
     if sysconfig.get_config_var("Py_GIL_DISABLED"):
         return None
