@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import sys
 import tarfile
 import types
@@ -144,3 +145,29 @@ def test_a_step_is_judged_only_on_what_happened() -> None:
         "verdict": "refused",
         "group": "compatibility: class '...': its base classes changed",
     }
+
+
+@pytest.mark.timeout(300)
+def test_the_step_benchmark_measures_both_peers_on_the_same_steps() -> None:
+    # bench_step.py: a release step back and forth, patch_many in one process and reload in
+    # another; every step must be applied by both (it exits 1 otherwise) and get its ratio.
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_step.py"), "six", "1.14.0", "1.15.0"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 1.1")]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "1.14.0 -> 1.15.0",
+        "1.15.0 -> 1.14.0",
+        "1.14.0 -> 1.15.0",
+        "1.15.0 -> 1.14.0",
+    ]
+    for row in rows:
+        patch_ms, reload_ms, ratio = (cell.strip() for cell in row.split("|")[2:5])
+        assert float(patch_ms) > 0 and float(reload_ms) > 0
+        assert float(ratio.rstrip("x")) == pytest.approx(float(patch_ms) / float(reload_ms), 0.02)
+    assert "median ratio" in done.stdout
