@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import sys
 import textwrap
@@ -43,3 +44,17 @@ def _make_module(tmp_path: Path) -> Iterator[MakeModule]:
     yield make
     for name in created:
         sys.modules.pop(name, None)
+
+
+@pytest.fixture(name="heap_walks")
+def _heap_walks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the functions that walk the heap (call ``gc.get_referrers``) during the test."""
+    walks: list[str] = []
+    real = gc.get_referrers
+
+    def counting(*objs: object) -> list[object]:
+        walks.append(sys._getframe(1).f_code.co_name)
+        return real(*objs)
+
+    monkeypatch.setattr(gc, "get_referrers", counting)
+    return walks

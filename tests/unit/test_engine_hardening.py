@@ -5,7 +5,6 @@ Real threads, real imports, real files: each test fails on the engine before the
 
 from __future__ import annotations
 
-import gc
 import importlib
 import math
 import subprocess
@@ -358,29 +357,20 @@ def test_a_suspended_generator_in_replaced_code_holds_the_patch(make_module) -> 
 
 
 def test_generator_code_costs_a_heap_walk_only_when_something_unknown_holds_it(
-    make_module, monkeypatch: pytest.MonkeyPatch
+    make_module, heap_walks: list[str]
 ) -> None:
     # Looking for suspended generators walks the heap (``gc.get_referrers``, every thread
     # waiting). When every reference to the replaced generator code is one hotpatch knows (the
     # live function, its own records), no generator can exist: no walk. Something else holding
     # the code (here a list; a generator's frame in real life) costs one walk, at the attempt.
     mod = make_module(GENERATOR)
-    walks: list[str] = []
-    real = gc.get_referrers
-
-    def counting(*objs: object) -> list[object]:
-        walks.append(sys._getframe(1).f_code.co_name)
-        return real(*objs)
-
-    monkeypatch.setattr(gc, "get_referrers", counting)
     Engine().patch(mod.__name__, source=GENERATOR_NEW, safepoint_timeout_s=20)
     assert list(mod.stream()) == [100, 200]
-    assert walks.count("suspended_inside") == 0, walks
+    assert heap_walks.count("suspended_inside") == 0, heap_walks
     unknown = [mod.stream.__code__]
     Engine().patch(mod.__name__, source=GENERATOR, safepoint_timeout_s=20)
-    monkeypatch.undo()
     assert list(mod.stream()) == [10, 20]
-    assert walks.count("suspended_inside") == 1, walks
+    assert heap_walks.count("suspended_inside") == 1, heap_walks
     del unknown
 
 
