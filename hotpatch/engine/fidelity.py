@@ -336,8 +336,8 @@ def refuse_stale_references(
 
     Args:
         plans: (module name, plan, file name) of every module the change set commits.
-        candidates: the namespaces of the change set's candidates (they hold the live values
-            of the statements that did not change).
+        candidates: the namespaces of candidates: this change set's (they hold the live
+            values of the statements that did not change), and earlier ones not collected yet.
 
     Raises:
         PatchRejected: stage ``compatibility``, naming what holds the old function.
@@ -458,8 +458,8 @@ def _stale_reference(
 
 def _held_by_namespaces(wanted: set[int], candidates: Iterable[dict[str, object]]) -> Counter[int]:
     """How many references to each object of ``wanted`` (by id) the module namespaces hold, live
-    or of this change set's candidates: the holders ``_foreign_holders`` does not count for a
-    replaced value (``modules_hold=False``). One pass over their values, in C."""
+    or candidates': the holders ``_foreign_holders`` does not count for a replaced value
+    (``modules_hold=False``). One pass over their values, in C."""
     held: Counter[int] = Counter()
     if not wanted:
         return held

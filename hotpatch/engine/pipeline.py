@@ -1362,18 +1362,15 @@ def _code_holders(todo: list[_Prepared], earlier: list[types.ModuleType]) -> lis
     collected yet (a candidate's function may have been given the live code; a function runs
     nothing by being there, only a frame does)."""
     holders: list[object] = []
-    candidates: dict[int, types.ModuleType] = {}
+    candidates = {id(module): module for module in earlier}
     for p in todo:
         if p.plan is not None:
             holders.append(p.plan.replaced_codes)
             for _, old, _ in p.plan.replaced_definitions:
                 holders.extend(functions_of(old))
-        for module in (p.candidate.module,) if p.candidate is not None else ():
-            candidates[id(module)] = module
-        for module in p.candidates.values():
-            candidates[id(module)] = module
-    for module in earlier:
-        candidates[id(module)] = module
+        if p.candidate is not None:
+            candidates[id(p.candidate.module)] = p.candidate.module
+        candidates.update((id(module), module) for module in p.candidates.values())
     for module in candidates.values():
         holders.extend(_functions_in(module.__dict__))
     return holders
@@ -1388,9 +1385,11 @@ def _functions_in(namespace: dict[str, object]) -> list[types.FunctionType]:
     while todo:
         value = todo.pop()
         if issubclass(type(value), type):  # not isinstance: a proxy's __class__ is its code
+            if id(value) in classes:
+                continue
+            classes.add(id(value))
             members = dict(vars(value))
-            if id(value) not in classes and members.get("__module__") == name:
-                classes.add(id(value))
+            if members.get("__module__") == name:
                 todo.extend(members.values())
         else:
             found.extend(functions_of(value))
