@@ -459,8 +459,14 @@ class _Gate:
         return {id(func): state for func, state in self.entries.values()}
 
     def reopen(self) -> None:
-        """Put back the old code wherever a trampoline still sits, and release the waiters."""
+        """Put back the old code wherever a trampoline still sits, and release the waiters: the
+        end of this gate (a later closing makes a new one)."""
         self.restore()
+        # The trampolines hold this gate in their constants and it holds them: a cycle through
+        # code objects, which the cyclic collector does not see, so it would never be freed (and
+        # with it every gated function's old state). Calls still inside a trampoline only read
+        # ``funcs``, ``twins``, ``owners`` and the lock, which stay.
+        self.codes = {}
         if not self.is_open:
             self.is_open = True
             self.closed.release()
@@ -468,7 +474,7 @@ class _Gate:
     def restore(self) -> None:
         """Put back the old code wherever a trampoline still sits."""
         for key, (func, old) in self.entries.items():
-            if func.__code__ is self.codes[key]:
+            if func.__code__ is self.codes.get(key):
                 func.__code__ = old.code
 
 
