@@ -231,11 +231,15 @@ class StatementIndex:
 # closes no bracket but its tuples'. (A word that starts with a digit is a number to the
 # tokenizer, or a number and a keyword: ``1if 2else 3`` reads nothing either.)
 _STR = r"""[bBrRuU]{0,2}(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")"""
-_TOKEN = rf"(?:[0-9][0-9a-zA-Z_.]*|{_STR}|None\b|True\b|False\b)"
-_ATOMS = rf"[-+]?{_TOKEN}(?:[ \t]*[-+]?[ \t]*{_TOKEN})*"
-_TUPLE = rf"\([ \t]*(?:{_ATOMS}[ \t]*(?:,[ \t]*{_ATOMS}[ \t]*)*,?[ \t]*)?\)"
+# Every line has one way to match (no two quantifiers can share a character): a number runs to
+# the end of its word, a separator is spaces with at most one sign in them. With several ways,
+# a line that matches none (a long number, then a name) took exponential time to reject.
+_NUMBER = r"[0-9][0-9a-zA-Z_.]*(?![0-9a-zA-Z_.])"
+_TOKEN = rf"(?:{_NUMBER}|{_STR}|None\b|True\b|False\b)"
+_ATOMS = rf"(?:[-+][ \t]*)?{_TOKEN}(?:[ \t]*(?:[-+][ \t]*)?{_TOKEN})*"
+_TUPLE = rf"\([ \t]*(?:{_ATOMS}(?:[ \t]*,[ \t]*{_ATOMS})*[ \t]*(?:,[ \t]*)?)?\)"
 _ITEM = rf"(?:{_ATOMS}|{_TUPLE})"
-_ROW = rf"[ \t]+{_ITEM}(?:[ \t]*[,:][ \t]*{_ITEM})*[ \t]*,?[ \t]*(?:#[^\n]*)?"
+_ROW = rf"[ \t]+{_ITEM}(?:[ \t]*[,:][ \t]*{_ITEM})*[ \t]*(?:,[ \t]*)?(?:#[^\n]*)?"
 # A line that ends with an opening bracket (and has no comment that could hide where it ends),
 # then the rows, comments and blank lines after it: all inside that bracket.
 _TABLE = re.compile(

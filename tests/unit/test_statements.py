@@ -380,3 +380,18 @@ def test_which_rows_are_left_out_of_the_re_parse(block: str, kept: bool) -> None
         assert [type(s) for s in ast.parse(blanked).body] == [
             type(s) for s in ast.parse(block).body
         ]
+
+
+@pytest.mark.timeout(30)  # a deadline against a hang: the old pattern took 2^n steps here
+@pytest.mark.parametrize(
+    "line",
+    [
+        "1" * 60 + " name,",  # a long number, then a name: not a row
+        " + ".join(["1"] * 60) + " name,",
+        "(1" + " " * 60 + ", 2" + " " * 60 + "name),",
+    ],
+    ids=["long number", "signs", "spaces in a tuple"],
+)
+def test_a_line_that_is_almost_a_row_is_rejected_at_once(line: str) -> None:
+    block = f"x = [\n    {line}\n]\n"
+    assert statements._blank_literal_rows(block) == block
