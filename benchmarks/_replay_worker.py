@@ -304,10 +304,17 @@ def apply_reload(order: list[str], plan: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def modules_in_order(src: Path, import_names: list[str]) -> list[str]:
+    """The package's imported modules, in the order their files (as written now) import them."""
+    from hotpatch.engine.modulemap import in_dependency_order
+
+    modules = package_modules(src, import_names)
+    texts = {n: Path(str(m.__file__)).read_text("utf-8", "replace") for n, m in modules.items()}
+    return in_dependency_order(texts)
+
+
 def run_replay(plan: dict[str, Any], out: Any) -> None:
     import structlog
-
-    from hotpatch.engine.modulemap import in_dependency_order
 
     mode = plan["mode"]
     devnull = open(os.devnull, "w")  # noqa: SIM115 - for the whole process
@@ -330,9 +337,7 @@ def run_replay(plan: dict[str, Any], out: Any) -> None:
             hotpatch.track(*package_modules(src, plan["import_names"]))
             track_cpu_s = time.process_time() - cpu
         files = write_release(Path(version["tree"]), live)
-        modules = package_modules(src, plan["import_names"])
-        texts = {n: Path(str(m.__file__)).read_text("utf-8", "replace") for n, m in modules.items()}
-        order = in_dependency_order(texts)
+        order = modules_in_order(src, plan["import_names"])
         apply = apply_hotpatch if mode == "hotpatch" else apply_reload
         record: dict[str, Any] = {"step": step, "version": version["version"], "files": files}
         if track_cpu_s is not None:

@@ -81,7 +81,6 @@ def _steps(
     plan: dict[str, object],
 ) -> list[float]:
     import hotpatch
-    from hotpatch.engine.modulemap import in_dependency_order
 
     src = (live / pkg.src).resolve() if pkg.src else live
     cpu: list[float] = []
@@ -89,9 +88,7 @@ def _steps(
         if args.mode == "hotpatch":
             hotpatch.track(*worker.package_modules(src, pkg.import_names))
         worker.write_release(trees[version], live)
-        modules = worker.package_modules(src, pkg.import_names)
-        texts = {n: Path(str(m.__file__)).read_text("utf-8", "replace") for n, m in modules.items()}
-        order = in_dependency_order(texts)
+        order = worker.modules_in_order(src, list(pkg.import_names))
         apply = worker.apply_hotpatch if args.mode == "hotpatch" else worker.apply_reload
         profile = cProfile.Profile() if step == args.profile and args.mode == "hotpatch" else None
         if profile is not None:

@@ -327,17 +327,21 @@ def _calibrate() -> int | None:
     probe = namespace.pop("probe")
     assert isinstance(probe, types.FunctionType)
     codes = frozenset([probe.__code__])
+
+    def count() -> int:  # called as suspended_inside calls it: a list made for the call
+        return _unknown_references([c for c in codes if c.co_flags & _SUSPENDABLE], codes, [probe])
+
     _OWN_REFERENCES = 0
     try:
-        own = _unknown_references([c for c in codes if c.co_flags & _SUSPENDABLE], codes, [probe])
+        own = count()
         _OWN_REFERENCES = own
         extra = [probe.__code__]
-        one_more = _unknown_references([c for c in codes if c.co_flags], codes, [probe])
+        one_more = count()
         del extra
         generator = probe()
-        suspended = _unknown_references([c for c in codes if c.co_flags], codes, [probe])
+        suspended = count()
         del generator
-        again = _unknown_references([c for c in codes if c.co_flags], codes, [probe])
+        again = count()
     finally:
         _OWN_REFERENCES = None
     return own if one_more == 1 and suspended >= 1 and again == 0 else None
@@ -630,7 +634,9 @@ def commit_at_safe_point(
     """
     deadline = time.monotonic() + timeout_s
     code_ids = {id(c) for c in codes}
-    holders = [*holders, *(f for cs in changesets for f in cs.functions())]
+    look_for_suspended = can_suspend(codes)
+    if look_for_suspended:  # the functions the change sets assign hold their old code
+        holders = [*holders, *(f for cs in changesets for f in cs.functions())]
     gated = [
         f
         for cs in changesets
@@ -644,7 +650,6 @@ def commit_at_safe_point(
     # Suspended generators in replaced code hold the commit as threads do; the search walks the
     # heap, so it runs just before each attempt at the commit and, once one has held it, every
     # _SUSPENDED_POLL_S while waiting (not before the first attempt: that would walk twice).
-    look_for_suspended = any(code.co_flags & _SUSPENDABLE for code in codes)
     suspended: list[BusyThread] = []
     next_look = time.monotonic() + _SUSPENDED_POLL_S
     host = _current_commit_thread()
