@@ -38,8 +38,9 @@ import _replay_worker as worker  # noqa: E402
 import bench_replay as replay  # noqa: E402
 
 
-def run_mode(args: argparse.Namespace) -> list[float]:
-    """The worker: import release A, apply B, A, B... with ``args.mode``; CPU seconds per step."""
+def run_mode(args: argparse.Namespace) -> list[list[float]]:
+    """The worker: import release A, apply B, A, B... with ``args.mode``; per step the CPU
+    seconds of the whole step and of its syntax-tree reads (``worker.syntax_tree_reads``)."""
     import structlog
 
     pkg = replay.PACKAGES[args.package]
@@ -79,11 +80,11 @@ def _steps(
     trees: dict[str, Path],
     live: Path,
     plan: dict[str, object],
-) -> list[float]:
+) -> list[list[float]]:
     import hotpatch
 
     src = (live / pkg.src).resolve() if pkg.src else live
-    cpu: list[float] = []
+    cpu: list[list[float]] = []
     for step, version in enumerate([args.b, args.a] * args.rounds):
         if args.mode == "hotpatch":
             hotpatch.track(*worker.package_modules(src, pkg.import_names))
@@ -97,12 +98,14 @@ def _steps(
         if profile is not None:
             profile.disable()
             out = io.StringIO()
-            pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(40)
+            pstats.Stats(profile, stream=out).sort_stats(
+                os.environ.get("HP_SORT", "cumulative")
+            ).print_stats(int(os.environ.get("HP_TOP", "40")))
             print(out.getvalue(), file=sys.stderr)
         if not record["applied"]:
             why = record.get("refusal") or record.get("failure") or record.get("error")
             raise SystemExit(f"{args.mode}: step {step} ({version}) not applied: {why}")
-        cpu.append(record["cpu_s"])
+        cpu.append([record["cpu_s"], record.get("parse_cpu_s", 0.0)])
     return cpu
 
 
@@ -123,7 +126,7 @@ def main() -> int:
     if args.mode:  # the worker
         print(json.dumps(run_mode(args)))
         return 0
-    results: dict[str, list[float]] = {}
+    results: dict[str, list[list[float]]] = {}
     for mode in ("hotpatch", "reload"):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PYTEST"))}
         env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -144,19 +147,25 @@ def main() -> int:
         print(f"{mode}: {time.monotonic() - started:.1f} s", file=sys.stderr)
     steps = [args.b, args.a] * args.rounds
     print(f"{args.package} {args.a} <-> {args.b}, tests loaded: {args.tests} (CPU ms per step)")
-    print("| step | patch_many | reload | ratio |\n|---|---|---|---|")
-    ratios = []
-    for k, (patch_s, reload_s) in enumerate(zip(results["hotpatch"], results["reload"])):
+    print(
+        "| step | patch_many | of which ast.parse | reload | ratio | floor (reload + parse) |\n"
+        "|---|---|---|---|---|---|"
+    )
+    ratios, floors = [], []
+    for k, ((patch_s, parse_s), (reload_s, _)) in enumerate(
+        zip(results["hotpatch"], results["reload"])
+    ):
         ratios.append(patch_s / reload_s)
+        floors.append((reload_s + parse_s) / reload_s)
         came_from = args.a if k % 2 == 0 else args.b
         print(
-            f"| {came_from} -> {steps[k]} | {patch_s * 1000:.1f} | {reload_s * 1000:.1f} "
-            f"| {ratios[-1]:.2f}x |"
+            f"| {came_from} -> {steps[k]} | {patch_s * 1000:.1f} | {parse_s * 1000:.1f} "
+            f"| {reload_s * 1000:.1f} | {ratios[-1]:.2f}x | {floors[-1]:.2f}x |"
         )
     later = ratios[1:] or ratios
     print(
         f"median ratio {statistics.median(ratios):.2f}x; after the first step "
-        f"{statistics.median(later):.2f}x"
+        f"{statistics.median(later):.2f}x; floor {statistics.median(floors):.2f}x"
     )
     return 0
 
