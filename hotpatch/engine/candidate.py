@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hotpatch.engine.statements import StatementIndex, parse
+from hotpatch.engine.statements import StatementIndex, collector_paused, parse
 from hotpatch.errors import PatchRejected
 
 DEFAULT_MAX_SOURCE_BYTES = 4 * 1024 * 1024
@@ -186,7 +186,7 @@ def text_sha256(text: str) -> str:
 def compile_source(
     name: str, text: str, filename: str, *, previous: Source | None = None
 ) -> tuple[Source, types.CodeType]:
-    """Compile ``text`` and index its statements.
+    """Compile ``text`` and index its statements, with the garbage collector paused.
 
     The code is compiled straight from the text (no Python-level syntax tree, which would cost
     as much again). The statement index is derived from ``previous`` when given, re-parsing only
@@ -195,6 +195,13 @@ def compile_source(
     Raises:
         PatchRejected: stage ``compile``.
     """
+    with collector_paused():
+        return _compile_source(name, text, filename, previous)
+
+
+def _compile_source(
+    name: str, text: str, filename: str, previous: Source | None
+) -> tuple[Source, types.CodeType]:
     try:
         if name == "__main__":
             tree = parse(text, filename=filename)

@@ -19,7 +19,8 @@ import itertools
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import filterfalse
 
@@ -197,7 +198,8 @@ class StatementIndex:
         line = 1
         for _, _, new_lo, new_hi in regions:
             pieces.append("\n" * (new_lo - line))
-            pieces.append(_blank_literal_rows("".join(t + "\n" for t in new[new_lo - 1 : new_hi])))
+            stretch = new[new_lo - 1 : new_hi]
+            pieces.append(_blank_literal_rows("\n".join(stretch) + "\n" if stretch else ""))
             line = max(line, new_hi + 1)
         try:
             tree = parse("".join(pieces))
@@ -240,12 +242,14 @@ _ATOMS = rf"(?:[-+][ \t]*)?{_TOKEN}(?:[ \t]*(?:[-+][ \t]*)?{_TOKEN})*"
 _TUPLE = rf"\([ \t]*(?:{_ATOMS}(?:[ \t]*,[ \t]*{_ATOMS})*[ \t]*(?:,[ \t]*)?)?\)"
 _ITEM = rf"(?:{_ATOMS}|{_TUPLE})"
 _ROW = rf"[ \t]+{_ITEM}(?:[ \t]*[,:][ \t]*{_ITEM})*[ \t]*(?:,[ \t]*)?(?:#[^\n]*)?"
-# A line that ends with an opening bracket (and has no comment that could hide where it ends),
-# then the rows, comments and blank lines after it: all inside that bracket.
-_TABLE = re.compile(
-    rf"^(?P<open>[^\n#]*[\[({{])[ \t]*\n(?P<rows>(?:(?:{_ROW}|[ \t]*(?:#[^\n]*)?)\n)+)",
-    re.MULTILINE,
-)
+# The rows after a line that ends with an opening bracket: rows, comments and blank lines, all
+# inside that bracket. The first alternative is the common row (one number or one plain string
+# and a comma), a subset of ``_ROW`` matched several times faster; it must end the line, else the
+# line is tried as a ``_ROW``. Each line still has one way to match per alternative, and nothing
+# follows the loop, so a line that is not a row ends the run at once.
+_FAST_ROW = r"""[ \t]+(?:[0-9][0-9a-zA-Z_.]*|"(?:[^"\\\n]|\\.)*")[ \t]*,[ \t]*(?=\n)"""
+_ROWS = re.compile(rf"(?:(?:{_FAST_ROW}|{_ROW}|[ \t]*(?:#[^\n]*)?)\n)+")
+_OPEN_AT_END = re.compile(r"[\[({][ \t]*\n")  # an opening bracket, then only the line's end
 
 
 def _blank_literal_rows(block: str) -> str:
@@ -256,7 +260,8 @@ def _blank_literal_rows(block: str) -> str:
     the same without it (their texts are taken from the real lines), and a 17,000-row table
     parses as its few lines of code. A row is emptied only where it is surely inside brackets:
     in the run of rows after a line that ends with an opening bracket (a row opens and closes no
-    bracket), so no statement starts or ends on an emptied line.
+    bracket) and has no ``#`` (a comment could hide where it ends), so no statement starts or
+    ends on an emptied line.
     Only after the last triple quote (no string token spans a line there) and with no backslash
     at a line's end; not at all in a block with a decorator (the index compares the syntax tree
     of a decorator's arguments). An expression statement's description in a refusal (``the
@@ -267,32 +272,50 @@ def _blank_literal_rows(block: str) -> str:
     tail = block[cut:]
     if (last >= 0 and not cut) or "\\\n" in tail or _DECORATOR.search(block):
         return block
-    return block[:cut] + _TABLE.sub(_keep_open_line, tail)
+    pieces = [block[:cut]]
+    done = 0  # tail[:done] is in pieces
+    for opening in _OPEN_AT_END.finditer(tail):
+        bracket = opening.start()
+        if bracket < done or tail.find("#", tail.rfind("\n", 0, bracket) + 1, bracket) >= 0:
+            continue  # inside rows already emptied, or a comment on the line
+        rows = _ROWS.match(tail, opening.end())
+        if rows is None:
+            continue
+        pieces.append(tail[done : bracket + 1])
+        pieces.append("\n" * (1 + tail.count("\n", rows.start(), rows.end())))
+        done = rows.end()
+    pieces.append(tail[done:])
+    return "".join(pieces)
 
 
 _DECORATOR = re.compile(r"^[ \t]*@", re.MULTILINE)
 
 
-def _keep_open_line(match: re.Match[str]) -> str:
-    return match["open"] + "\n" * (1 + match["rows"].count("\n"))
-
-
 def parse(text: str, filename: str = "<unknown>") -> ast.Module:
-    """``ast.parse`` with the cyclic garbage collector paused.
-
-    A syntax tree is thousands of new objects (a data table: hundreds of thousands), none in a
-    reference cycle; made with the collector running, they set off collections of every
-    generation, and in a process with a large heap (a server, a test run) the full ones cost
-    far more than the parse itself (idna's 17,000-line table: 350 ms instead of 100). The
-    collector runs as usual afterwards; if it was disabled, it stays so.
+    """``ast.parse`` with the cyclic garbage collector paused (``collector_paused``).
 
     Raises:
         SyntaxError, ValueError, RecursionError, MemoryError: as ``ast.parse``.
     """
+    with collector_paused():
+        return ast.parse(text, filename=filename)
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """A stretch of the engine's own work with the cyclic garbage collector paused.
+
+    Compiling, parsing and planning make thousands of new objects (a syntax tree, a compiler's
+    symbol tables; a data table: hundreds of thousands), none in a reference cycle that outlives
+    the stretch; made with the collector running, they set off collections of every generation,
+    and in a process with a large heap (a server, a test run) those cost more than the work
+    itself (idna's 17,000-line table parsed in 350 ms instead of 100). The collector runs as
+    usual afterwards; if it was disabled, it stays so. Never around the user's code.
+    """
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return ast.parse(text, filename=filename)
+        yield
     finally:
         if enabled:
             gc.enable()
@@ -319,15 +342,22 @@ def _chunks(lines: list[str]) -> tuple[list[str], list[int]]:
     (plus ``len(lines)``). No chunk is empty."""
     if not lines:
         return [], [0]
-    starts = [i for i, line in enumerate(lines) if line[:1] not in _INDENTED]
-    if not starts or starts[0]:
-        starts.insert(0, 0)
+    # Found in the joined text (in C): a line of a 17,000-line table costs nothing in Python.
+    text = "\n".join(lines)
+    starts = [0]
+    line, at = 0, 0
+    for found in _UNINDENTED.finditer(text):
+        line += text.count("\n", at, found.start())
+        at = found.start()
+        if line:
+            starts.append(line)
     starts.append(len(lines))
     texts = ["\n".join(lines[a:b]) for a, b in itertools.pairwise(starts)]
     return texts, starts
 
 
-_INDENTED = frozenset({" ", "\t", ""})  # "": an empty line starts no chunk
+# The start of a line that is not empty and starts with neither a space nor a tab.
+_UNINDENTED = re.compile(r"^[^ \t\n]", re.MULTILINE)
 
 
 def _chunk_hunks(old: list[str], new: list[str]) -> list[tuple[int, int, int, int]]:

@@ -63,7 +63,7 @@ from hotpatch.engine.guard import (
     signature_incompatibility,
 )
 from hotpatch.engine.rebind import CLASS_SKIP, IdentityMap, Rebinder, is_own_class
-from hotpatch.engine.statements import StatementIndex
+from hotpatch.engine.statements import StatementIndex, collector_paused
 
 MODULE_SKIP = frozenset(
     {
@@ -879,10 +879,11 @@ def plan_update(
         forced,
         remap if remap is not None else IdentityMap(),
     )
-    planner.plan_module()
-    planner.problems.extend(Problem(message) for message in planner.rebinder.problems)
-    if not planner.problems:
-        planner.plan_closures()
+    with collector_paused():
+        planner.plan_module()
+        planner.problems.extend(Problem(message) for message in planner.rebinder.problems)
+        if not planner.problems:
+            planner.plan_closures()
     return Plan(
         module=module,
         changeset=ChangeSet(tuple(planner.ops)),

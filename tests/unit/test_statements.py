@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import gc
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -205,16 +206,30 @@ def test_lines_are_counted_as_python_counts_them() -> None:
     assert updated is not None and updated.units == full(edited).units
 
 
-def test_parse_pauses_the_collector_and_leaves_its_state_as_it_was() -> None:
+def test_parse_pauses_the_collector_and_leaves_its_state_as_it_was(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # A syntax tree is many acyclic objects: collecting while they are made only costs time.
+    # (The collection they set off runs once, after the collector is enabled again.)
+    real_parse = ast.parse
+    parsing: list[bool] = []
+
+    def watched(*args: Any, **kwargs: Any) -> ast.Module:
+        parsing.append(True)
+        try:
+            return real_parse(*args, **kwargs)
+        finally:
+            parsing.pop()
+
+    monkeypatch.setattr(ast, "parse", watched)
     seen: list[bool] = []
-    gc.callbacks.append(lambda phase, info: seen.append(phase == "start"))
+    gc.callbacks.append(lambda phase, info: seen.append(bool(parsing) and phase == "start"))
     try:
         assert gc.isenabled()
         gc.collect()
         seen.clear()
         tree = parse("T = (\n" + "    (1, 'a'),\n" * 20000 + ")\n")
-        assert not seen  # no collection ran during the parse (20,000 tuples set off several)
+        assert not any(seen)  # none ran during the parse (20,000 tuples set off several)
         assert isinstance(tree.body[0], ast.Assign)
         assert gc.isenabled()
         gc.disable()
@@ -228,6 +243,50 @@ def test_parse_pauses_the_collector_and_leaves_its_state_as_it_was() -> None:
         assert gc.isenabled()
     finally:
         gc.callbacks.pop()
+
+
+def test_compiling_and_planning_run_with_the_collector_paused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # compile() makes symbol tables, constants and code objects by the thousand: no collection
+    # while it runs, nor while the planner pairs the two namespaces; the host's setting after.
+    import builtins
+
+    from hotpatch.engine import candidate, swap
+
+    states: list[tuple[str, bool]] = []
+
+    def compiling(*args: Any, **kwargs: Any) -> Any:
+        states.append(("compile", gc.isenabled()))
+        return builtins.compile(*args, **kwargs)
+
+    real_plan_module = swap._Planner.plan_module
+
+    def planning(self: Any) -> None:
+        states.append(("plan", gc.isenabled()))
+        real_plan_module(self)
+
+    monkeypatch.setattr(candidate, "compile", compiling, raising=False)
+    monkeypatch.setattr(swap._Planner, "plan_module", planning)
+    old_source, _ = candidate.compile_source("m", "def f():\n    return 1\n", "m.py")
+    new_source, code = candidate.compile_source(
+        "m", "def f():\n    return 2\n", "m.py", previous=old_source
+    )
+    live: dict[str, Any] = {"__name__": "m"}
+    exec(compile("def f():\n    return 1\n", "m.py", "exec"), live)
+    fresh: dict[str, Any] = {"__name__": "m"}
+    exec(code, fresh)
+    plan = swap.plan_update(
+        "m",
+        live,
+        fresh,
+        old_index=old_source.index,
+        new_index=new_source.index,
+        allow_removals=False,
+    )
+    assert plan.changed == ("f",)
+    assert states == [("compile", False), ("compile", False), ("plan", False)]
+    assert gc.isenabled()
 
 
 def test_chunk_alignment_pairs_equal_lines_and_covers_every_changed_line() -> None:
