@@ -194,6 +194,9 @@ class StatementIndex:
                 region = [lo, hi, lo + (new_first - first), 0]  # lo..first-1: equal lines
                 regions.append(region)
             region[3] = region[1] + (new_last - last)  # last+1..hi: equal lines after this hunk
+        if any(_joined(new, new_lo - 1) or _joined(new, new_hi) for _, _, new_lo, new_hi in regions):
+            return None  # a backslash joins a stretch to the line after it: parsed apart, a
+            # blank line would end the statement that the real line continues
         pieces: list[str] = []
         line = 1
         for _, _, new_lo, new_hi in regions:
@@ -225,6 +228,12 @@ class StatementIndex:
 
     def binds(self, scope: str, name: str) -> bool:
         return name in self.bound.get(scope, frozenset())
+
+
+
+def _joined(lines: list[str], number: int) -> bool:
+    """Whether line ``number`` (1-based; 0: none) ends with a backslash that joins the next."""
+    return 0 < number <= len(lines) and lines[number - 1].endswith("\\")
 
 
 # One row of a data table: indented literals (numbers, strings without an ``f`` prefix, None,

@@ -167,6 +167,18 @@ def test_a_bracket_opened_in_one_edit_and_closed_in_another() -> None:
         assert updated.units == full(b).units
 
 
+def test_a_backslash_at_the_end_of_an_edit_joins_the_next_line() -> None:
+    # "x = f \\" then "(1)": one statement, x = f(1). Parsed apart from the line it joins (a
+    # blank line after it), the edit would read as "x = f" and "(1)" as a statement of its own.
+    old_text = "x = f\n(1)\ny = 2\n"
+    new_text = "x = f \\\n(1)\ny = 3\n"
+    updated = full(old_text).updated(old_text, new_text)
+    assert updated is not None
+    assert updated.units == full(new_text).units
+    assert updated.texts[""]["x"] == ("x = f \\\n(1)",)
+    assert "f" in updated.units[0].reads.calls
+
+
 def test_many_scattered_edits_in_a_long_module() -> None:
     blocks = [
         f"def f{i}(x):\n    y = x + {i}\n    return y\n\n\nV{i} = f{i}(1)\n" for i in range(300)
