@@ -74,19 +74,51 @@ class Reads:
 
 
 @dataclass(frozen=True, slots=True)
+class Part:
+    """A top-level class's header (decorators, bases, keywords) or one statement of its body,
+    with its share of the class's index, so that an edit inside a method re-reads that method.
+
+    ``first``/``last``: its lines, counted from the class's first line (0), so that a class moved
+    by an edit above it keeps its parts as they are. ``reads`` holds this part's share of the
+    class's ``Reads`` (names, calls, members, construction-method reads; the header's also
+    decorators and ``decorated``).
+    """
+
+    first: int
+    last: int
+    texts: tuple[tuple[str, str, str], ...]
+    bound: tuple[tuple[str, str], ...]
+    reads: Reads
+
+
+@dataclass(frozen=True, slots=True)
 class Unit:
-    """One top-level statement: its lines and what it binds, in the module and in class bodies."""
+    """One top-level statement: its lines and what it binds, in the module and in class bodies.
+
+    A class with a body on lines of its own also keeps its ``parts`` (header, then each body
+    statement), from which its texts, bindings and reads are made.
+    """
 
     start: int  # first line, 1-based, decorators included
     end: int  # last line
     texts: tuple[tuple[str, str, str], ...]  # (scope, name, statement text) of plain statements
     bound: tuple[tuple[str, str], ...]  # (scope, name) of every name bound
     reads: Reads = Reads()
+    parts: tuple[Part, ...] = ()
 
     def shifted(self, delta: int) -> Unit:
         if not delta:
             return self
-        return Unit(self.start + delta, self.end + delta, self.texts, self.bound, self.reads)
+        return Unit(
+            self.start + delta, self.end + delta, self.texts, self.bound, self.reads, self.parts
+        )
+
+    @property
+    def body_start(self) -> int | None:
+        """For a class whose body starts on a line after its header: that line."""
+        if len(self.parts) < 2 or self.parts[1].first <= self.parts[0].last:
+            return None
+        return self.start + self.parts[1].first
 
 
 @dataclass(frozen=True)
@@ -122,28 +154,38 @@ class StatementIndex:
     def updated(
         self, old_text: str, new_text: str, *, keep: Callable[[ast.stmt], bool] | None = None
     ) -> StatementIndex | None:
-        """The index of ``new_text``, re-parsing only the top-level statements that changed.
+        """The index of ``new_text``, re-parsing only the statements that changed.
 
         The two texts are aligned line by line (``_hunks``); each changed stretch is widened to the
         whole top-level statements it touches, and only those stretches are parsed again, in one
         ``ast.parse`` of ``new_text`` with every other line blanked (so line numbers come out
-        right without ``ast.increment_lineno``, and no unchanged statement is re-read). The other
-        statements are the previous index's, shifted. ``None`` when a stretch does not parse on
-        its own, or a statement it yields reaches beyond it (the caller parses the whole text).
+        right without ``ast.increment_lineno``, and no unchanged statement is re-read). A class
+        whose changed lines all lie in its body has only the body statements they touch parsed
+        again (``_rebuilt_class``): a method edited in a 500-line class costs that method. The
+        other statements are the previous index's, shifted. ``None`` when a stretch does not
+        parse on its own, or a statement it yields reaches beyond it (the caller parses the
+        whole text).
         """
         old = _lines(old_text)
         new = _lines(new_text)
         hunks = _chunk_hunks(old, new)
-        # A stretch that does not parse alone usually continues a neighbouring statement (a method
-        # added at the end of a class, a decorator put on a def, an ``else:``): widen to those.
-        found = self._reparse(hunks, new, keep, widen=False)
-        if found is None:
-            found = self._reparse(hunks, new, keep, widen=True)
+        found = None
+        plain, rebuilt = self._class_bodies_updated(hunks, old, new)
+        if rebuilt:  # classes edited inside their bodies only: those statements alone re-read
+            found = self._reparse_or_widen(plain, new, keep)
+            if found is None or any(_overlap(r, [c for c, _ in rebuilt]) for r in found[0]):
+                found, rebuilt = None, []  # read the classes whole, as below
+        if not rebuilt:
+            found = self._reparse_or_widen(hunks, new, keep)
         if found is None:
             return None
         regions, body = found
+        fresh_units = _units(body, new)
+        if rebuilt:
+            regions = sorted([*regions, *(region for region, _ in rebuilt)])
+            fresh_units = sorted([*fresh_units, *(u for _, u in rebuilt)], key=lambda u: u.start)
         units: list[Unit] = []
-        fresh = iter(_units(body, new))
+        fresh = iter(fresh_units)
         pending = next(fresh, None)
         delta = 0
         old_units = iter(self.units)
@@ -159,6 +201,68 @@ class StatementIndex:
                 pending = next(fresh, None)
             delta = new_hi - hi
         return StatementIndex.from_units(units)
+
+    def _reparse_or_widen(
+        self,
+        hunks: list[tuple[int, int, int, int]],
+        new: list[str],
+        keep: Callable[[ast.stmt], bool] | None,
+    ) -> tuple[list[list[int]], list[ast.stmt]] | None:
+        # A stretch that does not parse alone usually continues a neighbouring statement (a method
+        # added at the end of a class, a decorator put on a def, an ``else:``): widen to those.
+        found = self._reparse(hunks, new, keep, widen=False)
+        if found is None:
+            found = self._reparse(hunks, new, keep, widen=True)
+        return found
+
+    def _class_bodies_updated(
+        self, hunks: list[tuple[int, int, int, int]], old: list[str], new: list[str]
+    ) -> tuple[list[tuple[int, int, int, int]], list[tuple[list[int], Unit]]]:
+        """The hunks left to ``_reparse``, and the classes rebuilt from their parts: a class
+        whose every changed line lies in its body gets only the body statements those lines
+        touch parsed again (``_rebuilt_class``), as ``[old first, old last, new first, new last]``
+        of the whole class and its new unit."""
+        starts = [u.start for u in self.units]
+        ends = [u.end for u in self.units]
+        plain: list[tuple[int, int, int, int]] = []
+        inside: dict[int, list[tuple[int, int, int, int]]] = {}
+        whole: set[int] = set()  # classes that some hunk touches outside their bodies
+        for hunk in hunks:
+            first, last, new_first, new_last = hunk
+            k, stop = bisect.bisect_left(ends, first), bisect.bisect_right(starts, last)
+            if all(self.units[j].body_start is None for j in range(k, stop)):
+                plain.append(hunk)
+                continue
+            # A hunk over whole chunks (several statements, perhaps): align its lines to find
+            # the lines that changed, and where each stretch of them lies.
+            for a, b, c, d in _hunks(old[first - 1 : last], new[new_first - 1 : new_last]):
+                line_hunk = (a + first - 1, b + first - 1, c + new_first - 1, d + new_first - 1)
+                lo, hi = line_hunk[0], line_hunk[1]
+                if hi < lo:
+                    lo, hi = hi, lo  # an insertion: the lines on both sides
+                j, j_stop = bisect.bisect_left(ends, lo), bisect.bisect_right(starts, hi)
+                unit = self.units[j] if j_stop - j == 1 else None
+                body = None if unit is None else unit.body_start
+                where = "across"
+                if unit is not None and body is not None:
+                    where = _where(
+                        line_hunk[0], line_hunk[1], (unit.start, unit.end), (body, unit.end)
+                    )
+                if where == "body":
+                    inside.setdefault(j, []).append(line_hunk)
+                else:
+                    plain.append(line_hunk)  # outside the classes, or across a header
+                    if where == "across":
+                        whole.update(range(j, j_stop))
+        rebuilt: list[tuple[list[int], Unit]] = []
+        for k, line_hunks in inside.items():
+            made = None if k in whole else _rebuilt_class(self.units[k], line_hunks, old, new)
+            if made is None:
+                plain.extend(line_hunks)
+            else:
+                rebuilt.append(made)
+        plain.sort()
+        return plain, rebuilt
 
     def _reparse(
         self,
@@ -194,7 +298,9 @@ class StatementIndex:
                 region = [lo, hi, lo + (new_first - first), 0]  # lo..first-1: equal lines
                 regions.append(region)
             region[3] = region[1] + (new_last - last)  # last+1..hi: equal lines after this hunk
-        if any(_joined(new, new_lo - 1) or _joined(new, new_hi) for _, _, new_lo, new_hi in regions):
+        if any(
+            _joined(new, new_lo - 1) or _joined(new, new_hi) for _, _, new_lo, new_hi in regions
+        ):
             return None  # a backslash joins a stretch to the line after it: parsed apart, a
             # blank line would end the statement that the real line continues
         pieces: list[str] = []
@@ -229,6 +335,139 @@ class StatementIndex:
     def binds(self, scope: str, name: str) -> bool:
         return name in self.bound.get(scope, frozenset())
 
+
+_BODY_HEADER = "class __hotpatch_body__:\n"
+
+
+def _rebuilt_class(
+    unit: Unit, hunks: list[tuple[int, int, int, int]], old: list[str], new: list[str]
+) -> tuple[list[int], Unit] | None:
+    """A top-level class whose changed lines (``hunks``, sorted) all lie in its body, rebuilt
+    from its parts with only the body statements they touch parsed again: as
+    ``([old first, old last, new first, new last], new unit)``, or ``None`` when that cannot be
+    shown to read as the whole class would (the caller parses the class whole).
+
+    Each stretch of touched statements is parsed under a header of its own on the line before
+    it (``_BODY_HEADER``), every other line blank. It reads as in the real class when it parses
+    alone, everything it holds lies inside it, and its statements start at the indentation of
+    the class's other statements: the lines before and after it are statement boundaries, as
+    in the old version, and unchanged.
+    """
+    base = unit.start
+    spans = [(base + p.first, base + p.last) for p in unit.parts[1:]]
+    regions: list[list[int]] = []
+    for first, last, new_first, new_last in hunks:
+        lo, hi = first, last
+        if last < first:
+            lo, hi = last, first  # an insertion: the statements on both sides are touched
+        while True:  # widened to whole statements (two may share a line: ``a = 1; b = 2``)
+            touched = [span for span in spans if span[0] <= hi and lo <= span[1]]
+            wider = (min([lo] + [a for a, _ in touched]), max([hi] + [b for _, b in touched]))
+            if wider == (lo, hi):
+                break
+            lo, hi = wider
+        lo, hi = min(lo, first), max(hi, last)
+        if regions and lo <= regions[-1][1] + 1:
+            region = regions[-1]
+            region[1] = max(region[1], hi)
+        else:
+            region = [lo, hi, lo + (new_first - first), 0]
+            regions.append(region)
+        region[3] = region[1] + (new_last - last)
+    kept = [span for span in spans if not _overlap([span[0], span[1]], regions)]
+    indent = _indentation(old[kept[0][0] - 1]) if kept else None
+    unchanged = set(kept)
+    pieces: list[str] = []
+    line = 1
+    parsed: list[list[int]] = []
+    for region in regions:
+        _, _, new_lo, new_hi = region
+        stretch = new[new_lo - 1 : new_hi]
+        if all(not text.strip() or text.lstrip().startswith("#") for text in stretch):
+            if _joined(new, new_lo - 1):
+                return None
+            continue  # blank lines and comments only: no statement here now
+        if new_lo - 1 < line or _joined(new, new_lo - 1) or _joined(new, new_hi):
+            return None  # no free line for the header, or a backslash joins a neighbour
+        pieces.append("\n" * (new_lo - 1 - line) + _BODY_HEADER)
+        pieces.append(_blank_literal_rows("\n".join(stretch) + "\n"))
+        line = new_hi + 1
+        parsed.append(region)
+    try:
+        tree = parse("".join(pieces)) if pieces else ast.Module(body=[], type_ignores=[])
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    if len(tree.body) != len(parsed):
+        return None
+    shift = regions[0][2] - regions[0][0]  # lines added or removed above the class
+    new_base = base + shift
+    scope = unit.parts[0].bound[0][1]
+    fresh: list[Part] = []
+    for block, (_, _, new_lo, new_hi) in zip(tree.body, parsed, strict=True):
+        if (
+            not isinstance(block, ast.ClassDef)
+            or block.lineno != new_lo - 1
+            or block.decorator_list
+            or block.name != "__hotpatch_body__"
+        ):
+            return None
+        for stmt in block.body:
+            start = _first_line(stmt)
+            if not new_lo <= start <= (stmt.end_lineno or start) <= new_hi:
+                return None
+            indent = _indentation(new[start - 1]) if indent is None else indent
+            if not indent or _indentation(new[start - 1]) != indent:
+                return None  # not a statement of the class body itself
+            fresh.append(_member_part(stmt, scope, new, new_base))
+    parts = [unit.parts[0]]
+    for part, span in zip(unit.parts[1:], spans, strict=True):
+        if span in unchanged:
+            before = [r for r in regions if r[1] < span[0]]
+            moved = (before[-1][3] - before[-1][1]) if before else shift
+            parts.append(
+                Part(
+                    part.first + moved - shift,
+                    part.last + moved - shift,
+                    part.texts,
+                    part.bound,
+                    part.reads,
+                )
+                if moved != shift
+                else part
+            )
+    parts[1:] = sorted([*parts[1:], *fresh], key=lambda part: part.first)
+    if len(parts) < 2:
+        return None  # the body is gone: the class reads as a whole again
+    end_shift = regions[-1][3] - regions[-1][1]
+    return [unit.start, unit.end, new_base, unit.end + end_shift], _class_from_parts(
+        new_base, parts
+    )
+
+
+def _indentation(line: str) -> str:
+    return line[: len(line) - len(line.lstrip(" \t\f"))]
+
+
+def _where(first: int, last: int, unit: tuple[int, int], body: tuple[int, int]) -> str:
+    """Where old lines ``first..last`` lie ("before", "after", "body" or "across"), for a unit
+    spanning lines ``unit`` whose body spans ``body``; ``last == first - 1``: lines inserted
+    between lines ``last`` and ``first``."""
+    if last >= first:
+        if last < unit[0]:
+            return "before"
+        if first > unit[1]:
+            return "after"
+        return "body" if body[0] <= first and last <= body[1] else "across"
+    if first <= unit[0]:
+        return "before"
+    if last >= unit[1]:
+        return "after"  # at the class's end: a method appended, or a statement after it
+    return "body" if body[0] <= last else "across"
+
+
+def _overlap(region: list[int], others: list[list[int]]) -> bool:
+    """Whether old lines ``region[0]..region[1]`` meet any of ``others`` (same form)."""
+    return any(region[0] <= other[1] and other[0] <= region[1] for other in others)
 
 
 def _joined(lines: list[str], number: int) -> bool:
@@ -522,15 +761,122 @@ _LEAVES = frozenset({ast.Name, ast.Constant})  # nodes with no child nodes but t
 def _units(body: list[ast.stmt], lines: list[str]) -> list[Unit]:
     units = []
     for stmt in body:
+        start = _first_line(stmt)
+        if isinstance(stmt, ast.ClassDef) and stmt.body:
+            units.append(_class_unit(stmt, start, lines))
+            continue
         texts: list[tuple[str, str, str]] = []
         bound: list[tuple[str, str]] = []
         _index_statement(stmt, "", lines, texts, bound)
-        decorators = getattr(stmt, "decorator_list", [])
-        start = min([stmt.lineno] + [d.lineno for d in decorators])
         units.append(
             Unit(start, stmt.end_lineno or stmt.lineno, tuple(texts), tuple(bound), _reads(stmt))
         )
     return units
+
+
+def _first_line(stmt: ast.stmt) -> int:
+    """A statement's first line, its decorators' included."""
+    decorators: list[ast.expr] = getattr(stmt, "decorator_list", [])
+    return min([stmt.lineno] + [d.lineno for d in decorators])
+
+
+def _class_unit(stmt: ast.ClassDef, start: int, lines: list[str]) -> Unit:
+    """A top-level class's unit, made of its parts (what ``_reads`` and ``_index_statement``
+    find for the whole statement, as the header's share and each body statement's)."""
+    nodes: list[ast.AST] = [*stmt.bases, *stmt.keywords, *stmt.decorator_list]
+    nodes += getattr(stmt, "type_params", ())
+    names: set[str] = set()
+    bare: set[str] = set()
+    attrs: set[tuple[str, str]] = set()
+    calls: set[str] = set()
+    _walk_reads(list(nodes), names, bare, attrs, calls)
+    decorators = {
+        n.id
+        for decorator in stmt.decorator_list
+        for n in _walk(decorator)
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+    }
+    header_end = max([stmt.lineno] + [getattr(n, "end_lineno", None) or 0 for n in nodes])
+    header = Part(
+        0,
+        header_end - start,
+        (),
+        (("", stmt.name),),
+        Reads(
+            "class",
+            frozenset(names),
+            frozenset(bare),
+            frozenset(attrs),
+            frozenset(calls),
+            decorators=frozenset(decorators),
+            decorated="\n".join(ast.dump(d) for d in stmt.decorator_list),
+        ),
+    )
+    parts = [header, *(_member_part(child, stmt.name, lines, start) for child in stmt.body)]
+    return _class_from_parts(start, parts)
+
+
+def _member_part(stmt: ast.stmt, scope: str, lines: list[str], base: int) -> Part:
+    """One statement of the body of top-level class ``scope``, lines counted from ``base``."""
+    texts: list[tuple[str, str, str]] = []
+    bound: list[tuple[str, str]] = []
+    _index_statement(stmt, scope, lines, texts, bound)
+    names: set[str] = set()
+    bare: set[str] = set()
+    attrs: set[tuple[str, str]] = set()
+    calls: set[str] = set()
+    _walk_reads([stmt], names, bare, attrs, calls)
+    members: list[tuple[str, Reads]] = []
+    if isinstance(stmt, ast.ClassDef):
+        _class_members(stmt, f"{scope}.{stmt.name}", members)
+    elif not isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
+        reads = _reads(stmt)
+        members.extend((f"{scope}.{name}", reads) for name in sorted(bound_names(stmt)))
+    body: set[str] = set()
+    body_attrs: set[tuple[str, str]] = set()
+    if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef) and stmt.name in _MAKING_METHODS:
+        _names_read_in(stmt, body, body_attrs)
+    return Part(
+        _first_line(stmt) - base,
+        (stmt.end_lineno or stmt.lineno) - base,
+        tuple(texts),
+        tuple(bound),
+        Reads(
+            "class",
+            frozenset(names),
+            frozenset(bare),
+            frozenset(attrs),
+            frozenset(calls),
+            members=tuple(members),
+            body=frozenset(body),
+            body_attrs=frozenset(body_attrs),
+        ),
+    )
+
+
+def _class_from_parts(start: int, parts: list[Part]) -> Unit:
+    header = parts[0].reads
+    shares = [part.reads for part in parts]
+    reads = Reads(
+        "class",
+        frozenset().union(*(r.names for r in shares)),
+        frozenset().union(*(r.bare for r in shares)),
+        frozenset().union(*(r.attrs for r in shares)),
+        frozenset().union(*(r.calls for r in shares)),
+        decorators=header.decorators,
+        members=tuple(member for r in shares for member in r.members),
+        body=frozenset().union(*(r.body for r in shares)),
+        body_attrs=frozenset().union(*(r.body_attrs for r in shares)),
+        decorated=header.decorated,
+    )
+    return Unit(
+        start,
+        start + parts[-1].last,
+        tuple(text for part in parts for text in part.texts),
+        tuple(name for part in parts for name in part.bound),
+        reads,
+        tuple(parts),
+    )
 
 
 def _reads(stmt: ast.stmt) -> Reads:
@@ -541,40 +887,7 @@ def _reads(stmt: ast.stmt) -> Reads:
     bare: set[str] = set()
     attrs: set[tuple[str, str]] = set()
     calls: set[str] = set()
-    todo: list[ast.AST] = [stmt]
-    while todo:
-        node = todo.pop()
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            args = node.args
-            todo.extend(node.decorator_list)
-            todo.extend(args.defaults)
-            todo.extend(d for d in args.kw_defaults if d is not None)
-            todo.extend(
-                a.annotation
-                for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg)
-                if a is not None and a.annotation is not None
-            )
-            if node.returns is not None:
-                todo.append(node.returns)
-            continue  # the body runs when called, not at import
-        if isinstance(node, ast.Lambda):
-            todo.extend(node.args.defaults)
-            todo.extend(d for d in node.args.kw_defaults if d is not None)
-            continue
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
-            names.add(node.id)
-            bare.add(node.id)
-            continue
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-            names.add(node.value.id)
-            if isinstance(node.ctx, ast.Load):
-                attrs.add((node.value.id, node.attr))
-            continue
-        if isinstance(node, ast.Call):
-            root = _root_name(node.func)
-            if root is not None:
-                calls.add(root)
-        todo.extend(_children(node))
+    _walk_reads([stmt], names, bare, attrs, calls)
     kind = (
         "def"
         if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef)
@@ -627,6 +940,49 @@ def _reads(stmt: ast.stmt) -> Reads:
     )
 
 
+def _walk_reads(
+    todo: list[ast.AST],
+    names: set[str],
+    bare: set[str],
+    attrs: set[tuple[str, str]],
+    calls: set[str],
+) -> None:
+    """Add what the nodes in ``todo`` read and call at import time (not in function bodies)."""
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            args = node.args
+            todo.extend(node.decorator_list)
+            todo.extend(args.defaults)
+            todo.extend(d for d in args.kw_defaults if d is not None)
+            todo.extend(
+                a.annotation
+                for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg)
+                if a is not None and a.annotation is not None
+            )
+            if node.returns is not None:
+                todo.append(node.returns)
+            continue  # the body runs when called, not at import
+        if isinstance(node, ast.Lambda):
+            todo.extend(node.args.defaults)
+            todo.extend(d for d in node.args.kw_defaults if d is not None)
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+            bare.add(node.id)
+            continue
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            names.add(node.value.id)
+            if isinstance(node.ctx, ast.Load):
+                attrs.add((node.value.id, node.attr))
+            continue
+        if isinstance(node, ast.Call):
+            root = _root_name(node.func)
+            if root is not None:
+                calls.add(root)
+        todo.extend(_children(node))
+
+
 # Methods that run when a class is called: a class whose instances they make uses what they read.
 _MAKING_METHODS = frozenset({"__init__", "__new__", "__post_init__", "__attrs_post_init__"})
 
@@ -642,7 +998,12 @@ def _body_reads(stmt: ast.stmt, names: set[str], attrs: set[tuple[str, str]]) ->
             if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
             and child.name in _MAKING_METHODS
         ]
-    for node in (inner for root in roots for inner in _walk(root)):
+    for root in roots:
+        _names_read_in(root, names, attrs)
+
+
+def _names_read_in(root: ast.AST, names: set[str], attrs: set[tuple[str, str]]) -> None:
+    for node in _walk(root):
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             names.add(node.id)
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):

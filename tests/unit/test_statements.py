@@ -466,3 +466,165 @@ def test_which_rows_are_left_out_of_the_re_parse(block: str, kept: bool) -> None
 def test_a_line_that_is_almost_a_row_is_rejected_at_once(line: str) -> None:
     block = f"x = [\n    {line}\n]\n"
     assert statements._blank_literal_rows(block) == block
+
+
+# -- classes edited inside their bodies: only the touched body statements are parsed again ------
+CLASS_BASE = textwrap.dedent(
+    '''\
+    import functools
+
+    X = 1
+
+
+    @functools.total_ordering
+    class Big(
+        object,
+    ):
+        """A class with a body on lines of its own."""
+
+        LIMIT = X
+        W = max
+        (1, 2)
+        A = 1; B = (2,
+            3)
+
+        def __init__(self, n):
+            self.n = n + X
+
+        @property
+        def size(self):
+            return self.n
+
+        # helpers
+        def helper(self):
+            text = """
+    a line at column 0 inside a string
+    """
+            return text
+
+        class Inner:
+            Z = 0
+
+            def m(self):
+                return self.Z
+
+        def last(self):
+            return 1
+
+
+    class One: x = 1
+
+
+    def after():
+        return Big
+    '''
+)
+
+CLASS_EDITS = {
+    "method body": [("        return self.n\n", "        return self.n * 2\n")],
+    "two methods": [
+        ("        return self.n\n", "        return self.n * 2\n"),
+        ("        return 1\n", "        return 2\n"),
+    ],
+    "construction method": [("self.n = n + X", "self.n = n + X + LIMIT")],
+    "class attribute": [("    LIMIT = X\n", "    LIMIT = X + 1\n")],
+    "one of two statements on a line": [("A = 1; B", "A = 10; B")],
+    "comment between methods": [("    # helpers\n", "    # helpers, and more\n    # of them\n")],
+    "comment lines only": [("    # helpers\n", "\n")],
+    "method added in the middle": [
+        ("    # helpers\n", "    def added(self, y=X):\n        return y\n\n    # helpers\n")
+    ],
+    "method appended at the end": [
+        ("        return 1\n", "        return 1\n\n    def appended(self):\n        return 2\n")
+    ],
+    "method removed": [("    @property\n    def size(self):\n        return self.n\n\n", "")],
+    "decorator added": [("    def helper(self):", "    @staticmethod\n    def helper(self):")],
+    "nested class": [("        Z = 0\n", "        Z = 1\n        Y = Z\n")],
+    "inside the column-0 string": [("a line at column 0", "another line at column 0")],
+    "a method moved out of the class": [("    def last(self):\n", "def last(self):\n")],
+    "a line nested deeper": [
+        (
+            "    def last(self):\n        return 1\n",
+            "    def last(self):\n        return 1\n        def x(): pass\n",
+        )
+    ],
+    "header changed": [("    object,\n", "    object, dict,\n")],
+    "decorator of the class": [("@functools.total_ordering\n", "")],
+    "one-line class": [("class One: x = 1", "class One: x = 2")],
+    "lines added above": [("X = 1\n", "X = 1\nY = 2\n\n")],
+    "above and inside": [
+        ("X = 1\n", "X = 1\nY = 2\n\n"),
+        ("        return self.n\n", "        return self.n + Y\n"),
+    ],
+    "a backslash joins the next statement": [("    W = max\n", "    W = max \\\n")],
+}
+
+
+def _edit_all(text: str, edits: list[tuple[str, str]]) -> str:
+    for old, new in edits:
+        assert text.count(old) >= 1, old
+        text = text.replace(old, new, 1)
+    return text
+
+
+@pytest.mark.parametrize("edit", CLASS_EDITS)
+def test_a_class_edited_in_its_body_is_indexed_as_a_full_parse_would(edit: str) -> None:
+    new_text = _edit_all(CLASS_BASE, CLASS_EDITS[edit])
+    try:
+        expected = full(new_text)
+    except SyntaxError:
+        pytest.skip("the edit does not make Python")
+    for a, b in ((CLASS_BASE, new_text), (new_text, CLASS_BASE)):
+        updated = full(a).updated(a, b)
+        assert updated is not None
+        assert updated == full(b)
+    big = next(unit for unit in expected.units if ("", "Big") in unit.bound)
+    assert big.parts
+
+
+def test_only_the_touched_statements_of_a_class_are_parsed_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    new_text = _edit_all(CLASS_BASE, CLASS_EDITS["two methods"])
+    seen: list[str] = []
+    real_parse = statements.parse
+
+    def recording(text: str, filename: str = "<unknown>") -> ast.Module:
+        seen.append(text)
+        return real_parse(text, filename)
+
+    before = full(CLASS_BASE)
+    monkeypatch.setattr(statements, "parse", recording)
+    updated = before.updated(CLASS_BASE, new_text)
+    assert updated == full(new_text)
+    parsed = "".join(seen)
+    assert "return self.n * 2" in parsed and "return 2" in parsed
+    for untouched in ("LIMIT = X", "def __init__", "class Inner", "a line at column 0"):
+        assert untouched not in parsed
+    big = updated.units[2]
+    kept = {id(part) for part in before.units[2].parts}
+    assert sum(id(part) in kept for part in big.parts) == len(big.parts) - 2
+    assert updated.texts["Big"]["LIMIT"] == ("    LIMIT = X",)
+    assert "X" in big.reads.body  # __init__ reads X when Big is called
+
+
+def test_a_class_body_parsed_apart_must_keep_its_indentation() -> None:
+    # The edited method is now indented under the one before it: a nested function of that
+    # method, not a method. Parsed alone under a header, it would read as a method.
+    old_text = "class A:\n    def f(self):\n        pass\n\n    def g(self):\n        return 1\n"
+    new_text = (
+        "class A:\n    def f(self):\n        pass\n\n        def g(self):\n            return 2\n"
+    )
+    updated = full(old_text).updated(old_text, new_text)
+    assert updated is not None
+    assert updated == full(new_text)
+    assert "g" not in updated.bound["A"]
+
+
+@pytest.mark.skipif(not hasattr(ast, "TypeVar"), reason="type parameters: Python 3.12+")
+def test_a_generic_class_edited_in_its_body() -> None:
+    old_text = "class Box[T: Base]:\n    def get(self) -> T:\n        return self.v\n"
+    new_text = "class Box[T: Base]:\n    def get(self) -> T:\n        return self.w\n"
+    updated = full(old_text).updated(old_text, new_text)
+    assert updated == full(new_text)
+    assert "Base" in updated.units[0].reads.names
