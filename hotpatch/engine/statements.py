@@ -230,7 +230,8 @@ class StatementIndex:
         for hunk in hunks:
             first, last, new_first, new_last = hunk
             k, stop = bisect.bisect_left(ends, first), bisect.bisect_right(starts, last)
-            if all(self.units[j].body_start is None for j in range(k, stop)):
+            near = range(k, stop) if stop > k else range(max(k - 1, 0), k)  # or the one before
+            if all(self.units[j].body_start is None for j in near):
                 plain.append(hunk)
                 continue
             # A hunk over whole chunks (several statements, perhaps): align its lines to find
@@ -241,6 +242,8 @@ class StatementIndex:
                 if hi < lo:
                     lo, hi = hi, lo  # an insertion: the lines on both sides
                 j, j_stop = bisect.bisect_left(ends, lo), bisect.bisect_right(starts, hi)
+                if j == j_stop and j:  # between statements: perhaps added to the class before
+                    j -= 1
                 unit = self.units[j] if j_stop - j == 1 else None
                 body = None if unit is None else unit.body_start
                 where = "across"
@@ -248,6 +251,8 @@ class StatementIndex:
                     where = _where(
                         line_hunk[0], line_hunk[1], (unit.start, unit.end), (body, unit.end)
                     )
+                    if where == "after" and _appended(unit.end, line_hunk, old, new):
+                        where = "body"  # methods added at the class's end
                 if where == "body":
                     inside.setdefault(j, []).append(line_hunk)
                 else:
@@ -463,6 +468,22 @@ def _where(first: int, last: int, unit: tuple[int, int], body: tuple[int, int]) 
     if last >= unit[1]:
         return "after"  # at the class's end: a method appended, or a statement after it
     return "body" if body[0] <= last else "across"
+
+
+def _appended(end: int, hunk: tuple[int, int, int, int], old: list[str], new: list[str]) -> bool:
+    """Whether the lines ``hunk`` puts after a top-level class ending on line ``end`` continue
+    its body: no code between the class and them (blank lines and comments only, before and
+    in the old side), and the first of the new lines that holds code is indented."""
+    _, last, new_first, new_last = hunk
+    if any(_holds_code(line) for line in old[end:last]):
+        return False
+    code = next((line for line in new[new_first - 1 : new_last] if _holds_code(line)), None)
+    return code is not None and code[:1] in (" ", "\t")
+
+
+def _holds_code(line: str) -> bool:
+    stripped = line.strip()
+    return bool(stripped) and not stripped.startswith("#")
 
 
 def _overlap(region: list[int], others: list[list[int]]) -> bool:

@@ -628,3 +628,22 @@ def test_a_generic_class_edited_in_its_body() -> None:
     updated = full(old_text).updated(old_text, new_text)
     assert updated == full(new_text)
     assert "Base" in updated.units[0].reads.names
+
+
+def test_methods_added_at_a_class_end_are_read_with_its_last_statement_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    new_text = _edit_all(CLASS_BASE, CLASS_EDITS["method appended at the end"])
+    seen: list[str] = []
+    real_parse = statements.parse
+
+    def recording(text: str, filename: str = "<unknown>") -> ast.Module:
+        seen.append(text)
+        return real_parse(text, filename)
+
+    before = full(CLASS_BASE)
+    monkeypatch.setattr(statements, "parse", recording)
+    updated = before.updated(CLASS_BASE, new_text)
+    assert updated == full(new_text)
+    assert seen and "def appended" in seen[0] and "def __init__" not in "".join(seen)
+    assert "appended" in updated.bound["Big"]
