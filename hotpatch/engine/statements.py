@@ -231,7 +231,17 @@ class StatementIndex:
             first, last, new_first, new_last = hunk
             k, stop = bisect.bisect_left(ends, first), bisect.bisect_right(starts, last)
             near = range(k, stop) if stop > k else range(max(k - 1, 0), k)  # or the one before
-            if all(self.units[j].body_start is None for j in near):
+            in_classes = sum(
+                min(u.end, last) - max(u.start, first) + 1
+                for u in (self.units[j] for j in near)
+                if u.body_start is not None
+            )
+            if stop > k and in_classes * 3 < last - first + 1:
+                # Mostly other statements (a module of functions with a few small exception
+                # classes): aligning its lines costs more than the classes' re-parse saves.
+                plain.append(hunk)
+                continue
+            if not any(self.units[j].body_start is not None for j in near):
                 plain.append(hunk)
                 continue
             # A hunk over whole chunks (several statements, perhaps): align its lines to find
