@@ -167,7 +167,10 @@ def test_the_step_benchmark_measures_both_peers_on_the_same_steps() -> None:
         "1.15.0 -> 1.14.0",
     ]
     for row in rows:
-        patch_ms, reload_ms, ratio = (cell.strip() for cell in row.split("|")[2:5])
-        assert float(patch_ms) > 0 and float(reload_ms) > 0
-        assert float(ratio.rstrip("x")) == pytest.approx(float(patch_ms) / float(reload_ms), 0.02)
-    assert "median ratio" in done.stdout
+        cells = [cell.strip() for cell in row.split("|")[2:7]]
+        patch_ms, parse_ms, reload_ms = map(float, cells[:3])
+        ratio, floor = (float(cell.rstrip("x")) for cell in cells[3:])
+        assert patch_ms > 0 and reload_ms > 0 and 0 <= parse_ms < patch_ms
+        assert ratio == pytest.approx(patch_ms / reload_ms, 0.02)
+        assert floor == pytest.approx((reload_ms + parse_ms) / reload_ms, 0.02)
+    assert "median ratio" in done.stdout and "floor" in done.stdout
