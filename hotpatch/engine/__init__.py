@@ -3,7 +3,9 @@
 Owns everything that changes code inside this process, one stage per module:
 
 - ``candidate``: read and decode the source, compile it, execute it into a fresh module object;
-- ``statements``: the per-statement index that says which top-level values a version changed;
+- ``statements``: the per-statement index that says which top-level values a version changed,
+  derived from the previous version's by re-reading what an edit touched (``alignment``: where
+  two texts differ; ``tables``: data-table rows left out of that re-read);
 - ``guard``: API compatibility (signatures, classes) and the deadline runner for user checks;
 - ``swap`` (pairing and planning), ``compare`` (what counts as changed), ``rebind`` (the
   candidate's objects re-pointed at the live ones): the plan of the commit;

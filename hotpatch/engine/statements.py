@@ -15,14 +15,14 @@ from __future__ import annotations
 import ast
 import bisect
 import gc
-import itertools
-import re
 import sys
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import filterfalse
+
+from hotpatch.engine.alignment import chunk_hunks, line_hunks, split_lines
+from hotpatch.engine.tables import blank_literal_rows
 
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _NESTED_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
@@ -137,7 +137,7 @@ class StatementIndex:
 
     @classmethod
     def build(cls, tree: ast.Module, text: str) -> StatementIndex:
-        return cls.from_units(_units(tree.body, _lines(text)))
+        return cls.from_units(_units(tree.body, split_lines(text)))
 
     @classmethod
     def from_units(cls, units: list[Unit]) -> StatementIndex:
@@ -156,7 +156,7 @@ class StatementIndex:
     ) -> StatementIndex | None:
         """The index of ``new_text``, re-parsing only the statements that changed.
 
-        The two texts are aligned line by line (``_hunks``); each changed stretch is widened to the
+        The two texts are aligned line by line (``line_hunks``); each changed stretch is widened to the
         whole top-level statements it touches, and only those stretches are parsed again, in one
         ``ast.parse`` of ``new_text`` with every other line blanked (so line numbers come out
         right without ``ast.increment_lineno``, and no unchanged statement is re-read). A class
@@ -166,9 +166,9 @@ class StatementIndex:
         parse on its own, or a statement it yields reaches beyond it (the caller parses the
         whole text).
         """
-        old = _lines(old_text)
-        new = _lines(new_text)
-        hunks = _chunk_hunks(old, new)
+        old = split_lines(old_text)
+        new = split_lines(new_text)
+        hunks = chunk_hunks(old, new)
         found = None
         plain, rebuilt = self._class_bodies_updated(hunks, old, new)
         if rebuilt:  # classes edited inside their bodies only: those statements alone re-read
@@ -246,7 +246,7 @@ class StatementIndex:
                 continue
             # A hunk over whole chunks (several statements, perhaps): align its lines to find
             # the lines that changed, and where each stretch of them lies.
-            for a, b, c, d in _hunks(old[first - 1 : last], new[new_first - 1 : new_last]):
+            for a, b, c, d in line_hunks(old[first - 1 : last], new[new_first - 1 : new_last]):
                 line_hunk = (a + first - 1, b + first - 1, c + new_first - 1, d + new_first - 1)
                 lo, hi = line_hunk[0], line_hunk[1]
                 if hi < lo:
@@ -270,10 +270,10 @@ class StatementIndex:
                     if where == "across":
                         whole.update(range(j, j_stop))
         rebuilt: list[tuple[list[int], Unit]] = []
-        for k, line_hunks in inside.items():
-            made = None if k in whole else _rebuilt_class(self.units[k], line_hunks, old, new)
+        for k, stretches in inside.items():
+            made = None if k in whole else _rebuilt_class(self.units[k], stretches, old, new)
             if made is None:
-                plain.extend(line_hunks)
+                plain.extend(stretches)
             else:
                 rebuilt.append(made)
         plain.sort()
@@ -323,7 +323,7 @@ class StatementIndex:
         for _, _, new_lo, new_hi in regions:
             pieces.append("\n" * (new_lo - line))
             stretch = new[new_lo - 1 : new_hi]
-            pieces.append(_blank_literal_rows("\n".join(stretch) + "\n" if stretch else ""))
+            pieces.append(blank_literal_rows("\n".join(stretch) + "\n" if stretch else ""))
             line = max(line, new_hi + 1)
         try:
             tree = parse("".join(pieces))
@@ -405,7 +405,7 @@ def _rebuilt_class(
         if new_lo - 1 < line or _joined(new, new_lo - 1) or _joined(new, new_hi):
             return None  # no free line for the header, or a backslash joins a neighbour
         pieces.append("\n" * (new_lo - 1 - line) + _BODY_HEADER)
-        pieces.append(_blank_literal_rows("\n".join(stretch) + "\n"))
+        pieces.append(blank_literal_rows("\n".join(stretch) + "\n"))
         line = new_hi + 1
         parsed.append(region)
     try:
@@ -506,70 +506,6 @@ def _joined(lines: list[str], number: int) -> bool:
     return 0 < number <= len(lines) and lines[number - 1].endswith("\\")
 
 
-# One row of a data table: indented literals (numbers, strings without an ``f`` prefix, None,
-# True, False; signs between them), tuples of those, separated by commas or colons, then perhaps
-# a comment. Whatever such a line parses as reads, binds and calls no name, and it opens and
-# closes no bracket but its tuples'. (A word that starts with a digit is a number to the
-# tokenizer, or a number and a keyword: ``1if 2else 3`` reads nothing either.)
-_STR = r"""[bBrRuU]{0,2}(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")"""
-# Every line has one way to match (no two quantifiers can share a character): a number runs to
-# the end of its word, a separator is spaces with at most one sign in them. With several ways,
-# a line that matches none (a long number, then a name) took exponential time to reject.
-_NUMBER = r"[0-9][0-9a-zA-Z_.]*(?![0-9a-zA-Z_.])"
-_TOKEN = rf"(?:{_NUMBER}|{_STR}|None\b|True\b|False\b)"
-_ATOMS = rf"(?:[-+][ \t]*)?{_TOKEN}(?:[ \t]*(?:[-+][ \t]*)?{_TOKEN})*"
-_TUPLE = rf"\([ \t]*(?:{_ATOMS}(?:[ \t]*,[ \t]*{_ATOMS})*[ \t]*(?:,[ \t]*)?)?\)"
-_ITEM = rf"(?:{_ATOMS}|{_TUPLE})"
-_ROW = rf"[ \t]+{_ITEM}(?:[ \t]*[,:][ \t]*{_ITEM})*[ \t]*(?:,[ \t]*)?(?:#[^\n]*)?"
-# The rows after a line that ends with an opening bracket: rows, comments and blank lines, all
-# inside that bracket. The first alternative is the common row (one number or one plain string
-# and a comma), a subset of ``_ROW`` matched several times faster; it must end the line, else the
-# line is tried as a ``_ROW``. Each line still has one way to match per alternative, and nothing
-# follows the loop, so a line that is not a row ends the run at once.
-_FAST_ROW = r"""[ \t]+(?:[0-9][0-9a-zA-Z_.]*|"(?:[^"\\\n]|\\.)*")[ \t]*,[ \t]*(?=\n)"""
-_ROWS = re.compile(rf"(?:(?:{_FAST_ROW}|{_ROW}|[ \t]*(?:#[^\n]*)?)\n)+")
-_OPEN_AT_END = re.compile(r"[\[({][ \t]*\n")  # an opening bracket, then only the line's end
-
-
-def _blank_literal_rows(block: str) -> str:
-    """``block`` (whole top-level statements, each line ending in a newline) with the rows of
-    its data tables emptied, line numbers unchanged: what the index re-parses of a changed table.
-
-    A row (``_ROW``) reads, binds, calls and changes nothing, so the index of the statements is
-    the same without it (their texts are taken from the real lines), and a 17,000-row table
-    parses as its few lines of code. A row is emptied only where it is surely inside brackets:
-    in the run of rows after a line that ends with an opening bracket (a row opens and closes no
-    bracket) and has no ``#`` (a comment could hide where it ends), so no statement starts or
-    ends on an emptied line.
-    Only after the last triple quote (no string token spans a line there) and with no backslash
-    at a line's end; not at all in a block with a decorator (the index compares the syntax tree
-    of a decorator's arguments). An expression statement's description in a refusal (``the
-    expression [...]``) shows such a table empty.
-    """
-    last = max(block.rfind('"""'), block.rfind("'''"))
-    cut = 0 if last < 0 else block.find("\n", last) + 1
-    tail = block[cut:]
-    if (last >= 0 and not cut) or "\\\n" in tail or _DECORATOR.search(block):
-        return block
-    pieces = [block[:cut]]
-    done = 0  # tail[:done] is in pieces
-    for opening in _OPEN_AT_END.finditer(tail):
-        bracket = opening.start()
-        if bracket < done or tail.find("#", tail.rfind("\n", 0, bracket) + 1, bracket) >= 0:
-            continue  # inside rows already emptied, or a comment on the line
-        rows = _ROWS.match(tail, opening.end())
-        if rows is None:
-            continue
-        pieces.append(tail[done : bracket + 1])
-        pieces.append("\n" * (1 + tail.count("\n", rows.start(), rows.end())))
-        done = rows.end()
-    pieces.append(tail[done:])
-    return "".join(pieces)
-
-
-_DECORATOR = re.compile(r"^[ \t]*@", re.MULTILINE)
-
-
 def parse(text: str, filename: str = "<unknown>") -> ast.Module:
     """``ast.parse`` with the cyclic garbage collector paused (``collector_paused``).
 
@@ -598,149 +534,6 @@ def collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def _lines(text: str) -> list[str]:
-    """The lines of ``text`` as the Python tokenizer counts them (``\\n``, ``\\r\\n``, ``\\r``).
-
-    ``str.splitlines`` also splits at form feeds, ``\\x1c``-``\\x1e``, ``\\x85`` and ``\\u2028``,
-    which would put line numbers out of step with the parser's.
-    """
-    lines = _NEWLINE.split(text) if "\r" in text else text.split("\n")
-    if lines and not lines[-1]:
-        lines.pop()  # the text ends with a newline: no empty last line (as splitlines)
-    return lines
-
-
-_NEWLINE = re.compile(r"\r\n|\r|\n")
-
-
-def _chunks(lines: list[str]) -> tuple[list[str], list[int]]:
-    """``lines`` cut before every non-empty line that starts with neither a space nor a tab
-    (where top-level statements start): the chunks' texts, and the 0-based first line of each
-    (plus ``len(lines)``). No chunk is empty."""
-    if not lines:
-        return [], [0]
-    # Found in the joined text (in C): a line of a 17,000-line table costs nothing in Python.
-    text = "\n".join(lines)
-    starts = [0]
-    line, at = 0, 0
-    for found in _UNINDENTED.finditer(text):
-        line += text.count("\n", at, found.start())
-        at = found.start()
-        if line:
-            starts.append(line)
-    starts.append(len(lines))
-    texts = ["\n".join(lines[a:b]) for a, b in itertools.pairwise(starts)]
-    return texts, starts
-
-
-# The start of a line that is not empty and starts with neither a space nor a tab.
-_UNINDENTED = re.compile(r"^[^ \t\n]", re.MULTILINE)
-
-
-def _chunk_hunks(old: list[str], new: list[str]) -> list[tuple[int, int, int, int]]:
-    """``_hunks`` over chunks of lines (``_chunks``) instead of single lines, in line numbers.
-
-    Paired chunks are equal lines, so the alignment is one ``_hunks`` accepts; a hunk of whole
-    chunks only widens a stretch that ``updated`` widens to whole statements anyway (the lines
-    of a chunk after its first are indented, blank or continued: inside the statement its first
-    line begins or continues). A release that edits a 17,000-line data table then aligns a few
-    hundred chunks, not 17,000 lines.
-    """
-    if old == new:
-        return []
-    prefix, suffix = _common_ends(old, new)  # in lines: a chunk may start anywhere
-    old_texts, old_starts = _chunks(old[prefix : len(old) - suffix])
-    new_texts, new_starts = _chunks(new[prefix : len(new) - suffix])
-    return [
-        (
-            prefix + old_starts[a - 1] + 1,
-            prefix + old_starts[b],
-            prefix + new_starts[c - 1] + 1,
-            prefix + new_starts[d],
-        )
-        for a, b, c, d in _hunks(old_texts, new_texts)
-    ]
-
-
-def _common_ends(old: list[str], new: list[str]) -> tuple[int, int]:
-    """How many first and last lines ``old`` and ``new`` have in common (not overlapping),
-    found by comparing slices (in C, a few times over)."""
-    lo, hi = 0, min(len(old), len(new))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if old[:mid] == new[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    prefix = lo
-    lo, hi = 0, min(len(old), len(new)) - prefix
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if old[len(old) - mid :] == new[len(new) - mid :]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return prefix, lo
-
-
-def _hunks(old: list[str], new: list[str]) -> list[tuple[int, int, int, int]]:
-    """The changed stretches between two line lists, as (first, last) lines (1-based) of ``old``
-    and (first, last) of ``new``; ``last == first - 1`` for an empty side (an insertion).
-
-    Any alignment in which paired lines are equal and in order is correct here (the changed
-    stretches are parsed again); a small one keeps that cheap. Lines unique to both sides anchor
-    it (the longest in-order run of them, as in patience diff), equal neighbours extend it; the
-    whole costs a few dictionary passes, where ``difflib`` takes seconds on a 5,000-line module.
-    """
-    if old == new:
-        return []
-    prefix, suffix = _common_ends(old, new)
-    if prefix or suffix:
-        inner = _hunks(old[prefix : len(old) - suffix], new[prefix : len(new) - suffix])
-        return [(a + prefix, b + prefix, c + prefix, d + prefix) for a, b, c, d in inner]
-    count_old = Counter(old)
-    count_new = Counter(new)
-    where_new = {text: j for j, text in enumerate(new) if count_new[text] == 1}
-    anchors = [
-        (i, where_new[text])
-        for i, text in enumerate(old)
-        if count_old[text] == 1 and text in where_new
-    ]
-    # Longest run of anchors in order on both sides (patience sorting on the new positions).
-    tails: list[int] = []  # tails[k]: index in anchors of the smallest end of a run of k + 1
-    ends: list[int] = []  # ends[k]: that anchor's new position
-    parent: list[int] = []
-    for k, (_, j) in enumerate(anchors):
-        pos = bisect.bisect_left(ends, j)
-        parent.append(tails[pos - 1] if pos else -1)
-        if pos == len(tails):
-            tails.append(k)
-            ends.append(j)
-        else:
-            tails[pos] = k
-            ends[pos] = j
-    chain: list[tuple[int, int]] = [(len(old), len(new))]
-    k = tails[-1] if tails else -1
-    while k >= 0:
-        chain.append(anchors[k])
-        k = parent[k]
-    chain.append((-1, -1))
-    chain.reverse()
-    # Between two anchors: equal lines from either end, the rest (if any) is one hunk.
-    hunks: list[tuple[int, int, int, int]] = []
-    for (i, j), (i2, j2) in itertools.pairwise(chain):
-        if i2 - i == j2 - j and old[i + 1 : i2] == new[j + 1 : j2]:
-            continue
-        a, b = i + 1, j + 1
-        while a < i2 and b < j2 and old[a] == new[b]:
-            a, b = a + 1, b + 1
-        c, d = i2 - 1, j2 - 1
-        while c >= a and d >= b and old[c] == new[d]:
-            c, d = c - 1, d - 1
-        hunks.append((a + 1, c + 1, b + 1, d + 1))  # 1-based; an empty side has last = first - 1
-    return hunks
 
 
 def _children(node: ast.AST) -> list[ast.AST]:

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 
 from hotpatch.engine import statements
-from hotpatch.engine.statements import StatementIndex, _chunk_hunks, _hunks, _lines, parse
+from hotpatch.engine.alignment import chunk_hunks, line_hunks, split_lines
+from hotpatch.engine.statements import StatementIndex, parse
+from hotpatch.engine.tables import blank_literal_rows
 
 BASE = textwrap.dedent(
     '''\
@@ -304,15 +306,15 @@ def test_compiling_and_planning_run_with_the_collector_paused(
 def test_chunk_alignment_pairs_equal_lines_and_covers_every_changed_line() -> None:
     old_text = _apply(BASE, MULTI_EDITS["method appended at the end of a class"])
     for a, b in ((BASE, old_text), (old_text, BASE), (BASE, BASE + "\n# tail\nZ = 1\n")):
-        old, new = _lines(a), _lines(b)
-        hunks = _chunk_hunks(old, new)
-        line_hunks = _hunks(old, new)
+        old, new = split_lines(a), split_lines(b)
+        hunks = chunk_hunks(old, new)
+        by_line = line_hunks(old, new)
         i = j = 0
         for first, last, new_first, new_last in [*hunks, (len(old) + 1, 0, len(new) + 1, 0)]:
             assert old[i : first - 1] == new[j : new_first - 1]  # the lines between are paired
             i, j = max(i, last), max(j, new_last)
         changed = {n for f, e, _, _ in hunks for n in range(f, e + 1)}
-        assert {n for f, e, _, _ in line_hunks for n in range(f, e + 1)} <= changed
+        assert {n for f, e, _, _ in by_line for n in range(f, e + 1)} <= changed
 
 
 def test_lists_of_nodes_with_none_are_read_around_the_none() -> None:
@@ -443,7 +445,7 @@ def test_the_rows_of_a_changed_table_are_not_parsed_again(monkeypatch: pytest.Mo
     ],
 )
 def test_which_rows_are_left_out_of_the_re_parse(block: str, kept: bool) -> None:
-    blanked = statements._blank_literal_rows(block)
+    blanked = blank_literal_rows(block)
     assert blanked.count("\n") == block.count("\n")
     assert (blanked == block) is kept
     if not kept:
@@ -465,7 +467,7 @@ def test_which_rows_are_left_out_of_the_re_parse(block: str, kept: bool) -> None
 )
 def test_a_line_that_is_almost_a_row_is_rejected_at_once(line: str) -> None:
     block = f"x = [\n    {line}\n]\n"
-    assert statements._blank_literal_rows(block) == block
+    assert blank_literal_rows(block) == block
 
 
 # -- classes edited inside their bodies: only the touched body statements are parsed again ------

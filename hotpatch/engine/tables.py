@@ -1,0 +1,72 @@
+"""The rows of data tables, emptied before the statement index parses a changed stretch again.
+
+A row of literals inside brackets reads, binds and calls nothing, so the index of the statements
+around it is the same without it, and a 17,000-row table parses as its few lines of code.
+"""
+
+from __future__ import annotations
+
+import re
+
+# One row of a data table: indented literals (numbers, strings without an ``f`` prefix, None,
+# True, False; signs between them), tuples of those, separated by commas or colons, then perhaps
+# a comment. Whatever such a line parses as reads, binds and calls no name, and it opens and
+# closes no bracket but its tuples'. (A word that starts with a digit is a number to the
+# tokenizer, or a number and a keyword: ``1if 2else 3`` reads nothing either.)
+_STR = r"""[bBrRuU]{0,2}(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")"""
+# Every line has one way to match (no two quantifiers can share a character): a number runs to
+# the end of its word, a separator is spaces with at most one sign in them. With several ways,
+# a line that matches none (a long number, then a name) took exponential time to reject.
+_NUMBER = r"[0-9][0-9a-zA-Z_.]*(?![0-9a-zA-Z_.])"
+_TOKEN = rf"(?:{_NUMBER}|{_STR}|None\b|True\b|False\b)"
+_ATOMS = rf"(?:[-+][ \t]*)?{_TOKEN}(?:[ \t]*(?:[-+][ \t]*)?{_TOKEN})*"
+_TUPLE = rf"\([ \t]*(?:{_ATOMS}(?:[ \t]*,[ \t]*{_ATOMS})*[ \t]*(?:,[ \t]*)?)?\)"
+_ITEM = rf"(?:{_ATOMS}|{_TUPLE})"
+_ROW = rf"[ \t]+{_ITEM}(?:[ \t]*[,:][ \t]*{_ITEM})*[ \t]*(?:,[ \t]*)?(?:#[^\n]*)?"
+# The rows after a line that ends with an opening bracket: rows, comments and blank lines, all
+# inside that bracket. The first alternative is the common row (one number or one plain string
+# and a comma), a subset of ``_ROW`` matched several times faster; it must end the line, else the
+# line is tried as a ``_ROW``. Each line still has one way to match per alternative, and nothing
+# follows the loop, so a line that is not a row ends the run at once.
+_FAST_ROW = r"""[ \t]+(?:[0-9][0-9a-zA-Z_.]*|"(?:[^"\\\n]|\\.)*")[ \t]*,[ \t]*(?=\n)"""
+_ROWS = re.compile(rf"(?:(?:{_FAST_ROW}|{_ROW}|[ \t]*(?:#[^\n]*)?)\n)+")
+_OPEN_AT_END = re.compile(r"[\[({][ \t]*\n")  # an opening bracket, then only the line's end
+
+
+def blank_literal_rows(block: str) -> str:
+    """``block`` (whole top-level statements, each line ending in a newline) with the rows of
+    its data tables emptied, line numbers unchanged: what the index re-parses of a changed table.
+
+    A row (``_ROW``) reads, binds, calls and changes nothing, so the index of the statements is
+    the same without it (their texts are taken from the real lines), and a 17,000-row table
+    parses as its few lines of code. A row is emptied only where it is surely inside brackets:
+    in the run of rows after a line that ends with an opening bracket (a row opens and closes no
+    bracket) and has no ``#`` (a comment could hide where it ends), so no statement starts or
+    ends on an emptied line.
+    Only after the last triple quote (no string token spans a line there) and with no backslash
+    at a line's end; not at all in a block with a decorator (the index compares the syntax tree
+    of a decorator's arguments). An expression statement's description in a refusal (``the
+    expression [...]``) shows such a table empty.
+    """
+    last = max(block.rfind('"""'), block.rfind("'''"))
+    cut = 0 if last < 0 else block.find("\n", last) + 1
+    tail = block[cut:]
+    if (last >= 0 and not cut) or "\\\n" in tail or _DECORATOR.search(block):
+        return block
+    pieces = [block[:cut]]
+    done = 0  # tail[:done] is in pieces
+    for opening in _OPEN_AT_END.finditer(tail):
+        bracket = opening.start()
+        if bracket < done or tail.find("#", tail.rfind("\n", 0, bracket) + 1, bracket) >= 0:
+            continue  # inside rows already emptied, or a comment on the line
+        rows = _ROWS.match(tail, opening.end())
+        if rows is None:
+            continue
+        pieces.append(tail[done : bracket + 1])
+        pieces.append("\n" * (1 + tail.count("\n", rows.start(), rows.end())))
+        done = rows.end()
+    pieces.append(tail[done:])
+    return "".join(pieces)
+
+
+_DECORATOR = re.compile(r"^[ \t]*@", re.MULTILINE)
