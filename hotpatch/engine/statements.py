@@ -609,11 +609,6 @@ def _class_unit(stmt: ast.ClassDef, start: int, lines: list[str]) -> Unit:
     find for the whole statement, as the header's share and each body statement's)."""
     nodes: list[ast.AST] = [*stmt.bases, *stmt.keywords, *stmt.decorator_list]
     nodes += getattr(stmt, "type_params", ())
-    names: set[str] = set()
-    bare: set[str] = set()
-    attrs: set[tuple[str, str]] = set()
-    calls: set[str] = set()
-    _walk_reads(list(nodes), names, bare, attrs, calls)
     decorators = {
         n.id
         for decorator in stmt.decorator_list
@@ -628,10 +623,7 @@ def _class_unit(stmt: ast.ClassDef, start: int, lines: list[str]) -> Unit:
         (("", stmt.name),),
         Reads(
             "class",
-            frozenset(names),
-            frozenset(bare),
-            frozenset(attrs),
-            frozenset(calls),
+            *_import_time_reads(nodes),
             decorators=frozenset(decorators),
             decorated="\n".join(ast.dump(d) for d in stmt.decorator_list),
         ),
@@ -645,11 +637,6 @@ def _member_part(stmt: ast.stmt, scope: str, lines: list[str], base: int) -> Par
     texts: list[tuple[str, str, str]] = []
     bound: list[tuple[str, str]] = []
     _index_statement(stmt, scope, lines, texts, bound)
-    names: set[str] = set()
-    bare: set[str] = set()
-    attrs: set[tuple[str, str]] = set()
-    calls: set[str] = set()
-    _walk_reads([stmt], names, bare, attrs, calls)
     members: list[tuple[str, Reads]] = []
     if isinstance(stmt, ast.ClassDef):
         _class_members(stmt, f"{scope}.{stmt.name}", members)
@@ -667,15 +654,24 @@ def _member_part(stmt: ast.stmt, scope: str, lines: list[str], base: int) -> Par
         tuple(bound),
         Reads(
             "class",
-            frozenset(names),
-            frozenset(bare),
-            frozenset(attrs),
-            frozenset(calls),
+            *_import_time_reads([stmt]),
             members=tuple(members),
             body=frozenset(body),
             body_attrs=frozenset(body_attrs),
         ),
     )
+
+
+def _import_time_reads(
+    nodes: list[ast.AST],
+) -> tuple[frozenset[str], frozenset[str], frozenset[tuple[str, str]], frozenset[str]]:
+    """``_walk_reads`` of ``nodes``: (names, bare names, ``name.attr`` pairs, calls)."""
+    names: set[str] = set()
+    bare: set[str] = set()
+    attrs: set[tuple[str, str]] = set()
+    calls: set[str] = set()
+    _walk_reads(list(nodes), names, bare, attrs, calls)
+    return frozenset(names), frozenset(bare), frozenset(attrs), frozenset(calls)
 
 
 def _class_from_parts(start: int, parts: list[Part]) -> Unit:

@@ -379,7 +379,7 @@ def f():
 
 
 def _count_rows_read(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The texts the index's re-parse reads, recorded."""
+    """The texts the index's re-parse reads from now on, in order."""
     seen: list[str] = []
     real = statements.parse
 
@@ -584,28 +584,32 @@ def test_a_class_edited_in_its_body_is_indexed_as_a_full_parse_would(edit: str) 
     assert big.parts
 
 
+@pytest.mark.parametrize(
+    ("edit", "read", "unread"),
+    [
+        (
+            "two methods",
+            ["return self.n * 2", "return 2"],
+            ["LIMIT = X", "def __init__", "class Inner", "a line at column 0"],
+        ),
+        # a method added at the class's end (after a blank line): read alone
+        ("method appended at the end", ["def appended"], ["def __init__", "W = max", "def last"]),
+    ],
+)
 def test_only_the_touched_statements_of_a_class_are_parsed_again(
-    monkeypatch: pytest.MonkeyPatch,
+    edit: str, read: list[str], unread: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    new_text = _edit_all(CLASS_BASE, CLASS_EDITS["two methods"])
-    seen: list[str] = []
-    real_parse = statements.parse
-
-    def recording(text: str, filename: str = "<unknown>") -> ast.Module:
-        seen.append(text)
-        return real_parse(text, filename)
-
+    new_text = _edit_all(CLASS_BASE, CLASS_EDITS[edit])
     before = full(CLASS_BASE)
-    monkeypatch.setattr(statements, "parse", recording)
+    seen = _count_rows_read(monkeypatch)
     updated = before.updated(CLASS_BASE, new_text)
     assert updated == full(new_text)
     parsed = "".join(seen)
-    assert "return self.n * 2" in parsed and "return 2" in parsed
-    for untouched in ("LIMIT = X", "def __init__", "class Inner", "a line at column 0"):
-        assert untouched not in parsed
+    assert all(text in parsed for text in read)
+    assert not any(text in parsed for text in unread)
     big = updated.units[2]
     kept = {id(part) for part in before.units[2].parts}
-    assert sum(id(part) in kept for part in big.parts) == len(big.parts) - 2
+    assert sum(id(part) not in kept for part in big.parts) == len(read)  # the ones read again
     assert updated.texts["Big"]["LIMIT"] == ("    LIMIT = X",)
     assert "X" in big.reads.body  # __init__ reads X when Big is called
 
@@ -630,22 +634,3 @@ def test_a_generic_class_edited_in_its_body() -> None:
     updated = full(old_text).updated(old_text, new_text)
     assert updated == full(new_text)
     assert "Base" in updated.units[0].reads.names
-
-
-def test_methods_added_at_a_class_end_are_read_with_its_last_statement_only(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    new_text = _edit_all(CLASS_BASE, CLASS_EDITS["method appended at the end"])
-    seen: list[str] = []
-    real_parse = statements.parse
-
-    def recording(text: str, filename: str = "<unknown>") -> ast.Module:
-        seen.append(text)
-        return real_parse(text, filename)
-
-    before = full(CLASS_BASE)
-    monkeypatch.setattr(statements, "parse", recording)
-    updated = before.updated(CLASS_BASE, new_text)
-    assert updated == full(new_text)
-    assert seen and "def appended" in seen[0] and "def __init__" not in "".join(seen)
-    assert "appended" in updated.bound["Big"]
