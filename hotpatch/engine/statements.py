@@ -169,7 +169,6 @@ class StatementIndex:
         old = split_lines(old_text)
         new = split_lines(new_text)
         hunks = chunk_hunks(old, new)
-        found = None
         plain, rebuilt = self._class_bodies_updated(hunks, old, new)
         if rebuilt:  # classes edited inside their bodies only: those statements alone re-read
             found = self._reparse_or_widen(plain, new, keep)
@@ -231,17 +230,12 @@ class StatementIndex:
             first, last, new_first, new_last = hunk
             k, stop = bisect.bisect_left(ends, first), bisect.bisect_right(starts, last)
             near = range(k, stop) if stop > k else range(max(k - 1, 0), k)  # or the one before
-            in_classes = sum(
-                min(u.end, last) - max(u.start, first) + 1
-                for u in (self.units[j] for j in near)
-                if u.body_start is not None
-            )
-            if stop > k and in_classes * 3 < last - first + 1:
-                # Mostly other statements (a module of functions with a few small exception
-                # classes): aligning its lines costs more than the classes' re-parse saves.
-                plain.append(hunk)
-                continue
-            if not any(self.units[j].body_start is not None for j in near):
+            classes = [u for u in (self.units[j] for j in near) if u.body_start is not None]
+            in_classes = sum(min(u.end, last) - max(u.start, first) + 1 for u in classes)
+            if not classes or (stop > k and in_classes * 3 < last - first + 1):
+                # No class, or mostly other statements (a module of functions with a few small
+                # exception classes): aligning its lines costs more than the classes' re-parse
+                # saves.
                 plain.append(hunk)
                 continue
             # A hunk over whole chunks (several statements, perhaps): align its lines to find
@@ -304,15 +298,12 @@ class StatementIndex:
                 before = bisect.bisect_left(starts, first) - 1
                 after = bisect.bisect_right(starts, last)
                 touched += [self.units[k] for k in (before, after) if 0 <= k < len(self.units)]
-            lo = min([u.start for u in touched] + [first])
-            hi = max([u.end for u in touched] + [last])
-            if regions and lo <= regions[-1][1] + 1:
-                region = regions[-1]
-                region[1] = max(region[1], hi)
-            else:
-                region = [lo, hi, lo + (new_first - first), 0]  # lo..first-1: equal lines
-                regions.append(region)
-            region[3] = region[1] + (new_last - last)  # last+1..hi: equal lines after this hunk
+            _add_region(
+                regions,
+                min(u.start for u in touched) if touched else first,
+                max(u.end for u in touched) if touched else last,
+                (first, last, new_first, new_last),
+            )
         if any(
             _joined(new, new_lo - 1) or _joined(new, new_hi) for _, _, new_lo, new_hi in regions
         ):
@@ -371,34 +362,24 @@ def _rebuilt_class(
     base = unit.start
     spans = [(base + p.first, base + p.last) for p in unit.parts[1:]]
     regions: list[list[int]] = []
-    for first, last, new_first, new_last in hunks:
-        lo, hi = first, last
-        if last < first:
-            lo, hi = last, first  # an insertion: the statements on both sides are touched
+    for hunk in hunks:
+        lo, hi = sorted(hunk[:2])  # an insertion: the statements on both sides are touched
         while True:  # widened to whole statements (two may share a line: ``a = 1; b = 2``)
             touched = [span for span in spans if span[0] <= hi and lo <= span[1]]
             wider = (min([lo] + [a for a, _ in touched]), max([hi] + [b for _, b in touched]))
             if wider == (lo, hi):
                 break
             lo, hi = wider
-        lo, hi = min(lo, first), max(hi, last)
-        if regions and lo <= regions[-1][1] + 1:
-            region = regions[-1]
-            region[1] = max(region[1], hi)
-        else:
-            region = [lo, hi, lo + (new_first - first), 0]
-            regions.append(region)
-        region[3] = region[1] + (new_last - last)
-    kept = [span for span in spans if not _overlap([span[0], span[1]], regions)]
-    indent = _indentation(old[kept[0][0] - 1]) if kept else None
-    unchanged = set(kept)
+        _add_region(regions, lo, hi, hunk)
+    unchanged = {span for span in spans if not _overlap([span[0], span[1]], regions)}
+    indent = _indentation(old[min(unchanged)[0] - 1]) if unchanged else None
     pieces: list[str] = []
     line = 1
     parsed: list[list[int]] = []
     for region in regions:
         _, _, new_lo, new_hi = region
         stretch = new[new_lo - 1 : new_hi]
-        if all(not text.strip() or text.lstrip().startswith("#") for text in stretch):
+        if not any(map(_holds_code, stretch)):
             if _joined(new, new_lo - 1):
                 return None
             continue  # blank lines and comments only: no statement here now
@@ -457,6 +438,22 @@ def _rebuilt_class(
     return [unit.start, unit.end, new_base, unit.end + end_shift], _class_from_parts(
         new_base, parts
     )
+
+
+def _add_region(
+    regions: list[list[int]], lo: int, hi: int, hunk: tuple[int, int, int, int]
+) -> None:
+    """Add ``hunk``'s stretch, widened to old lines ``lo..hi``, to ``regions`` (each
+    ``[old lo, old hi, new lo, new hi]``, in order), merged with the last one if they touch."""
+    first, last, new_first, new_last = hunk
+    lo, hi = min(lo, first), max(hi, last)
+    if regions and lo <= regions[-1][1] + 1:
+        region = regions[-1]
+        region[1] = max(region[1], hi)
+    else:
+        region = [lo, hi, lo + (new_first - first), 0]  # lo..first-1: equal lines
+        regions.append(region)
+    region[3] = region[1] + (new_last - last)  # last+1..hi: equal lines after this hunk
 
 
 def _indentation(line: str) -> str:
