@@ -258,11 +258,11 @@ def run_fresh(plan: dict[str, Any], out: Any) -> None:
 def syntax_tree_reads() -> Iterator[list[float]]:
     """The CPU time the engine spends in ``ast.parse`` while the block runs (``[seconds]``).
 
-    What the engine parses is the new version's changed top-level statements (its statement
-    index: which names each binds and reads, so that unchanged state is kept and derived state
-    follows): work ``importlib.reload`` does not do and no faster engine design avoids, since a
-    restart-equivalent patch must know what each changed statement does. A step's
-    ``reload + parse`` is then the floor of its patch time (see ``latency`` in bench_replay.py).
+    What the engine parses is the new version's changed statements (its statement index: which
+    names each binds and reads, so that unchanged state is kept and derived state follows) and,
+    on first contact, whole modules: work ``importlib.reload`` does not do. ``bench_step.py``
+    prints a step's ``reload + parse`` beside its ratio: what the patch would cost if the
+    engine did nothing else.
     """
     from hotpatch.engine import candidate, statements
 

@@ -98,9 +98,7 @@ def _steps(
         if profile is not None:
             profile.disable()
             out = io.StringIO()
-            pstats.Stats(profile, stream=out).sort_stats(
-                os.environ.get("HP_SORT", "cumulative")
-            ).print_stats(int(os.environ.get("HP_TOP", "40")))
+            pstats.Stats(profile, stream=out).sort_stats(args.profile_sort).print_stats(40)
             print(out.getvalue(), file=sys.stderr)
         if not record["applied"]:
             why = record.get("refusal") or record.get("failure") or record.get("error")
@@ -118,6 +116,11 @@ def main() -> int:
     parser.add_argument("--tests", action="store_true", help="run the package's tests once first")
     parser.add_argument("--sdists", action="append", default=[], help="a folder of sdists")
     parser.add_argument("--profile", type=int, default=-1, help="profile the engine's step K")
+    parser.add_argument(
+        "--profile-sort",
+        default="cumulative",
+        help="the profile's order (pstats keys: cumulative, tottime...)",
+    )
     parser.add_argument(
         "--engine-src", help="a directory holding another copy of hotpatch (a base commit)"
     )
