@@ -23,7 +23,10 @@ A statement compiled alone does not see the rest of the module: on 3.11 and late
 emits a plain attribute load instead of a method call for ``name.attr(...)`` when ``name`` is
 bound by an import anywhere at module level (``is_import_originated``), so the pieces are
 compiled with the module's import-bound names declared in dead code after them
-(``--no-import-context`` shows the difference). Future imports are passed as flags, and a
+(``--no-import-context`` shows the difference); likewise, 3.12 and later compile
+``super().attr`` as one instruction only when the module's own scope has no symbol ``super``
+(``_safe_super = super`` in ``unittest/mock.py``), so a statement mentioning ``super`` in such a
+module declares it too. Future imports are passed as flags, and a
 statement is compiled again when they, or the import-bound names it reads, changed. 3.13 keeps a
 class's first line in a constant (``__firstlineno__``), so a statement holding a class is
 compiled at its own lines there and compiled again when it moves, not shifted. What the
@@ -39,6 +42,7 @@ import ast
 import functools
 import gc
 import statistics
+import symtable
 import sys
 import tempfile
 import time
@@ -59,8 +63,11 @@ for _name in __import__("__future__").all_feature_names:
     _FUTURE_MASK |= getattr(__import__("__future__"), _name).compiler_flag
 
 # statement text -> (its first line, its code, what it was compiled with: the future flags, the
-# global names it reads, those of them an import bound; whether it was compiled at its own lines)
-Pieces = dict[str, tuple[int, types.CodeType, tuple[int, frozenset[str], frozenset[str]], bool]]
+# global names it reads, those of them an import bound; whether it was compiled at its own lines;
+# whether with the module's symbol "super")
+Pieces = dict[
+    str, tuple[int, types.CodeType, tuple[int, frozenset[str], frozenset[str]], bool, bool]
+]
 
 
 def spans(text: str) -> list[tuple[int, int]]:
@@ -116,6 +123,12 @@ class Layout:
         self.flags = compile(text, filename, "exec", dont_inherit=True).co_flags & _FUTURE_MASK
         names = import_bound(tree) if context else []
         self.imported = frozenset(names)
+        # 3.12+ compiles super().attr as one instruction unless the module's own scope has a
+        # symbol "super" (``_safe_super = super``, mock.py): then a statement that mentions
+        # super is compiled with that symbol too
+        self.top_super = (
+            context and "super" in symtable.symtable(text, filename, "exec").get_identifiers()
+        )
 
 
 def compile_pieces(layout: Layout, previous: Pieces) -> tuple[list[types.CodeType], Pieces, int]:
@@ -130,6 +143,7 @@ def compile_pieces(layout: Layout, previous: Pieces) -> tuple[list[types.CodeTyp
         if (
             known is not None
             and known[2][::2] == (layout.flags, known[2][1] & layout.imported)
+            and known[4] == (layout.top_super and "super" in body)
             and (known[0] == first or not known[3])
         ):
             # same text, flags, and import-bound names among those it reads (a name it reads
@@ -140,7 +154,10 @@ def compile_pieces(layout: Layout, previous: Pieces) -> tuple[list[types.CodeTyp
             # the import-bound names its text mentions (a superset of those it reads), declared
             # in dead code after it: the symbol table sees them, no instruction is emitted
             mentioned = [name for name in layout.imported if name in body]
-            source = body + (f"\nif 0: import {', '.join(mentioned)}\n" if mentioned else "\n")
+            dead = [f"import {', '.join(mentioned)}"] if mentioned else []
+            if layout.top_super and "super" in body:
+                dead.append("super")
+            source = body + (f"\nif 0: {'; '.join(dead)}\n" if dead else "\n")
             padded = _CLASS_LINE_CONST and "class" in body
             if padded:
                 # at its own lines: 3.13 keeps a class's first line in a constant
@@ -161,7 +178,7 @@ def compile_pieces(layout: Layout, previous: Pieces) -> tuple[list[types.CodeTyp
             context = (layout.flags, reads, reads & layout.imported)
             compiled += 1
         codes.append(code)
-        kept[body] = (first, code, context, padded)
+        kept[body] = (first, code, context, padded, layout.top_super and "super" in body)
     return codes, kept, compiled
 
 

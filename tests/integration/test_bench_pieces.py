@@ -41,3 +41,21 @@ def test_without_the_import_context_311_compiles_method_calls_differently() -> N
         assert inexact, "the comparison did not see the known difference"
     else:
         assert inexact == []
+
+
+def test_a_module_level_super_symbol_is_part_of_the_context() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_pieces as bp
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    text = "_safe_super = super\n\nclass A:\n    def f(self):\n        return super().f()\n"
+    whole = bp.nested(compile(text, "m.py", "exec", dont_inherit=True))
+    layout = bp.Layout(text, "m.py", context=True)
+    assert layout.top_super
+    codes, _, _ = bp.compile_pieces(layout, {})
+    assert [c for piece in codes for c in bp.nested(piece)] == whole
+    layout.top_super = False  # as if the module's own "super" were not known
+    codes, _, _ = bp.compile_pieces(layout, {})
+    alone = [c for piece in codes for c in bp.nested(piece)]
+    assert (alone == whole) is (sys.version_info < (3, 12))
