@@ -48,6 +48,7 @@ import tempfile
 import time
 import types
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -62,12 +63,22 @@ _FUTURE_MASK = 0
 for _name in __import__("__future__").all_feature_names:
     _FUTURE_MASK |= getattr(__import__("__future__"), _name).compiler_flag
 
-# statement text -> (its first line, its code, what it was compiled with: the future flags, the
-# global names it reads, those of them an import bound; whether it was compiled at its own lines;
-# whether with the module's symbol "super")
-Pieces = dict[
-    str, tuple[int, types.CodeType, tuple[int, frozenset[str], frozenset[str]], bool, bool]
-]
+_CLASS_LINE_CONST = sys.version_info >= (3, 13)
+
+
+class Piece(NamedTuple):
+    """One statement's code, and what it was compiled with."""
+
+    first: int  # its first line
+    code: types.CodeType
+    flags: int  # the module's future flags
+    reads: frozenset[str]  # the names its code reads (attribute names too)
+    imported: frozenset[str]  # those of them an import binds at module level
+    padded: bool  # compiled at its own lines (3.13, a class): compiled again when moved
+    with_super: bool  # compiled with the module's own symbol "super"
+
+
+Pieces = dict[str, Piece]  # by statement text
 
 
 def spans(text: str) -> list[tuple[int, int]]:
@@ -140,49 +151,41 @@ def compile_pieces(layout: Layout, previous: Pieces) -> tuple[list[types.CodeTyp
     for first, last in layout.spans:
         body = "\n".join(layout.lines[first - 1 : last])
         known = previous.get(body)
+        with_super = layout.top_super and "super" in body
         if (
             known is not None
-            and known[2][::2] == (layout.flags, known[2][1] & layout.imported)
-            and known[4] == (layout.top_super and "super" in body)
-            and (known[0] == first or not known[3])
+            and known.flags == layout.flags
+            and known.imported == known.reads & layout.imported
+            and known.with_super == with_super
+            and (known.first == first or not known.padded)
         ):
-            # same text, flags, and import-bound names among those it reads (a name it reads
-            # that an import now binds, or no longer binds, is compiled again)
-            code = shifted(known[1], first - known[0])
-            context, padded = known[2], known[3]
+            # same text and context: no name it reads has become, or stopped being, bound by
+            # an import
+            piece = known._replace(first=first, code=shifted(known.code, first - known.first))
         else:
             # the import-bound names its text mentions (a superset of those it reads), declared
             # in dead code after it: the symbol table sees them, no instruction is emitted
             mentioned = [name for name in layout.imported if name in body]
             dead = [f"import {', '.join(mentioned)}"] if mentioned else []
-            if layout.top_super and "super" in body:
+            if with_super:
                 dead.append("super")
             source = body + (f"\nif 0: {'; '.join(dead)}\n" if dead else "\n")
             padded = _CLASS_LINE_CONST and "class" in body
             if padded:
                 # at its own lines: 3.13 keeps a class's first line in a constant
-                # (__firstlineno__) that a shift does not change: compiled again when moved
-                code = compile(
-                    "\n" * (first - 1) + source,
-                    layout.filename,
-                    "exec",
-                    flags=layout.flags,
-                    dont_inherit=True,
-                )
-            else:
-                code = compile(
-                    source, layout.filename, "exec", flags=layout.flags, dont_inherit=True
-                )
+                # (__firstlineno__) that a shift does not change
+                source = "\n" * (first - 1) + source
+            code = compile(source, layout.filename, "exec", flags=layout.flags, dont_inherit=True)
+            if not padded:
                 code = shifted(code, first - 1)
             reads = read_names(code)
-            context = (layout.flags, reads, reads & layout.imported)
+            piece = Piece(
+                first, code, layout.flags, reads, reads & layout.imported, padded, with_super
+            )
             compiled += 1
-        codes.append(code)
-        kept[body] = (first, code, context, padded, layout.top_super and "super" in body)
+        codes.append(piece.code)
+        kept[body] = piece
     return codes, kept, compiled
-
-
-_CLASS_LINE_CONST = sys.version_info >= (3, 13)
 
 
 def read_names(code: types.CodeType) -> frozenset[str]:
