@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hotpatch.engine.pieces import ModuleCode, Pieces, compile_module
 from hotpatch.engine.statements import StatementIndex, collector_paused, parse
 from hotpatch.errors import PatchRejected
 
@@ -30,12 +31,14 @@ _INHERITED_DUNDERS = ("__file__", "__cached__", "__path__", "__package__", "__lo
 
 @dataclass(frozen=True)
 class Source:
-    """A module's source text, its file name, its content hash and its statement index."""
+    """A module's source text, its file name, its content hash and its statement index; and,
+    once compiled by ``compile_source``, each statement's code (``pieces``) for the next version."""
 
     text: str
     filename: str
     sha256: str
     index: StatementIndex = field(repr=False, compare=False)
+    pieces: Pieces | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -185,12 +188,13 @@ def text_sha256(text: str) -> str:
 
 def compile_source(
     name: str, text: str, filename: str, *, previous: Source | None = None
-) -> tuple[Source, types.CodeType]:
-    """Compile ``text`` and index its statements, with the garbage collector paused.
+) -> tuple[Source, ModuleCode]:
+    """Index ``text``'s statements and compile it, with the garbage collector paused.
 
-    The code is compiled straight from the text (no Python-level syntax tree, which would cost
-    as much again). The statement index is derived from ``previous`` when given, re-parsing only
-    the top-level statements the edit touched.
+    The statement index is derived from ``previous`` when given, re-parsing only the top-level
+    statements the edit touched; the code is compiled by the statement (``pieces``), taking
+    ``previous``'s code for the statements that did not change, where that gives the code a
+    whole compile gives, else whole.
 
     Raises:
         PatchRejected: stage ``compile``.
@@ -201,7 +205,7 @@ def compile_source(
 
 def _compile_source(
     name: str, text: str, filename: str, previous: Source | None
-) -> tuple[Source, types.CodeType]:
+) -> tuple[Source, ModuleCode]:
     try:
         if name == "__main__":
             tree = parse(text, filename=filename)
@@ -214,26 +218,33 @@ def _compile_source(
                     "top-level code under such a block",
                     filename=filename,
                 )
-            code = compile(_definitions_only(tree, name), filename, "exec", dont_inherit=True)
+            code = ModuleCode(
+                (compile(_definitions_only(tree, name), filename, "exec", dont_inherit=True),)
+            )
+            index = None
+            if previous is not None:
+                index = previous.index.updated(
+                    previous.text, text, keep=lambda stmt: not _is_main_guard(stmt)
+                )
+            if index is None:
+                index = StatementIndex.build(_definitions_only(tree, name), text)
         else:
-            code = compile(text, filename, "exec", dont_inherit=True)
+            index = previous.index.updated(previous.text, text) if previous is not None else None
+            if index is None:
+                index = StatementIndex.build(parse(text, filename=filename), text)
+            code = compile_module(
+                text, filename, index.units, previous.pieces if previous is not None else None
+            )
     except SyntaxError as exc:
         raise _syntax_rejection(name, exc, filename, text) from None
     except (ValueError, RecursionError, MemoryError) as exc:
         raise PatchRejected(name, "compile", f"cannot compile: {exc}", filename=filename) from None
-    sha = text_sha256(text)
-    index = None
-    if previous is not None:
-        keep = (lambda stmt: not _is_main_guard(stmt)) if name == "__main__" else None
-        index = previous.index.updated(previous.text, text, keep=keep)
-    if index is None:
-        index = StatementIndex.build(_definitions_only(parse(text, filename=filename), name), text)
-    return Source(text, filename, sha, index), code
+    return Source(text, filename, text_sha256(text), index, code.pieces), code
 
 
 def without_repeated_registrations(
-    source: Source, code: types.CodeType, *, previous: Source | None, live: dict[str, object]
-) -> types.CodeType:
+    source: Source, code: ModuleCode, *, previous: Source | None, live: dict[str, object]
+) -> ModuleCode:
     """``code``, compiled again without the registrations the live module already holds.
 
     A definition registered on an object the module imports (``from app import app`` then
@@ -287,7 +298,7 @@ def without_repeated_registrations(
                 ast.copy_location(_identity_decorator(), d) for d in stmt.decorator_list
             ]
     ast.fix_missing_locations(tree)
-    return compile(tree, source.filename, "exec", dont_inherit=True)
+    return ModuleCode((compile(tree, source.filename, "exec", dont_inherit=True),))
 
 
 def _identity_decorator() -> ast.expr:
@@ -354,7 +365,7 @@ def _syntax_rejection(
 def build_candidate(
     live: types.ModuleType,
     source: Source,
-    code: types.CodeType,
+    code: ModuleCode,
     *,
     siblings: Mapping[str, types.ModuleType] | None = None,
     on_executed: Callable[[dict[str, object]], object] | None = None,
@@ -364,7 +375,7 @@ def build_candidate(
     Args:
         live: the live module the candidate will replace.
         source: its new source.
-        code: the source's compiled module code (``compile_source``).
+        code: the source's compiled module body (``compile_source``).
         siblings: candidates of other modules of the same change set, by name: the candidate's
             own import statements get those instead of the live modules, so a name new in one
             module of a change set can be imported by another. Nothing else sees them.
@@ -386,7 +397,7 @@ def build_candidate(
         _builtins_importing(live_builtins, siblings, namespace) if siblings else live_builtins
     )
     try:
-        exec(code, namespace)  # the candidate's own import-time code, isolated in its namespace
+        code.run(namespace)  # the candidate's own import-time code, isolated in its namespace
     except BaseException as exc:  # SystemExit and KeyboardInterrupt refuse too
         raise _execute_rejection(name, exc, source.filename, source.index) from None
     finally:

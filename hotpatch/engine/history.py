@@ -109,6 +109,10 @@ class ModuleHistory:
             is_live=True,
         )
         self.entries.append(Entry(version, source, undo))
+        if previous.source is not None and previous.source.pieces is not None:
+            # Only the live version keeps its statements' code (the next version is compiled
+            # from it): older ones would hold code taken out of service, for nothing.
+            previous.source = dataclasses.replace(previous.source, pieces=None)
         self._trim()
         return previous.version, version
 

@@ -64,6 +64,7 @@ from hotpatch.engine.fidelity import (
 from hotpatch.engine.guard import DeadlineExceeded, run_with_deadline
 from hotpatch.engine.history import Entry, ModuleHistory, Version, version_id
 from hotpatch.engine.modulemap import dependency_order, executed_imports, package_of
+from hotpatch.engine.pieces import ModuleCode, piece_codes
 from hotpatch.engine.rebind import IdentityMap
 from hotpatch.engine.registrations import Registrations, quiet_re_execution
 from hotpatch.engine.registrations import snapshot as snapshot_registrations
@@ -494,7 +495,7 @@ class Engine:
         self,
         module: types.ModuleType,
         source: Source,
-        code: types.CodeType,
+        code: ModuleCode,
         shared: _ChangeSetContext,
     ) -> tuple[Candidate, Registrations]:
         """Build the candidate; what its execution registered in live containers is undone at once.
@@ -1266,7 +1267,7 @@ class _Compiled:
 
     __slots__ = ("code", "source")
 
-    def __init__(self, source: Source, code: types.CodeType) -> None:
+    def __init__(self, source: Source, code: ModuleCode) -> None:
         self.source = source
         self.code = code
 
@@ -1358,16 +1359,22 @@ class _TrialCommit:
 def _code_holders(todo: list[_Prepared], earlier: list[types.ModuleType]) -> list[object]:
     """What refers to the codes a commit takes out of service and runs nothing, besides the
     live functions (``safepoint.suspended_inside``): each plan's set of them, the definitions
-    replaced, and every function of the change set's candidates and of ``earlier`` ones not
-    collected yet (a candidate's function may have been given the live code; a function runs
-    nothing by being there, only a frame does)."""
+    replaced, the statement code kept for the old and the new version (``pieces``: run only
+    while a candidate is built), and every function of the change set's candidates and of
+    ``earlier`` ones not collected yet (a candidate's function may have been given the live
+    code; a function runs nothing by being there, only a frame does)."""
     holders: list[object] = []
     candidates = {id(module): module for module in earlier}
+    # a code taken out of service is counted as one already (``suspended_inside``'s ``codes``)
+    replaced = frozenset().union(*(p.plan.replaced_codes for p in todo if p.plan is not None))
     for p in todo:
         if p.plan is not None:
             holders.append(p.plan.replaced_codes)
             for _, old, _ in p.plan.replaced_definitions:
                 holders.extend(functions_of(old))
+        for source in (p.live_entry.source, p.source):  # statement code kept for the next version
+            if source is not None:
+                holders.extend(c for c in piece_codes(source.pieces) if c not in replaced)
         if p.candidate is not None:
             candidates[id(p.candidate.module)] = p.candidate.module
         candidates.update((id(module), module) for module in p.candidates.values())

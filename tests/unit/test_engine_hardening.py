@@ -375,6 +375,31 @@ def test_generator_code_costs_a_heap_walk_only_when_something_unknown_holds_it(
     del unknown
 
 
+def test_statement_code_kept_for_the_next_version_costs_no_heap_walk(
+    make_module, heap_walks: list[str]
+) -> None:
+    # Each version's code is kept by the statement (``pieces``) to compile the next one from:
+    # it holds the generator's code too (in its class body's constants). Those holders are
+    # known, so patching back and forth in one engine walks the heap no more than before, and
+    # only the live version keeps its statements' code.
+    feed = "import itertools\n\n" + METHOD_GEN
+    mod = make_module(feed)
+    engine = Engine()
+    for text in (feed.replace("yield 2", "yield 3"), feed, feed.replace("yield 2", "yield 3")):
+        engine.patch(mod.__name__, source=text, safepoint_timeout_s=20)
+        gc.collect()  # the last patch's records are a cycle: collected, they hold no code
+    assert list(mod.Feed().items()) == [1, 3]
+    assert heap_walks.count("suspended_inside") == 0, heap_walks
+    entries = engine._histories[mod.__name__].entries
+    kept = [e for e in entries if e.source is not None and e.source.pieces is not None]
+    assert [e.version.is_live for e in kept] == [True]
+    unknown = [mod.Feed.items.__code__]
+    engine.patch(mod.__name__, source=feed, safepoint_timeout_s=20)
+    assert list(mod.Feed().items()) == [1, 2]
+    assert heap_walks.count("suspended_inside") == 1, heap_walks
+    del unknown
+
+
 GENEXPR = """
 def numbers(n):
     return (i * 10 for i in range(n))

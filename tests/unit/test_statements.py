@@ -266,7 +266,7 @@ def test_compiling_and_planning_run_with_the_collector_paused(
     # while it runs, nor while the planner pairs the two namespaces; the host's setting after.
     import builtins
 
-    from hotpatch.engine import candidate, swap
+    from hotpatch.engine import candidate, pieces, swap
 
     states: list[tuple[str, bool]] = []
 
@@ -281,6 +281,7 @@ def test_compiling_and_planning_run_with_the_collector_paused(
         real_plan_module(self)
 
     monkeypatch.setattr(candidate, "compile", compiling, raising=False)
+    monkeypatch.setattr(pieces, "compile", compiling, raising=False)
     monkeypatch.setattr(swap._Planner, "plan_module", planning)
     old_source, _ = candidate.compile_source("m", "def f():\n    return 1\n", "m.py")
     new_source, code = candidate.compile_source(
@@ -289,7 +290,7 @@ def test_compiling_and_planning_run_with_the_collector_paused(
     live: dict[str, Any] = {"__name__": "m"}
     exec(compile("def f():\n    return 1\n", "m.py", "exec"), live)
     fresh: dict[str, Any] = {"__name__": "m"}
-    exec(code, fresh)
+    code.run(fresh)
     plan = swap.plan_update(
         "m",
         live,
@@ -299,7 +300,7 @@ def test_compiling_and_planning_run_with_the_collector_paused(
         allow_removals=False,
     )
     assert plan.changed == ("f",)
-    assert states == [("compile", False), ("compile", False), ("plan", False)]
+    assert states == [("compile", False), ("compile", False), ("plan", False)]  # one statement
     assert gc.isenabled()
 
 

@@ -1,0 +1,317 @@
+"""Compile a module by the statement, taking the previous version's code for unchanged statements.
+
+``importlib.reload`` is almost all ``compile`` (six: 10.5 of 10.9 ms), and so was the floor of a
+patch: the candidate was the whole module compiled again for a one-line edit. Here each top-level
+statement (statements sharing a line are one *piece*) is compiled on its own, a statement whose
+text did not change takes the previous version's code (its line numbers shifted when it moved),
+and the candidate runs the pieces in order in its namespace (``ModuleCode.run``).
+
+The code must be the very code a restart compiles (every function and class body: the engine
+compares code objects and installs them), and a statement compiled alone is not compiled as it
+is in its module in two ways, both reads of the module's top-level symbol table by CPython's
+compiler:
+
+- from 3.11, ``name.attr(...)`` is a plain attribute load, not a method call, when an import
+  anywhere at module level binds ``name`` (``is_import_originated``);
+- from 3.12, ``super().attr`` is one instruction only when the module scope has no symbol
+  ``super`` (``_safe_super = super``, ``unittest/mock.py``).
+
+So each statement is compiled with those of the module's import-bound names that it mentions
+(and ``super`` when the module has that symbol) declared in dead code after it (``if 0: import
+a, b; super``: the symbol table sees them, no instruction is emitted), and with the module's
+future flags; a statement is compiled again when any of that changed for it. 3.13 keeps a
+class's first line in a constant (``__firstlineno__``) that a shift does not change: a statement
+that may hold a class is compiled at its own lines there and compiled again when it moves.
+
+The module-level code differs from a whole compile only where nothing compares it: each piece
+ends in its own ``return`` (a tracer sees one more line event), a non-first statement that is a
+bare string is compiled after a ``0`` on the line before it (alone it would be a docstring),
+``__annotations__`` is set up before the first piece when any piece sets it up (a whole compile
+does it at the module's start), and equal constants of two statements are two objects.
+
+The module is compiled whole, as before, when this cannot be shown to give the same code or the
+same error: a module-level ``global`` statement or a ``__future__`` import after other
+statements (errors only the whole module has), any statement that does not compile (the whole
+compile gives the error a restart would), a Python outside 3.10 to 3.13.
+``benchmarks/bench_pieces.py`` measured it on real releases; the unit tests compare every piece
+with a whole compile.
+"""
+
+from __future__ import annotations
+import __future__
+
+import ast
+import dis
+import symtable
+import sys
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from hotpatch.engine.alignment import split_lines
+from hotpatch.engine.statements import Unit
+
+_FUTURE_MASK = 0
+for _feature in __future__.all_feature_names:
+    _FUTURE_MASK |= getattr(__future__, _feature).compiler_flag
+_SETUP_ANNOTATIONS = dis.opmap["SETUP_ANNOTATIONS"]
+_CLASS_LINE_CONST = sys.version_info >= (3, 13)
+SUPPORTED = (3, 10) <= sys.version_info[:2] <= (3, 13)
+
+
+class Facts(NamedTuple):
+    """What a statement's text declares to the module's symbol table, found once per text."""
+
+    imports: frozenset[str]  # names an import in it binds at module level
+    super_symbol: bool  # it gives the module scope a symbol ``super``
+    module_global: bool  # a ``global`` statement at module level
+    future: bool  # it names ``__future__``
+
+
+class Piece(NamedTuple):
+    """One statement's code, what its text declares, and what it was compiled with."""
+
+    first: int  # its first line
+    code: types.CodeType
+    facts: Facts
+    flags: int  # the module's future flags
+    reads: frozenset[str]  # the names its code reads (attribute names too)
+    imported_reads: frozenset[str]  # those of them an import binds at module level
+    with_super: bool  # compiled with the module's symbol ``super``
+    padded: bool  # compiled at its own lines (3.13, a class): compiled again when moved
+    leading: bool  # compiled as the module's first statement (a bare string is its docstring)
+    annotations: bool  # its code sets up ``__annotations__`` first
+
+
+Pieces = Mapping[str, Piece]  # by statement text
+
+
+@dataclass(frozen=True)
+class ModuleCode:
+    """A module body's code: one code object compiled whole, or one per top-level statement."""
+
+    codes: tuple[types.CodeType, ...]
+    annotations: bool = False  # set up ``__annotations__`` first, as a whole compile does
+    pieces: Pieces | None = None  # when compiled by the statement: for the next version
+
+    def run(self, namespace: dict[str, object]) -> None:
+        """Execute the module body in ``namespace``, as ``exec`` of a whole compile would."""
+        if self.annotations and "__annotations__" not in namespace:
+            namespace["__annotations__"] = {}
+        for code in self.codes:
+            exec(code, namespace)
+
+
+def compile_whole(text: str, filename: str) -> ModuleCode:
+    return ModuleCode((compile(text, filename, "exec", dont_inherit=True),))
+
+
+def compile_module(
+    text: str, filename: str, units: Sequence[Unit], previous: Pieces | None
+) -> ModuleCode:
+    """``text``'s code, by the statement (``units``: its statement index) where that gives the
+    same code as a whole compile, reusing ``previous``'s pieces; else compiled whole.
+
+    Raises what ``compile`` of the whole text raises (``SyntaxError``...).
+    """
+    if SUPPORTED and units:
+        try:
+            made = _by_statement(text, filename, units, previous or {})
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            made = None  # the whole compile below gives the error a restart would
+        if made is not None:
+            return made
+    return compile_whole(text, filename)
+
+
+def _by_statement(
+    text: str, filename: str, units: Sequence[Unit], previous: Pieces
+) -> ModuleCode | None:
+    lines = split_lines(text)
+    spans: list[list[int]] = []
+    for unit in units:
+        if spans and unit.start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], unit.end)  # statements sharing a line
+        else:
+            spans.append([unit.start, unit.end])
+    bodies = ["\n".join(lines[first - 1 : last]) for first, last in spans]
+    known = [previous.get(body) for body in bodies]
+    facts = [
+        piece.facts if piece is not None else _facts(body, filename)
+        for body, piece in zip(bodies, known)
+    ]
+    if any(f.module_global for f in facts):
+        return None
+    flags = 0
+    for k, f in enumerate(facts):
+        if not f.future:
+            continue
+        if any(
+            not (g.future or (j == 0 and _is_string(bodies[0]))) for j, g in enumerate(facts[:k])
+        ):
+            return None  # a __future__ import after other statements: the whole compile's error
+        flags |= compile(bodies[k], filename, "exec", dont_inherit=True).co_flags & _FUTURE_MASK
+    context = _Context(
+        filename,
+        flags,
+        frozenset().union(*(f.imports for f in facts)),
+        any(f.super_symbol for f in facts),
+    )
+    codes: list[types.CodeType] = []
+    pieces: dict[str, Piece] = {}
+    for k, ((first, _), body, old) in enumerate(zip(spans, bodies, known)):
+        with_super = context.super_symbol and "super" in body
+        if (
+            old is not None
+            and old.flags == flags
+            and old.imported_reads == old.reads & context.imported
+            and old.with_super == with_super
+            and old.leading == (k == 0)
+            and (old.first == first or not old.padded)
+        ):
+            piece = old._replace(first=first, code=_shifted(old.code, first - old.first))
+        else:
+            piece = _compiled(body, first, k, facts[k], context)
+        codes.append(piece.code)
+        pieces[body] = piece
+    return ModuleCode(tuple(codes), any(p.annotations for p in pieces.values()), pieces)
+
+
+class _Context(NamedTuple):
+    """What every statement of one version is compiled with."""
+
+    filename: str
+    flags: int  # the module's future flags
+    imported: frozenset[str]  # names an import binds at module level
+    super_symbol: bool  # the module scope has a symbol ``super``
+
+
+def _compiled(body: str, first: int, k: int, facts: Facts, context: _Context) -> Piece:
+    """Compile one statement at its lines, with its share of the module's symbol table."""
+    mentioned = [name for name in context.imported if name in body]  # ⊇ the names it reads
+    with_super = context.super_symbol and "super" in body
+    dead = [f"import {', '.join(sorted(mentioned))}"] if mentioned else []
+    if with_super:
+        dead.append("super")
+    source = body + (f"\nif 0: {'; '.join(dead)}\n" if dead else "\n")
+    padded = _CLASS_LINE_CONST and "class" in body
+    code = _compile_at(source, context, first, padded)
+    if k and "__doc__" in code.co_names and _is_string(body):
+        # A bare string that is not the module's first statement: alone it would be taken as
+        # the module's docstring. After a ``0`` on the line before, it is an expression.
+        code = _compile_at(source, context, first, padded, after_zero=True)
+    reads = _read_names(code)
+    return Piece(
+        first,
+        code,
+        facts,
+        context.flags,
+        reads,
+        reads & context.imported,
+        with_super,
+        padded,
+        k == 0,
+        _SETUP_ANNOTATIONS in code.co_code[::2],
+    )
+
+
+def _compile_at(
+    source: str, context: _Context, first: int, padded: bool, *, after_zero: bool = False
+) -> types.CodeType:
+    line = first - 1 if after_zero else first  # where the compiled text starts
+    text = ("0\n" if after_zero else "") + source
+    padding = "\n" * (line - 1) if padded else ""
+    code = compile(padding + text, context.filename, "exec", flags=context.flags, dont_inherit=True)
+    return code if padded else _shifted(code, line - 1)
+
+
+_DEFINITION = ("def ", "async def ", "class ", "@")
+
+
+def _facts(body: str, filename: str) -> Facts:
+    if body.startswith(_DEFINITION):
+        # A def or a class: an import in it binds in its own scope, a ``global`` in it is its
+        # scope's. Only its decorators, bases, defaults and annotations are read in the module
+        # scope: a ``super`` named there (never seen in practice) is not looked for; missed, it
+        # would make methods compile with the optimised ``super()`` call a whole compile leaves
+        # out (the same behaviour: the instruction checks at run time that it has the builtin).
+        return Facts(frozenset(), False, False, False)
+    imports: frozenset[str] = frozenset()
+    super_symbol = False
+    if "import" in body or "super" in body:
+        table = symtable.symtable(body + "\n", filename, "exec")
+        imports = frozenset(s.get_name() for s in table.get_symbols() if s.is_imported())
+        super_symbol = "super" in table.get_identifiers()
+    module_global = "global" in body and _has_module_global(body)
+    return Facts(imports, super_symbol, module_global, "__future__" in body)
+
+
+def _has_module_global(body: str) -> bool:
+    todo: list[ast.AST] = list(ast.parse(body).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Global):
+            return True
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            continue
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.stmt | ast.excepthandler) or type(child).__name__ == (
+                "match_case"
+            ):
+                todo.append(child)
+    return False
+
+
+def _is_string(body: str) -> bool:
+    """Whether the statement's first statement is a bare string (a docstring, were it first)."""
+    stripped = body.lstrip()
+    if not stripped or stripped[0] not in "\"'rRbBuUfF":
+        return False
+    try:
+        tree = ast.parse(body)
+    except SyntaxError:
+        return False
+    first = tree.body[0] if tree.body else None
+    return (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    )
+
+
+def _shifted(code: types.CodeType, delta: int) -> types.CodeType:
+    """``code`` and the code it holds with every line number moved by ``delta``."""
+    if not delta:
+        return code
+    consts = tuple(
+        _shifted(c, delta) if isinstance(c, types.CodeType) else c for c in code.co_consts
+    )
+    return code.replace(co_firstlineno=code.co_firstlineno + delta, co_consts=consts)
+
+
+def _read_names(code: types.CodeType) -> frozenset[str]:
+    names = set(code.co_names)
+    todo = [code]
+    while todo:
+        for const in todo.pop().co_consts:
+            if isinstance(const, types.CodeType):
+                names.update(const.co_names)
+                todo.append(const)
+    return frozenset(names)
+
+
+def piece_codes(pieces: Pieces | None) -> list[types.CodeType]:
+    """The code objects the pieces hold that hold other code as constants: each statement's and
+    the class and function bodies in it with code inside (what refers to a function's code
+    besides the function, for ``safepoint.suspended_inside``'s count)."""
+    found: list[types.CodeType] = []
+    for piece in (pieces or {}).values():
+        todo = [piece.code]
+        while todo:
+            code = todo.pop()
+            inner = [c for c in code.co_consts if isinstance(c, types.CodeType)]
+            if inner:
+                found.append(code)
+                todo.extend(inner)
+    return found
