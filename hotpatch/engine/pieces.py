@@ -42,6 +42,7 @@ import __future__
 
 import ast
 import dis
+import re
 import symtable
 import sys
 import types
@@ -76,8 +77,8 @@ class Piece(NamedTuple):
     code: types.CodeType
     facts: Facts
     flags: int  # the module's future flags
-    reads: frozenset[str]  # the names its code reads (attribute names too)
-    imported_reads: frozenset[str]  # those of them an import binds at module level
+    imported: frozenset[str]  # the names an import bound at module level when it was compiled
+    imported_reads: frozenset[str]  # those of them its code reads
     with_super: bool  # compiled with the module's symbol ``super``
     padded: bool  # compiled at its own lines (3.13, a class): compiled again when moved
     leading: bool  # compiled as the module's first statement (a bare string is its docstring)
@@ -152,11 +153,13 @@ def _by_statement(
         ):
             return None  # a __future__ import after other statements: the whole compile's error
         flags |= compile(bodies[k], filename, "exec", dont_inherit=True).co_flags & _FUTURE_MASK
+    imported = frozenset().union(*(f.imports for f in facts))
     context = _Context(
         filename,
         flags,
-        frozenset().union(*(f.imports for f in facts)),
+        imported,
         any(f.super_symbol for f in facts),
+        re.compile(rf"\b(?:{'|'.join(sorted(imported, key=len, reverse=True))})\b"),
     )
     codes: list[types.CodeType] = []
     pieces: dict[str, Piece] = {}
@@ -165,7 +168,10 @@ def _by_statement(
         if (
             old is not None
             and old.flags == flags
-            and old.imported_reads == old.reads & context.imported
+            and (
+                old.imported == context.imported  # the same imports: nothing to look at
+                or old.imported_reads == _read_names(old.code) & context.imported
+            )
             and old.with_super == with_super
             and old.leading == (k == 0)
             and (old.first == first or not old.padded)
@@ -185,11 +191,12 @@ class _Context(NamedTuple):
     flags: int  # the module's future flags
     imported: frozenset[str]  # names an import binds at module level
     super_symbol: bool  # the module scope has a symbol ``super``
+    mentions: re.Pattern[str]  # finds those names in a text
 
 
 def _compiled(body: str, first: int, k: int, facts: Facts, context: _Context) -> Piece:
     """Compile one statement at its lines, with its share of the module's symbol table."""
-    mentioned = [name for name in context.imported if name in body]  # ⊇ the names it reads
+    mentioned = set(context.mentions.findall(body)) if context.imported else ()  # ⊇ its reads
     with_super = context.super_symbol and "super" in body
     dead = [f"import {', '.join(sorted(mentioned))}"] if mentioned else []
     if with_super:
@@ -201,14 +208,13 @@ def _compiled(body: str, first: int, k: int, facts: Facts, context: _Context) ->
         # A bare string that is not the module's first statement: alone it would be taken as
         # the module's docstring. After a ``0`` on the line before, it is an expression.
         code = _compile_at(source, context, first, padded, after_zero=True)
-    reads = _read_names(code)
     return Piece(
         first,
         code,
         facts,
         context.flags,
-        reads,
-        reads & context.imported,
+        context.imported,
+        _read_names(code) & context.imported if context.imported else frozenset(),
         with_super,
         padded,
         k == 0,
@@ -239,12 +245,19 @@ def _facts(body: str, filename: str) -> Facts:
         return Facts(frozenset(), False, False, False)
     imports: frozenset[str] = frozenset()
     super_symbol = False
-    if "import" in body or "super" in body:
+    if "super" in body or ("import" in body and _IMPORT_STATEMENT.search(body)):
         table = symtable.symtable(body + "\n", filename, "exec")
         imports = frozenset(s.get_name() for s in table.get_symbols() if s.is_imported())
         super_symbol = "super" in table.get_identifiers()
-    module_global = "global" in body and _has_module_global(body)
+    module_global = "global" in body and bool(_GLOBAL_STATEMENT.search(body))
+    module_global = module_global and _has_module_global(body)
     return Facts(imports, super_symbol, module_global, "__future__" in body)
+
+
+# Where a statement can begin: a line's start (after indentation), after ``;`` or ``:``. Text
+# inside strings may match too: that only costs a closer look.
+_IMPORT_STATEMENT = re.compile(r"(?:^|[;:])[ \t]*(?:import|from)[ \t\\(]", re.MULTILINE)
+_GLOBAL_STATEMENT = re.compile(r"(?:^|[;:])[ \t]*global[ \t\\]", re.MULTILINE)
 
 
 def _has_module_global(body: str) -> bool:
