@@ -46,7 +46,7 @@ import re
 import symtable
 import sys
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -58,6 +58,7 @@ for _feature in __future__.all_feature_names:
     _FUTURE_MASK |= getattr(__future__, _feature).compiler_flag
 _SETUP_ANNOTATIONS = dis.opmap["SETUP_ANNOTATIONS"]
 _CLASS_LINE_CONST = sys.version_info >= (3, 13)
+_LONG = 20_000  # characters
 SUPPORTED = (3, 10) <= sys.version_info[:2] <= (3, 13)
 
 
@@ -153,13 +154,11 @@ def _by_statement(
         ):
             return None  # a __future__ import after other statements: the whole compile's error
         flags |= compile(bodies[k], filename, "exec", dont_inherit=True).co_flags & _FUTURE_MASK
-    imported = frozenset().union(*(f.imports for f in facts))
     context = _Context(
         filename,
         flags,
-        imported,
+        frozenset().union(*(f.imports for f in facts)),
         any(f.super_symbol for f in facts),
-        re.compile(rf"\b(?:{'|'.join(sorted(imported, key=len, reverse=True))})\b"),
     )
     codes: list[types.CodeType] = []
     pieces: dict[str, Piece] = {}
@@ -191,12 +190,17 @@ class _Context(NamedTuple):
     flags: int  # the module's future flags
     imported: frozenset[str]  # names an import binds at module level
     super_symbol: bool  # the module scope has a symbol ``super``
-    mentions: re.Pattern[str]  # finds those names in a text
 
 
 def _compiled(body: str, first: int, k: int, facts: Facts, context: _Context) -> Piece:
     """Compile one statement at its lines, with its share of the module's symbol table."""
-    mentioned = set(context.mentions.findall(body)) if context.imported else ()  # ⊇ its reads
+    # The import-bound names it mentions (⊇ those it reads; one more is harmless: the module
+    # binds it by an import anyway). A long statement (a data table) gets them all: looking
+    # costs more than the dead code does.
+    if len(body) > _LONG:
+        mentioned: Collection[str] = context.imported
+    else:
+        mentioned = [name for name in context.imported if name in body]
     with_super = context.super_symbol and "super" in body
     dead = [f"import {', '.join(sorted(mentioned))}"] if mentioned else []
     if with_super:
@@ -297,6 +301,8 @@ def _shifted(code: types.CodeType, delta: int) -> types.CodeType:
     """``code`` and the code it holds with every line number moved by ``delta``."""
     if not delta:
         return code
+    if types.CodeType not in map(type, code.co_consts):  # no code inside (in C: a long table)
+        return code.replace(co_firstlineno=code.co_firstlineno + delta)
     consts = tuple(
         _shifted(c, delta) if isinstance(c, types.CodeType) else c for c in code.co_consts
     )
