@@ -40,18 +40,14 @@ sys.path.insert(0, str(HERE.parent))
 
 import bench_replay as replay  # noqa: E402
 
+from hotpatch.engine.compare import nested_codes  # noqa: E402
 from hotpatch.engine.pieces import compile_module  # noqa: E402
 from hotpatch.engine.statements import StatementIndex, parse  # noqa: E402
 
 
 def nested(code: types.CodeType) -> list[types.CodeType]:
     """Every function and class-body code object under ``code``, depth first, in order."""
-    out = []
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            out.append(const)
-            out.extend(nested(const))
-    return out
+    return list(nested_codes(code))
 
 
 def first_difference(a: types.CodeType, b: types.CodeType) -> str:

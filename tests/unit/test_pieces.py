@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from hotpatch.engine import candidate, pieces
+from hotpatch.engine.compare import nested_codes
 from hotpatch.engine.statements import StatementIndex, parse
 from hotpatch.errors import PatchRejected
 
@@ -149,12 +150,21 @@ def units_of(text: str) -> Any:
 
 
 def nested(code: types.CodeType) -> list[types.CodeType]:
-    out = []
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            out.append(const)
-            out.extend(nested(const))
-    return out
+    return list(nested_codes(code))
+
+
+@pytest.fixture(name="compiled")
+def _compiled(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The sources ``pieces`` compiles from now on (``compile`` counted, still called)."""
+    sources: list[str] = []
+    real_compile = compile
+
+    def counting(source: str, *args: Any, **kwargs: Any) -> Any:
+        sources.append(source)
+        return real_compile(source, *args, **kwargs)
+
+    monkeypatch.setattr(pieces, "compile", counting, raising=False)
+    return sources
 
 
 def assert_same_as_whole(text: str, made: pieces.ModuleCode) -> None:
@@ -178,7 +188,7 @@ def test_by_the_statement_gives_the_code_of_a_whole_compile(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_statements_moved_or_unchanged_take_the_previous_code(
-    name: str, monkeypatch: pytest.MonkeyPatch
+    name: str, compiled: list[str]
 ) -> None:
     old = source_of(name)
     before = pieces.compile_module(old, "m.py", units_of(old), None)
@@ -186,16 +196,8 @@ def test_statements_moved_or_unchanged_take_the_previous_code(
     # three lines inserted after the first statement: everything below moves
     first_end = units_of(old)[0].end
     new = "".join([*lines[:first_end], "\n# moved\n\n", *lines[first_end:]])
-    compiled: list[str] = []
-    real_compile = compile
-
-    def counting(source: str, *args: Any, **kwargs: Any) -> Any:
-        compiled.append(source)
-        return real_compile(source, *args, **kwargs)
-
-    monkeypatch.setattr(pieces, "compile", counting, raising=False)
+    compiled.clear()
     after = pieces.compile_module(new, "m.py", units_of(new), before.pieces)
-    monkeypatch.undo()
     assert_same_as_whole(new, after)
     # Only 3.13 compiles a moved class again (it keeps the class's first line as a constant).
     moved = list(after.pieces or {})[1:]
@@ -203,22 +205,14 @@ def test_statements_moved_or_unchanged_take_the_previous_code(
     assert len([s for s in compiled if "__future__" not in s]) == expected
 
 
-def test_an_edit_compiles_the_changed_statement_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_edit_compiles_the_changed_statement_only(compiled: list[str]) -> None:
     old = "import os\n\n" + "".join(
         f"def f{i}():\n    return os.getpid() + {i}\n\n" for i in range(30)
     )
     new = old.replace("+ 7\n", "+ 70\n")
     before = pieces.compile_module(old, "m.py", units_of(old), None)
-    compiled: list[str] = []
-    real_compile = compile
-
-    def counting(source: str, *args: Any, **kwargs: Any) -> Any:
-        compiled.append(source)
-        return real_compile(source, *args, **kwargs)
-
-    monkeypatch.setattr(pieces, "compile", counting, raising=False)
+    compiled.clear()
     after = pieces.compile_module(new, "m.py", units_of(new), before.pieces)
-    monkeypatch.undo()
     assert len(compiled) == 1 and "+ 70" in compiled[0]
     assert_same_as_whole(new, after)
     # the unchanged statements' code is the very same objects
