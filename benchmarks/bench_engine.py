@@ -52,7 +52,7 @@ import structlog
 
 import hotpatch
 import hotpatch.engine
-import hotpatch.engine.candidate
+import hotpatch.engine.pieces
 import hotpatch.engine.swap
 
 MISSING = object()
@@ -438,7 +438,7 @@ def bench_release(
 STAGES = (  # (label, module, global names tried in turn): the engine's stages, in pipeline order
     ("read file", "engine", ("read_source_file",)),
     ("compile source, statement index, sha256", "engine", ("compile_source",)),
-    ("  of which compile(text)", "candidate", ("compile",)),
+    ("  of which compile() (the changed statements)", "pieces", ("compile",)),
     ("execute the candidate", "engine", ("build_candidate",)),
     ("plan: pair objects, check API, change set", "engine", ("plan_update",)),
     ("  of which signature checks (inspect.signature)", "swap", ("signature_incompatibility",)),
@@ -455,7 +455,7 @@ def stage_timers(totals: dict[str, float]) -> Iterator[None]:
     """
     namespaces = {
         "engine": vars(hotpatch.engine.pipeline),
-        "candidate": vars(hotpatch.engine.candidate),
+        "pieces": vars(hotpatch.engine.pieces),
         "swap": vars(hotpatch.engine.swap),
     }
     saved: list[tuple[dict[str, object], str, object]] = []
