@@ -166,6 +166,7 @@ def _by_statement(
         with_super = context.super_symbol and "super" in body
         if (
             old is not None
+            and old.code.co_filename == filename  # the code names its file (tracebacks)
             and old.flags == flags
             and (
                 old.imported == context.imported  # the same imports: nothing to look at

@@ -286,3 +286,12 @@ def test_standard_library_modules_compile_to_the_same_code(module: str) -> None:
     whole = compile(text, spec.origin, "exec", dont_inherit=True)
     assert made.pieces is not None
     assert [c for code in made.codes for c in nested(code)] == nested(whole)
+
+
+def test_a_statement_of_another_file_name_is_compiled_again() -> None:
+    # Code names its file (tracebacks, inspect): a version read from another path is compiled
+    # for that path even where its text is the same.
+    text = "def f():\n    return 1\n\nX = 2\n"
+    before = pieces.compile_module(text, "old/m.py", units_of(text), None)
+    after = pieces.compile_module(text, "new/m.py", units_of(text), before.pieces)
+    assert {c.co_filename for code in after.codes for c in [code, *nested(code)]} == {"new/m.py"}
