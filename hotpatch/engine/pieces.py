@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from hotpatch.engine.alignment import split_lines
+from hotpatch.engine.compare import nested_codes
 from hotpatch.engine.statements import Unit
 
 _FUTURE_MASK = 0
@@ -178,7 +179,7 @@ def _by_statement(
         ):
             piece = old._replace(first=first, code=_shifted(old.code, first - old.first))
         else:
-            piece = _compiled(body, first, k, facts[k], context)
+            piece = _compiled(body, first, k, facts[k], context, with_super=with_super)
         codes.append(piece.code)
         pieces[body] = piece
     return ModuleCode(tuple(codes), any(p.annotations for p in pieces.values()), pieces)
@@ -193,7 +194,9 @@ class _Context(NamedTuple):
     super_symbol: bool  # the module scope has a symbol ``super``
 
 
-def _compiled(body: str, first: int, k: int, facts: Facts, context: _Context) -> Piece:
+def _compiled(
+    body: str, first: int, k: int, facts: Facts, context: _Context, *, with_super: bool
+) -> Piece:
     """Compile one statement at its lines, with its share of the module's symbol table."""
     # The import-bound names it mentions (⊇ those it reads; one more is harmless: the module
     # binds it by an import anyway). A long statement (a data table) gets them all: looking
@@ -202,7 +205,6 @@ def _compiled(body: str, first: int, k: int, facts: Facts, context: _Context) ->
         mentioned: Collection[str] = context.imported
     else:
         mentioned = [name for name in context.imported if name in body]
-    with_super = context.super_symbol and "super" in body
     dead = [f"import {', '.join(sorted(mentioned))}"] if mentioned else []
     if with_super:
         dead.append("super")
@@ -311,27 +313,16 @@ def _shifted(code: types.CodeType, delta: int) -> types.CodeType:
 
 
 def _read_names(code: types.CodeType) -> frozenset[str]:
-    names = set(code.co_names)
-    todo = [code]
-    while todo:
-        for const in todo.pop().co_consts:
-            if isinstance(const, types.CodeType):
-                names.update(const.co_names)
-                todo.append(const)
-    return frozenset(names)
+    return frozenset(code.co_names).union(*(c.co_names for c in nested_codes(code)))
 
 
 def piece_codes(pieces: Pieces | None) -> list[types.CodeType]:
     """The code objects the pieces hold that hold other code as constants: each statement's and
     the class and function bodies in it with code inside (what refers to a function's code
     besides the function, for ``safepoint.suspended_inside``'s count)."""
-    found: list[types.CodeType] = []
-    for piece in (pieces or {}).values():
-        todo = [piece.code]
-        while todo:
-            code = todo.pop()
-            inner = [c for c in code.co_consts if isinstance(c, types.CodeType)]
-            if inner:
-                found.append(code)
-                todo.extend(inner)
-    return found
+    return [
+        code
+        for piece in (pieces or {}).values()
+        for code in (piece.code, *nested_codes(piece.code))
+        if types.CodeType in map(type, code.co_consts)
+    ]
