@@ -85,6 +85,11 @@ class Piece(NamedTuple):
     padded: bool  # compiled at its own lines (3.13, a class): compiled again when moved
     leading: bool  # compiled as the module's first statement (a bare string is its docstring)
     annotations: bool  # its code sets up ``__annotations__`` first
+    # A class statement: its header's text and, for each method ``_hollowed`` can leave out,
+    # (its text, its first line counted from the statement's): what the next version of the
+    # class takes the methods' code from.
+    header: str = ""
+    methods: tuple[tuple[str, int], ...] = ()
 
 
 Pieces = Mapping[str, Piece]  # by statement text
@@ -139,6 +144,7 @@ def _by_statement(
         else:
             spans.append([unit.start, unit.end])
     bodies = ["\n".join(lines[first - 1 : last]) for first, last in spans]
+    classes = _class_units(units, spans)
     known = [previous.get(body) for body in bodies]
     facts = [
         piece.facts if piece is not None else _facts(body, filename)
@@ -163,6 +169,7 @@ def _by_statement(
     )
     codes: list[types.CodeType] = []
     pieces: dict[str, Piece] = {}
+    by_header: dict[str, Piece] | None = None
     for k, ((first, _), body, old) in enumerate(zip(spans, bodies, known)):
         with_super = context.super_symbol and "super" in body
         if (
@@ -179,7 +186,18 @@ def _by_statement(
         ):
             piece = old._replace(first=first, code=_shifted(old.code, first - old.first))
         else:
-            piece = _compiled(body, first, k, facts[k], context, with_super=with_super)
+            cls = classes.get(k)
+            hollow = None
+            if cls is not None:
+                if by_header is None:
+                    by_header = {p.header: p for p in previous.values() if p.methods}
+                hollow = _hollowed(cls, lines, by_header, context, with_super)
+            piece = _compiled(
+                body, first, k, facts[k], context, with_super=with_super, hollow=hollow
+            )
+            if cls is not None:
+                header, methods = _class_layout(cls, lines)
+                piece = piece._replace(header=header, methods=methods)
         codes.append(piece.code)
         pieces[body] = piece
     return ModuleCode(tuple(codes), any(p.annotations for p in pieces.values()), pieces)
@@ -195,9 +213,18 @@ class _Context(NamedTuple):
 
 
 def _compiled(
-    body: str, first: int, k: int, facts: Facts, context: _Context, *, with_super: bool
+    body: str,
+    first: int,
+    k: int,
+    facts: Facts,
+    context: _Context,
+    *,
+    with_super: bool,
+    hollow: _Hollow | None = None,
 ) -> Piece:
-    """Compile one statement at its lines, with its share of the module's symbol table."""
+    """Compile one statement at its lines, with its share of the module's symbol table
+    (``hollow``: a class statement's text with the bodies of methods known from its previous
+    version left out, and their code)."""
     # The import-bound names it mentions (⊇ those it reads; one more is harmless: the module
     # binds it by an import anyway). A long statement (a data table) gets them all: looking
     # costs more than the dead code does.
@@ -208,9 +235,14 @@ def _compiled(
     dead = [f"import {', '.join(sorted(mentioned))}"] if mentioned else []
     if with_super:
         dead.append("super")
-    source = body + (f"\nif 0: {'; '.join(dead)}\n" if dead else "\n")
     padded = _CLASS_LINE_CONST and "class" in body
-    code = _compile_at(source, context, first, padded)
+    code = None
+    if hollow is not None:
+        compiled = _compile_at(hollow.text + _dead_code(dead), context, first, padded)
+        code = _filled(compiled, hollow)
+    source = body + _dead_code(dead)
+    if code is None:
+        code = _compile_at(source, context, first, padded)
     if k and "__doc__" in code.co_names and _is_string(body):
         # A bare string that is not the module's first statement: alone it would be taken as
         # the module's docstring. After a ``0`` on the line before, it is an expression.
@@ -229,6 +261,10 @@ def _compiled(
     )
 
 
+def _dead_code(dead: list[str]) -> str:
+    return f"\nif 0: {'; '.join(dead)}\n" if dead else "\n"
+
+
 def _compile_at(
     source: str, context: _Context, first: int, padded: bool, *, after_zero: bool = False
 ) -> types.CodeType:
@@ -237,6 +273,149 @@ def _compile_at(
     padding = "\n" * (line - 1) if padded else ""
     code = compile(padding + text, context.filename, "exec", flags=context.flags, dont_inherit=True)
     return code if padded else _shifted(code, line - 1)
+
+
+class _Hollow(NamedTuple):
+    """A class statement's text with the bodies of some methods left out, and their code."""
+
+    text: str
+    name: str  # the class's
+    codes: dict[tuple[int, str], types.CodeType]  # by (first line, name), at their lines now
+
+
+def _class_units(units: Sequence[Unit], spans: list[list[int]]) -> dict[int, Unit]:
+    """The pieces (by number) that are one class statement with a body on lines of its own:
+    those whose methods ``_hollowed`` may take from the previous version (not on 3.13, where a
+    class body also holds the attributes its methods assign, ``__static_attributes__``)."""
+    if _CLASS_LINE_CONST:
+        return {}
+    found: dict[int, Unit] = {}
+    k = 0
+    for unit in units:
+        while spans[k][1] < unit.start:
+            k += 1
+        if unit.body_start is not None and spans[k] == [unit.start, unit.end]:
+            found[k] = unit
+    return found
+
+
+def _class_layout(unit: Unit, lines: list[str]) -> tuple[str, tuple[tuple[str, int], ...]]:
+    """``Piece.header`` and ``Piece.methods`` of a class statement."""
+    start = unit.start
+    return "\n".join(lines[start - 1 : start + unit.parts[0].last]), tuple(
+        ("\n".join(lines[start + p.first - 1 : start + p.last]), p.first)
+        for p in unit.parts[1:]
+        if p.hollow is not None
+    )
+
+
+def _hollowed(
+    unit: Unit,
+    lines: list[str],
+    by_header: Mapping[str, Piece],
+    context: _Context,
+    with_super: bool,
+) -> _Hollow | None:
+    """The class statement ``unit`` with the body of each method whose text is as in the
+    previous version of the class (the piece with the same header) replaced by an expression
+    that ends where the body ended, and those methods' previous code (lines shifted).
+
+    A method's body is its own code object: the class body holds it as a constant, and builds
+    the function from the header alone (decorators, defaults, annotations, at the header's
+    lines; positions end where the def ends). What a body gives the class besides is the
+    ``__class__`` cell (``super()``): the expression names ``__class__`` when the method's code
+    does. The code is taken only when it was compiled as it would be now: same file, future
+    flags, ``super`` symbol, and import-bound names among those it reads (``_by_statement``'s
+    rules); a method with other free variables (3.12's type parameters) is compiled in full.
+    """
+    start = unit.start
+    old = by_header.get("\n".join(lines[start - 1 : start + unit.parts[0].last]))
+    if (
+        old is None
+        or old.code.co_filename != context.filename
+        or old.flags != context.flags
+        or old.with_super != with_super
+        or old.padded
+    ):
+        return None
+    name = unit.parts[0].bound[0][1]
+    body = _class_body(old.code, name)
+    if body is None:
+        return None
+    old_codes: dict[tuple[int, str], types.CodeType | None] = {}
+    for const in body.co_consts:
+        if isinstance(const, types.CodeType):
+            key = (const.co_firstlineno, const.co_name)
+            old_codes[key] = None if key in old_codes else const  # two alike: neither
+    was_at = {text: old.first + first for text, first in old.methods}
+    text = lines[start - 1 : unit.end]
+    codes: dict[tuple[int, str], types.CodeType] = {}
+    for part in unit.parts[1:]:
+        if part.hollow is None or len(part.bound) != 1:
+            continue
+        first, last = start + part.first, start + part.last
+        was = was_at.get("\n".join(lines[first - 1 : last]))
+        code = None if was is None else old_codes.get((was, part.bound[0][1]))
+        if was is None or code is None or not set(code.co_freevars) <= {"__class__"}:
+            continue
+        reads = _read_names(code)
+        if reads & old.imported != reads & context.imported:
+            continue
+        offset, end = part.hollow
+        stub = _stub(lines[first + offset - 1], last - first - offset, end, code.co_freevars)
+        if stub is None:
+            continue
+        text[first + offset - start : last - start + 1] = stub
+        codes[first, code.co_name] = _shifted(code, first - was)
+    if not codes:
+        return None
+    return _Hollow("\n".join(text), name, codes)
+
+
+def _stub(line: str, below: int, end: int, free: tuple[str, ...]) -> list[str] | None:
+    """The lines of an expression statement that replaces a method body: it begins where the
+    body began (at the start of ``line``, after its indentation), spans ``below`` more lines and
+    ends at column ``end`` (in bytes, as the syntax tree counts) of its last, naming
+    ``__class__`` when the body's code has that free variable; ``None`` if none fits."""
+    indent = line[: len(line) - len(line.lstrip(" \t\f"))]
+    opening = "(__class__" if free else "("
+    if below:
+        return [indent + opening, *([""] * (below - 1)), " " * (end - 1) + ")"]
+    width = end - len(indent)
+    if free:
+        return [indent + opening + " " * (width - 11) + ")"] if width >= 11 else None
+    if width < 1:
+        return None
+    return [indent + ("0" if width == 1 else "(" + " " * (width - 2) + ")")]
+
+
+def _class_body(code: types.CodeType, name: str) -> types.CodeType | None:
+    """The body code of class ``name`` that a class statement's ``code`` holds, if just one."""
+    found = [c for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name == name]
+    return found[0] if len(found) == 1 else None
+
+
+def _filled(code: types.CodeType, hollow: _Hollow) -> types.CodeType | None:
+    """``code``, compiled from ``hollow.text``, with the left-out methods' code put back in the
+    class body; ``None`` if the class body is not laid out as expected."""
+    body = _class_body(code, hollow.name)
+    if body is None:
+        return None
+    consts = list(body.co_consts)
+    put = 0
+    for k, const in enumerate(consts):
+        if not isinstance(const, types.CodeType):
+            continue
+        method = hollow.codes.get((const.co_firstlineno, const.co_name))
+        if method is not None:
+            if const.co_freevars != method.co_freevars:
+                return None  # the class body would not give it the same closure
+            consts[k] = method
+            put += 1
+    if put != len(hollow.codes):
+        return None
+    filled = body.replace(co_consts=tuple(consts))
+    return code.replace(co_consts=tuple(filled if c is body else c for c in code.co_consts))
 
 
 _DEFINITION = ("def ", "async def ", "class ", "@")

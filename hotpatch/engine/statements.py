@@ -89,6 +89,10 @@ class Part:
     texts: tuple[tuple[str, str, str], ...]
     bound: tuple[tuple[str, str], ...]
     reads: Reads
+    # A ``def`` whose body begins a line of its own: (that line, counted from the part's first
+    # line; the def's end column, in bytes), for ``pieces`` to compile the class with the body
+    # of an unchanged method left out (``pieces._hollowed``). ``None`` for anything else.
+    hollow: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,6 +431,7 @@ def _rebuilt_class(
                     part.texts,
                     part.bound,
                     part.reads,
+                    part.hollow,
                 )
                 if moved != shift
                 else part
@@ -656,7 +661,26 @@ def _member_part(stmt: ast.stmt, scope: str, lines: list[str], base: int) -> Par
             body=frozenset(body),
             body_attrs=frozenset(body_attrs),
         ),
+        _hollow(stmt, lines),
     )
+
+
+def _hollow(stmt: ast.stmt, lines: list[str]) -> tuple[int, int] | None:
+    """``Part.hollow`` of a class body statement: for a def whose first body statement begins
+    its line (nothing of the header before it) and whose last line joins no next line."""
+    if not isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef) or stmt.end_lineno is None:
+        return None
+    opening = stmt.body[0]
+    line, last = opening.lineno, stmt.end_lineno
+    if (
+        getattr(opening, "decorator_list", None)
+        or stmt.end_col_offset is None
+        or not _first_line(stmt) < line <= last <= len(lines)
+        or lines[line - 1].encode("utf-8", "surrogatepass")[: opening.col_offset].strip()
+        or _joined(lines, last)
+    ):
+        return None
+    return line - _first_line(stmt), stmt.end_col_offset
 
 
 def _import_time_reads(

@@ -295,3 +295,142 @@ def test_a_statement_of_another_file_name_is_compiled_again() -> None:
     before = pieces.compile_module(text, "old/m.py", units_of(text), None)
     after = pieces.compile_module(text, "new/m.py", units_of(text), before.pieces)
     assert {c.co_filename for code in after.codes for c in [code, *nested(code)]} == {"new/m.py"}
+
+
+CLASS = '''
+import os
+_safe_super = super
+
+
+class Base:
+    def __init__(self):
+        self.made = os.getpid()
+
+
+class Cache(Base):
+    """A class whose methods are left out of its compile when their text is unchanged."""
+
+    __marker = object()
+    size = lambda self: 0
+
+    def __init__(self, maxsize, key=lambda k: k):
+        super().__init__()
+        self.__maxsize = maxsize
+
+    @property
+    def maxsize(self):
+        return self.__maxsize
+
+    def short(self):
+        x
+
+    def classy(self):
+        return __class__
+
+    def unsafe(self):
+        return _safe_super(Cache, self).__init__()
+
+    async def fetch(self, key):
+        async with key:
+            yield os.path.join(
+                "a", "b"
+            )
+
+    def one_liner(self): return 1
+
+    def edited(self):
+        return 1
+'''
+
+
+def class_versions() -> tuple[str, str]:
+    old = textwrap.dedent(CLASS).lstrip("\n")
+    new = old.replace("        return 1\n", "        return 2\n").replace(
+        "class Base:", "# a line above\n\nclass Base:"
+    )
+    assert new != old
+    return old, new
+
+
+@pytest.mark.skipif(
+    sys.version_info >= (3, 13),
+    reason="3.13 compiles a changed class whole: its body holds what its methods assign",
+)
+def test_a_class_edit_takes_its_unchanged_methods_code(compiled: list[str]) -> None:
+    old, new = class_versions()
+    before = pieces.compile_module(old, "m.py", units_of(old), None)
+    compiled.clear()
+    after = pieces.compile_module(new, "m.py", units_of(new), before.pieces)
+    assert_same_as_whole(new, after)
+    [cache] = [s for s in compiled if "class Cache" in s]
+    # the methods whose text is the same are not in what was compiled; the edited one is
+    assert "self.__maxsize = maxsize" not in cache and "os.path.join" not in cache
+    assert "return 2" in cache and "def one_liner(self): return 1" in cache
+    # and their code is the previous version's, at their new lines
+    old_methods = {c.co_name: c for c in nested(before.codes[-1])}
+    new_methods = {c.co_name: c for c in nested(after.codes[-1])}
+    for name in ("__init__", "maxsize", "short", "classy", "unsafe", "fetch"):
+        assert new_methods[name].co_consts is old_methods[name].co_consts, name
+        assert new_methods[name].co_firstlineno == old_methods[name].co_firstlineno + 2
+
+
+@pytest.mark.skipif(
+    sys.version_info >= (3, 13),
+    reason="3.13 compiles a changed class whole: its body holds what its methods assign",
+)
+def test_a_class_method_of_another_context_is_compiled_again(compiled: list[str]) -> None:
+    # ``os`` no longer bound by an import: 3.11+ compiles ``os.getpid()`` differently, so the
+    # method reading it is compiled again; the others still come from the previous version.
+    old, _ = class_versions()
+    new = old.replace("import os\n", "os = __import__('os')\n").replace("return 1\n", "return 3\n")
+    before = pieces.compile_module(old, "m.py", units_of(old), None)
+    compiled.clear()
+    after = pieces.compile_module(new, "m.py", units_of(new), before.pieces)
+    assert_same_as_whole(new, after)
+    [cache] = [s for s in compiled if "class Cache" in s]
+    assert "os.path.join" in cache and "self.__maxsize = maxsize" not in cache
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        ("    def classy(self):\n        return __class__\n", ""),  # the class cell's user gone
+        ("        super().__init__()\n", ""),  # __init__ no longer uses the cell
+        ("class Cache(Base):", "class Cache(Base, object):"),  # the header changed
+        (
+            "    __marker = object()\n",
+            "    __marker = object()\n    def late(self):\n        pass\n",
+        ),
+        ("return self.__maxsize", "return self._Cache__maxsize"),
+    ],
+)
+def test_class_edits_give_the_code_of_a_whole_compile(edit: tuple[str, str]) -> None:
+    old, _ = class_versions()
+    new = old.replace(*edit)
+    assert new != old
+    before = pieces.compile_module(old, "m.py", units_of(old), None)
+    assert_same_as_whole(new, pieces.compile_module(new, "m.py", units_of(new), before.pieces))
+    # and back, from the edited version's pieces
+    after = pieces.compile_module(new, "m.py", units_of(new), before.pieces)
+    assert_same_as_whole(old, pieces.compile_module(old, "m.py", units_of(old), after.pieces))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "x",
+        "xy",
+        "(x)",
+        "__class__",
+        "super().f()",
+        "return (\n            1\n        )",
+        "'''doc'''",
+    ],
+)
+def test_a_left_out_body_of_any_width_gives_the_same_class(body: str) -> None:
+    # The expression put in a body's place ends where the body ended (positions of the
+    # class body's instructions); a body too short for it is compiled as written.
+    old = f"class A:\n    def f(self):\n        {body}\n\n    def g(self):\n        return 1\n"
+    new = old.replace("return 1", "return 2")
+    before = pieces.compile_module(old, "m.py", units_of(old), None)
+    assert_same_as_whole(new, pieces.compile_module(new, "m.py", units_of(new), before.pieces))
