@@ -23,6 +23,11 @@ future flags; a statement is compiled again when any of that changed for it. 3.1
 class's first line in a constant (``__firstlineno__``) that a shift does not change: a statement
 that may hold a class is compiled at its own lines there and compiled again when it moves.
 
+A class statement that changed is compiled with the bodies of its unchanged methods left out,
+and takes their code from the previous version (``_hollowed``): a method's body is a constant of
+the class body, which builds the function from the header alone (not on 3.13, whose class body
+also lists the attributes its methods assign).
+
 The module-level code differs from a whole compile only where nothing compares it: each piece
 ends in its own ``return`` (a tracer sees one more line event), a non-first statement that is a
 bare string is compiled after a ``0`` on the line before it (alone it would be a docstring),
