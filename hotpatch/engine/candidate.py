@@ -32,7 +32,11 @@ _INHERITED_DUNDERS = ("__file__", "__cached__", "__path__", "__package__", "__lo
 @dataclass(frozen=True)
 class Source:
     """A module's source text, its file name, its content hash and its statement index; and,
-    once compiled by ``compile_source``, each statement's code (``pieces``) for the next version."""
+    once compiled by ``compile_source``, each statement's code (``pieces``) for the next version.
+
+    ``pieces`` is a cache by statement text, each piece saying what it was compiled with: the
+    live version may hold those of a later text found to change nothing (a comment edited), so
+    that the next version is compiled from them and not from nothing."""
 
     text: str
     filename: str

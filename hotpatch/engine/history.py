@@ -90,11 +90,15 @@ class ModuleHistory:
         return reachable
 
     def learn_live_source(self, source: Source) -> None:
-        """The live version turned out to be ``source`` (its baseline was unknown)."""
+        """A version compiled and found to change nothing (``source``): the live version is
+        ``source`` if its baseline was unknown; else the live version keeps ``source``'s
+        statements' code for the next version to be compiled from (``Source.pieces``)."""
         live = self.live()
         if live.source is None:
             live.source = source
             live.update(id=version_id(source.sha256), sha256=source.sha256)
+        elif source.pieces is not None and live.source.pieces is not source.pieces:
+            live.source = dataclasses.replace(live.source, pieces=source.pieces)
 
     def add_applied(self, source: Source, undo: ChangeSet) -> tuple[Version, Version]:
         """Record a committed version; returns (previous, new)."""

@@ -320,6 +320,30 @@ def test_unchanged_source_is_a_noop(make_module) -> None:
     assert result.is_noop and result.changed == ()
 
 
+def test_a_version_that_changes_nothing_leaves_its_statements_code_for_the_next(
+    make_module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A comment edited: a no-op, but compiled; the next version is compiled from it, not from
+    # nothing (the live baseline, read at first contact, has no statement code of its own).
+    from hotpatch.engine import pieces
+
+    mod = make_module(BASE)
+    engine = Engine()
+    commented = textwrap.dedent(BASE).replace("CACHE = {}", "CACHE = {}  # a comment")
+    assert engine.patch(mod.__name__, source=commented).is_noop
+    compiled: list[str] = []
+    real = pieces._compile_at
+
+    def counting(source: str, *args: object, **kwargs: object) -> object:
+        compiled.append(source)
+        return real(source, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pieces, "_compile_at", counting)
+    result = engine.patch(mod.__name__, source=commented.replace('"old"', '"new"'))
+    assert result.changed == ("helper",) and mod.helper() == "new"
+    assert len(compiled) == 1 and 'return "new"' in compiled[0]
+
+
 def test_migrate_hook_carries_state(make_module) -> None:
     mod = make_module("COUNTS = {'a': 1}\n")
     new = (
