@@ -85,7 +85,7 @@ class Piece(NamedTuple):
     facts: Facts
     flags: int  # the module's future flags
     imported: frozenset[str]  # the names an import bound at module level when it was compiled
-    imported_reads: frozenset[str]  # those of them its code reads
+    reads: frozenset[str]  # the global names its code reads (the code inside it too)
     with_super: bool  # compiled with the module's symbol ``super``
     padded: bool  # compiled at its own lines (3.13, a class): compiled again when moved
     leading: bool  # compiled as the module's first statement (a bare string is its docstring)
@@ -183,7 +183,7 @@ def _by_statement(
             and old.flags == flags
             and (
                 old.imported == context.imported  # the same imports: nothing to look at
-                or old.imported_reads == _read_names(old.code) & context.imported
+                or old.reads & old.imported == old.reads & context.imported
             )
             and old.with_super == with_super
             and old.leading == (k == 0)
@@ -258,7 +258,7 @@ def _compiled(
         facts,
         context.flags,
         context.imported,
-        _read_names(code) & context.imported if context.imported else frozenset(),
+        _read_names(code),
         with_super,
         padded,
         k == 0,
