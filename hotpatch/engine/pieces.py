@@ -181,10 +181,7 @@ def _by_statement(
             old is not None
             and old.code.co_filename == filename  # the code names its file (tracebacks)
             and old.flags == flags
-            and (
-                old.imported == context.imported  # the same imports: nothing to look at
-                or old.reads & old.imported == old.reads & context.imported
-            )
+            and _imports_alike(old.reads, old.imported, context.imported)
             and old.with_super == with_super
             and old.leading == (k == 0)
             and (old.first == first or not old.padded)
@@ -363,8 +360,7 @@ def _hollowed(
         code = None if was is None else old_codes.get((was, part.bound[0][1]))
         if was is None or code is None or not set(code.co_freevars) <= {"__class__"}:
             continue
-        reads = _read_names(code)
-        if reads & old.imported != reads & context.imported:
+        if not _imports_alike(_read_names(code), old.imported, context.imported):
             continue
         offset, end = part.hollow
         stub = _stub(lines[first + offset - 1], last - first - offset, end, code.co_freevars)
@@ -494,6 +490,13 @@ def _shifted(code: types.CodeType, delta: int) -> types.CodeType:
         _shifted(c, delta) if isinstance(c, types.CodeType) else c for c in code.co_consts
     )
     return code.replace(co_firstlineno=code.co_firstlineno + delta, co_consts=consts)
+
+
+def _imports_alike(reads: frozenset[str], was: frozenset[str], now: frozenset[str]) -> bool:
+    """Whether code that reads ``reads``, compiled when imports bound ``was`` at module level,
+    compiles the same now that they bind ``now`` (3.11+: ``name.attr(...)`` compiles by whether
+    an import binds ``name``)."""
+    return was == now or reads & was == reads & now
 
 
 def _read_names(code: types.CodeType) -> frozenset[str]:
