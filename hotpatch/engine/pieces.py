@@ -191,14 +191,18 @@ def _by_statement(
             cls = classes.get(k)
             hollow = None
             if cls is not None:
+                header, methods = _class_layout(cls, lines)
                 if by_header is None:
                     by_header = {p.header: p for p in previous.values() if p.methods}
-                hollow = _hollowed(cls, lines, by_header, context, with_super)
+                old_class = by_header.get(header)
+                if old_class is not None:
+                    hollow = _hollowed(
+                        cls, methods, lines, old_class, context=context, with_super=with_super
+                    )
             piece = _compiled(
                 body, first, k, facts[k], context, with_super=with_super, hollow=hollow
             )
             if cls is not None:
-                header, methods = _class_layout(cls, lines)
                 piece = piece._replace(header=header, methods=methods)
         codes.append(piece.code)
         pieces[body] = piece
@@ -313,14 +317,17 @@ def _class_layout(unit: Unit, lines: list[str]) -> tuple[str, tuple[tuple[str, i
 
 def _hollowed(
     unit: Unit,
+    methods: tuple[tuple[str, int], ...],
     lines: list[str],
-    by_header: Mapping[str, Piece],
+    old: Piece,
+    *,
     context: _Context,
     with_super: bool,
 ) -> _Hollow | None:
-    """The class statement ``unit`` with the body of each method whose text is as in the
-    previous version of the class (the piece with the same header) replaced by an expression
-    that ends where the body ended, and those methods' previous code (lines shifted).
+    """The class statement ``unit`` (its ``methods``: ``_class_layout``) with the body of each
+    method whose text is as in ``old``, the previous version of the class (the piece with the
+    same header), replaced by an expression that ends where the body ended, and those methods'
+    previous code (lines shifted).
 
     A method's body is its own code object: the class body holds it as a constant, and builds
     the function from the header alone (decorators, defaults, annotations, at the header's
@@ -331,10 +338,8 @@ def _hollowed(
     rules); a method with other free variables (3.12's type parameters) is compiled in full.
     """
     start = unit.start
-    old = by_header.get("\n".join(lines[start - 1 : start + unit.parts[0].last]))
     if (
-        old is None
-        or old.code.co_filename != context.filename
+        old.code.co_filename != context.filename
         or old.flags != context.flags
         or old.with_super != with_super
         or old.padded
@@ -352,11 +357,12 @@ def _hollowed(
     was_at = {text: old.first + first for text, first in old.methods}
     text = lines[start - 1 : unit.end]
     codes: dict[tuple[int, str], types.CodeType] = {}
-    for part in unit.parts[1:]:
-        if part.hollow is None or len(part.bound) != 1:
+    parts = [p for p in unit.parts[1:] if p.hollow is not None]  # as ``methods``
+    for part, (method, _) in zip(parts, methods, strict=True):
+        if part.hollow is None or len(part.bound) != 1:  # (the first: for the type checker)
             continue
         first, last = start + part.first, start + part.last
-        was = was_at.get("\n".join(lines[first - 1 : last]))
+        was = was_at.get(method)
         code = None if was is None else old_codes.get((was, part.bound[0][1]))
         if was is None or code is None or not set(code.co_freevars) <= {"__class__"}:
             continue
