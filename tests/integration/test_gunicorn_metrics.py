@@ -114,11 +114,26 @@ def test_scraped_counters_match_the_requests_sent_across_every_worker(site: Site
     release = site.state()["known_good"]
     pids = {str(p) for p in site.srv.worker_pids()}
 
-    status, content_type, before = fetch(site.srv.port, "/metrics")
+    status, content_type, _ = fetch(site.srv.port, "/metrics")
     assert status == 200
     assert content_type.startswith("text/plain")
-    base_ok = total(before, "hotpatch_requests_total", release=release, code_class="2xx")
-    base_count = total(before, "hotpatch_request_duration_seconds_count", release=release)
+    # The baseline is taken once the requests before it are fully counted: a request is
+    # recorded after its answer went out, its counter and its histogram in two writes, and a
+    # scrape between them (after the harness's last health probe) reads one without the other.
+    # Two scrapes in a row that agree with each other and within themselves make the baseline.
+    base: dict[str, float] = {}
+
+    def settled() -> bool:
+        text = scrape(site.srv.port)
+        answered = total(text, "hotpatch_requests_total", release=release)
+        ok = total(text, "hotpatch_requests_total", release=release, code_class="2xx")
+        count = total(text, "hotpatch_request_duration_seconds_count", release=release)
+        stable = base == {"ok": ok, "count": count}
+        base.update(ok=ok, count=count)
+        return stable and answered == count
+
+    wait_until(settled, timeout_s=20, what="the requests before the test counted")
+    base_ok, base_count = base["ok"], base["count"]
 
     sent = 240
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -131,7 +146,8 @@ def test_scraped_counters_match_the_requests_sent_across_every_worker(site: Site
         text = scrape(site.srv.port)  # the scrape itself is never counted
         ok = total(text, "hotpatch_requests_total", release=release, code_class="2xx")
         errors = total(text, "hotpatch_requests_total", release=release, code_class="5xx")
-        return ok - base_ok == sent and errors == 3
+        timed = total(text, "hotpatch_request_duration_seconds_count", release=release)
+        return ok - base_ok == sent and errors == 3 and timed == base_count + sent + 3
 
     wait_until(counted, timeout_s=20, what=f"{sent} requests and 3 errors counted")
 
