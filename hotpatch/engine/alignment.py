@@ -37,20 +37,24 @@ def _chunks(lines: list[str]) -> tuple[list[str], list[int]]:
         return [], [0]
     # Found in the joined text (in C): a line of a 17,000-line table costs nothing in Python.
     text = "\n".join(lines)
-    starts = [0]
+    starts, offsets = [0], [0]  # each chunk's first line, and where it begins in ``text``
     line, at = 0, 0
     for found in _UNINDENTED.finditer(text):
-        line += text.count("\n", at, found.start())
-        at = found.start()
-        if line:
-            starts.append(line)
+        begins = found.start() + 1  # after the newline
+        line += text.count("\n", at, begins)
+        at = begins
+        starts.append(line)
+        offsets.append(at)
     starts.append(len(lines))
-    texts = ["\n".join(lines[a:b]) for a, b in itertools.pairwise(starts)]
+    offsets.append(len(text) + 1)
+    # A chunk's text is its lines joined: ``text`` up to the newline before the next chunk.
+    texts = [text[a : b - 1] for a, b in itertools.pairwise(offsets)]
     return texts, starts
 
 
-# The start of a line that is not empty and starts with neither a space nor a tab.
-_UNINDENTED = re.compile(r"^[^ \t\n]", re.MULTILINE)
+# The newline before a line that is not empty and starts with neither a space nor a tab (the
+# first line is a chunk's start anyway). Searched from its newline, four times faster than ``^``.
+_UNINDENTED = re.compile(r"\n[^ \t\n]")
 
 
 def chunk_hunks(old: list[str], new: list[str]) -> list[tuple[int, int, int, int]]:

@@ -443,6 +443,9 @@ def test_the_rows_of_a_changed_table_are_not_parsed_again(monkeypatch: pytest.Mo
         ("x = [\n    f'{a}',\n]\n", True),  # an f-string reads names
         ("x = [\n    1, \\\n    2,\n]\n", True),  # a backslash continuation
         ("x = [\n    0o17, 1_000,\n    -1.5e3j, +0.5,\n]\n", False),  # literals only
+        ("x = [\n    None,\n    None,\n]\n", False),
+        ('x = [\n    "a@b",\n]\n', False),  # an @ in a string is no decorator
+        ("class C:\n    @deco\n    def f(self): pass\n    x = [\n        1,\n    ]\n", True),
     ],
 )
 def test_which_rows_are_left_out_of_the_re_parse(block: str, kept: bool) -> None:
@@ -454,6 +457,11 @@ def test_which_rows_are_left_out_of_the_re_parse(block: str, kept: bool) -> None
         assert [type(s) for s in ast.parse(blanked).body] == [
             type(s) for s in ast.parse(block).body
         ]
+
+
+def test_a_name_that_begins_like_none_ends_the_rows() -> None:
+    block = "x = [\n    None,\n    Nonesuch,\n    None,\n]\n"
+    assert blank_literal_rows(block) == "x = [\n\n    Nonesuch,\n    None,\n]\n"
 
 
 @pytest.mark.timeout(30)  # a deadline against a hang: the old pattern took 2^n steps here
