@@ -90,7 +90,8 @@ class ModuleHistory:
         return reachable
 
     def learn_live_source(self, source: Source) -> None:
-        """A version compiled and found to change nothing (``source``): the live version is
+        """A version compiled and found to change nothing (``source``: a no-op version, or the
+        live text compiled to re-derive what it computes from another module): the live version is
         ``source`` if its baseline was unknown; else the live version keeps ``source``'s
         statements' code for the next version to be compiled from (``Source.pieces``)."""
         live = self.live()

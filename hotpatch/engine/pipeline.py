@@ -690,7 +690,9 @@ class Engine:
                 lineno=derivation.dirty_lines[0] if derivation.dirty_lines else None,
             )
         try:
-            _, code = compile_source(name, source.text, source.filename, previous=source)
+            compiled, code = compile_source(name, source.text, source.filename, previous=source)
+            # Its statements' code is kept on the live version, for the next re-derivation.
+            record.learn_live_source(compiled)
             code = without_repeated_registrations(
                 source, code, previous=source, live=module.__dict__
             )

@@ -344,6 +344,35 @@ def test_a_version_that_changes_nothing_leaves_its_statements_code_for_the_next(
     assert len(compiled) == 1 and 'return "new"' in compiled[0]
 
 
+def test_a_module_re_derived_keeps_its_statements_code_for_the_next_time(
+    make_module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A module that computes a value from a changed module is compiled (from its live text) to
+    # re-derive it; the next re-derivation takes that code, not a compile of every statement.
+    from hotpatch.engine import pieces
+
+    conf = make_module("LIMIT = 1\n")
+    user = make_module(
+        f"from {conf.__name__} import LIMIT\n\nDOUBLE = LIMIT * 2\n\n"
+        "def double():\n    return DOUBLE\n"
+    )
+    engine = Engine()
+    engine.patch(conf.__name__, source="LIMIT = 5\n")
+    assert user.DOUBLE == 10
+    compiled: list[str] = []
+    real = pieces._compile_at
+
+    def counting(source: str, *args: object, **kwargs: object) -> object:
+        compiled.append(source)
+        return real(source, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pieces, "_compile_at", counting)
+    result = engine.patch(conf.__name__, source="LIMIT = 7\n")
+    assert user.DOUBLE == 14 and user.double() == 14
+    assert f"{user.__name__}.DOUBLE" in result.derived
+    assert len(compiled) == 1 and "LIMIT = 7" in compiled[0]
+
+
 def test_migrate_hook_carries_state(make_module) -> None:
     mod = make_module("COUNTS = {'a': 1}\n")
     new = (
