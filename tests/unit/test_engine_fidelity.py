@@ -133,6 +133,34 @@ def test_typing_objects_held_by_typings_own_caches_do_not_refuse(make_module) ->
     assert held[0] is typing.Optional
 
 
+METHOD_OLD = "class Box:\n    def items(self):\n        return [1, 2]\n"
+METHOD_NEW = "class Box:\n    def items(self):\n        yield from (1, 2, 3)\n"
+
+
+def test_a_replaced_method_only_its_class_holds_costs_no_heap_walk(
+    make_module, heap_walks: list[str]
+) -> None:
+    # Every reference to the old method is counted (its class's dict, the plan's record of
+    # it): the heap is not walked to learn that nothing else holds it.
+    lib = make_module(METHOD_OLD)
+    box = lib.Box()
+    Engine().patch(lib.__name__, source=METHOD_NEW)
+    assert list(box.items()) == [1, 2, 3]
+    assert "_referrers_of" not in heap_walks, heap_walks
+
+
+@pytest.mark.parametrize("holder", ["function", "bound method"])
+def test_a_replaced_method_held_elsewhere_is_walked_for_and_refused(
+    make_module, heap_walks: list[str], holder: str
+) -> None:
+    lib = make_module(METHOD_OLD)
+    handlers = {"items": lib.Box.items if holder == "function" else lib.Box().items}
+    with pytest.raises(PatchRejected, match=r"Box\.items cannot be updated in place"):
+        Engine().patch(lib.__name__, source=METHOD_NEW)
+    assert "_referrers_of" in heap_walks
+    assert list(lib.Box().items()) == [1, 2] and handlers["items"] is not None
+
+
 def test_a_kind_change_rebuilds_a_list_of_the_same_module(make_module) -> None:
     lib = make_module(KIND_OLD + "\nHANDLERS = [items]\n")
     Engine().patch(lib.__name__, source=KIND_NEW + "\nHANDLERS = [items]\n", allow_removals=True)
