@@ -497,6 +497,50 @@ def latency(pkg_results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def combined_latency(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The latency of several runs taken together: per step, the median over the runs of its
+    ``patch_many`` / ``reload`` CPU ratio (only steps both applied in every run), and the
+    median of those. One run gives one sample per step, and on a shared machine a step's
+    ratio moves by a third between runs; the median of runs is what a change is judged on.
+    """
+    ratios: dict[tuple[str, int, str, str], list[float]] = {}
+    for report in reports:
+        for res in report["packages"]:
+            hp = res["modes"]["hotpatch"]["steps"]
+            rl = res["modes"]["reload"]["steps"]
+            for a, b in zip(hp, rl):
+                both = {a["verdict"], b["verdict"]} <= {"matching", "different"}
+                if both and "cpu_s" in a and "cpu_s" in b and b["cpu_s"] > 0:
+                    key = (res["package"], a["step"], a["from"], a["to"])
+                    ratios.setdefault(key, []).append(a["cpu_s"] / b["cpu_s"])
+    steps = [
+        {
+            "package": pkg,
+            "step": step,
+            "from": old,
+            "to": new,
+            "ratios": values,
+            "median": statistics.median(values),
+        }
+        for (pkg, step, old, new), values in ratios.items()
+        if len(values) == len(reports)
+    ]
+    out: dict[str, Any] = {"runs": len(reports), "steps": steps}
+    if steps:
+        out["median_ratio"] = statistics.median(s["median"] for s in steps)
+    return out
+
+
+def print_combined(combined: dict[str, Any]) -> None:
+    print(f"patch_many / reload, CPU, {combined['runs']} runs")
+    print("| step | ratio in each run | median |\n|---|---|---|")
+    for s in combined["steps"]:
+        each = ", ".join(f"{r:.2f}" for r in s["ratios"])
+        print(f"| {s['package']} {s['from']} -> {s['to']} | {each} | {s['median']:.2f}x |")
+    if "median_ratio" in combined:
+        print(f"median over the steps of each step's median ratio: {combined['median_ratio']:.2f}x")
+
+
 def print_report(report: dict[str, Any]) -> None:
     rows = []
     for res in report["packages"]:
@@ -635,7 +679,19 @@ def main(argv: list[str] | None = None) -> int:
         "base commit), imported by the workers instead of this one: before/after figures",
     )
     parser.add_argument("--download-timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        help="replay nothing: read the --json reports of several runs and print each step's "
+        "median latency ratio over them",
+    )
     args = parser.parse_args(argv)
+    if args.combine:
+        print_combined(
+            combined_latency([json.loads(Path(f).read_text("utf-8")) for f in args.combine])
+        )
+        return 0
     if args.engine_src:
         src = Path(args.engine_src).resolve()
         if not (src / "hotpatch" / "__init__.py").is_file():
