@@ -378,12 +378,12 @@ def refuse_stale_references(
         # even a harmless one, is left to the walk.
         rebound = _rebound_references(plans)
         # (in a comprehension of its own: no name is left holding a definition)
-        records.update(
+        own = records + Counter(
             id(record[1]) for _, plan, _ in plans for record in plan.replaced_definitions
         )
         for _, plan, _ in plans:
             for _, old, _ in plan.replaced_definitions:
-                if sys.getrefcount(old) > 2 + records[id(old)] + rebound[id(old)]:
+                if sys.getrefcount(old) > 2 + own[id(old)] + rebound[id(old)]:
                     targets.append(old)
     else:
         for _, plan, _ in plans:
