@@ -346,24 +346,6 @@ def refuse_stale_references(
     values = _replaced_values(plans)
     if not values and not any(plan.replaced_definitions for _, plan, _ in plans):
         return
-    rebinding: dict[int, set[object]] = {}  # id(namespace or class) -> names re-bound there
-    for _, plan, _ in plans:
-        for op in plan.changeset.assignments:
-            if isinstance(op, SetName):
-                rebinding.setdefault(id(op.namespace), set()).add(op.name)
-                # the old value is replaced as a whole (a list of the module that held it)
-                rebinding.setdefault(id(op.namespace.get(op.name)), set()).add(_WHOLE)
-            elif isinstance(op, SetAttr):
-                rebinding.setdefault(id(op.cls), set()).add(op.name)
-                rebinding.setdefault(id(op.cls.__dict__.get(op.name)), set()).add(_WHOLE)
-    modules = {id(m.__dict__): m for m in list(sys.modules.values()) if hasattr(m, "__dict__")}
-    class_dicts: dict[int, int] = {}  # id(a class's own dict) -> id(the class)
-    for _, plan, _ in plans:
-        for op in plan.changeset.assignments:
-            if isinstance(op, SetAttr):
-                for inner in gc.get_referents(op.cls):
-                    if type(inner) is dict and op.name in inner:
-                        class_dicts[id(inner)] = id(op.cls)
     # One walk of the heap for every old object (``gc.get_referrers`` reads every tracked
     # object each time it is called): the replaced definitions, and the replaced values held
     # by more than the names the change set re-binds.
@@ -399,6 +381,24 @@ def refuse_stale_references(
         walked.append(record)
     if not targets:
         return
+    rebinding: dict[int, set[object]] = {}  # id(namespace or class) -> names re-bound there
+    for _, plan, _ in plans:
+        for op in plan.changeset.assignments:
+            if isinstance(op, SetName):
+                rebinding.setdefault(id(op.namespace), set()).add(op.name)
+                # the old value is replaced as a whole (a list of the module that held it)
+                rebinding.setdefault(id(op.namespace.get(op.name)), set()).add(_WHOLE)
+            elif isinstance(op, SetAttr):
+                rebinding.setdefault(id(op.cls), set()).add(op.name)
+                rebinding.setdefault(id(op.cls.__dict__.get(op.name)), set()).add(_WHOLE)
+    modules = {id(m.__dict__): m for m in list(sys.modules.values()) if hasattr(m, "__dict__")}
+    class_dicts: dict[int, int] = {}  # id(a class's own dict) -> id(the class)
+    for _, plan, _ in plans:
+        for op in plan.changeset.assignments:
+            if isinstance(op, SetAttr):
+                for inner in gc.get_referents(op.cls):
+                    if type(inner) is dict and op.name in inner:
+                        class_dicts[id(inner)] = id(op.cls)
 
     def refusal() -> PatchRejected | None:
         return _stale_reference(
