@@ -362,6 +362,8 @@ def run_replay(plan: dict[str, Any], out: Any) -> None:
     emit(out, {"step": 0, "version": versions[0]["version"], **run_tests(live, plan)})
     src = (live / plan["src"]).resolve() if plan["src"] else live
     for step, version in enumerate(versions[1:], start=1):
+        if plan.get("lockstep") and sys.stdin.readline().strip() != "go":
+            return  # the replay ended (its other mode's worker died, or a deadline passed)
         track_cpu_s = None
         if mode == "hotpatch":
             import hotpatch
@@ -376,6 +378,7 @@ def run_replay(plan: dict[str, Any], out: Any) -> None:
         order = modules_in_order(src, plan["import_names"])
         apply = apply_hotpatch if mode == "hotpatch" else apply_reload
         record: dict[str, Any] = {"step": step, "version": version["version"], "files": files}
+        record["at"] = time.time()  # when the step was applied: the modes are run in turns
         if track_cpu_s is not None:
             record["track_cpu_s"] = track_cpu_s
         record.update(apply(order, plan))

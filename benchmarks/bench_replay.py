@@ -32,6 +32,7 @@ stage and reason), or unknown (a run was killed or crashed). The patch latency i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -223,6 +224,116 @@ def run_worker(plan: dict[str, Any], work: Path, label: str, *, timeout_s: float
     }
 
 
+def run_lockstep(
+    plans: dict[str, dict[str, Any]], work: Path, label: str, *, steps: int, timeout_s: float
+) -> dict[str, dict[str, Any]]:
+    """Run one worker per mode side by side, each step of one right after the same step of the
+    other, so that both peers' latency of a step is measured within seconds of each other.
+
+    On a shared machine CPU time itself moves by a third from one minute to the next; the
+    chains used to run one after the other, minutes apart, so a step's ratio carried that
+    drift. Here each worker waits for a ``go`` line on its standard input before each step
+    (after its baseline test run); the modes take turns going first. A worker that dies or
+    passes ``timeout_s`` on a step is killed (its group); its later steps are unknown, and the
+    other mode goes on alone. Returns, per mode, what ``run_worker`` returns.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PYTEST"))}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["PYTHONHASHSEED"] = "0"
+    if ENGINE_SRC:
+        env["PYTHONPATH"] = ENGINE_SRC[0]
+    started = time.monotonic()
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    files: dict[str, tuple[Path, Path]] = {}
+    killed = dict.fromkeys(plans, False)
+    try:
+        for mode, plan in plans.items():
+            plan_file = work / f"{label}-{mode}.plan.json"
+            results = work / f"{label}-{mode}.results.jsonl"
+            log_file = work / f"{label}-{mode}.log"
+            plan_file.write_text(json.dumps({**plan, "lockstep": True}), "utf-8")
+            files[mode] = (results, log_file)
+            with open(log_file, "wb") as log:
+                procs[mode] = subprocess.Popen(
+                    [sys.executable, str(WORKER), str(plan_file), str(results)],
+                    cwd=work,
+                    env=env,
+                    stdin=subprocess.PIPE,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        for step in range(steps + 1):
+            order = list(plans) if step % 2 else list(reversed(plans))
+            for mode in order:
+                proc = procs[mode]
+                if killed[mode] or proc.poll() is not None:
+                    continue
+                if step:  # step 0 is the baseline test run, made unasked
+                    try:
+                        assert proc.stdin is not None
+                        proc.stdin.write(b"go\n")
+                        proc.stdin.flush()
+                    except (BrokenPipeError, OSError):
+                        continue  # it ended: its records say how far it got
+                if not _await_record(proc, files[mode][0], step, timeout_s):
+                    killed[mode] = proc.poll() is None
+                    _kill_group(proc)
+    finally:
+        for mode, proc in procs.items():
+            if proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                killed[mode] = True
+                _kill_group(proc)
+    out: dict[str, dict[str, Any]] = {}
+    for mode, proc in procs.items():
+        results, log_file = files[mode]
+        records = _records(results)
+        tail = log_file.read_text("utf-8", "replace")[-3000:]
+        out[mode] = {
+            "records": records,
+            "returncode": proc.returncode,
+            "killed": killed[mode],
+            "elapsed_s": time.monotonic() - started,
+            "log_tail": tail if (killed[mode] or proc.returncode != 0) else "",
+        }
+    return out
+
+
+def _records(results: Path) -> list[dict[str, Any]]:
+    """The records a worker wrote whole (a line it is still writing, or was killed writing, is
+    left out: only lines that end in a newline)."""
+    if not results.exists():
+        return []
+    lines = results.read_text("utf-8").split("\n")[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _await_record(
+    proc: subprocess.Popen[bytes], results: Path, step: int, timeout_s: float
+) -> bool:
+    """Whether the worker wrote step ``step``'s record (or ended) before the deadline.
+
+    Polled by the file's size (a record is one line, written whole, and can hold thousands of
+    test outcomes: not parsed again while the worker runs beside the poll)."""
+    deadline = time.monotonic() + timeout_s
+    seen = -1
+    while time.monotonic() < deadline:
+        size = results.stat().st_size if results.exists() else 0
+        if size != seen:
+            seen = size
+            if any(r.get("step") == step for r in _records(results)):
+                return True
+        if proc.poll() is not None:
+            return True  # ended (crashed): what it wrote is what there is
+        time.sleep(0.05)
+    return False
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     for sig, grace_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
         try:
@@ -324,15 +435,23 @@ def replay_package(
             flush=True,
         )
     modes: dict[str, Any] = {}
+    runs = run_lockstep(
+        {
+            mode: {
+                **base_plan,
+                "mode": mode,
+                "versions": trees,
+                "live": str(work / f"live-{pkg.stem}-{mode}"),
+            }
+            for mode in MODES
+        },
+        work,
+        pkg.stem,
+        steps=len(trees) - 1,
+        timeout_s=args.run_timeout,
+    )
     for mode in MODES:
-        plan = {
-            **base_plan,
-            "mode": mode,
-            "versions": trees,
-            "live": str(work / f"live-{pkg.stem}-{mode}"),
-        }
-        deadline = args.run_timeout * len(trees)
-        run = run_worker(plan, work, f"{pkg.stem}-{mode}", timeout_s=deadline)
+        run = runs[mode]
         by_step = {r["step"]: r for r in run["records"]}
         baseline = by_step.get(0)
         steps = []
@@ -347,7 +466,7 @@ def replay_package(
             }
             if record is not None:
                 step["duration_s"] = record["duration_s"]
-                for key in ("cpu_s", "track_cpu_s"):
+                for key in ("cpu_s", "track_cpu_s", "at"):
                     if key in record:
                         step[key] = record[key]
                 step["files"] = record["files"]
