@@ -13,7 +13,9 @@ import re
 # a comment. Whatever such a line parses as reads, binds and calls no name, and it opens and
 # closes no bracket but its tuples'. (A word that starts with a digit is a number to the
 # tokenizer, or a number and a keyword: ``1if 2else 3`` reads nothing either.)
-_STR = r"""[bBrRuU]{0,2}(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")"""
+# A string's characters as runs between escapes (each character matched one way only, and no
+# alternation tried at every character: a fifth of the time on a table of strings).
+_STR = r"""[bBrRuU]{0,2}(?:'[^'\\\n]*(?:\\.[^'\\\n]*)*'|"[^"\\\n]*(?:\\.[^"\\\n]*)*")"""
 # Every line has one way to match (no two quantifiers can share a character): a number runs to
 # the end of its word, a separator is spaces with at most one sign in them. With several ways,
 # a line that matches none (a long number, then a name) took exponential time to reject.
@@ -28,7 +30,9 @@ _ROW = rf"[ \t]+{_ITEM}(?:[ \t]*[,:][ \t]*{_ITEM})*[ \t]*(?:,[ \t]*)?(?:#[^\n]*)
 # None, and a comma), a subset of ``_ROW`` matched several times faster; it must end the line,
 # else the line is tried as a ``_ROW``. Each line still has one way to match per alternative, and
 # nothing follows the loop, so a line that is not a row ends the run at once.
-_FAST_ROW = r"""[ \t]+(?:[0-9][0-9a-zA-Z_.]*|"(?:[^"\\\n]|\\.)*"|None)[ \t]*,[ \t]*(?=\n)"""
+_FAST_ROW = (
+    r"""[ \t]+(?:[0-9][0-9a-zA-Z_.]*|"[^"\\\n]*(?:\\.[^"\\\n]*)*"|None)[ \t]*,[ \t]*(?=\n)"""
+)
 _ROWS = re.compile(rf"(?:(?:{_FAST_ROW}|{_ROW}|[ \t]*(?:#[^\n]*)?)\n)+")
 _OPEN_AT_END = re.compile(r"[\[({][ \t]*\n")  # an opening bracket, then only the line's end
 
