@@ -24,7 +24,7 @@ import sys
 import sysconfig
 import types
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from hotpatch.engine.changeset import ChangeSet, SetAttr, SetFunction, SetName, functions_of
 from hotpatch.engine.derived import ModuleChange, top_level_change
@@ -152,6 +152,15 @@ class NamespaceIndex:
         if holders is None:
             return ()
         return (holders,) if isinstance(holders, str) else holders
+
+    def modules_holding(self, ids: Iterable[int]) -> set[str]:
+        """The live modules whose namespace holds one of these objects (by id), as the index
+        reads them now: a module that bound one at run time, after the last import, is missed."""
+        self._refresh()
+        found: set[str] = set()
+        for key in ids:
+            found.update(self._holders_of(key))
+        return found
 
     def file_changed(self, name: str, module: types.ModuleType) -> bool:
         """Whether the module's file changed since the index first saw this module object.
@@ -328,7 +337,9 @@ def _import_statements(text: str) -> Iterator[str]:
 
 
 def refuse_stale_references(
-    plans: list[tuple[str, Plan, str]], candidates: Iterable[dict[str, object]] = ()
+    plans: list[tuple[str, Plan, str]],
+    candidates: Iterable[dict[str, object]] = (),
+    modules_holding: Callable[[set[int]], Iterable[str]] | None = None,
 ) -> None:
     """A function replaced rather than updated in place (it became a generator, a coroutine, or
     the reverse) must have no reference the commit leaves pointing at it: module namespaces and
@@ -339,6 +350,10 @@ def refuse_stale_references(
         plans: (module name, plan, file name) of every module the change set commits.
         candidates: the namespaces of candidates: this change set's (they hold the live
             values of the statements that did not change), and earlier ones not collected yet.
+        modules_holding: the live modules that may hold these objects (``NamespaceIndex``);
+            only their namespaces are counted as holders of a replaced value (every module's
+            when ``None``). One it misses leaves a reference uncounted: a heap walk then
+            decides, so a wrong answer costs time, never a wrong outcome.
 
     Raises:
         PatchRejected: stage ``compatibility``, naming what holds the old function.
@@ -372,7 +387,7 @@ def refuse_stale_references(
             for _, old, _ in plan.replaced_definitions:
                 targets.append(old)
     walked: list[tuple[str, object, tuple[str, str]]] = []
-    held = _held_by_namespaces(set(records), candidates)
+    held = _held_by_namespaces(set(records), candidates, modules_holding)
     for record in values:
         old = record[1]
         if sys.getrefcount(old) <= 2 + records[id(old)] + held[id(old)]:
@@ -472,18 +487,26 @@ def _stale_reference(
     return None
 
 
-def _held_by_namespaces(wanted: set[int], candidates: Iterable[dict[str, object]]) -> Counter[int]:
+def _held_by_namespaces(
+    wanted: set[int],
+    candidates: Iterable[dict[str, object]],
+    modules_holding: Callable[[set[int]], Iterable[str]] | None = None,
+) -> Counter[int]:
     """How many references to each object of ``wanted`` (by id) the module namespaces hold, live
     or candidates': the holders ``_foreign_holders`` does not count for a replaced value
-    (``modules_hold=False``). One pass over their values, in C."""
+    (``modules_hold=False``). One pass over their values, in C; over the namespaces of
+    ``modules_holding(wanted)`` only when given (each reference counted is a real one either
+    way: fewer namespaces read can only count fewer)."""
     held: Counter[int] = Counter()
     if not wanted:
         return held
+    live: list[object] = (
+        list(sys.modules.values())
+        if modules_holding is None
+        else [sys.modules.get(name) for name in modules_holding(wanted)]
+    )
     seen: set[int] = set()
-    for namespace in (
-        *(getattr(m, "__dict__", None) for m in list(sys.modules.values())),
-        *candidates,
-    ):
+    for namespace in (*(getattr(m, "__dict__", None) for m in live), *candidates):
         if (
             type(namespace) is dict
             and id(namespace) not in seen

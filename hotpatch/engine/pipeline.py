@@ -382,6 +382,7 @@ class Engine:
                 refuse_stale_references(
                     [(p.name, p.plan, p.source.filename) for p in todo if p.plan],
                     [m.__dict__ for m in (*shared.candidates.values(), *self._earlier())],
+                    self._namespace_ids.modules_holding,
                 )
         except (PatchRejected, KeyboardInterrupt, SystemExit):
             raise

@@ -876,3 +876,20 @@ def test_a_replaced_value_other_modules_import_costs_no_heap_walk(
     with pytest.raises(PatchRejected, match="also held elsewhere"):
         Engine().patch(f"{pkg}.m", source="TABLE = [1, 2, 3, 4]\n")
     assert keep["table"] == [1, 2, 3]
+
+
+def test_a_module_the_namespace_index_has_not_read_is_counted_by_a_walk(
+    make_module, heap_walks: list[str]
+) -> None:
+    # Only the modules the namespace index says hold a replaced value are counted; one that
+    # bound it at run time, after the index last read it, is left uncounted, and the heap walk
+    # decides (a module's own run-time name is its live state: not a refusal).
+    m = make_module("TABLE = [1, 2]\n")
+    other = make_module("X = 1\n")
+    engine = Engine()
+    engine.patch(m.__name__, source="TABLE = [1, 2, 3]\n")
+    assert "_referrers_of" not in heap_walks
+    other.ALIAS = m.TABLE  # no import since: the index has not read this
+    engine.patch(m.__name__, source="TABLE = [1, 2, 3, 4]\n")
+    assert "_referrers_of" in heap_walks
+    assert m.TABLE == [1, 2, 3, 4] and other.ALIAS == [1, 2, 3]
