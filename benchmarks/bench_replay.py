@@ -181,8 +181,11 @@ def extract(sdist: Path, dest: Path) -> Path:
 ENGINE_SRC: list[str] = []  # --engine-src: another copy of hotpatch for the workers (a base commit)
 
 
-def run_worker(plan: dict[str, Any], work: Path, label: str, *, timeout_s: float) -> dict[str, Any]:
-    """Run ``_replay_worker.py`` on ``plan`` in its own session; kill its group at the deadline."""
+def _start_worker(
+    plan: dict[str, Any], work: Path, label: str, *, stdin: int
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """``_replay_worker.py`` started on ``plan`` in its own session: (process, its results file,
+    its log file)."""
     plan_file = work / f"{label}.plan.json"
     results = work / f"{label}.results.jsonl"
     log_file = work / f"{label}.log"
@@ -192,31 +195,32 @@ def run_worker(plan: dict[str, Any], work: Path, label: str, *, timeout_s: float
     env["PYTHONHASHSEED"] = "0"  # same hash order in fresh and replay processes
     if ENGINE_SRC:
         env["PYTHONPATH"] = ENGINE_SRC[0]
-    started = time.monotonic()
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, str(WORKER), str(plan_file), str(results)],
             cwd=work,
             env=env,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        killed = False
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            killed = True
-            _kill_group(proc)
-    records = []
-    if results.exists():
-        for line in results.read_text("utf-8").splitlines():
-            if line.strip():
-                records.append(json.loads(line))
+    return proc, results, log_file
+
+
+def run_worker(plan: dict[str, Any], work: Path, label: str, *, timeout_s: float) -> dict[str, Any]:
+    """Run ``_replay_worker.py`` on ``plan`` in its own session; kill its group at the deadline."""
+    started = time.monotonic()
+    proc, results, log_file = _start_worker(plan, work, label, stdin=subprocess.DEVNULL)
+    killed = False
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        killed = True
+        _kill_group(proc)
     tail = log_file.read_text("utf-8", "replace")[-3000:]
     return {
-        "records": records,
+        "records": _records(results),
         "returncode": proc.returncode,
         "killed": killed,
         "elapsed_s": time.monotonic() - started,
@@ -237,32 +241,16 @@ def run_lockstep(
     passes ``timeout_s`` on a step is killed (its group); its later steps are unknown, and the
     other mode goes on alone. Returns, per mode, what ``run_worker`` returns.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PYTEST"))}
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env["PYTHONHASHSEED"] = "0"
-    if ENGINE_SRC:
-        env["PYTHONPATH"] = ENGINE_SRC[0]
     started = time.monotonic()
     procs: dict[str, subprocess.Popen[bytes]] = {}
     files: dict[str, tuple[Path, Path]] = {}
     killed = dict.fromkeys(plans, False)
     try:
         for mode, plan in plans.items():
-            plan_file = work / f"{label}-{mode}.plan.json"
-            results = work / f"{label}-{mode}.results.jsonl"
-            log_file = work / f"{label}-{mode}.log"
-            plan_file.write_text(json.dumps({**plan, "lockstep": True}), "utf-8")
+            procs[mode], results, log_file = _start_worker(
+                {**plan, "lockstep": True}, work, f"{label}-{mode}", stdin=subprocess.PIPE
+            )
             files[mode] = (results, log_file)
-            with open(log_file, "wb") as log:
-                procs[mode] = subprocess.Popen(
-                    [sys.executable, str(WORKER), str(plan_file), str(results)],
-                    cwd=work,
-                    env=env,
-                    stdin=subprocess.PIPE,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
         for step in range(steps + 1):
             order = list(plans) if step % 2 else list(reversed(plans))
             for mode in order:

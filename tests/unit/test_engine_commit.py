@@ -320,17 +320,10 @@ def test_unchanged_source_is_a_noop(make_module) -> None:
     assert result.is_noop and result.changed == ()
 
 
-def test_a_version_that_changes_nothing_leaves_its_statements_code_for_the_next(
-    make_module, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A comment edited: a no-op, but compiled; the next version is compiled from it, not from
-    # nothing (the live baseline, read at first contact, has no statement code of its own).
+def count_statement_compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the text of each statement compiled (``pieces._compile_at``) in order."""
     from hotpatch.engine import pieces
 
-    mod = make_module(BASE)
-    engine = Engine()
-    commented = textwrap.dedent(BASE).replace("CACHE = {}", "CACHE = {}  # a comment")
-    assert engine.patch(mod.__name__, source=commented).is_noop
     compiled: list[str] = []
     real = pieces._compile_at
 
@@ -339,6 +332,19 @@ def test_a_version_that_changes_nothing_leaves_its_statements_code_for_the_next(
         return real(source, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(pieces, "_compile_at", counting)
+    return compiled
+
+
+def test_a_version_that_changes_nothing_leaves_its_statements_code_for_the_next(
+    make_module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A comment edited: a no-op, but compiled; the next version is compiled from it, not from
+    # nothing (the live baseline, read at first contact, has no statement code of its own).
+    mod = make_module(BASE)
+    engine = Engine()
+    commented = textwrap.dedent(BASE).replace("CACHE = {}", "CACHE = {}  # a comment")
+    assert engine.patch(mod.__name__, source=commented).is_noop
+    compiled = count_statement_compiles(monkeypatch)
     result = engine.patch(mod.__name__, source=commented.replace('"old"', '"new"'))
     assert result.changed == ("helper",) and mod.helper() == "new"
     assert len(compiled) == 1 and 'return "new"' in compiled[0]
@@ -349,8 +355,6 @@ def test_a_module_re_derived_keeps_its_statements_code_for_the_next_time(
 ) -> None:
     # A module that computes a value from a changed module is compiled (from its live text) to
     # re-derive it; the next re-derivation takes that code, not a compile of every statement.
-    from hotpatch.engine import pieces
-
     conf = make_module("LIMIT = 1\n")
     user = make_module(
         f"from {conf.__name__} import LIMIT\n\nDOUBLE = LIMIT * 2\n\n"
@@ -359,14 +363,7 @@ def test_a_module_re_derived_keeps_its_statements_code_for_the_next_time(
     engine = Engine()
     engine.patch(conf.__name__, source="LIMIT = 5\n")
     assert user.DOUBLE == 10
-    compiled: list[str] = []
-    real = pieces._compile_at
-
-    def counting(source: str, *args: object, **kwargs: object) -> object:
-        compiled.append(source)
-        return real(source, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(pieces, "_compile_at", counting)
+    compiled = count_statement_compiles(monkeypatch)
     result = engine.patch(conf.__name__, source="LIMIT = 7\n")
     assert user.DOUBLE == 14 and user.double() == 14
     assert f"{user.__name__}.DOUBLE" in result.derived
