@@ -361,11 +361,11 @@ def refuse_stale_references(
     values = _replaced_values(plans)
     if not values and not any(plan.replaced_definitions for _, plan, _ in plans):
         return
-    # One walk of the heap for every old object (``gc.get_referrers`` reads every tracked
-    # object each time it is called): the replaced definitions, and the replaced values held
-    # by more than the names the change set re-binds.
-    # Besides the namespaces: each record of ``values`` holding the value (one per module that
-    # re-binds a name to it), the loop's name and getrefcount's own argument.
+    # The old objects to look for, in one walk of the heap (``gc.get_referrers`` reads every
+    # tracked object each time it is called): those with a reference that is not accounted for.
+    # ``sys.getrefcount`` sees, besides the holders counted, the loop's name and its own
+    # argument; the records of ``values`` (one per module that re-binds a name to the value)
+    # hold the value too.
     records = Counter(id(record[1]) for record in values)
     targets: list[object] = []
     if _EXACT_COUNTS:
