@@ -5,6 +5,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_replay.py                     # every package, 10 to 30 min
     .venv/bin/python benchmarks/bench_replay.py --packages six,cachetools --steps 2
     .venv/bin/python benchmarks/bench_replay.py --offline --json out.json   # committed sdists only
+    .venv/bin/python benchmarks/bench_replay.py --combine run1.json run2.json run3.json
 
 The idea: hotpatch promises that a patched process is indistinguishable from one restarted on the
 new code, or the patch is refused. Synthetic edits cannot show that on the changes people really
@@ -12,7 +13,9 @@ make, so this benchmark takes consecutive released versions of small pure-Python
 PyPI (their sdists ship their tests), replays them into one long-running process and runs each
 package's own test suite there after every step, comparing the outcome of every test id with a
 fresh process on the same release. ``importlib.reload`` of every module of the package (in
-dependency order) goes through the same steps in a second long-running process, side by side.
+dependency order) goes through the same steps in a second long-running process, side by side:
+the two take turns step by step (``run_lockstep``), so that both peers' time for a step is
+measured seconds apart.
 
 The problem: a long replay must not touch anything outside its own temporary directory, and a
 release whose tests hang must not hang the benchmark. The mechanism: every sdist is extracted
@@ -26,7 +29,8 @@ unless ``--offline``.
 Per step and mode the outcome is one of: applied and matching a restart, applied but different
 (the defect: hotpatch said success and the process behaves differently), refused (grouped by
 stage and reason), or unknown (a run was killed or crashed). The patch latency is compared with
-``importlib.reload`` on the steps both applied (median ratio).
+``importlib.reload`` on the steps both applied (median ratio); one run is one sample per step,
+and ``--combine`` takes several runs' ``--json`` reports together.
 """
 
 from __future__ import annotations
