@@ -434,7 +434,10 @@ class Engine:
         if given is None:
             given = read_source_file(name, filename, max_bytes=self.max_source_bytes)
         text = decode_source(name, given, filename, max_bytes=self.max_source_bytes)
-        sha = text_sha256(text)
+        if compiled is not None and compiled.source.text == text:
+            sha = compiled.source.sha256  # hashed when the change set was ordered
+        else:
+            sha = text_sha256(text)
         self._attempted[name] = sha
         record = self._ensure_history(name, unless_sha=sha)
         live_entry = record.live()
@@ -452,7 +455,7 @@ class Engine:
         if compiled is not None and compiled.source.sha256 == sha:
             source, code = compiled.source, compiled.code  # compiled to order the change set
         else:
-            source, code = compile_source(name, text, filename, previous=old_source)
+            source, code = compile_source(name, text, filename, previous=old_source, sha256=sha)
         code = without_repeated_registrations(
             source, code, previous=old_source, live=module.__dict__
         )
@@ -555,7 +558,9 @@ class Engine:
             if live.source is not None and live.version.sha256 == sha:
                 continue  # unchanged: a no-op, its place does not matter
             try:
-                source, code = compile_source(name, text, filename, previous=live.source)
+                source, code = compile_source(
+                    name, text, filename, previous=live.source, sha256=sha
+                )
             except PatchRejected:
                 continue  # _prepare compiles it again and refuses it, in this order
             compiled[name] = _Compiled(source, code)
@@ -691,7 +696,9 @@ class Engine:
                 lineno=derivation.dirty_lines[0] if derivation.dirty_lines else None,
             )
         try:
-            compiled, code = compile_source(name, source.text, source.filename, previous=source)
+            compiled, code = compile_source(
+                name, source.text, source.filename, previous=source, sha256=source.sha256
+            )
             # Its statements' code is kept on the live version, for the next re-derivation.
             record.learn_live_source(compiled)
             code = without_repeated_registrations(
