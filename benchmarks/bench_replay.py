@@ -310,8 +310,8 @@ def _await_record(
 ) -> bool:
     """Whether the worker wrote step ``step``'s record (or ended) before the deadline.
 
-    Polled by the file's size (a record is one line, written whole, and can hold thousands of
-    test outcomes: not parsed again while the worker runs beside the poll)."""
+    Polled by the file's size (a record is one line, which can hold thousands of test outcomes:
+    not parsed again until the file grows, so the poll costs the worker beside it nothing)."""
     deadline = time.monotonic() + timeout_s
     seen = -1
     while time.monotonic() < deadline:
