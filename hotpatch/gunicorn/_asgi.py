@@ -49,6 +49,7 @@ import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 from hotpatch._log import get_logger
@@ -297,17 +298,28 @@ def _note_serving_loop(*, state: Any = None) -> None:
         _serving.state = state
 
 
-_SUSPENDABLE = (types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType)
+_SUSPENDABLE_TYPES = frozenset({types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType})
 _FRAME_OF = {types.CoroutineType: "cr", types.GeneratorType: "gi", types.AsyncGeneratorType: "ag"}
 
 
 def _note_lifelong() -> None:
     """Remember every coroutine and generator suspended right after the lifespan startup: the
     lifespan itself (suspended until shutdown) and the tasks its startup began. They live as long
-    as the worker, so a change to their code can never reach a safe point (``lifelong_frames``)."""
+    as the worker, so a change to their code can never reach a safe point (``lifelong_frames``).
+
+    ``gc.get_objects()`` also returns tuples another thread is still building (``tuple(gen)``
+    grows its tuple in place, which fails with ``SystemError: bad argument to internal
+    function`` once anything else refers to it): while the list is held, another thread that
+    gets the GIL can fail so (seen: the control socket's thread, opening at the same moment).
+    The coroutines and generators are therefore picked out in C (the types cannot be
+    subclassed), and the list dropped, before any other Python code runs here.
+    """
+    objects = gc.get_objects()
+    picked = list(compress(objects, map(_SUSPENDABLE_TYPES.__contains__, map(type, objects))))
+    del objects
     found = []
-    for obj in gc.get_objects():
-        if isinstance(obj, _SUSPENDABLE) and _frame_of(obj) is not None:
+    for obj in picked:
+        if _frame_of(obj) is not None:
             try:
                 found.append(weakref.ref(obj))
             except TypeError:  # pragma: no cover - every suspendable type takes weak references
