@@ -367,24 +367,19 @@ def refuse_stale_references(
     # argument; the records of ``values`` (one per module that re-binds a name to the value)
     # hold the value too.
     records = Counter(id(record[1]) for record in values)
+    # A replaced definition held only by the names the change set re-binds (a method by its
+    # class's dict) and by the plans' records of it: every reference is accounted for (where
+    # the count is exact), so a walk would find no holder to refuse for. Any other reference,
+    # even a harmless one, is left to the walk.
+    rebound = _rebound_references(plans) if _EXACT_COUNTS else Counter()
+    # (in a comprehension of its own: no name is left holding a definition)
+    own = records + Counter(
+        id(record[1]) for _, plan, _ in plans for record in plan.replaced_definitions
+    )
     targets: list[object] = []
-    if _EXACT_COUNTS:
-        # A replaced definition held only by the names the change set re-binds (a method by its
-        # class's dict) and by the plans' records of it: every reference is accounted for (the
-        # count is exact), so a walk would find no holder to refuse for. Any other reference,
-        # even a harmless one, is left to the walk.
-        rebound = _rebound_references(plans)
-        # (in a comprehension of its own: no name is left holding a definition)
-        own = records + Counter(
-            id(record[1]) for _, plan, _ in plans for record in plan.replaced_definitions
-        )
-        for _, plan, _ in plans:
-            for _, old, _ in plan.replaced_definitions:
-                if sys.getrefcount(old) > 2 + own[id(old)] + rebound[id(old)]:
-                    targets.append(old)
-    else:
-        for _, plan, _ in plans:
-            for _, old, _ in plan.replaced_definitions:
+    for _, plan, _ in plans:
+        for _, old, _ in plan.replaced_definitions:
+            if not _EXACT_COUNTS or sys.getrefcount(old) > 2 + own[id(old)] + rebound[id(old)]:
                 targets.append(old)
     walked: list[tuple[str, object, tuple[str, str]]] = []
     held = _held_by_namespaces(set(records), candidates, modules_holding)
