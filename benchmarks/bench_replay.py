@@ -222,6 +222,13 @@ def run_worker(plan: dict[str, Any], work: Path, label: str, *, timeout_s: float
     except subprocess.TimeoutExpired:
         killed = True
         _kill_group(proc)
+    return _run_result(proc, results, log_file, killed=killed, started=started)
+
+
+def _run_result(
+    proc: subprocess.Popen[bytes], results: Path, log_file: Path, *, killed: bool, started: float
+) -> dict[str, Any]:
+    """What a worker's run came to: its records, how it ended, its log's end if it failed."""
     tail = log_file.read_text("utf-8", "replace")[-3000:]
     return {
         "records": _records(results),
@@ -281,19 +288,10 @@ def run_lockstep(
             except subprocess.TimeoutExpired:
                 killed[mode] = True
                 _kill_group(proc)
-    out: dict[str, dict[str, Any]] = {}
-    for mode, proc in procs.items():
-        results, log_file = files[mode]
-        records = _records(results)
-        tail = log_file.read_text("utf-8", "replace")[-3000:]
-        out[mode] = {
-            "records": records,
-            "returncode": proc.returncode,
-            "killed": killed[mode],
-            "elapsed_s": time.monotonic() - started,
-            "log_tail": tail if (killed[mode] or proc.returncode != 0) else "",
-        }
-    return out
+    return {
+        mode: _run_result(proc, *files[mode], killed=killed[mode], started=started)
+        for mode, proc in procs.items()
+    }
 
 
 def _records(results: Path) -> list[dict[str, Any]]:
@@ -547,6 +545,19 @@ def tally(steps: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _both_applied(
+    pkg_results: list[dict[str, Any]],
+) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(package, hotpatch step, reload step) of every step both peers applied."""
+    applied = ("matching", "different")
+    return [
+        (res["package"], a, b)
+        for res in pkg_results
+        for a, b in zip(res["modes"]["hotpatch"]["steps"], res["modes"]["reload"]["steps"])
+        if a["verdict"] in applied and b["verdict"] in applied
+    ]
+
+
 def latency(pkg_results: list[dict[str, Any]]) -> dict[str, Any]:
     """Patch vs reload time on the steps both applied: medians and the median of per-step ratios.
 
@@ -558,16 +569,7 @@ def latency(pkg_results: list[dict[str, Any]]) -> dict[str, Any]:
     with everything together. ``track_ms``: the CPU time of the ``track()`` calls made before
     the steps (where the engine builds its index of loaded modules, ahead of the first patch).
     """
-    pairs = []
-    for res in pkg_results:
-        hp = res["modes"]["hotpatch"]["steps"]
-        rl = res["modes"]["reload"]["steps"]
-        for a, b in zip(hp, rl):
-            if a["verdict"] in ("matching", "different") and b["verdict"] in (
-                "matching",
-                "different",
-            ):
-                pairs.append((a, b))
+    pairs = [(a, b) for _, a, b in _both_applied(pkg_results)]
     if not pairs:
         return {"n": 0}
     out: dict[str, Any] = {"n": len(pairs)}
@@ -617,22 +619,18 @@ def combined_latency(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """
     cpu: dict[tuple[str, int, str, str], list[tuple[float, float]]] = {}
     for report in reports:
-        for res in report["packages"]:
-            hp = res["modes"]["hotpatch"]["steps"]
-            rl = res["modes"]["reload"]["steps"]
-            for a, b in zip(hp, rl):
-                both = {a["verdict"], b["verdict"]} <= {"matching", "different"}
-                if both and "cpu_s" in a and "cpu_s" in b and b["cpu_s"] > 0:
-                    key = (res["package"], a["step"], a["from"], a["to"])
-                    cpu.setdefault(key, []).append((a["cpu_s"], b["cpu_s"]))
+        for package, a, b in _both_applied(report["packages"]):
+            if "cpu_s" in a and "cpu_s" in b and b["cpu_s"] > 0:
+                key = (package, a["step"], a["from"], a["to"])
+                cpu.setdefault(key, []).append((a["cpu_s"], b["cpu_s"]))
     steps = [
         {
             "package": pkg,
             "step": step,
             "from": old,
             "to": new,
-            "ratios": [p / r for p, r in pairs],
-            "median": statistics.median(p / r for p, r in pairs),
+            "ratios": (ratios := [p / r for p, r in pairs]),
+            "median": statistics.median(ratios),
             # noise on a shared machine only adds time: each peer's fastest run, compared
             "of_minima": min(p for p, _ in pairs) / min(r for _, r in pairs),
         }
