@@ -264,6 +264,25 @@ def imported_modules(text: str, package: str) -> frozenset[str] | None:
     return frozenset(found)
 
 
+_CODING_LINES = re.compile(rb"\A[^\n]*\n?[^\n]*")  # where a PEP 263 cookie may be
+
+
+def packages_not_named(data: bytes, package: str, tops: Iterable[str]) -> frozenset[str]:
+    """Of the top-level package names ``tops``, those no import statement in the source
+    ``data`` can name a module under, seen without decoding or scanning it.
+
+    An absolute import spells its top-level package out, so ASCII source that does not contain
+    the name cannot import it; a relative import resolves inside the module's own top-level
+    package (``package``: its ``__package__``), so that one is never among them. Source that is
+    not ASCII, or declares an encoding (bytes that are ASCII may decode to other text), gives
+    none: ``imported_modules`` of the decoded text decides.
+    """
+    if not data.isascii() or b"coding" in _CODING_LINES.match(data).group():  # type: ignore[union-attr]
+        return frozenset()
+    own = package.partition(".")[0]
+    return frozenset(t for t in tops if t != own and t.encode("utf-8") not in data)
+
+
 _IMPORT_START = re.compile(r"(?:^|[;:])[ \t]*(?:from|import)\b", re.MULTILINE)
 _FROM = re.compile(r"from\b(.*?)\bimport\b(.*)", re.DOTALL)
 _MODULE_PATH = re.compile(r"(\.*)((?:\w+(?:\.\w+)*)?)")

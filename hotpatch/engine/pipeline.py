@@ -23,10 +23,10 @@ import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from hotpatch._log import get_logger
 from hotpatch.engine.arguments import (
@@ -59,6 +59,7 @@ from hotpatch.engine.fidelity import (
     file_key,
     imported_modules,
     module_change,
+    packages_not_named,
     refuse_stale_references,
 )
 from hotpatch.engine.guard import DeadlineExceeded, run_with_deadline
@@ -134,9 +135,9 @@ class Engine:
         self._attempted: dict[str, str] = {}  # module -> sha256 of the source being tried
         self._busy = threading.local()  # .patching: this thread is inside patch/check
         self._namespace_ids = NamespaceIndex()
-        # holder module -> (id of the module, its file's state, what its imports may name):
-        # a holder that imports none of a change set's modules is not read again per patch
-        self._holder_imports: dict[str, tuple[int, object, frozenset[str] | None]] = {}
+        # holder module -> what its file imports: a holder that imports none of a change set's
+        # modules is not read again per patch
+        self._holder_imports: dict[str, _HolderImports] = {}
         self._held: dict[str, str] = {}  # module -> what holds it (a running trial): no patch
         self._controls: dict[str, dict[str, Callable[[], Any]]] = {}  # holder -> its controls
         # Candidate modules of earlier change sets: garbage in reference cycles until the
@@ -771,24 +772,27 @@ class Engine:
                 filename=filename,
             )
         state = file_key(filename)  # taken before the read: a write after it changes it
+        tops = {m.partition(".")[0] for m in shared.changes}
         known = self._holder_imports.get(name)
         if (
-            state is not None
-            and known is not None
-            and known[:2] == (id(module), state)
-            and known[2] is not None
-            and known[2].isdisjoint(shared.changes)
+            known is not None
+            and known.state == (id(module), state)
+            and known.excludes(shared.changes, tops)
         ):
             return None  # the same file as last time, which imports none of the changed modules
-        try:
+        text = None  # unreadable: the baseline is unknown (refused below if it matters)
+        with suppress(PatchRejected):
             data = read_source_file(name, filename, max_bytes=self.max_source_bytes)
+            absent = packages_not_named(data, package_of(name), tops)
+            if tops <= absent:  # not one import can name a changed module: it is not decoded
+                if state is not None:
+                    self._holder_imports[name] = _HolderImports((id(module), state), None, absent)
+                return None
             text = decode_source(name, data, filename, max_bytes=self.max_source_bytes)
-        except PatchRejected:
-            text = None  # unreadable: the baseline is unknown (refused below if it matters)
         if text is not None:
             named = imported_modules(text, package_of(name))
             if state is not None:
-                self._holder_imports[name] = (id(module), state, named)
+                self._holder_imports[name] = _HolderImports((id(module), state), named, frozenset())
             if named is not None and named.isdisjoint(shared.changes):
                 return None
         baseline = None if text is None else source_from_text(name, text, filename)
@@ -1270,6 +1274,21 @@ class _ChangeSetContext:
     candidates: dict[str, types.ModuleType] = field(default_factory=dict)
     remap: IdentityMap = field(default_factory=IdentityMap)
     changes: dict[str, ModuleChange] = field(default_factory=dict)
+
+
+class _HolderImports(NamedTuple):
+    """What a holder module's file imports, as far as it was read (``Engine._holder_history``)."""
+
+    state: tuple[int, object]  # id of the module, its file's state (``file_key``)
+    named: frozenset[str] | None  # every module its imports may name (None: not decoded)
+    absent: frozenset[str]  # top-level packages none of its imports can name
+
+    def excludes(self, changed: Iterable[str], tops: set[str]) -> bool:
+        """Whether the file imports none of the modules ``changed`` (``tops``: their top-level
+        packages)."""
+        if self.named is not None:
+            return self.named.isdisjoint(changed)
+        return tops <= self.absent
 
 
 class _Compiled:

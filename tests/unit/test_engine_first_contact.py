@@ -9,6 +9,7 @@ of the changed modules (issue 8, latency).
 
 from __future__ import annotations
 
+import random
 import sys
 import types
 from pathlib import Path
@@ -17,7 +18,12 @@ import pytest
 
 from hotpatch import Engine, PatchRejected
 from hotpatch.engine.derived import ModuleChange
-from hotpatch.engine.fidelity import NamespaceIndex, may_import
+from hotpatch.engine.fidelity import (
+    NamespaceIndex,
+    imported_modules,
+    may_import,
+    packages_not_named,
+)
 
 KINDS = "KINDS = ['a', 'b']\n\ndef label(kind):\n    return kind.upper()\n"
 KINDS_NEW = "KINDS = ['a', 'b', 'c']\n\ndef label(kind):\n    return kind.upper()\n"
@@ -89,29 +95,80 @@ def test_a_holder_that_imports_none_of_the_changed_modules_is_not_parsed(make_mo
     assert kinds.KINDS == ["a", "b", "c"]
 
 
-@pytest.mark.parametrize(
-    ("text", "package", "expected"),
-    [
-        ("from . import (\n    a,  # see f(x)\n    keys,\n)\n", "pkg", True),
-        ("import os\nx = d.keys()\n", "pkg", False),
-        ("from pkg import \\\n    keys\n", "", True),
-        ("if x: from .keys import y\n", "pkg", True),
-        ("import pkg.keys as k\n", "", True),
-        ("x = 1; import pkg.keys\n", "", True),
-        ("def f():\n    from .keys import z\n", "pkg", True),
-        ("from _pytest.compat import keys\n", "_pytest", False),
-        ("from ..func import x\n", "pkg.sub", True),
-        ("from ..pkg.func import x\n", "pkg.sub", False),  # pkg.pkg.func
-        ("from . import x\n", "pkg", False),
-        ("from.keys import x\n", "pkg", True),
-        ("from . keys import x\n", "pkg", True),
-        ('"""Docs: from the keys import nothing."""\n', "pkg", False),
-        ("from pkg import func as f2, other\n", "", True),
-        ("from ñ import keys\n", "pkg", True),  # not ASCII: not filtered
-    ],
-)
+IMPORT_FORMS = [
+    ("from . import (\n    a,  # see f(x)\n    keys,\n)\n", "pkg", True),
+    ("import os\nx = d.keys()\n", "pkg", False),
+    ("from pkg import \\\n    keys\n", "", True),
+    ("if x: from .keys import y\n", "pkg", True),
+    ("import pkg.keys as k\n", "", True),
+    ("x = 1; import pkg.keys\n", "", True),
+    ("def f():\n    from .keys import z\n", "pkg", True),
+    ("from _pytest.compat import keys\n", "_pytest", False),
+    ("from ..func import x\n", "pkg.sub", True),
+    ("from ..pkg.func import x\n", "pkg.sub", False),  # pkg.pkg.func
+    ("from . import x\n", "pkg", False),
+    ("from.keys import x\n", "pkg", True),
+    ("from . keys import x\n", "pkg", True),
+    ('"""Docs: from the keys import nothing."""\n', "pkg", False),
+    ("from pkg import func as f2, other\n", "", True),
+    ("from ñ import keys\n", "pkg", True),  # not ASCII: not filtered
+]
+
+
+@pytest.mark.parametrize(("text", "package", "expected"), IMPORT_FORMS)
 def test_may_import_finds_every_form_of_import(text: str, package: str, expected: bool) -> None:
     assert may_import(text, package, ["pkg.keys", "pkg.func"]) is expected
+
+
+@pytest.mark.parametrize(("text", "package", "expected"), IMPORT_FORMS)
+def test_packages_not_named_never_leaves_out_a_package_an_import_may_name(
+    text: str, package: str, expected: bool
+) -> None:
+    absent = packages_not_named(text.encode("utf-8"), package, ["pkg", "elsewhere"])
+    assert ("pkg" not in absent) or not expected
+    assert "elsewhere" in absent or not text.isascii()
+
+
+def test_packages_not_named_reads_the_bytes_only_where_they_are_the_text() -> None:
+    assert packages_not_named(b"import os\n", "", ["pkg"]) == {"pkg"}
+    assert packages_not_named(b"import os\n", "pkg.sub", ["pkg"]) == set()  # relative imports
+    # an encoding declared: ASCII bytes may decode to other text (utf-7: "+AHA-kg" is "pkg")
+    assert packages_not_named(b"# coding: utf-7\nimport +AHA-kg\n", "", ["pkg"]) == set()
+    assert packages_not_named(b"#!/bin/python\n# -*- coding: latin-1 -*-\n", "", ["pkg"]) == set()
+    assert packages_not_named("import \u00f1\n".encode(), "", ["pkg"]) == set()  # not ASCII
+    assert packages_not_named(b"import os\n", "", ["\u00f1"]) == {"\u00f1"}
+
+
+def test_packages_not_named_agrees_with_the_full_scan_on_random_imports() -> None:
+    rng = random.Random(8)
+    words = ["pkg", "pkgs", "apkg", "sub", "os", "x", "pkg.sub", ".", "..", ".sub", "..pkg"]
+    for _ in range(3000):
+        lines = []
+        for _ in range(rng.randint(1, 4)):
+            module = rng.choice(words)
+            if rng.random() < 0.5 and not module.startswith("."):
+                lines.append(f"import {module}")
+            else:
+                lines.append(f"from {module} import {rng.choice(words[:6])}")
+        text = "\n".join(lines) + "\n"
+        package = rng.choice(["", "pkg", "pkg.sub", "other", "other.pkg"])
+        named = imported_modules(text, package)
+        assert named is not None
+        for top in packages_not_named(text.encode(), package, ["pkg", "sub", "os"]):
+            assert not any(m.partition(".")[0] == top for m in named), (text, package, top)
+
+
+def test_a_holder_whose_file_cannot_name_the_changed_package_is_not_decoded(make_module) -> None:
+    kinds = make_module("import json, os\n\n" + KINDS)
+    other = make_module("import os\n")  # holds the module object the patch unbinds: a holder
+    engine = Engine()
+    engine.track(kinds.__name__)
+    engine.patch(kinds.__name__, source="import json\n\n" + KINDS_NEW, allow_removals=True)
+    # met as a holder (it holds the `os` the patch unbinds), read, and not decoded: its bytes
+    # do not name the changed module
+    seen = engine._holder_imports[other.__name__]
+    assert seen.named is None and kinds.__name__.partition(".")[0] in seen.absent
+    assert other.__name__ not in engine._histories
 
 
 def test_may_import_a_package_itself_through_a_relative_import() -> None:
