@@ -364,9 +364,10 @@ class Engine:
         shared = _ChangeSetContext()
         current = ""
         try:
-            for name, given, compiled in self._in_dependency_order(changes):
+            ordered = self._in_dependency_order(changes)
+            log.debug("patch.started", modules=[name for name, _, _ in ordered])  # one event
+            for name, given, compiled in ordered:
                 current = name
-                log.debug("patch.started", module=name)
                 prepared.append(
                     self._prepare(
                         name,

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 import hotpatch
 from hotpatch import Engine, PatchRejected
@@ -439,12 +440,15 @@ def test_change_set_order_follows_imports_run_at_import_not_in_function_bodies(
     make_module(f"def f():\n    import {user}\n    return 1\n", name=base)
     live_user = make_module(f"from {base} import f\n\ndef g():\n    return f()\n", name=user)
     g = live_user.g
-    results = Engine().patch_many(
-        {
-            user: f"from {base} import f, NEW\n\ndef g():\n    return f() + NEW\n",
-            base: f"NEW = 10\n\ndef f():\n    import {user}\n    return 2\n",
-        }
-    )
+    with capture_logs() as logs:
+        results = Engine().patch_many(
+            {
+                user: f"from {base} import f, NEW\n\ndef g():\n    return f() + NEW\n",
+                base: f"NEW = 10\n\ndef f():\n    import {user}\n    return 2\n",
+            }
+        )
+    started = [e for e in logs if e["event"] == "patch.started"]
+    assert [e["modules"] for e in started] == [[base, user]]  # one event, in the order prepared
     assert [r.module for r in results] == [user, base]  # results in the order given
     assert g() == 12
 

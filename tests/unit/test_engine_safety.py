@@ -276,6 +276,7 @@ def test_log_events_carry_module_version_stage_and_duration(make_module) -> None
         "patch.rejected",
         "patch.rolled_back",
     } <= by_event.keys()
+    assert by_event["patch.started"]["modules"] == [mod.__name__]  # one event per change set
     applied = by_event["patch.applied"]
     assert applied["module"] == mod.__name__ and applied["version"] == result.version
     assert applied["duration_s"] >= 0 and applied["changed"] == ["f"]
