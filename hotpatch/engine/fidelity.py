@@ -264,9 +264,6 @@ def imported_modules(text: str, package: str) -> frozenset[str] | None:
     return frozenset(found)
 
 
-_CODING_LINES = re.compile(rb"\A[^\n]*\n?[^\n]*")  # where a PEP 263 cookie may be
-
-
 def packages_not_named(data: bytes, package: str, tops: Iterable[str]) -> frozenset[str]:
     """Of the top-level package names ``tops``, those no import statement in the source
     ``data`` can name a module under, seen without decoding or scanning it.
@@ -277,7 +274,10 @@ def packages_not_named(data: bytes, package: str, tops: Iterable[str]) -> frozen
     not ASCII, or declares an encoding (bytes that are ASCII may decode to other text), gives
     none: ``imported_modules`` of the decoded text decides.
     """
-    if not data.isascii() or b"coding" in _CODING_LINES.match(data).group():  # type: ignore[union-attr]
+    first = data.find(b"\n")
+    second = data.find(b"\n", first + 1) if first >= 0 else -1
+    head = data if second < 0 else data[:second]  # the two lines a PEP 263 cookie may be on
+    if not data.isascii() or b"coding" in head:
         return frozenset()
     own = package.partition(".")[0]
     return frozenset(t for t in tops if t != own and t.encode("utf-8") not in data)

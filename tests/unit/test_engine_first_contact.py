@@ -135,6 +135,8 @@ def test_packages_not_named_reads_the_bytes_only_where_they_are_the_text() -> No
     # an encoding declared: ASCII bytes may decode to other text (utf-7: "+AHA-kg" is "pkg")
     assert packages_not_named(b"# coding: utf-7\nimport +AHA-kg\n", "", ["pkg"]) == set()
     assert packages_not_named(b"#!/bin/python\n# -*- coding: latin-1 -*-\n", "", ["pkg"]) == set()
+    # a third line is no cookie: the file is UTF-8, and its bytes are its text
+    assert packages_not_named(b"import os\n\n# coding: latin-1\n", "", ["pkg"]) == {"pkg"}
     assert packages_not_named("import \u00f1\n".encode(), "", ["pkg"]) == set()  # not ASCII
     assert packages_not_named(b"import os\n", "", ["\u00f1"]) == {"\u00f1"}
 
