@@ -662,7 +662,13 @@ def _foreign_holders(
     for ref in referrers:
         if isinstance(ref, bookkeeping) or _WHOLE in rebinding.get(id(ref), ()):
             continue
-        if isinstance(ref, tuple) and len(ref) == 3 and ref[1] is old and isinstance(ref[0], str):
+        if (
+            isinstance(ref, tuple)
+            and len(ref) == 3
+            and _filled(ref)
+            and ref[1] is old
+            and isinstance(ref[0], str)
+        ):
             continue  # the plan's (path, old, ()) record, or _replaced_values' own
         if isinstance(ref, dict):
             keys: set[object] = set()
@@ -692,6 +698,17 @@ def _foreign_holders(
             continue
         holders.append(_attribute_of(ref, old) or type(ref).__name__)
     return holders
+
+
+def _filled(ref: tuple[object, ...]) -> bool:
+    """Whether every slot of a tuple found among the referrers holds an object.
+
+    A tuple another thread is still building (``tuple(iterator)``, paused while the iterator's
+    Python code runs) is already tracked by the collector, so a heap walk can find it with
+    empty slots, and indexing an empty slot crashes the interpreter. ``gc.get_referents``
+    reads the slots in C and skips the empty ones.
+    """
+    return len(gc.get_referents(ref)) == len(ref)
 
 
 def _attribute_of(owner: object, old: object) -> str | None:
