@@ -781,17 +781,18 @@ class Engine:
             and known.excludes(shared.changes, tops)
         ):
             return None  # the same file as last time, which imports none of the changed modules
+        package = package_of(name)
         text = None  # unreadable: the baseline is unknown (refused below if it matters)
         with suppress(PatchRejected):
             data = read_source_file(name, filename, max_bytes=self.max_source_bytes)
-            absent = packages_not_named(data, package_of(name), tops)
+            absent = packages_not_named(data, package, tops)
             if tops <= absent:  # not one import can name a changed module: it is not decoded
                 if state is not None:
                     self._holder_imports[name] = _HolderImports((id(module), state), None, absent)
                 return None
             text = decode_source(name, data, filename, max_bytes=self.max_source_bytes)
         if text is not None:
-            named = imported_modules(text, package_of(name))
+            named = imported_modules(text, package)  # None: a non-ASCII import, any module
             if state is not None:
                 self._holder_imports[name] = _HolderImports((id(module), state), named, frozenset())
             if named is not None and named.isdisjoint(shared.changes):
@@ -1281,7 +1282,7 @@ class _HolderImports(NamedTuple):
     """What a holder module's file imports, as far as it was read (``Engine._holder_history``)."""
 
     state: tuple[int, object]  # id of the module, its file's state (``file_key``)
-    named: frozenset[str] | None  # every module its imports may name (None: not decoded)
+    named: frozenset[str] | None  # every module its imports may name (None: unknown)
     absent: frozenset[str]  # top-level packages none of its imports can name
 
     def excludes(self, changed: Iterable[str], tops: set[str]) -> bool:
