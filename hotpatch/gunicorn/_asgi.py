@@ -298,7 +298,6 @@ def _note_serving_loop(*, state: Any = None) -> None:
         _serving.state = state
 
 
-_SUSPENDABLE_TYPES = frozenset({types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType})
 _FRAME_OF = {types.CoroutineType: "cr", types.GeneratorType: "gi", types.AsyncGeneratorType: "ag"}
 
 
@@ -315,7 +314,7 @@ def _note_lifelong() -> None:
     subclassed), and the list dropped, before any other Python code runs here.
     """
     objects = gc.get_objects()
-    picked = list(compress(objects, map(_SUSPENDABLE_TYPES.__contains__, map(type, objects))))
+    picked = list(compress(objects, map(_FRAME_OF.__contains__, map(type, objects))))
     del objects
     found = []
     for obj in picked:
