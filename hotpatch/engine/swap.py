@@ -186,6 +186,10 @@ class _Planner:
     _funcs_done: set[int] = field(default_factory=set)
     _can: dict[tuple[int, int], bool] = field(default_factory=dict)
     _classes_done: set[int] = field(default_factory=set)
+    # (id(live class), its path, member name) of the plain members ``_pair_class`` kept live:
+    # what ``update_member`` would conclude for them again (no function in either version, the
+    # statement binding it unchanged), so the second pass skips them (six: 150 of 178 members)
+    _kept_members: set[tuple[int, str, str]] = field(default_factory=set)
     _nested: dict[types.CodeType, types.CodeType] = field(default_factory=dict)
     # id(value) -> (value, its functions): a class member is asked several times per plan;
     # the value is kept, so its id is not reused while the plan runs (planning changes nothing)
@@ -266,8 +270,9 @@ class _Planner:
             if is_own_class(ov, self.module) and is_own_class(nv, self.module) and ov is not nv:
                 assert isinstance(ov, type) and isinstance(nv, type)
                 self._pair_class(ov, nv, f"{path}.{name}")
-            elif self.can_update(ov, nv):
-                self.remap.pair(nv, ov)
+            elif type(nv) is types.FunctionType:  # else can_update is False
+                if self.can_update(ov, nv):
+                    self.remap.pair(nv, ov)
             elif (
                 ov is not MISSING
                 and id(nv) not in self.remap
@@ -284,6 +289,7 @@ class _Planner:
                 # re-bound to it, as for a module-level value.
                 self.remap.pair(nv, ov)
                 self.paired_plain.append(id(nv))
+                self._kept_members.add((id(old), path, name))
 
     def _pair_generated_bases(self, old: type, new: type) -> None:
         """Pair base classes generated in the class statement itself (``class Info(namedtuple(
@@ -660,7 +666,7 @@ class _Planner:
             elif ov is MISSING:
                 self.ops.append(SetAttr(old, name, self.rebind(nv)))
                 self.added.append(member)
-            else:
+            elif (id(old), path, name) not in self._kept_members:
                 self.update_member(old, name, ov, nv, path, public=public and is_public(name))
         for name, ov in old.__dict__.items():
             if (
@@ -729,17 +735,20 @@ class _Planner:
         self, cls: type, name: str, ov: object, nv: object, scope: str, *, public: bool
     ) -> None:
         member = f"{scope}.{name}"
-        old_funcs, new_funcs = self.functions_of(ov), self.functions_of(nv)
-        if is_own_class(ov, self.module) and is_own_class(nv, self.module) and ov is not nv:
-            assert isinstance(ov, type) and isinstance(nv, type)
-            self.update_class(ov, nv, member, public=public)
-            return
-        if not old_funcs and not new_funcs:
-            taken = name in _CLASS_TAKE_NEW or self.take_new(scope, name, ov, nv)
-            if taken and not same_value(ov, nv) and not same_repr(ov, nv):
-                self.ops.append(SetAttr(cls, name, self.rebind(nv)))
-                self.changed.append(member)
-            return
+        if type(ov) is types.FunctionType and type(nv) is types.FunctionType:
+            old_funcs, new_funcs = [ov], [nv]  # functions_of's answer (most members: methods)
+        else:
+            old_funcs, new_funcs = self.functions_of(ov), self.functions_of(nv)
+            if is_own_class(ov, self.module) and is_own_class(nv, self.module) and ov is not nv:
+                assert isinstance(ov, type) and isinstance(nv, type)
+                self.update_class(ov, nv, member, public=public)
+                return
+            if not old_funcs and not new_funcs:
+                taken = name in _CLASS_TAKE_NEW or self.take_new(scope, name, ov, nv)
+                if taken and not same_value(ov, nv) and not same_repr(ov, nv):
+                    self.ops.append(SetAttr(cls, name, self.rebind(nv)))
+                    self.changed.append(member)
+                return
         same_shape = self.remap_value(type(nv)) is type(ov) and (
             not isinstance(ov, property)
             or [f is None for f in (ov.fget, ov.fset, ov.fdel)]
@@ -748,7 +757,11 @@ class _Planner:
         if same_shape and len(old_funcs) == len(new_funcs):
             if public:
                 self.check_signature(old_funcs[0], new_funcs[0], member)
-            if all(self.update_function(o, n, member) for o, n in zip(old_funcs, new_funcs)):
+            if (
+                self.update_function(old_funcs[0], new_funcs[0], member)
+                if len(old_funcs) == 1
+                else all(self.update_function(o, n, member) for o, n in zip(old_funcs, new_funcs))
+            ):
                 if not self._same_descriptor_state(ov, nv):
                     # The functions run the new code in place; the descriptor's own state
                     # (its doc, a subclass's attributes) is new: a copy around the live functions.
@@ -772,7 +785,7 @@ class _Planner:
 
     def _same_descriptor_state(self, ov: object, nv: object) -> bool:
         """Whether two descriptors carry the same state besides their functions."""
-        if isinstance(ov, types.FunctionType):
+        if type(ov) is types.FunctionType:
             return True
         old_state, new_state = _descriptor_state(ov), _descriptor_state(nv)
         if old_state.keys() != new_state.keys():

@@ -618,3 +618,44 @@ def test_a_changed_comprehension_needs_no_heap_walk_and_closures_still_follow(
         ),
     )
     assert add(1) == 12 and walks == [1]  # the closure made before the patch, found by one walk
+
+
+CLASS_STATE = """
+    class Lazy:
+        def __init__(self, name):
+            self.name = name
+
+        def __get__(self, obj, tp=None):
+            return "lazy " + self.name
+
+    class Moves:
+        _marker = object()
+        TABLE = {"a": 1}
+        LIMIT = 3
+
+        def lookup(self, key, default=_marker):
+            return "old" if default is self._marker else default
+
+    for _name in ("x", "y"):
+        setattr(Moves, _name, Lazy(_name))
+    """
+
+
+def test_class_members_kept_or_taken_as_a_restart_decides(make_module) -> None:
+    # A class's plain members are decided when the classes are paired: those whose statement did
+    # not change (and values set on the class at run time, six's moves) stay the live objects;
+    # one whose statement changed takes its new value; the methods beside them run new code.
+    mod = make_module(CLASS_STATE)
+    live = mod.Moves
+    marker, table, lazy_x = live._marker, live.TABLE, live.__dict__["x"]
+    table["b"] = 2  # state gathered at run time
+    Engine().patch(
+        mod.__name__,
+        source=edited(CLASS_STATE, ("LIMIT = 3", "LIMIT = 4"), ('"old" if', '"new" if')),
+    )
+    assert mod.Moves is live
+    assert live._marker is marker and live.TABLE is table and table == {"a": 1, "b": 2}
+    assert live.__dict__["x"] is lazy_x and live().x == "lazy x"
+    assert live.LIMIT == 4
+    assert live().lookup("k") == "new"  # the default is the live marker, as the body compares
+    assert live().lookup("k", 5) == 5
