@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hotpatch.engine.alignment import aligned
+from hotpatch.engine.comments import comments_changed, rekeyed
 from hotpatch.engine.pieces import ModuleCode, Pieces, compile_module
 from hotpatch.engine.statements import StatementIndex, collector_paused, parse
 from hotpatch.errors import PatchRejected
@@ -239,12 +241,18 @@ def _compile_source(
             if index is None:
                 index = StatementIndex.build(_definitions_only(tree, name), text)
         else:
-            index = previous.index.updated(previous.text, text) if previous is not None else None
+            index, pieces = None, previous.pieces if previous is not None else None
+            if previous is not None:
+                lined = aligned(previous.text, text)
+                lines = comments_changed(lined, previous.index.units) if pieces else None
+                if lines is not None and pieces is not None:  # the same statements, the
+                    index = previous.index  # previous code: found by the new texts too
+                    pieces = rekeyed(lined, index.units, lines, pieces)
+                else:
+                    index = previous.index.updated(previous.text, text, lined=lined)
             if index is None:
                 index = StatementIndex.build(parse(text, filename=filename), text)
-            code = compile_module(
-                text, filename, index.units, previous.pieces if previous is not None else None
-            )
+            code = compile_module(text, filename, index.units, pieces)
     except SyntaxError as exc:
         raise _syntax_rejection(name, exc, filename, text) from None
     except (ValueError, RecursionError, MemoryError) as exc:

@@ -142,12 +142,7 @@ def _by_statement(
     text: str, filename: str, units: Sequence[Unit], previous: Pieces
 ) -> ModuleCode | None:
     lines = split_lines(text)
-    spans: list[list[int]] = []
-    for unit in units:
-        if spans and unit.start <= spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], unit.end)  # statements sharing a line
-        else:
-            spans.append([unit.start, unit.end])
+    spans = statement_spans(units)
     bodies = ["\n".join(lines[first - 1 : last]) for first, last in spans]
     classes = _class_units(units, spans)
     known = [previous.get(body) for body in bodies]
@@ -207,6 +202,17 @@ def _by_statement(
         codes.append(piece.code)
         pieces[body] = piece
     return ModuleCode(tuple(codes), any(p.annotations for p in pieces.values()), pieces)
+
+
+def statement_spans(units: Sequence[Unit]) -> list[list[int]]:
+    """The pieces' lines, ``[first, last]``: each statement's, statements sharing a line one."""
+    spans: list[list[int]] = []
+    for unit in units:
+        if spans and unit.start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], unit.end)  # statements sharing a line
+        else:
+            spans.append([unit.start, unit.end])
+    return spans
 
 
 class _Context(NamedTuple):

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import filterfalse
 
-from hotpatch.engine.alignment import chunk_hunks, line_hunks, split_lines
+from hotpatch.engine.alignment import Aligned, aligned, line_hunks, split_lines
 from hotpatch.engine.tables import blank_literal_rows
 
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
@@ -156,7 +156,12 @@ class StatementIndex:
         return cls(tuple(units), texts, {k: frozenset(v) for k, v in bound.items()})
 
     def updated(
-        self, old_text: str, new_text: str, *, keep: Callable[[ast.stmt], bool] | None = None
+        self,
+        old_text: str,
+        new_text: str,
+        *,
+        keep: Callable[[ast.stmt], bool] | None = None,
+        lined: Aligned | None = None,
     ) -> StatementIndex | None:
         """The index of ``new_text``, re-parsing only the statements that changed.
 
@@ -168,11 +173,9 @@ class StatementIndex:
         again (``_rebuilt_class``): a method edited in a 500-line class costs that method. The
         other statements are the previous index's, shifted. ``None`` when a stretch does not
         parse on its own, or a statement it yields reaches beyond it (the caller parses the
-        whole text).
+        whole text). ``lined``: ``aligned(old_text, new_text)``, when the caller has it.
         """
-        old = split_lines(old_text)
-        new = split_lines(new_text)
-        hunks = chunk_hunks(old, new)
+        old, new, hunks = lined if lined is not None else aligned(old_text, new_text)
         plain, rebuilt = self._class_bodies_updated(hunks, old, new)
         if rebuilt:  # classes edited inside their bodies only: those statements alone re-read
             found = self._reparse_or_widen(plain, new, keep)

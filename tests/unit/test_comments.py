@@ -1,0 +1,224 @@
+"""Versions that rewrite comments only keep the previous index and code (engine.comments)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json.decoder
+import random
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+import hotpatch.engine.pipeline
+import hotpatch.engine.swap
+from hotpatch import Engine
+from hotpatch.engine import candidate as candidate_module
+from hotpatch.engine.alignment import aligned
+from hotpatch.engine.candidate import compile_source
+from hotpatch.engine.comments import comments_changed
+from hotpatch.engine.pieces import compile_module
+from hotpatch.engine.statements import StatementIndex, parse
+
+REAL_FILES = [
+    Path(m.__file__)  # type: ignore[arg-type]
+    for m in (
+        hotpatch.engine.pipeline,
+        hotpatch.engine.swap,
+        argparse,
+        dataclasses,
+        json.decoder,
+        textwrap,
+    )
+]
+
+
+def _index(text: str) -> StatementIndex:
+    return StatementIndex.build(parse(text), text)
+
+
+def _whole(text: str, filename: str) -> tuple[types.CodeType, ...]:
+    """Every statement compiled from nothing (the reference the pieces are compared with)."""
+    return compile_module(text, filename, _index(text).units, None).codes
+
+
+def _edit(text: str, rng: random.Random, count: int) -> str:
+    """``text`` with ``count`` blank or comment-only lines rewritten, line for line."""
+    lines = text.split("\n")
+    spots = [k for k, line in enumerate(lines) if not line.strip() or line.strip()[0] == "#"]
+    for k in rng.sample(spots, min(count, len(spots))):
+        indent = " " * rng.choice([0, 4, 8, 3])
+        lines[k] = rng.choice(["", f"{indent}# edited {rng.random()}", indent, f"# {k} 'quote\""])
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("path", REAL_FILES, ids=lambda p: p.name)
+def test_what_qualifies_parses_and_compiles_as_the_previous_version(path: Path) -> None:
+    # Random rewrites of blank and comment lines in real modules: some fall in docstrings,
+    # plain statements or strings (refused), the rest must index and compile to exactly what
+    # the previous version gives; and the engine's compile takes the previous code for them.
+    text = path.read_text("utf-8")
+    filename = str(path)
+    previous, _ = compile_source("m", text, filename)
+    reference = _whole(text, filename)
+    rng = random.Random(path.name)
+    taken = refused = 0
+    for round_ in range(40):
+        new = _edit(text, rng, 1 + round_ % 4)
+        if new == text:
+            continue
+        lines = comments_changed(aligned(text, new), previous.index.units)
+        if lines is None:
+            refused += 1
+            continue
+        taken += 1
+        assert _index(new) == StatementIndex(
+            previous.index.units, previous.index.texts, previous.index.bound
+        )
+        assert _whole(new, filename) == reference
+        source, code = compile_source("m", new, filename, previous=previous)
+        assert source.index is previous.index
+        assert code.codes == reference
+        assert set(code.pieces or ()) >= {
+            "\n".join(new.split("\n")[first - 1 : last]) for first, last in _spans(source)
+        }
+    assert taken >= 5 and refused >= 1, (taken, refused)
+
+
+def _spans(source: candidate_module.Source) -> list[tuple[int, int]]:
+    return [(u.start, u.end) for u in source.index.units]
+
+
+BASE = '''\
+"""Module doc.
+
+# not a comment: the module's docstring
+"""
+import os
+
+TABLE = [
+    1,
+    # a row's comment
+    2,
+]
+
+
+def f(x):
+    """Doc.
+
+    # heading, in the docstring
+    """
+    # a comment in a function
+    text = """
+# in a string
+"""
+    return x + len(text)
+
+
+class C:
+    LIMIT = {
+        # in a class-body plain statement
+        "a": 1,
+    }
+
+    def m(self):
+        # a comment in a method
+        return 1
+    # between methods
+
+# between statements
+'''
+
+
+def _rewritten(text: str, old: str, new: str) -> str:
+    assert text.count(old) == 1
+    return text.replace(old, new)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("    # a comment in a function", "    # edited"),
+        ("        # a comment in a method", ""),
+        ("    # between methods", "    # edited"),
+        ("# between statements", "# edited"),
+    ],
+)
+def test_comments_in_code_qualify(old: str, new: str) -> None:
+    text = _rewritten(BASE, old, new)
+    assert comments_changed(aligned(BASE, text), _index(BASE).units) == [
+        BASE.split("\n").index(old) + 1
+    ]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "why"),
+    [
+        ("# not a comment: the module's docstring", "# edited", "a docstring"),
+        ("    # heading, in the docstring", "    # edited", "a function's docstring"),
+        ("# in a string", "# edited", "a string"),
+        ("    # a row's comment", "    # edited", "a plain statement's text is indexed"),
+        ("        # in a class-body plain statement", "", "a class-body plain statement"),
+        ("    # a comment in a function", "    x = 1", "code, not a comment"),
+        ("    # a comment in a function", "    # a\0", "a null character"),
+        ("    # a comment in a function", "    # \udcff", "a lone surrogate"),
+        ("    # a comment in a function", "    # a\n    # b", "a line more"),
+    ],
+)
+def test_what_does_not_qualify(old: str, new: str, why: str) -> None:
+    assert (
+        comments_changed(aligned(BASE, _rewritten(BASE, old, new)), _index(BASE).units) is None
+    ), why
+
+
+def test_after_a_backslash_refused_and_carriage_returns_are_line_ends() -> None:
+    text = "def f():\n    x = [1, \\\n    # c\n    2]\n    return x\n"
+    assert comments_changed(aligned(text, text.replace("# c", "# d")), _index(text).units) is None
+    crlf = "def f():\n    # c\n    return 1\n".replace("\n", "\r\n")
+    edited = crlf.replace("# c", "# d")
+    assert comments_changed(aligned(crlf, edited), _index(crlf).units) == [2]
+    previous, _ = compile_source("m", crlf, "m.py")
+    _, code = compile_source("m", edited, "m.py", previous=previous)
+    assert code.codes == _whole(edited, "m.py")
+
+
+def test_f_strings_are_scanned_only_where_they_nest_no_quotes() -> None:
+    text = 'def f(a):\n    # c\n    return f"{a}"\n'
+    changed = comments_changed(aligned(text, text.replace("# c", "# d")), _index(text).units)
+    assert changed == (None if sys.version_info >= (3, 12) else [2])
+
+
+def test_engine_comment_edit_is_a_no_op_and_the_next_edit_applies(make_module) -> None:
+    source = textwrap.dedent(
+        """
+        class C:
+            def m(self):
+                # the old comment
+                return "old"
+
+            def n(self):
+                return "n"
+        """
+    )
+    mod = make_module(source)
+    engine = Engine()
+    live = mod.C
+    edited = source.replace("# the old comment", "# the new comment")
+    (result,) = engine.patch_many({mod.__name__: edited})
+    assert result.is_noop and mod.C is live and mod.C().m() == "old"
+    (result,) = engine.patch_many({mod.__name__: edited.replace('"old"', '"new"')})
+    assert not result.is_noop and result.changed == ("C.m",)
+    assert mod.C is live and live().m() == "new" and live().n() == "n"
+
+
+def test_a_comment_added_and_another_taken_out_moves_the_lines_between() -> None:
+    # As many lines as before, but the statements between the two edits moved a line down.
+    text = _rewritten(BASE, "        # a comment in a method\n", "")
+    text = _rewritten(
+        text, "    # a comment in a function\n", "    # a comment in a function\n    # more\n"
+    )
+    assert len(text.split("\n")) == len(BASE.split("\n"))
+    assert comments_changed(aligned(BASE, text), _index(BASE).units) is None
