@@ -133,9 +133,9 @@ def _inside_strings(lines: list[str], start: int, end: int, changed: list[int]) 
     for found in _LITERALS.finditer(text):
         if "\n" not in found.group():
             continue  # a comment, or a string on one line
-        first = bisect.bisect_right(offsets, found.start())  # lines after the one it opens on
-        end = bisect.bisect_left(offsets, found.end())
-        inside.update(range(start + first, start + end))
+        after = bisect.bisect_right(offsets, found.start())  # lines after the one it opens on
+        until = bisect.bisect_left(offsets, found.end())
+        inside.update(range(start + after, start + until))
     return any(line in inside for line in changed)
 
 
