@@ -85,7 +85,7 @@ def test_what_qualifies_parses_and_compiles_as_the_previous_version(path: Path) 
         assert set(code.pieces or ()) >= {
             "\n".join(new.split("\n")[first - 1 : last]) for first, last in _spans(source)
         }
-    assert taken >= 5 and refused >= 1, (taken, refused)
+    assert taken >= 5, (taken, refused)  # refusals: their own tests below
 
 
 def _spans(source: candidate_module.Source) -> list[tuple[int, int]]:
