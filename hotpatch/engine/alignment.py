@@ -82,7 +82,7 @@ def chunk_hunks(old: list[str], new: list[str]) -> list[tuple[int, int, int, int
     """
     if old == new:
         return []
-    prefix, suffix = common_ends(old, new)  # in lines: a chunk may start anywhere
+    prefix, suffix = _common_ends(old, new)  # in lines: a chunk may start anywhere
     old_texts, old_starts = _chunks(old[prefix : len(old) - suffix])
     new_texts, new_starts = _chunks(new[prefix : len(new) - suffix])
     return [
@@ -96,7 +96,7 @@ def chunk_hunks(old: list[str], new: list[str]) -> list[tuple[int, int, int, int
     ]
 
 
-def common_ends(old: list[str], new: list[str]) -> tuple[int, int]:
+def _common_ends(old: list[str], new: list[str]) -> tuple[int, int]:
     """How many first and last lines ``old`` and ``new`` have in common (not overlapping),
     found by comparing slices (in C, a few times over)."""
     lo, hi = 0, min(len(old), len(new))
@@ -128,7 +128,7 @@ def line_hunks(old: list[str], new: list[str]) -> list[tuple[int, int, int, int]
     """
     if old == new:
         return []
-    prefix, suffix = common_ends(old, new)
+    prefix, suffix = _common_ends(old, new)
     if prefix or suffix:
         inner = line_hunks(old[prefix : len(old) - suffix], new[prefix : len(new) - suffix])
         return [(a + prefix, b + prefix, c + prefix, d + prefix) for a, b, c, d in inner]
