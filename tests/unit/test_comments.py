@@ -16,11 +16,10 @@ import pytest
 import hotpatch.engine.pipeline
 import hotpatch.engine.swap
 from hotpatch import Engine
-from hotpatch.engine import candidate as candidate_module
 from hotpatch.engine.alignment import aligned
 from hotpatch.engine.candidate import compile_source
 from hotpatch.engine.comments import comments_changed
-from hotpatch.engine.pieces import compile_module
+from hotpatch.engine.pieces import compile_module, statement_spans
 from hotpatch.engine.statements import StatementIndex, parse
 
 REAL_FILES = [
@@ -82,14 +81,14 @@ def test_what_qualifies_parses_and_compiles_as_the_previous_version(path: Path) 
         source, code = compile_source("m", new, filename, previous=previous)
         assert source.index is previous.index
         assert code.codes == reference
-        assert set(code.pieces or ()) >= {
-            "\n".join(new.split("\n")[first - 1 : last]) for first, last in _spans(source)
-        }
+        assert (
+            set(code.pieces or ())
+            >= {  # found by the new texts next time
+                "\n".join(new.split("\n")[first - 1 : last])
+                for first, last in statement_spans(source.index.units)
+            }
+        )
     assert taken >= 5, (taken, refused)  # refusals: their own tests below
-
-
-def _spans(source: candidate_module.Source) -> list[tuple[int, int]]:
-    return [(u.start, u.end) for u in source.index.units]
 
 
 BASE = '''\
