@@ -11,14 +11,14 @@ Except where the text itself is kept or read:
 
 - in a string, ``#`` is text: a changed line inside a string literal (a docstring) changes its
   value. The strings are found from the start of the statement (where no string is open) by a
-  scanner of strings and comments; a statement with an f-string is not scanned (3.12 nests
-  quotes in them) and does not qualify;
+  scanner of strings and comments; from 3.12 a statement with an f-string is not scanned (its
+  fields may nest its quotes, PEP 701) and does not qualify;
 - the index keeps the text of plain statements (``StatementIndex.texts``, module level and in
   class bodies: whether a name's statement changed is decided by its text), and what the
   compiler is told of a plain statement is found in its text (``pieces._facts``): only lines in
   a ``def`` or ``class`` statement qualify, and in a class, not in a plain statement of its body;
-- a backslash at the end of the line before joins the lines; a null character does not compile:
-  neither qualifies.
+- a backslash at the end of the line before joins the lines; a null character or a lone
+  surrogate does not compile: none of them qualifies.
 
 Lines between statements qualify (outside every statement, no string is open). What qualifies
 is what a restart would run as it was: the engine still executes the candidate and plans it (a

@@ -757,11 +757,7 @@ class _Planner:
         if same_shape and len(old_funcs) == len(new_funcs):
             if public:
                 self.check_signature(old_funcs[0], new_funcs[0], member)
-            if (
-                self.update_function(old_funcs[0], new_funcs[0], member)
-                if len(old_funcs) == 1
-                else all(self.update_function(o, n, member) for o, n in zip(old_funcs, new_funcs))
-            ):
+            if all(self.update_function(o, n, member) for o, n in zip(old_funcs, new_funcs)):
                 if not self._same_descriptor_state(ov, nv):
                     # The functions run the new code in place; the descriptor's own state
                     # (its doc, a subclass's attributes) is new: a copy around the live functions.
