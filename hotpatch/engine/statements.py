@@ -179,7 +179,9 @@ class StatementIndex:
         plain, rebuilt = self._class_bodies_updated(hunks, old, new)
         if rebuilt:  # classes edited inside their bodies only: those statements alone re-read
             found = self._reparse_or_widen(plain, new, keep)
-            if found is None or any(_overlap(r, [c for c, _ in rebuilt]) for r in found[0]):
+            classes = sorted(region for region, _ in rebuilt)
+            los = [region[0] for region in classes]
+            if found is None or any(_meets((r[0], r[1]), classes, los) for r in found[0]):
                 found, rebuilt = None, []  # read the classes whole, as below
         if not rebuilt:
             found = self._reparse_or_widen(hunks, new, keep)
@@ -368,20 +370,30 @@ def _rebuilt_class(
     """
     base = unit.start
     spans = [(base + p.first, base + p.last) for p in unit.parts[1:]]
+    # In order, by first and by last line alike (statements only share a line at their ends):
+    # found by bisection, so that a class of thousands of methods with thousands of edits costs
+    # no more than its lines.
+    firsts, lasts = [a for a, _ in spans], [b for _, b in spans]
     regions: list[list[int]] = []
     for hunk in hunks:
         lo, hi = sorted(hunk[:2])  # an insertion: the statements on both sides are touched
         while True:  # widened to whole statements (two may share a line: ``a = 1; b = 2``)
-            touched = [span for span in spans if span[0] <= hi and lo <= span[1]]
+            touched = spans[bisect.bisect_left(lasts, lo) : bisect.bisect_right(firsts, hi)]
             wider = (min([lo] + [a for a, _ in touched]), max([hi] + [b for _, b in touched]))
             if wider == (lo, hi):
                 break
             lo, hi = wider
         _add_region(regions, lo, hi, hunk)
-    unchanged = {span for span in spans if not _overlap([span[0], span[1]], regions)}
+    region_los, region_his = [r[0] for r in regions], [r[1] for r in regions]
+    unchanged = {span for span in spans if not _meets(span, regions, region_los)}
     indent = _indentation(old[min(unchanged)[0] - 1]) if unchanged else None
     pieces: list[str] = []
-    line = 1
+    # The text parsed starts at the first region's header line, ``origin``: the lines above it
+    # blanked would cost each class its position in the module (a module of thousands of
+    # edited classes, quadratic), and moving the tree's line numbers costs more than the parse.
+    # Its statements are read in its own numbering, against ``view``, the lines from ``origin``.
+    origin = line = max(regions[0][2] - 1, 1)
+    off = origin - 1
     parsed: list[list[int]] = []
     for region in regions:
         _, _, new_lo, new_hi = region
@@ -405,28 +417,30 @@ def _rebuilt_class(
     shift = regions[0][2] - regions[0][0]  # lines added or removed above the class
     new_base = base + shift
     scope = unit.parts[0].bound[0][1]
+    view = new[off : parsed[-1][3]] if parsed else []
     fresh: list[Part] = []
     for block, (_, _, new_lo, new_hi) in zip(tree.body, parsed, strict=True):
         if (
             not isinstance(block, ast.ClassDef)
-            or block.lineno != new_lo - 1
+            or block.lineno + off != new_lo - 1
             or block.decorator_list
             or block.name != "__hotpatch_body__"
         ):
             return None
         for stmt in block.body:
-            start = _first_line(stmt)
-            if not new_lo <= start <= (stmt.end_lineno or start) <= new_hi:
+            first = _first_line(stmt)
+            start, end = first + off, (stmt.end_lineno or first) + off
+            if not new_lo <= start <= end <= new_hi:
                 return None
             indent = _indentation(new[start - 1]) if indent is None else indent
             if not indent or _indentation(new[start - 1]) != indent:
                 return None  # not a statement of the class body itself
-            fresh.append(_member_part(stmt, scope, new, new_base))
+            fresh.append(_member_part(stmt, scope, view, new_base - off))
     parts = [unit.parts[0]]
     for part, span in zip(unit.parts[1:], spans, strict=True):
         if span in unchanged:
-            before = [r for r in regions if r[1] < span[0]]
-            moved = (before[-1][3] - before[-1][1]) if before else shift
+            before = bisect.bisect_left(region_his, span[0])  # the regions ending before it
+            moved = (regions[before - 1][3] - regions[before - 1][1]) if before else shift
             parts.append(
                 Part(
                     part.first + moved - shift,
@@ -501,9 +515,11 @@ def _holds_code(line: str) -> bool:
     return bool(stripped) and not stripped.startswith("#")
 
 
-def _overlap(region: list[int], others: list[list[int]]) -> bool:
-    """Whether old lines ``region[0]..region[1]`` meet any of ``others`` (same form)."""
-    return any(region[0] <= other[1] and other[0] <= region[1] for other in others)
+def _meets(span: tuple[int, int], regions: list[list[int]], los: list[int]) -> bool:
+    """Whether old lines ``span`` meet any of ``regions`` (in order, apart; ``los``: their first
+    lines): the last region starting within ``span``'s end is the one that can."""
+    k = bisect.bisect_right(los, span[1]) - 1
+    return k >= 0 and regions[k][1] >= span[0]
 
 
 def _joined(lines: list[str], number: int) -> bool:
