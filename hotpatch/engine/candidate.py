@@ -15,7 +15,7 @@ import sys
 import traceback
 import types
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hotpatch.engine.alignment import aligned
@@ -242,17 +242,21 @@ def _compile_source(
                 index = StatementIndex.build(_definitions_only(tree, name), text)
         else:
             index, pieces = None, previous.pieces if previous is not None else None
+            unchanged = False
             if previous is not None:
                 lined = aligned(previous.text, text)
                 lines = comments_changed(lined, previous.index.units) if pieces else None
                 if lines is not None and pieces is not None:  # the same statements, the
                     index = previous.index  # previous code: found by the new texts too
                     pieces = rekeyed(lined, index.units, lines, pieces)
+                    unchanged = True
                 else:
                     index = previous.index.updated(previous.text, text, lined=lined)
             if index is None:
                 index = StatementIndex.build(parse(text, filename=filename), text)
             code = compile_module(text, filename, index.units, pieces)
+            if unchanged:
+                code = replace(code, unchanged=True)
     except SyntaxError as exc:
         raise _syntax_rejection(name, exc, filename, text) from None
     except (ValueError, RecursionError, MemoryError) as exc:

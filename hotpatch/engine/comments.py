@@ -21,8 +21,8 @@ Except where the text itself is kept or read:
   surrogate does not compile: none of them qualifies.
 
 Lines between statements qualify (outside every statement, no string is open). What qualifies
-is what a restart would run as it was: the engine still executes the candidate and plans it (a
-version that changes nothing is a no-op); only the index and the code are taken, not made again.
+runs as the live version does: the engine takes it as a no-op without executing a candidate, as
+it takes an unchanged version (``ModuleCode.unchanged``).
 """
 
 from __future__ import annotations

@@ -107,6 +107,9 @@ class ModuleCode:
     codes: tuple[types.CodeType, ...]
     annotations: bool = False  # set up ``__annotations__`` first, as a whole compile does
     pieces: Pieces | None = None  # when compiled by the statement: for the next version
+    # The previous version's code, statement for statement: the text differs from it in
+    # comments only (``comments``), so the version changes nothing that runs.
+    unchanged: bool = False
 
     def run(self, namespace: dict[str, object]) -> None:
         """Execute the module body in ``namespace``, as ``exec`` of a whole compile would."""

@@ -458,6 +458,12 @@ class Engine:
             source, code = compiled.source, compiled.code  # compiled to order the change set
         else:
             source, code = compile_source(name, text, filename, previous=old_source, sha256=sha)
+        if code.unchanged:
+            # Comments rewritten, nothing else: the live code is this version's, statement for
+            # statement, and the module is left as an unchanged one would be (what a sibling
+            # in this change set changes reaches it as a holder, ``_prepare_dependents``).
+            record.learn_live_source(source)
+            return _Prepared(module, source, None, live_entry, None)
         code = without_repeated_registrations(
             source, code, previous=old_source, live=module.__dict__
         )

@@ -221,3 +221,64 @@ def test_a_comment_added_and_another_taken_out_moves_the_lines_between() -> None
     )
     assert len(text.split("\n")) == len(BASE.split("\n"))
     assert comments_changed(aligned(BASE, text), _index(BASE).units) is None
+
+
+def test_a_comment_only_version_is_left_as_an_unchanged_one(make_module, monkeypatch) -> None:
+    # Once the module has been patched (its statements' code is known), a version that rewrites
+    # comments only runs nothing: no candidate is executed (the spy counts the real builder's
+    # calls), the live objects and their state stay as they are, as for an unchanged version.
+    source = textwrap.dedent(
+        """
+        def f(seen=[]):
+            # counts its calls
+            seen.append(1)
+            return len(seen)
+
+        def g():
+            return "g1"
+        """
+    )
+    mod = make_module(source)
+    built: list[str] = []
+    real = hotpatch.engine.pipeline.build_candidate
+
+    def spy(module, *args, **kwargs):
+        built.append(module.__name__)
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(hotpatch.engine.pipeline, "build_candidate", spy)
+    engine = Engine()
+    v2 = source.replace('"g1"', '"g2"')
+    (result,) = engine.patch_many({mod.__name__: v2})
+    assert result.changed == ("g",) and built == [mod.__name__]
+    f, defaults = mod.f, mod.f.__defaults__
+    assert f() == 1 and f() == 2
+    v3 = v2.replace("# counts its calls", "# counts how often it was called")
+    (result,) = engine.patch_many({mod.__name__: v3})
+    assert result.is_noop and built == [mod.__name__]  # nothing executed
+    assert mod.f is f and f.__defaults__ is defaults and f() == 3  # its state kept
+    (result,) = engine.patch_many({mod.__name__: v3.replace('"g2"', '"g3"')})
+    # (A real edit of g resets f's used default as well: pre-existing, see docs/in-process.md.)
+    assert "g" in result.changed and mod.g() == "g3"
+    assert mod.g.__code__.co_firstlineno == v3.split("\n").index("def g():") + 1
+
+
+def test_a_comment_only_module_derives_from_a_sibling_changed_with_it(make_module) -> None:
+    # In one change set with a module it reads, a comment-only version follows the new values
+    # as an unchanged module does (found as a holder of the changed module's objects).
+    kinds = make_module("KINDS = ['a']\n")
+    user_source = (
+        f"from {kinds.__name__} import KINDS\n\n"
+        "def table():\n    # the kinds, doubled\n    return TABLE\n\n"
+        "TABLE = [k * 2 for k in KINDS]\n"
+    )
+    user = make_module(user_source)
+    engine = Engine()
+    engine.patch(user.__name__, source=user_source.replace("return TABLE", "return list(TABLE)"))
+    edited = user_source.replace("return TABLE", "return list(TABLE)").replace(
+        "# the kinds, doubled", "# each kind, twice"
+    )
+    results = engine.patch_many({user.__name__: edited, kinds.__name__: "KINDS = ['a', 'b']\n"})
+    assert user.table() == ["aa", "bb"] and user.KINDS == ["a", "b"]
+    assert results[0].is_noop and not results[1].is_noop
+    assert f"{user.__name__}.TABLE" in results[1].derived
