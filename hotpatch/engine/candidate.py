@@ -242,7 +242,7 @@ def _compile_source(
                 index = StatementIndex.build(_definitions_only(tree, name), text)
         else:
             index, pieces = None, previous.pieces if previous is not None else None
-            unchanged = False
+            unchanged, lined = False, None
             if previous is not None:
                 lined = aligned(previous.text, text)
                 lines = comments_changed(lined, previous.index.units) if pieces else None
@@ -254,7 +254,8 @@ def _compile_source(
                     index = previous.index.updated(previous.text, text, lined=lined)
             if index is None:
                 index = StatementIndex.build(parse(text, filename=filename), text)
-            code = compile_module(text, filename, index.units, pieces)
+            new_lines = lined.new if lined is not None else None
+            code = compile_module(text, filename, index.units, pieces, lines=new_lines)
             if unchanged:
                 code = replace(code, unchanged=True)
     except SyntaxError as exc:

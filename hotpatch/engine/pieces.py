@@ -124,16 +124,24 @@ def compile_whole(text: str, filename: str) -> ModuleCode:
 
 
 def compile_module(
-    text: str, filename: str, units: Sequence[Unit], previous: Pieces | None
+    text: str,
+    filename: str,
+    units: Sequence[Unit],
+    previous: Pieces | None,
+    *,
+    lines: list[str] | None = None,
 ) -> ModuleCode:
     """``text``'s code, by the statement (``units``: its statement index) where that gives the
     same code as a whole compile, reusing ``previous``'s pieces; else compiled whole.
+    ``lines``: ``split_lines(text)``, when the caller has it.
 
     Raises what ``compile`` of the whole text raises (``SyntaxError``...).
     """
     if SUPPORTED and units:
         try:
-            made = _by_statement(text, filename, units, previous or {})
+            made = _by_statement(
+                text, filename, units, previous or {}, split_lines(text) if lines is None else lines
+            )
         except (SyntaxError, ValueError, RecursionError, MemoryError):
             made = None  # the whole compile below gives the error a restart would
         if made is not None:
@@ -142,9 +150,8 @@ def compile_module(
 
 
 def _by_statement(
-    text: str, filename: str, units: Sequence[Unit], previous: Pieces
+    text: str, filename: str, units: Sequence[Unit], previous: Pieces, lines: list[str]
 ) -> ModuleCode | None:
-    lines = split_lines(text)
     spans = statement_spans(units)
     bodies = ["\n".join(lines[first - 1 : last]) for first, last in spans]
     classes = _class_units(units, spans)
