@@ -382,8 +382,10 @@ def _hollowed(
         code = None if was is None else old_codes.get((was, part.bound[0][1]))
         if was is None or code is None or not set(code.co_freevars) <= {"__class__"}:
             continue
-        if not _imports_alike(_read_names(code), old.imported, context.imported):
-            continue
+        if old.imported != context.imported and not _imports_alike(
+            _read_names(code), old.imported, context.imported
+        ):
+            continue  # (the names it reads looked for only when the imports changed)
         offset, end = part.hollow
         stub = _stub(lines[first + offset - 1], last - first - offset, end, code.co_freevars)
         if stub is None:
