@@ -26,14 +26,14 @@ _TUPLE = rf"\([ \t]*(?:{_ATOMS}(?:[ \t]*,[ \t]*{_ATOMS})*[ \t]*(?:,[ \t]*)?)?\)"
 _ITEM = rf"(?:{_ATOMS}|{_TUPLE})"
 _ROW = rf"[ \t]+{_ITEM}(?:[ \t]*[,:][ \t]*{_ITEM})*[ \t]*(?:,[ \t]*)?(?:#[^\n]*)?"
 # The rows after a line that ends with an opening bracket: rows, comments and blank lines, all
-# inside that bracket. The first alternative is the common row (one number, one plain string or
-# None, and a comma), a subset of ``_ROW`` matched several times faster; it must end the line,
-# else the line is tried as a ``_ROW``. Each line still has one way to match per alternative, and
-# nothing follows the loop, so a line that is not a row ends the run at once.
-_FAST_ROW = (
-    r"""[ \t]+(?:[0-9][0-9a-zA-Z_.]*|"[^"\\\n]*(?:\\.[^"\\\n]*)*"|None)[ \t]*,[ \t]*(?=\n)"""
-)
-_ROWS = re.compile(rf"(?:(?:{_FAST_ROW}|{_ROW}|[ \t]*(?:#[^\n]*)?)\n)+")
+# inside that bracket, found by ``_rows_end``. Most rows of a generated table are one number, one
+# string or None, and a comma: ``_FAST_ROWS`` runs over them (a subset of ``_ROW``, each line one
+# way to match, no alternation between lines: twice as fast as trying every line as any row);
+# a line it stops at is tried as one ``_ROW``, a comment or a blank line (``_ONE_ROW``), then the
+# fast run goes on. Nothing follows either loop, so a line that is not a row ends the rows.
+_PLAIN_STR = r"'[^'\\\n]*(?:\\.[^'\\\n]*)*'" r'|"[^"\\\n]*(?:\\.[^"\\\n]*)*"'  # no prefix
+_FAST_ROWS = re.compile(rf"(?:[ \t]+(?:[0-9][0-9a-zA-Z_.]*|{_PLAIN_STR}|None),\n)*")
+_ONE_ROW = re.compile(rf"(?:{_ROW}|[ \t]*(?:#[^\n]*)?)\n")
 _OPEN_AT_END = re.compile(r"[\[({][ \t]*\n")  # an opening bracket, then only the line's end
 
 
@@ -63,14 +63,26 @@ def blank_literal_rows(block: str) -> str:
         bracket = opening.start()
         if bracket < done or tail.find("#", tail.rfind("\n", 0, bracket) + 1, bracket) >= 0:
             continue  # inside rows already emptied, or a comment on the line
-        rows = _ROWS.match(tail, opening.end())
-        if rows is None:
+        start = opening.end()
+        end = _rows_end(tail, start)
+        if end == start:
             continue
         pieces.append(tail[done : bracket + 1])
-        pieces.append("\n" * (1 + tail.count("\n", rows.start(), rows.end())))
-        done = rows.end()
+        pieces.append("\n" * (1 + tail.count("\n", start, end)))
+        done = end
     pieces.append(tail[done:])
     return "".join(pieces)
+
+
+def _rows_end(text: str, at: int) -> int:
+    """Where the run of rows, comments and blank lines (each ending in a newline) that starts
+    at ``at`` in ``text`` ends (``at`` when there is none)."""
+    while True:
+        at = _FAST_ROWS.match(text, at).end()  # type: ignore[union-attr]  # matches empty
+        one = _ONE_ROW.match(text, at)
+        if one is None:
+            return at
+        at = one.end()
 
 
 def _has_decorator(block: str) -> bool:

@@ -459,6 +459,33 @@ def test_which_rows_are_left_out_of_the_re_parse(block: str, kept: bool) -> None
         ]
 
 
+def test_rows_of_every_shape_in_one_run_and_the_line_that_ends_it() -> None:
+    # The common rows (one number, string or None, and a comma) and the others (a comment, a
+    # tuple, a prefix, a colon, signs, a blank or comment line) interleaved: one run, up to the
+    # first line that is not a row, wherever it falls among them.
+    rows = [
+        "    0x1F,",
+        '    "a\\"b",',
+        "    '\"',",
+        "    None,",
+        "    1,  # a comment",
+        "    (1, 'x'),",
+        '    b"VV"',
+        "    1: 2,",
+        "    -1.5e3j,",
+        "",
+        "    # a comment line",
+        "    0x2,",
+    ]
+    for stop in ("    name,", "    0x1, name,", "    None.attr,", "    f(1),", '    "a" + x,'):
+        for at in (0, 3, len(rows)):
+            lines = ["x = [", *rows[:at], stop, *rows[at:], "]"]
+            block = "\n".join(lines) + "\n"
+            blanked = blank_literal_rows(block).split("\n")
+            assert blanked[: at + 1] == ["x = [", *[""] * at], (stop, at)
+            assert blanked[at + 1 :] == [*lines[at + 1 :], ""], (stop, at)
+
+
 def test_a_name_that_begins_like_none_ends_the_rows() -> None:
     block = "x = [\n    None,\n    Nonesuch,\n    None,\n]\n"
     assert blank_literal_rows(block) == "x = [\n\n    Nonesuch,\n    None,\n]\n"
