@@ -15,6 +15,7 @@ candidate's code, else the commit is rolled back and refused.
 
 from __future__ import annotations
 
+import io
 import linecache
 import sys
 import threading
@@ -1524,11 +1525,22 @@ def _baseline_source(module: types.ModuleType, max_bytes: int) -> Source | None:
 
 
 def _cache_lines(source: Source | None) -> None:
-    """Tracebacks through the live code show the live version's lines, saved to disk or not."""
+    """Tracebacks through the live code show the live version's lines, saved to disk or not.
+
+    The lines are those ``linecache`` reads from a file: split at newlines alone (``\\n``,
+    ``\\r\\n``, ``\\r``), as the compiler counts them. ``str.splitlines`` also splits at a
+    form feed (a page break in a comment), ``\\x1c``-``\\x1e``, ``\\x85``, ``\\u2028`` and
+    ``\\u2029``: every line after one would be shown for the line above it.
+    """
     if source is None:
         return
-    lines = source.text.splitlines(keepends=True)
-    linecache.cache[source.filename] = (len(source.text), None, lines, source.filename)
+    text = source.text
+    lines = text.splitlines(keepends=True)  # in C; right unless it split at another break:
+    if len(lines) != text.count("\n") + (not text.endswith("\n") and bool(text)):
+        lines = io.StringIO(text, newline=None).readlines()  # universal newlines, as a file
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"  # as linecache does
+    linecache.cache[source.filename] = (len(text), None, lines, source.filename)
 
 
 _default_engine: Engine | None = None

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import traceback
 import types
 import uuid
 from collections.abc import Callable, Iterator
@@ -893,3 +894,20 @@ def test_a_module_the_namespace_index_has_not_read_is_counted_by_a_walk(
     engine.patch(m.__name__, source="TABLE = [1, 2, 3, 4]\n")
     assert "_referrers_of" in heap_walks
     assert m.TABLE == [1, 2, 3, 4] and other.ALIAS == [1, 2, 3]
+
+
+# -- tracebacks ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page_break", ["\f", "\x1c", "\x85", "\u2028"])
+def test_a_traceback_after_a_patch_shows_the_line_that_raised(make_module, page_break) -> None:
+    # The live version's lines are cached for tracebacks (its file may say something else).
+    # The compiler counts lines at newlines only; a character str.splitlines also breaks at (a
+    # form feed between two "pages" of a module) must not move every line after it by one.
+    m = make_module("def f():\n    return 1\n")
+    new = f"# page one\n#{page_break}\n# page two\ndef f():\n    x = 1\n    raise ValueError(x)\n"
+    Engine().patch(m.__name__, source=new)
+    with pytest.raises(ValueError, match="1") as raised:
+        m.f()
+    frame = traceback.extract_tb(raised.value.__traceback__)[-1]
+    assert (frame.lineno, frame.line) == (6, "raise ValueError(x)")
