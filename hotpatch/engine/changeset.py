@@ -160,29 +160,43 @@ class ChangeSet:
         return len(self.assignments)
 
 
-def functions_of(value: object) -> list[types.FunctionType]:
-    """The functions inside a function or a known descriptor type (never runs user code)."""
+def functions_of(value: object, shapes: dict[type, int] | None = None) -> list[types.FunctionType]:
+    """The functions inside a function or a known descriptor type (never runs user code).
+
+    ``shapes``: a cache of ``type -> what its instances hold`` for a caller that asks about many
+    values of few types (a plan: every class member); valid while no class changes.
+    """
     kind = type(value)  # the common kinds by identity first: asked for every class member
     if kind is types.FunctionType:
         return [value]  # type: ignore[list-item]
     if kind in _NOT_DESCRIPTORS:
         return []
-    if isinstance(value, (staticmethod, classmethod)):  # a tuple: checked in C, no union
-        inner = value.__func__
-        return [inner] if isinstance(inner, types.FunctionType) else []
-    if isinstance(value, property):
-        return [
-            f for f in (value.fget, value.fset, value.fdel) if isinstance(f, types.FunctionType)
-        ]
-    if isinstance(value, functools.cached_property):
-        return [value.func] if isinstance(value.func, types.FunctionType) else []
-    state = descriptor_dict(value)
-    if state is not None:  # a descriptor of another kind that keeps its functions as attributes
+    shape = shapes.get(kind) if shapes is not None else None
+    if shape is None:
+        shape = _shape(kind)
+        if shapes is not None:
+            shapes[kind] = shape
+    if shape == _NONE:
+        return []
+    if shape == _DESCRIPTOR:  # a descriptor that keeps its functions as attributes
+        state = _instance_dict(value)
+        if state is None:
+            return []
         wrapped = state.get("__wrapped__")
         if wrapped is not None:  # a functools.wraps-style wrapper (lru_cache): what it wraps
             return [wrapped] if isinstance(wrapped, types.FunctionType) else []
         return [v for v in state.values() if isinstance(v, types.FunctionType)]
-    return []
+    if shape == _WRAPPER:
+        inner = value.__func__  # type: ignore[attr-defined]
+        return [inner] if isinstance(inner, types.FunctionType) else []
+    if shape == _PROPERTY:
+        return [
+            f
+            for f in (value.fget, value.fset, value.fdel)  # type: ignore[attr-defined]
+            if isinstance(f, types.FunctionType)
+        ]
+    func = value.func  # type: ignore[attr-defined]  # _CACHED
+    return [func] if isinstance(func, types.FunctionType) else []
 
 
 # Built-in types that are not descriptors (none defines ``__get__``): most class and module
@@ -191,24 +205,47 @@ _NOT_DESCRIPTORS = frozenset(
     {str, int, float, bool, bytes, type(None), tuple, list, dict, set, frozenset, complex}
 )
 _NO_STATE = (type, types.FunctionType, types.ModuleType)
+# What ``functions_of`` reads in an instance of a type, decided by the type alone (not by the
+# instance's ``__class__``, which a proxy can make claim anything): nothing, a staticmethod's or
+# classmethod's ``__func__``, a property's three functions, a cached_property's ``func``, or the
+# functions in the instance dictionary of another descriptor.
+_NONE, _WRAPPER, _PROPERTY, _CACHED, _DESCRIPTOR = range(5)
 
 
-def descriptor_dict(value: object) -> dict[str, object] | None:
-    """The instance dictionary of a descriptor (an object whose type defines ``__get__``), read
-    without running its code; ``None`` for anything else."""
-    kind = type(value)
-    if kind in _NOT_DESCRIPTORS or isinstance(value, _NO_STATE):
-        return None
-    for klass in kind.__mro__[:-1]:  # a loop, not any() over a generator: a third of the time
+def _shape(kind: type) -> int:
+    if issubclass(kind, (staticmethod, classmethod)):  # a tuple: checked in C, no union
+        return _WRAPPER
+    if issubclass(kind, property):
+        return _PROPERTY
+    if issubclass(kind, functools.cached_property):
+        return _CACHED
+    return _DESCRIPTOR if _is_descriptor_type(kind) else _NONE
+
+
+def _is_descriptor_type(kind: type) -> bool:
+    """Whether ``kind``'s instances are descriptors that may keep state (not a class, function
+    or module), read from the MRO's dictionaries without running code."""
+    if kind in _NOT_DESCRIPTORS or issubclass(kind, _NO_STATE):
+        return False
+    # A loop, not any() over a generator: a third of the time.
+    for klass in kind.__mro__[:-1]:  # noqa: SIM110
         if "__get__" in klass.__dict__:
-            break
-    else:
-        return None
+            return True
+    return False
+
+
+def _instance_dict(value: object) -> dict[str, object] | None:
     try:
         state = object.__getattribute__(value, "__dict__")
     except Exception:
         return None
     return state if isinstance(state, dict) else None
+
+
+def descriptor_dict(value: object) -> dict[str, object] | None:
+    """The instance dictionary of a descriptor (an object whose type defines ``__get__``), read
+    without running its code; ``None`` for anything else."""
+    return _instance_dict(value) if _is_descriptor_type(type(value)) else None
 
 
 def codes_of(value: object) -> list[types.CodeType]:

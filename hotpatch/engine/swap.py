@@ -194,6 +194,7 @@ class _Planner:
     # id(value) -> (value, its functions): a class member is asked several times per plan;
     # the value is kept, so its id is not reused while the plan runs (planning changes nothing)
     _functions: dict[int, tuple[object, list[types.FunctionType]]] = field(default_factory=dict)
+    _shapes: dict[type, int] = field(default_factory=dict)  # functions_of's cache by type
     rebinder: Rebinder = field(init=False)
 
     def __post_init__(self) -> None:
@@ -203,7 +204,7 @@ class _Planner:
         """``changeset.functions_of``, once per value and plan (a copy: callers may keep it)."""
         known = self._functions.get(id(value))
         if known is None or known[0] is not value:
-            known = self._functions[id(value)] = (value, functions_of(value))
+            known = self._functions[id(value)] = (value, functions_of(value, self._shapes))
         return list(known[1])
 
     def rebind(self, value: object) -> object:

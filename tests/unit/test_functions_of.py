@@ -63,31 +63,55 @@ class Lazy:
         return 1
 
 
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (f, [f]),
-        (staticmethod(f), [f]),
-        (classmethod(g), [g]),
-        (MyStaticmethod(f), [f]),
-        (property(f, g), [f, g]),
-        (Lazy.__dict__["value"], [Lazy.__dict__["value"].func]),
-        (Descriptor(f), [f]),  # its attributes that are functions
-        (Wrapper(g), [g]),  # what it wraps, and only that
-        (Wrapper(len), []),
-        (Plain(), []),  # holds a function, but is no descriptor
-        (ClassWithMeta, []),  # a class is never read as a descriptor's state
-        (Text("a"), []),  # a str subclass that is a descriptor, with no __dict__ functions
-        ("f", []),
-        (None, []),
-        ((f, g), []),
-        ([f], []),
-        (len, []),
-        (functools, []),
-    ],
-)
+CASES = [
+    (f, [f]),
+    (staticmethod(f), [f]),
+    (classmethod(g), [g]),
+    (MyStaticmethod(f), [f]),
+    (property(f, g), [f, g]),
+    (Lazy.__dict__["value"], [Lazy.__dict__["value"].func]),
+    (Descriptor(f), [f]),  # its attributes that are functions
+    (Wrapper(g), [g]),  # what it wraps, and only that
+    (Wrapper(len), []),
+    (Plain(), []),  # holds a function, but is no descriptor
+    (ClassWithMeta, []),  # a class is never read as a descriptor's state
+    (Text("a"), []),  # a str subclass that is a descriptor, with no __dict__ functions
+    ("f", []),
+    (None, []),
+    ((f, g), []),
+    ([f], []),
+    (len, []),
+    (functools, []),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), CASES)
 def test_functions_of(value: object, expected: list[object]) -> None:
     assert functions_of(value) == expected
+
+
+def test_a_cache_by_type_gives_the_same_answers() -> None:
+    # The planner passes one cache for a whole plan: what an instance holds is decided by its
+    # type once, and read from each instance.
+    shapes: dict[type, int] = {}
+    for _ in range(2):
+        assert [functions_of(value, shapes) for value, _ in CASES] == [e for _, e in CASES]
+    assert {Descriptor, Wrapper, MyStaticmethod, Plain} <= shapes.keys()
+
+
+class Impostor:
+    """Claims to be a property (``isinstance`` believes its ``__class__``; ``type`` does not)."""
+
+    __class__ = property  # type: ignore[assignment]
+
+    @property
+    def fget(self) -> object:
+        raise AssertionError("read as a property: its code ran")
+
+
+def test_an_object_that_claims_another_class_is_read_by_its_type() -> None:
+    assert isinstance(Impostor(), property)
+    assert functions_of(Impostor()) == [] and functions_of(Impostor(), {}) == []
 
 
 def test_descriptor_dict_reads_the_state_of_descriptors_only() -> None:
