@@ -40,27 +40,43 @@ class Aligned(NamedTuple):
 
 def aligned(old_text: str, new_text: str) -> Aligned:
     old, new = split_lines(old_text), split_lines(new_text)
-    return Aligned(old, new, chunk_hunks(old, new))
+    if "\r" in old_text or "\r" in new_text:  # lines not all ended by "\n": joined again
+        return Aligned(old, new, chunk_hunks(old, new))
+    return Aligned(old, new, chunk_hunks(old, new, old_text, new_text))
 
 
-def _chunks(lines: list[str]) -> tuple[list[str], list[int]]:
-    """``lines`` cut before every non-empty line that starts with neither a space nor a tab
-    (where top-level statements start): the chunks' texts, and the 0-based first line of each
-    (plus ``len(lines)``). No chunk is empty."""
-    if not lines:
+def _chunks(
+    lines: list[str], first: int, end: int, text: str | None
+) -> tuple[list[str], list[int]]:
+    """``lines[first:end]`` cut before every non-empty line that starts with neither a space nor
+    a tab (where top-level statements start): the chunks' texts (their lines joined), and the
+    0-based first line of each in the slice (plus ``end - first``). No chunk is empty.
+
+    ``text``: the text ``lines`` were split from at "\n" alone, read in place (a 17,000-line
+    module is neither joined nor copied again); ``None``: the lines are joined.
+    """
+    if first >= end:
         return [], [0]
-    # Found in the joined text (in C): a line of a 17,000-line table costs nothing in Python.
-    text = "\n".join(lines)
-    starts, offsets = [0], [0]  # each chunk's first line, and where it begins in ``text``
-    line, at = 0, 0
-    for found in _UNINDENTED.finditer(text):
+    if text is None:
+        text, at = "\n".join(lines[first:end]), 0
+        stop = len(text)
+    else:
+        at = sum(map(len, lines[:first])) + first  # where line ``first`` begins
+        # the lines end where the text does, but for a newline that ends it (no line of its own)
+        stop = (len(text) - 1 if text.endswith("\n") else len(text)) - (
+            sum(map(len, lines[end:])) + len(lines) - end
+        )
+    # Found in the text (in C): a line of a 17,000-line table costs nothing in Python.
+    starts, offsets = [0], [at]  # each chunk's first line, and where it begins in ``text``
+    line = 0
+    for found in _UNINDENTED.finditer(text, at, stop):
         begins = found.start() + 1  # after the newline
         line += text.count("\n", at, begins)
         at = begins
         starts.append(line)
         offsets.append(at)
-    starts.append(len(lines))
-    offsets.append(len(text) + 1)
+    starts.append(end - first)
+    offsets.append(stop + 1)
     # A chunk's text is its lines joined: ``text`` up to the newline before the next chunk.
     texts = [text[a : b - 1] for a, b in itertools.pairwise(offsets)]
     return texts, starts
@@ -71,8 +87,11 @@ def _chunks(lines: list[str]) -> tuple[list[str], list[int]]:
 _UNINDENTED = re.compile(r"\n[^ \t\n]")
 
 
-def chunk_hunks(old: list[str], new: list[str]) -> list[tuple[int, int, int, int]]:
-    """``line_hunks`` over chunks of lines (``_chunks``) instead of single lines, in line numbers.
+def chunk_hunks(
+    old: list[str], new: list[str], old_text: str | None = None, new_text: str | None = None
+) -> list[tuple[int, int, int, int]]:
+    """``line_hunks`` over chunks of lines (``_chunks``) instead of single lines, in line numbers
+    (``old_text``, ``new_text``: the texts ``old`` and ``new`` are split from at "\n" alone).
 
     Paired chunks are equal lines, so the alignment is one ``line_hunks`` accepts; a hunk of whole
     chunks only widens a stretch that ``updated`` widens to whole statements anyway (the lines
@@ -83,8 +102,8 @@ def chunk_hunks(old: list[str], new: list[str]) -> list[tuple[int, int, int, int
     if old == new:
         return []
     prefix, suffix = _common_ends(old, new)  # in lines: a chunk may start anywhere
-    old_texts, old_starts = _chunks(old[prefix : len(old) - suffix])
-    new_texts, new_starts = _chunks(new[prefix : len(new) - suffix])
+    old_texts, old_starts = _chunks(old, prefix, len(old) - suffix, old_text)
+    new_texts, new_starts = _chunks(new, prefix, len(new) - suffix, new_text)
     return [
         (
             prefix + old_starts[a - 1] + 1,

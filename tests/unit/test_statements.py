@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from hotpatch.engine import statements
-from hotpatch.engine.alignment import chunk_hunks, line_hunks, split_lines
+from hotpatch.engine.alignment import _chunks, aligned, chunk_hunks, line_hunks, split_lines
 from hotpatch.engine.statements import StatementIndex, parse
 from hotpatch.engine.tables import blank_literal_rows
 
@@ -316,6 +316,30 @@ def test_chunk_alignment_pairs_equal_lines_and_covers_every_changed_line() -> No
             i, j = max(i, last), max(j, new_last)
         changed = {n for f, e, _, _ in hunks for n in range(f, e + 1)}
         assert {n for f, e, _, _ in by_line for n in range(f, e + 1)} <= changed
+
+
+@pytest.mark.parametrize("ending", ["\n", "", "\n\n"])
+def test_chunks_read_in_the_text_are_the_chunks_of_its_lines(ending: str) -> None:
+    # ``aligned`` cuts the chunks from each version's text in place (not joined again): the
+    # same hunks as from the joined lines, whatever the common ends and the last line.
+    old_text = _apply(BASE, MULTI_EDITS["method appended at the end of a class"])
+    pairs = [
+        (BASE, old_text),
+        (old_text, BASE),
+        ("X = 1\n" + BASE, BASE + "Z = 1"),
+        ("", BASE),
+        (BASE, ""),
+        ("A = 1\nB = 2\n", "A = 1\nB = 3\n"),
+    ]
+    for before, after in pairs:
+        a, b = before.rstrip("\n") + ending, after.rstrip("\n") + ending
+        old, new = split_lines(a), split_lines(b)
+        assert aligned(a, b).hunks == chunk_hunks(old, new, a, b) == chunk_hunks(old, new)
+        crlf = aligned(a.replace("\n", "\r\n"), b.replace("\n", "\r\n"))
+        assert crlf.hunks == chunk_hunks(old, new)  # lines ended by "\r\n": joined, the same
+        for first in range(len(old) + 1):  # each stretch of lines, read in place or joined
+            for end in range(first, len(old) + 1):
+                assert _chunks(old, first, end, a) == _chunks(old, first, end, None)
 
 
 def test_lists_of_nodes_with_none_are_read_around_the_none() -> None:
