@@ -59,17 +59,18 @@ def blank_literal_rows(block: str) -> str:
         return block
     pieces = [block[:cut]]
     done = 0  # tail[:done] is in pieces
-    for opening in _OPEN_AT_END.finditer(tail):
-        bracket = opening.start()
-        if bracket < done or tail.find("#", tail.rfind("\n", 0, bracket) + 1, bracket) >= 0:
-            continue  # inside rows already emptied, or a comment on the line
-        start = opening.end()
-        end = _rows_end(tail, start)
-        if end == start:
-            continue
-        pieces.append(tail[done : bracket + 1])
-        pieces.append("\n" * (1 + tail.count("\n", start, end)))
-        done = end
+    opening = _OPEN_AT_END.search(tail)
+    while opening is not None:
+        bracket, start = opening.start(), opening.end()
+        end = start  # no rows: the next bracket is looked for after this one
+        if tail.find("#", tail.rfind("\n", 0, bracket) + 1, bracket) < 0:  # no comment before
+            end = _rows_end(tail, start)
+            if end > start:
+                pieces.append(tail[done : bracket + 1])
+                pieces.append("\n" * (1 + tail.count("\n", start, end)))
+                done = end
+        # from the end of the rows: a 17,000-row table is not searched again for brackets
+        opening = _OPEN_AT_END.search(tail, end)
     pieces.append(tail[done:])
     return "".join(pieces)
 

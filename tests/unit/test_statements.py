@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ast
 import gc
+import re
 import textwrap
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from hotpatch.engine import statements
+from hotpatch.engine import statements, tables
 from hotpatch.engine.alignment import _chunks, aligned, chunk_hunks, line_hunks, split_lines
 from hotpatch.engine.statements import StatementIndex, parse
 from hotpatch.engine.tables import blank_literal_rows
@@ -508,6 +510,32 @@ def test_rows_of_every_shape_in_one_run_and_the_line_that_ends_it() -> None:
             blanked = blank_literal_rows(block).split("\n")
             assert blanked[: at + 1] == ["x = [", *[""] * at], (stop, at)
             assert blanked[at + 1 :] == [*lines[at + 1 :], ""], (stop, at)
+
+
+def test_rows_emptied_are_not_searched_again_for_brackets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The search for the next opening bracket goes on after the rows emptied: a 17,000-row
+    # table is read once, by the rows pattern (not scanned again for brackets).
+    rows = "".join(f"    {i:#x},\n" for i in range(2000))
+    block = f"A = (\n{rows})\nB = [\n{rows}]\nC = 1\n"
+    scanned = []
+
+    class Spy:
+        def search(self, text: str, pos: int = 0) -> re.Match[str] | None:
+            found = real.search(text, pos)
+            scanned.append((found.start() if found else len(text)) - pos)
+            return found
+
+        def finditer(self, text: str, pos: int = 0) -> Iterator[re.Match[str]]:
+            scanned.append(len(text) - pos)
+            return real.finditer(text, pos)
+
+    real = tables._OPEN_AT_END
+    monkeypatch.setattr(tables, "_OPEN_AT_END", Spy())
+    blanked = blank_literal_rows(block)
+    assert blanked == "A = (\n" + "\n" * 2000 + ")\nB = [\n" + "\n" * 2000 + "]\nC = 1\n"
+    assert sum(scanned) < len(rows) / 10  # the code between the tables, not the rows
 
 
 def test_a_name_that_begins_like_none_ends_the_rows() -> None:
