@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hotpatch.engine.alignment import aligned
-from hotpatch.engine.comments import comments_changed, rekeyed
+from hotpatch.engine.comments import comment_edits, rekeyed
 from hotpatch.engine.pieces import ModuleCode, Pieces, compile_module
 from hotpatch.engine.statements import StatementIndex, collector_paused, parse
 from hotpatch.errors import PatchRejected
@@ -245,12 +245,17 @@ def _compile_source(
             unchanged, lined = False, None
             if previous is not None:
                 lined = aligned(previous.text, text)
-                lines = comments_changed(lined, previous.index.units) if pieces else None
-                if lines is not None and pieces is not None:  # the same statements, the
-                    index = previous.index  # previous code: found by the new texts too
-                    pieces = rekeyed(lined, index.units, lines, pieces)
-                    unchanged = True
-                else:
+                if pieces:
+                    # Statements changed in comments only take the previous code, found by their
+                    # new texts too; the index re-reads the other changes alone (if any: else
+                    # the version has the same statements and the previous code).
+                    edits = comment_edits(lined, previous.index.units)
+                    if edits.pairs:
+                        pieces = rekeyed(lined, previous.index.units, edits.pairs, pieces)
+                        if not edits.others:
+                            index, unchanged = previous.index, True
+                    lined = lined._replace(hunks=edits.others)
+                if index is None:
                     index = previous.index.updated(previous.text, text, lined=lined)
             if index is None:
                 index = StatementIndex.build(parse(text, filename=filename), text)
