@@ -323,7 +323,9 @@ class StatementIndex:
         for _, _, new_lo, new_hi in regions:
             pieces.append("\n" * (new_lo - line))
             stretch = new[new_lo - 1 : new_hi]
-            pieces.append(blank_literal_rows("\n".join(stretch) + "\n" if stretch else ""))
+            # each line ended by a newline: joined with an empty last line (not concatenated:
+            # a second copy of a 17,000-line table)
+            pieces.append(blank_literal_rows("\n".join([*stretch, ""]) if stretch else ""))
             line = max(line, new_hi + 1)
         try:
             tree = parse("".join(pieces))
@@ -405,7 +407,7 @@ def _rebuilt_class(
         if new_lo - 1 < line or _joined(new, new_lo - 1) or _joined(new, new_hi):
             return None  # no free line for the header, or a backslash joins a neighbour
         pieces.append("\n" * (new_lo - 1 - line) + _BODY_HEADER)
-        pieces.append(blank_literal_rows("\n".join(stretch) + "\n"))
+        pieces.append(blank_literal_rows("\n".join([*stretch, ""])))
         line = new_hi + 1
         parsed.append(region)
     try:
