@@ -95,6 +95,20 @@ def test_what_qualifies_parses_and_compiles_as_the_previous_version(path: Path) 
     assert taken >= 5, (taken, refused)  # refusals: their own tests below
 
 
+@pytest.fixture(name="compiled")
+def _compiled(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The texts of the statements ``pieces`` compiles from now on, in order."""
+    compiled: list[str] = []
+    real = pieces_module._compiled
+
+    def spy(body: str, *args: object, **kwargs: object) -> object:
+        compiled.append(body)
+        return real(body, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pieces_module, "_compiled", spy)
+    return compiled
+
+
 def _comment_edits(text: str, rng: random.Random, count: int) -> str:
     """``text`` with ``count`` comments rewritten or added after code, line for line, where the
     tokenizer says a comment is or may be (the truth the scanner under test is held to)."""
@@ -118,9 +132,7 @@ def _comment_edits(text: str, rng: random.Random, count: int) -> str:
 
 
 @pytest.mark.parametrize("path", REAL_FILES, ids=lambda p: p.name)
-def test_comments_beside_a_change_take_the_previous_code(
-    path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_comments_beside_a_change_take_the_previous_code(path: Path, compiled: list[str]) -> None:
     # Comments rewritten or added after code (where the tokenizer finds them) beside a real
     # change: the index is a full parse's, every function's and class's code a whole compile's,
     # and statements changed in comments take the previous code (those refused, in a plain
@@ -129,14 +141,6 @@ def test_comments_beside_a_change_take_the_previous_code(
     text = path.read_text("utf-8")
     filename = str(path)
     previous, _ = compile_source("m", text, filename)
-    compiled: list[str] = []
-    real = pieces_module._compiled
-
-    def spy(body: str, *args: object, **kwargs: object) -> object:
-        compiled.append(body)
-        return real(body, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(pieces_module, "_compiled", spy)
     rng = random.Random(path.name)
     added = "def _added_by_the_test():\n    return 1\n"
     known = set(previous.pieces or ())
@@ -370,7 +374,7 @@ def test_a_comment_only_module_derives_from_a_sibling_changed_with_it(make_modul
 
 
 def test_engine_a_change_beside_comment_edits_changes_only_what_changed(
-    make_module, monkeypatch: pytest.MonkeyPatch
+    make_module, compiled: list[str]
 ) -> None:
     # A release that edits comments in one class (one after code) and code in a function: the
     # class's code is the previous version's (not compiled again; the live methods keep their
@@ -399,14 +403,7 @@ def test_engine_a_change_beside_comment_edits_changes_only_what_changed(
         .replace("# explained", "# explained again")
         .replace('"g1"', '"g3"')
     )
-    compiled: list[str] = []
-    real = pieces_module._compiled
-
-    def spy(body: str, *args: object, **kwargs: object) -> object:
-        compiled.append(body)
-        return real(body, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(pieces_module, "_compiled", spy)
+    compiled.clear()
     (result,) = engine.patch_many({mod.__name__: edited})
     assert compiled == ['def g():\n    return "g3"']
     assert result.changed == ("g",) and mod.g() == "g3"
