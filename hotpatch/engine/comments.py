@@ -66,7 +66,7 @@ Hunk = tuple[int, int, int, int]  # (old first, old last, new first, new last), 
 class CommentEdits(NamedTuple):
     """An alignment's hunks set apart: those that change comments only, and the others."""
 
-    pairs: dict[int, int]  # each changed line of the first, old -> new line number
+    pairs: dict[int, int]  # the lines those change, old -> new line number
     others: list[Hunk]
 
 
@@ -103,15 +103,6 @@ def comment_edits(lined: Aligned, units: Sequence[Unit]) -> CommentEdits:
             for line in changed:
                 del pairs[line]
     return CommentEdits(pairs, sorted(others))
-
-
-def comments_changed(lined: Aligned, units: Sequence[Unit]) -> list[int] | None:
-    """The changed lines (1-based), when every change of ``lined`` qualifies (the new version
-    differs from the old one, indexed as ``units``, in comments only); else ``None``."""
-    edits = comment_edits(lined, units)
-    if edits.others or not edits.pairs:
-        return None
-    return sorted(edits.pairs)
 
 
 def _by_line(old: list[str], new: list[str], hunk: Hunk) -> list[Hunk]:

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import tokenize
 import types
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,12 @@ import hotpatch.engine.pipeline
 import hotpatch.engine.swap
 from hotpatch import Engine
 from hotpatch.engine import pieces as pieces_module
-from hotpatch.engine.alignment import aligned
+from hotpatch.engine.alignment import Aligned, aligned
 from hotpatch.engine.candidate import compile_source
-from hotpatch.engine.comments import comments_changed
+from hotpatch.engine.comments import comment_edits
 from hotpatch.engine.compare import nested_codes
 from hotpatch.engine.pieces import compile_module, statement_spans
-from hotpatch.engine.statements import StatementIndex, parse
+from hotpatch.engine.statements import StatementIndex, Unit, parse
 
 REAL_FILES = [
     Path(m.__file__)  # type: ignore[arg-type]
@@ -37,6 +38,12 @@ REAL_FILES = [
         textwrap,
     )
 ]
+
+
+def comments_changed(lined: Aligned, units: Sequence[Unit]) -> list[int] | None:
+    """The changed lines, when every change of ``lined`` edits comments only; else ``None``."""
+    edits = comment_edits(lined, units)
+    return None if edits.others or not edits.pairs else sorted(edits.pairs)
 
 
 def _index(text: str) -> StatementIndex:
