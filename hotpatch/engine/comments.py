@@ -86,8 +86,14 @@ def comment_edits(lined: Aligned, units: Sequence[Unit]) -> CommentEdits:
             found.append((hunk, changed))
             continue
         # A hunk of whole chunks may join a statement edited in comments to its neighbour
-        # edited in code: its lines aligned, each stretch is looked at alone.
-        for line_hunk in _by_line(old, new, hunk):
+        # edited in code: its lines aligned, each stretch is looked at alone. One stretch
+        # changes code as the whole hunk does (it holds the same lines that do, and as many
+        # more or fewer lines): not looked at again.
+        finer = _by_line(old, new, hunk)
+        if len(finer) < 2:
+            others.append(hunk)
+            continue
+        for line_hunk in finer:
             changed = _comment_lines(old, new, line_hunk)
             if changed is None:
                 others.append(line_hunk)
